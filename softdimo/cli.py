@@ -1,0 +1,212 @@
+"""The `softdimo` command: train each stage, evaluate, and generate images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_TOKENIZER = "weights/shapes-tokenizer"
+DEFAULT_FEATURES = "weights/shapes-features"
+
+
+def _device(args: argparse.Namespace):
+    from softdimo.train.loop import pick_device
+
+    return pick_device(args.device)
+
+
+def _train_tokenizer(args: argparse.Namespace) -> None:
+    from softdimo.train.tokenizer import TokenizerTraining, export_tokenizer, train_tokenizer
+    from softdimo.vq import TokenizerConfig
+
+    training = TokenizerTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    tokenizer = train_tokenizer(Path(args.run_dir), TokenizerConfig(), training, _device(args))
+    print(f"wrote {export_tokenizer(tokenizer.cpu(), Path(args.out), training)}")
+
+
+def _train_features(args: argparse.Namespace) -> None:
+    from softdimo.features import FeatureNetConfig
+    from softdimo.train.features import FeatureTraining, export_features, train_features
+
+    training = FeatureTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    net = train_features(Path(args.run_dir), FeatureNetConfig(), training, _device(args))
+    print(f"wrote {export_features(net.cpu(), Path(args.out), training)}")
+
+
+def _train_teacher(args: argparse.Namespace) -> None:
+    import os
+
+    from softdimo.bundle import read_bundle
+    from softdimo.conditioning import Conditioner
+    from softdimo.pipeline import load_tokenizer
+    from softdimo.teacher import SamplerSettings
+    from softdimo.train.teacher import TeacherTraining, export_teacher, train_teacher
+    from softdimo.transformer import TransformerConfig
+
+    device = _device(args)
+    tokenizer = load_tokenizer(read_bundle(args.tokenizer), device)
+    if args.conditioning == "text":
+        conditioner = Conditioner.shapes_text()
+        sizes = {"text_vocab": conditioner.prompt_tokenizer.size, "text_length": conditioner.prompt_tokenizer.length}
+    else:
+        conditioner = Conditioner.shapes_class()
+        sizes = {"num_classes": conditioner.num_classes}
+    cfg = TransformerConfig(
+        codebook_size=tokenizer.cfg.codebook_size, tokens=tokenizer.cfg.grid**2,
+        width=args.width, depth=args.depth, heads=args.heads, **sizes,
+    )  # fmt: skip
+    training = TeacherTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every)
+    sampler = SamplerSettings(steps=16, guidance=args.guidance)
+    model = train_teacher(
+        run_dir=Path(args.run_dir), tokenizer=tokenizer, conditioner=conditioner, cfg=cfg,
+        training=training, sampler=sampler, device=device,
+    )  # fmt: skip
+    out = Path(args.out)
+    reference = os.path.relpath(Path(args.tokenizer).resolve(), out.resolve())
+    name = out.name
+    path = export_teacher(model=model.cpu(), conditioner=conditioner, sampler=sampler, training=training, path=out, name=name, tokenizer_reference=reference)
+    print(f"wrote {path}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from softdimo import evaluate, report
+    from softdimo.bundle import read_bundle
+    from softdimo.pipeline import load_features, load_pipeline, load_tokenizer
+    from softdimo.train.tokenizer import reconstruction_pass_rate
+
+    device = _device(args)
+    features = load_features(args.features, device)
+    rows, results = [], {}
+    for model_path in args.models:
+        bundle = read_bundle(model_path)
+        if bundle.config["kind"] == "tokenizer":
+            prompts = evaluate.held_out_prompts(args.prompts, seed=report.HELD_OUT_SEED)
+            evaluator = report.Evaluator(prompts, features)
+            tokenizer = load_tokenizer(bundle, device)
+            images = report.real_images(prompts)
+            from softdimo.vq import to_tensor, to_uint8
+
+            recon = [to_uint8(tokenizer.decode_indices(tokenizer.encode(to_tensor(im[None]).to(device))))[0] for im in images]
+            rows.append(evaluator.row(f"{bundle.config['name']} reconstructions", recon))
+            continue
+        pipeline = load_pipeline(model_path, device)
+        prompts = evaluate.held_out_prompts(args.prompts, seed=report.HELD_OUT_SEED, kinds=pipeline.conditioner.kinds)
+        evaluator = report.Evaluator(prompts, features)
+        for steps in args.steps or [pipeline.sampler.steps]:
+            images, seconds = report.timed(lambda: pipeline.generate_prompts(prompts, seeds=range(len(prompts)), steps=steps))
+            rows.append(evaluator.row(f"{bundle.config['name']} ({steps} steps)", images, seconds=seconds, steps=steps))
+        if args.grid:
+            from softdimo.images import save_grid
+
+            save_grid(images[: args.grid_count], Path(args.grid) / f"{bundle.config['name']}.png", columns=10)
+    rows.append(evaluator.reference_row())
+    print(report.markdown_table(rows, evaluator.real_spread))
+    results["rows"] = [r.as_dict() for r in rows]
+    results["real_spread"] = evaluator.real_spread
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from softdimo.images import encode_image
+    from softdimo.pipeline import load_pipeline
+
+    pipeline = load_pipeline(args.model, _device(args))
+    if args.class_label is not None:
+        condition = pipeline.conditioner.encode_labels([args.class_label] * args.n)
+    else:
+        condition = pipeline.conditioner.encode_prompts([args.prompt] * args.n)
+    seeds = [args.seed + i for i in range(args.n)]
+    images = pipeline.generate(condition, seeds, steps=args.steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed, image in zip(seeds, images):
+        path = out / f"{seed}.png"
+        path.write_bytes(encode_image(image, "png"))
+        print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softdimo", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, run_dir: str, out: str, steps: int, batch_size: int, lr: float) -> None:
+        p.add_argument("--run-dir", default=run_dir, help="checkpoints and metrics; rerun the same command to resume")
+        p.add_argument("--out", default=out, help="bundle folder written at the end")
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--batch-size", type=int, default=batch_size)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    train = commands.add_parser("train", help="train one stage of the pipeline (resumable from --run-dir)")
+    stages = train.add_subparsers(dest="stage", required=True)
+
+    tok = stages.add_parser("tokenizer", help="the VQ tokenizer")
+    common(tok, "runs/tokenizer", DEFAULT_TOKENIZER, 4000, 32, 1e-3)
+    tok.set_defaults(func=_train_tokenizer)
+
+    feat = stages.add_parser("features", help="the feature network for Fréchet distances")
+    common(feat, "runs/features", DEFAULT_FEATURES, 1500, 64, 2e-3)
+    feat.set_defaults(func=_train_features)
+
+    teacher = stages.add_parser("teacher", help="a masked-diffusion teacher")
+    teacher.add_argument("conditioning", choices=["text", "class"])
+    common(teacher, "runs/teacher-{conditioning}", "weights/shapes-teacher-{conditioning}", 4000, 40, 1e-3)
+    teacher.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    teacher.add_argument("--width", type=int, default=192)
+    teacher.add_argument("--depth", type=int, default=4)
+    teacher.add_argument("--heads", type=int, default=6)
+    teacher.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance the bundle samples with")
+    teacher.add_argument("--eval-every", type=int, default=500)
+    teacher.set_defaults(func=_train_teacher)
+
+    ev = commands.add_parser("eval", help="judge models on held-out prompts: pass rates, Fréchet distance, spread")
+    ev.add_argument("models", nargs="+", help="bundle folders (tokenizers are judged on reconstructions)")
+    ev.add_argument("--prompts", type=int, default=300)
+    ev.add_argument("--steps", type=int, nargs="*", help="sampling steps to evaluate masked-diffusion models at")
+    ev.add_argument("--features", default=DEFAULT_FEATURES)
+    ev.add_argument("--json", help="also write the results here")
+    ev.add_argument("--grid", help="folder for a PNG grid of each model's samples")
+    ev.add_argument("--grid-count", type=int, default=50)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=_eval)
+
+    gen = commands.add_parser("generate", help="write PNG files for a prompt or class label")
+    gen.add_argument("--model", default="weights/shapes-teacher-text")
+    target = gen.add_mutually_exclusive_group(required=True)
+    target.add_argument("--prompt")
+    target.add_argument("--class-label", type=int)
+    gen.add_argument("-n", type=int, default=4)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, help="sampling steps (masked-diffusion models)")
+    gen.add_argument("--out", default="out")
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for key in ("run_dir", "out"):
+        if isinstance(getattr(args, key, None), str) and "{conditioning}" in getattr(args, key):
+            setattr(args, key, getattr(args, key).format(conditioning=args.conditioning))
+    try:
+        args.func(args)
+    except (ValueError, RuntimeError) as exc:
+        from softdimo.bundle import BundleError
+        from softdimo.conditioning import ConditionError
+
+        if isinstance(exc, (BundleError, ConditionError)):
+            print(f"softdimo: {exc}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""What a model is conditioned on: prompts (as word ids) or class labels, validated and turned into tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from softdimo import shapes
+from softdimo.text import PromptTokenizer
+
+
+class ConditionError(ValueError):
+    """A prompt or class label this model cannot take."""
+
+
+@dataclass(frozen=True)
+class Conditioner:
+    conditioning: str  # "text" or "class"
+    kinds: tuple[str, ...] = shapes.KINDS  # the prompt kinds the model was trained on
+    prompt_tokenizer: PromptTokenizer | None = None
+    num_classes: int = 0
+    grammar: str | None = "shapes"  # prompts must parse in this grammar (None: any words of the vocabulary)
+
+    @classmethod
+    def shapes_text(cls, length: int = 12) -> Conditioner:
+        return cls("text", kinds=shapes.KINDS, prompt_tokenizer=PromptTokenizer(shapes.VOCABULARY, length))
+
+    @classmethod
+    def shapes_class(cls) -> Conditioner:
+        return cls("class", kinds=("single",), num_classes=shapes.NUM_CLASSES)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [shapes.class_name(i) for i in range(self.num_classes)] if self.grammar == "shapes" else []
+
+    def check_prompt(self, prompt: str) -> None:
+        if self.grammar == "shapes":
+            try:
+                shapes.parse_prompt(prompt)
+            except shapes.PromptError as exc:
+                raise ConditionError(str(exc)) from exc
+        try:
+            self.prompt_tokenizer.ids(prompt)
+        except ValueError as exc:
+            raise ConditionError(str(exc)) from exc
+
+    def check_label(self, label: int) -> None:
+        if not 0 <= label < self.num_classes:
+            raise ConditionError(f"class_label must be in 0..{self.num_classes - 1}, got {label}")
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        if self.conditioning != "text":
+            raise ConditionError("this model is class-conditional: give class_label, not prompt")
+        for p in prompts:
+            self.check_prompt(p)
+        return self.prompt_tokenizer.encode(prompts)
+
+    def encode_labels(self, labels: Sequence[int]) -> torch.Tensor:
+        if self.conditioning != "class":
+            raise ConditionError("this model is text-conditional: give prompt, not class_label")
+        for label in labels:
+            self.check_label(int(label))
+        return torch.tensor([int(x) for x in labels], dtype=torch.long)
+
+    def from_samples(self, prompts: Sequence[str], labels: np.ndarray) -> torch.Tensor:
+        """Conditioning for dataset samples: their prompts or their labels."""
+        return self.encode_prompts(prompts) if self.conditioning == "text" else self.encode_labels(labels)
+
+    def for_prompt(self, prompt: shapes.Prompt) -> torch.Tensor:
+        """Conditioning (1, ...) for a Shapes prompt: its text, or its class label for a class model."""
+        if self.conditioning == "text":
+            return self.encode_prompts([prompt.text()])
+        spec = prompt.objects[0]
+        return self.encode_labels([shapes.class_label(spec.color, spec.shape)])
+
+    def to_dict(self) -> dict:
+        d = {"conditioning": self.conditioning, "kinds": list(self.kinds), "grammar": self.grammar}
+        if self.prompt_tokenizer is not None:
+            d |= {"vocabulary": list(self.prompt_tokenizer.vocabulary), "length": self.prompt_tokenizer.length}
+        if self.num_classes:
+            d["num_classes"] = self.num_classes
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Conditioner:
+        tokenizer = PromptTokenizer(tuple(d["vocabulary"]), d["length"]) if "vocabulary" in d else None
+        return cls(
+            d["conditioning"], kinds=tuple(d["kinds"]), prompt_tokenizer=tokenizer,
+            num_classes=d.get("num_classes", 0), grammar=d.get("grammar"),
+        )  # fmt: skip

@@ -1,0 +1,88 @@
+"""Pipelines compose loaded parts: conditioning -> transformer sampling -> tokenizer decoding -> images."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from softdimo import shapes
+from softdimo.bundle import Bundle, BundleError, read_bundle
+from softdimo.conditioning import Conditioner
+from softdimo.seeding import ImageNoise
+from softdimo.teacher import SamplerSettings, sample
+from softdimo.transformer import MaskedTransformer, TransformerConfig
+from softdimo.vq import TokenizerConfig, VQTokenizer, to_uint8
+
+
+def load_tokenizer(bundle: Bundle, device: torch.device | str = "cpu") -> VQTokenizer:
+    if bundle.config.get("kind") != "tokenizer":
+        raise BundleError(f"{bundle.path}: not a tokenizer bundle")
+    tokenizer = VQTokenizer(TokenizerConfig.from_dict(bundle.config["tokenizer"]))
+    tokenizer.load_state_dict(bundle.weights("tokenizer"), strict=True)
+    return tokenizer.to(device).eval()
+
+
+def load_transformer(bundle: Bundle, stem: str = "transformer", device: torch.device | str = "cpu") -> MaskedTransformer:
+    model = MaskedTransformer(TransformerConfig.from_dict(bundle.config["transformer"]))
+    model.load_state_dict(bundle.weights(stem), strict=True)
+    return model.to(device).eval()
+
+
+@dataclass
+class TeacherPipeline:
+    """A multi-step masked-diffusion model with its tokenizer: conditioning and seeds in, images out."""
+
+    model: MaskedTransformer
+    tokenizer: VQTokenizer
+    conditioner: Conditioner
+    sampler: SamplerSettings
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def generate(self, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None) -> np.ndarray:
+        """Conditioning (B, ...) and one seed per image -> uint8 images (B, H, W, 3)."""
+        settings = self.sampler if steps is None else SamplerSettings(**{**self.sampler.to_dict(), "steps": steps})
+        noise = ImageNoise(seeds, self.device)
+        tokens = sample(self.model, condition.to(self.device), noise, settings)
+        return to_uint8(self.tokenizer.decode_indices(tokens))
+
+    def generate_prompts(self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50) -> list[np.ndarray]:
+        seeds = list(seeds)
+        images: list[np.ndarray] = []
+        for i in range(0, len(prompts), batch):
+            condition = torch.cat([self.conditioner.for_prompt(p) for p in prompts[i : i + batch]])
+            images.extend(self.generate(condition, seeds[i : i + batch], steps))
+        return images
+
+
+def load_pipeline(path: str | os.PathLike, device: torch.device | str = "cpu") -> TeacherPipeline:
+    """Open a model bundle (verifying checksums) and build its pipeline on `device`."""
+    bundle = read_bundle(path)
+    kind = bundle.config.get("kind")
+    tokenizer = load_tokenizer(bundle.resolve(bundle.config["tokenizer"]), device)
+    conditioner = Conditioner.from_dict(bundle.config["conditioner"])
+    if kind == "masked-diffusion":
+        return TeacherPipeline(
+            model=load_transformer(bundle, device=device), tokenizer=tokenizer, conditioner=conditioner,
+            sampler=SamplerSettings(**bundle.config["sampler"]),
+        )  # fmt: skip
+    raise BundleError(f"{bundle.path}: unknown model kind {kind!r}")
+
+
+def load_features(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """The feature network of a `features` bundle, for Fréchet distances."""
+    from softdimo.features import FeatureNet, FeatureNetConfig
+
+    bundle = read_bundle(path)
+    if bundle.config.get("kind") != "features":
+        raise BundleError(f"{bundle.path}: not a features bundle")
+    net = FeatureNet(FeatureNetConfig.from_dict(bundle.config["features"]))
+    net.load_state_dict(bundle.weights("features"), strict=True)
+    return net.to(device).eval()

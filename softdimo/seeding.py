@@ -1,0 +1,41 @@
+"""Per-image random streams: each image draws from its own seeded generator, so batch-mates never matter."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+MAX_SEED = 2**63  # seeds are 0 <= seed < 2^63
+
+
+class ImageNoise:
+    """One torch.Generator per image; draws stack per-image tensors along a new batch dimension."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = []
+        for seed in seeds:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(int(seed))
+            self.generators.append(g)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.stack([torch.rand(shape, generator=g, device=self.device) for g in self.generators])
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.generators])
+
+    def randint(self, high: int, *shape: int) -> torch.Tensor:
+        return torch.stack([torch.randint(high, shape, generator=g, device=self.device) for g in self.generators])
+
+    def gumbel(self, *shape: int) -> torch.Tensor:
+        u = self.rand(*shape).clamp_(1e-20, 1.0)
+        return -torch.log((-torch.log(u)).clamp_min(1e-20))
+
+    def permutation_scores(self, n: int) -> torch.Tensor:
+        """(B, n) uniform scores; argsort gives an independent random permutation per image."""
+        return self.rand(n)

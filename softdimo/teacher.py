@@ -1,0 +1,85 @@
+"""Multi-step masked-diffusion sampling (MaskGIT): mask schedules and confidence-based iterative decoding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from softdimo.seeding import ImageNoise
+from softdimo.transformer import MaskedTransformer
+
+
+def mask_ratio(progress: torch.Tensor | float, schedule: str = "cosine") -> torch.Tensor:
+    """Fraction of tokens still masked at `progress` in [0, 1] (1 at the start, 0 at the end)."""
+    p = torch.as_tensor(progress, dtype=torch.float32)
+    if schedule == "cosine":
+        return torch.cos(p * math.pi / 2)
+    if schedule == "arccos":
+        return torch.arccos(p) / (math.pi / 2)
+    if schedule == "linear":
+        return 1 - p
+    raise ValueError(f"unknown mask schedule {schedule!r}; use cosine, arccos or linear")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    steps: int = 16
+    guidance: float = 2.0  # classifier-free guidance w: logits = cond + w * (cond - uncond)
+    temperature: float = 1.0  # token sampling temperature
+    choice_temperature: float = 4.5  # Gumbel noise on confidences, annealed to 0 over the steps
+    schedule: str = "cosine"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def guided_logits(model: MaskedTransformer, tokens: torch.Tensor, condition: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guided logits; one forward pass over the conditional and null halves together."""
+    if guidance == 0:
+        return model(tokens, condition)
+    b = tokens.shape[0]
+    both = model(torch.cat([tokens, tokens]), torch.cat([condition, model.null_condition(b, tokens.device)]))
+    cond, uncond = both[:b], both[b:]
+    return cond + guidance * (cond - uncond)
+
+
+@torch.no_grad()
+def sample(model: MaskedTransformer, condition: torch.Tensor, noise: ImageNoise, settings: SamplerSettings) -> torch.Tensor:
+    """MaskGIT decoding from an all-mask grid -> tokens (B, N). Each image's randomness comes from its own seed."""
+    cfg = model.cfg
+    b, n = len(noise), cfg.tokens
+    device = condition.device
+    tokens = torch.full((b, n), cfg.mask_id, dtype=torch.long, device=device)
+    for step in range(settings.steps):
+        masked = tokens == cfg.mask_id
+        logits = guided_logits(model, tokens, condition, settings.guidance).float()
+        log_probs = torch.log_softmax(logits / max(settings.temperature, 1e-6), dim=-1)
+        gumbel = noise.gumbel(n, cfg.codebook_size).to(device)
+        drawn = (log_probs + gumbel).argmax(-1) if settings.temperature > 0 else log_probs.argmax(-1)
+        drawn = torch.where(masked, drawn, tokens)
+        progress = (step + 1) / settings.steps
+        keep_masked = int(math.floor(n * float(mask_ratio(progress, settings.schedule))))
+        if keep_masked == 0:
+            tokens = drawn
+            break
+        confidence = torch.gather(log_probs, -1, drawn[..., None])[..., 0]
+        confidence = confidence + settings.choice_temperature * (1 - progress) * noise.gumbel(n).to(device)
+        confidence = torch.where(masked, confidence, torch.full_like(confidence, math.inf))
+        # Re-mask the least confident of the still-masked positions; never more than were masked.
+        keep_masked = min(keep_masked, int(masked.sum(-1).min()) - 1) if masked.any() else 0
+        threshold = confidence.sort(-1).values[:, keep_masked : keep_masked + 1] if keep_masked > 0 else None
+        tokens = drawn if threshold is None else torch.where(confidence < threshold, cfg.mask_id, drawn)
+    return tokens
+
+
+def mask_tokens(tokens: torch.Tensor, ratio: torch.Tensor, scores: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask exactly round(N * ratio_b) (at least one) tokens per row, chosen by the lowest `scores`.
+
+    Returns (masked tokens, boolean mask)."""
+    n = tokens.shape[1]
+    count = (ratio * n).round().clamp(1, n).long()  # (B,)
+    rank = scores.argsort(-1).argsort(-1)  # (B, N): rank of each position's score
+    mask = rank < count[:, None]
+    return torch.where(mask, mask_id, tokens), mask

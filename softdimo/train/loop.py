@@ -1,0 +1,137 @@
+"""The loop every training stage shares: resumable safetensors checkpoints, progress bar, metrics log."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to a tenth of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, slots in state["state"].items():
+        for key, value in slots.items():
+            tensors[f"optim.{name}.{index}.{key}"] = torch.as_tensor(value).clone()
+    return tensors, {"param_groups": state["param_groups"], "indices": list(state["state"].keys())}
+
+
+def _unflatten_optimizer(name: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    prefix = f"optim.{name}."
+    state: dict[int, dict[str, torch.Tensor]] = {int(i): {} for i in meta["indices"]}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, slot = key[len(prefix) :].split(".", 1)
+            state[int(index)][slot] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class Checkpointer:
+    """Saves and restores modules, optimizers and the step in one safetensors file, written atomically."""
+
+    def __init__(self, run_dir: str | os.PathLike, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.modules = modules
+        self.optimizers = optimizers
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+    def save(self, step: int) -> None:
+        tensors = {f"model.{m}.{k}": v.detach().cpu().contiguous() for m, mod in self.modules.items() for k, v in mod.state_dict().items()}
+        meta = {}
+        for name, opt in self.optimizers.items():
+            flat, opt_meta = _flatten_optimizer(name, opt)
+            tensors.update({k: v.cpu().contiguous() for k, v in flat.items()})
+            meta[name] = opt_meta
+        tmp = self.path.with_suffix(".tmp")
+        save_file(tensors, tmp, metadata={"step": str(step), "optimizers": json.dumps(meta)})
+        os.replace(tmp, self.path)
+
+    def restore(self) -> int:
+        """Load the checkpoint if there is one; returns the step to continue from (0 when starting)."""
+        if not self.path.exists():
+            return 0
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(self.path)
+        for m, mod in self.modules.items():
+            prefix = f"model.{m}."
+            device = next(iter(mod.state_dict().values())).device
+            mod.load_state_dict({k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)})
+        meta = json.loads(metadata["optimizers"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(_unflatten_optimizer(name, tensors, meta[name]))
+        return int(metadata["step"])
+
+
+def run(
+    *,
+    run_dir: str | os.PathLike,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    step_fn: Callable[[int], dict[str, float]],
+    steps: int,
+    checkpoint_every: int = 200,
+    eval_fn: Callable[[int], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    description: str = "train",
+) -> None:
+    """Run `step_fn(step)` from the last checkpoint up to `steps`, checkpointing and logging metrics as JSON lines."""
+    checkpointer = Checkpointer(run_dir, modules, optimizers)
+    start = checkpointer.restore()
+    log = open(Path(run_dir) / "metrics.jsonl", "a")
+    if start:
+        print(f"resuming {description} from step {start} ({checkpointer.path})")
+    began = time.monotonic()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=description, mininterval=5, dynamic_ncols=True)
+    for step in bar:
+        for mod in modules.values():
+            mod.train()
+        metrics = step_fn(step)
+        done = step + 1
+        if eval_fn is not None and eval_every and (done % eval_every == 0 or done == steps):
+            for mod in modules.values():
+                mod.eval()
+            with torch.no_grad():
+                metrics |= eval_fn(done)
+            tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
+        log.write(json.dumps({"step": done, "elapsed_s": round(time.monotonic() - began, 1), **metrics}) + "\n")
+        log.flush()
+        if done % checkpoint_every == 0 or done == steps:
+            checkpointer.save(done)
+    log.close()

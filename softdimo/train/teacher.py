@@ -1,0 +1,121 @@
+"""Training stage: the masked-diffusion teacher, text- or class-conditional, on tokenized Shapes images."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from softdimo import evaluate, shapes
+from softdimo.bundle import save_bundle
+from softdimo.conditioning import Conditioner
+from softdimo.teacher import SamplerSettings, mask_ratio, mask_tokens
+from softdimo.train import loop
+from softdimo.transformer import MaskedTransformer, TransformerConfig
+from softdimo.vq import VQTokenizer, to_tensor
+
+
+@dataclass(frozen=True)
+class TeacherTraining:
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    condition_dropout: float = 0.1  # share of examples trained unconditionally, for classifier-free guidance
+    label_smoothing: float = 0.1
+    schedule: str = "cosine"
+    seed: int = 0
+    eval_every: int = 1000
+    eval_prompts: int = 100
+
+
+def training_batch(
+    *, rng: np.random.Generator, size: int, conditioner: Conditioner, tokenizer: VQTokenizer, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image tokens (B, N), conditioning) for a fresh batch of Shapes samples."""
+    images, prompts, labels = shapes.batch(rng, size, kinds=conditioner.kinds)
+    with torch.no_grad():
+        tokens = tokenizer.encode(to_tensor(images).to(device))
+    return tokens, conditioner.from_samples(prompts, labels).to(device)
+
+
+def masked_prediction_loss(
+    model: MaskedTransformer, tokens: torch.Tensor, condition: torch.Tensor, *, generator: torch.Generator,
+    training: TeacherTraining,
+) -> torch.Tensor:  # fmt: skip
+    """MaskGIT's objective: mask a schedule-drawn share of tokens, predict them."""
+    b, n = tokens.shape
+    device = tokens.device
+    drop = torch.rand(b, generator=generator).to(device) < training.condition_dropout
+    null = model.null_condition(b, device)
+    condition = torch.where(drop.view(-1, *([1] * (condition.dim() - 1))), null, condition)
+    ratio = mask_ratio(torch.rand(b, generator=generator), training.schedule).to(device)
+    masked, mask = mask_tokens(tokens, ratio, torch.rand(b, n, generator=generator).to(device), model.cfg.mask_id)
+    logits = model(masked, condition)
+    return F.cross_entropy(logits[mask], tokens[mask], label_smoothing=training.label_smoothing)
+
+
+def train_teacher(
+    *, run_dir: Path, tokenizer: VQTokenizer, conditioner: Conditioner, cfg: TransformerConfig,
+    training: TeacherTraining, sampler: SamplerSettings, device: torch.device,
+) -> MaskedTransformer:  # fmt: skip
+    from softdimo.pipeline import TeacherPipeline
+
+    torch.manual_seed(training.seed)
+    model = MaskedTransformer(cfg).to(device)
+    tokenizer = tokenizer.to(device).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
+    eval_prompts = evaluate.held_out_prompts(training.eval_prompts, seed=20_000, kinds=conditioner.kinds)
+    print(f"teacher: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.conditioning}-conditional")
+
+    def step_fn(step: int) -> dict[str, float]:
+        loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
+        rng = np.random.default_rng([training.seed, step])
+        tokens, condition = training_batch(rng=rng, size=training.batch_size, conditioner=conditioner, tokenizer=tokenizer, device=device)
+        generator = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
+        loss = masked_prediction_loss(model, tokens, condition, generator=generator, training=training)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return {"loss": loss.item()}
+
+    def eval_fn(step: int) -> dict[str, float]:
+        pipeline = TeacherPipeline(model=model, tokenizer=tokenizer, conditioner=conditioner, sampler=sampler)
+        images = pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts)))
+        rates = evaluate.pass_rates(images, eval_prompts)
+        return {"pass": rates.overall, **{f"pass_{k}": v for k, v in rates.per_kind.items()}}
+
+    loop.run(
+        run_dir=run_dir,
+        modules={"transformer": model},
+        optimizers={"transformer": optimizer},
+        step_fn=step_fn,
+        steps=training.steps,
+        eval_fn=eval_fn,
+        eval_every=training.eval_every,
+        description=f"{cfg.conditioning} teacher",
+    )
+    model.eval()
+    return model
+
+
+def export_teacher(
+    *, model: MaskedTransformer, conditioner: Conditioner, sampler: SamplerSettings, training: TeacherTraining,
+    path: Path, name: str, tokenizer_reference: str,
+) -> Path:  # fmt: skip
+    config = {
+        "name": name,
+        "kind": "masked-diffusion",
+        "conditioning": model.cfg.conditioning,
+        "transformer": model.cfg.to_dict(),
+        "conditioner": conditioner.to_dict(),
+        "sampler": sampler.to_dict(),
+        "tokenizer": tokenizer_reference,
+        "training": asdict(training),
+    }
+    return save_bundle(path, config, {"transformer": model.state_dict()})

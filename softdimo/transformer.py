@@ -1,0 +1,150 @@
+"""Bidirectional masked transformer over image tokens, conditioned on prompt tokens or a class label."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    codebook_size: int = 1000  # image-token vocabulary; id `codebook_size` is the mask token
+    tokens: int = 64  # image tokens per image (a flattened grid)
+    width: int = 256
+    depth: int = 6
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    text_vocab: int = 0  # > 0: text-conditional, prompts arrive as `text_length` word ids (0 = padding)
+    text_length: int = 12
+    num_classes: int = 0  # > 0: class-conditional; label `num_classes` is the null (unconditional) class
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if (self.text_vocab > 0) == (self.num_classes > 0):
+            raise ValueError("a transformer is conditioned on text (text_vocab > 0) or on classes (num_classes > 0)")
+
+    @property
+    def mask_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def conditioning(self) -> str:
+        return "text" if self.text_vocab else "class"
+
+    @property
+    def prefix_length(self) -> int:
+        return self.text_length if self.text_vocab else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TransformerConfig:
+        return cls(**d)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d/h)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # no causal mask
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        self.net = nn.Sequential(nn.Linear(cfg.width, hidden), nn.GELU(), nn.Linear(hidden, cfg.width), nn.Dropout(cfg.dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def perturb_embeddings(embeddings: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+    """Di[M]O's embedding noise: e <- sigma * eps + sqrt(1 - sigma^2) * e."""
+    return sigma * noise + math.sqrt(1.0 - sigma**2) * embeddings
+
+
+class MaskedTransformer(nn.Module):
+    """Token ids or input embeddings (B, N, D) plus conditioning -> logits (B, N, codebook_size).
+
+    The input table `token_embedding` has codebook_size + 1 rows (the last is the mask token), so a
+    distribution over the codebook can be fed as its expected embedding (`soft_embed`)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.codebook_size + 1, cfg.width)
+        self.position = nn.Parameter(torch.zeros(1, cfg.prefix_length + cfg.tokens, cfg.width))
+        if cfg.text_vocab:
+            self.condition_embedding = nn.Embedding(cfg.text_vocab, cfg.width)
+        else:
+            self.condition_embedding = nn.Embedding(cfg.num_classes + 1, cfg.width)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.codebook_size)
+        self.apply(self._init)
+        nn.init.normal_(self.position, std=0.02)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def null_condition(self, batch: int, device: torch.device | None = None) -> torch.Tensor:
+        """The unconditional input used for classifier-free guidance."""
+        if self.cfg.text_vocab:
+            return torch.zeros(batch, self.cfg.text_length, dtype=torch.long, device=device)
+        return torch.full((batch,), self.cfg.num_classes, dtype=torch.long, device=device)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, N), mask id allowed -> input embeddings (B, N, D)."""
+        return self.token_embedding(tokens)
+
+    def soft_embed(self, probs: torch.Tensor) -> torch.Tensor:
+        """Distributions over the codebook (B, N, K) -> expected input embeddings (B, N, D)."""
+        return probs @ self.token_embedding.weight[: self.cfg.codebook_size]
+
+    def forward_embeddings(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, N, D) and conditioning -> logits (B, N, K)."""
+        prefix = self.condition_embedding(condition)  # (B, L, D) for text
+        if prefix.dim() == 2:
+            prefix = prefix[:, None]  # (B, 1, D) for a class
+        x = torch.cat([prefix, embeddings], dim=1) + self.position  # (B, L + N, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, prefix.shape[1] :]))
+
+    def forward(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, N) and conditioning -> logits (B, N, K)."""
+        return self.forward_embeddings(self.embed(tokens), condition)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

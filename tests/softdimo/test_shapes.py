@@ -1,0 +1,100 @@
+"""The Shapes world: pixel rules, placement rules, grammar round trip and bad prompts."""
+
+import numpy as np
+import pytest
+
+from softdimo import shapes
+
+
+def test_circle_pixels_follow_the_centre_rule():
+    mask = shapes.shape_mask(0, 12)
+    # Row 0 of a 12-px circle: centres at v = 0.5; inside when (u - 6)^2 <= 36 - 30.25 = 5.75, so u in 3.5..8.5 -> x 4..7.
+    assert mask[0].nonzero()[0].tolist() == [4, 5, 6, 7]
+    assert mask[5].all()
+    assert mask.sum() == 112
+    assert (mask == mask.T).all() and (mask == mask[::-1]).all()
+
+
+def test_triangle_has_apex_on_top_and_full_base():
+    mask = shapes.shape_mask(2, 12)
+    assert not mask[0].any()  # at v = 0.5 the half-width is 0.25: no pixel centre fits
+    assert mask[1].nonzero()[0].tolist() == [5, 6]
+    assert mask[-1].all()
+    assert (mask == mask[:, ::-1]).all()
+    assert shapes.shape_mask(2, 24).sum() == 288
+
+
+def test_square_fills_its_box_and_render_uses_exact_palette_colours():
+    obj = shapes.ShapeObject(color=3, shape=1, size=12, x0=10, y0=20)
+    image = shapes.render([obj])
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert (image[20:32, 10:22] == (255, 255, 0)).all()
+    assert image.sum() == 12 * 12 * 510
+    colours = {tuple(c) for c in image.reshape(-1, 3)}
+    assert colours == {(0, 0, 0), (255, 255, 0)}
+
+
+def test_placement_keeps_margins_gaps_and_relations():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        prompt = shapes.sample_prompt(rng)
+        objects = shapes.sample_scene(prompt, rng)
+        for o in objects:
+            assert o.x0 >= 2 and o.y0 >= 2 and o.x0 + o.size <= 62 and o.y0 + o.size <= 62
+        for i, a in enumerate(objects):
+            for b in objects[i + 1 :]:
+                assert shapes.box_gap(a, b) >= 2
+        if prompt.kind == "relation":
+            assert shapes.relation_holds(objects[0].center, objects[1].center, prompt.relation)
+        if prompt.kind == "count":
+            assert len(objects) == prompt.count and all(o.size == 12 for o in objects)
+        if prompt.kind == "sized":
+            assert objects[0].size == prompt.objects[0].size
+
+
+def test_relation_rule_matches_the_spec():
+    assert shapes.relation_holds((10, 30), (26, 30), "left of")
+    assert not shapes.relation_holds((10, 30), (25, 30), "left of")  # 15 px is not enough
+    assert not shapes.relation_holds((10, 10), (30, 31), "left of")  # the other axis differs more
+    assert shapes.relation_holds((30, 40), (30, 20), "below")
+
+
+def test_every_kind_round_trips_through_the_parser():
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(500):
+        prompt = shapes.sample_prompt(rng)
+        assert shapes.parse_prompt(prompt.text()) == prompt
+        seen.add(prompt.kind)
+    assert seen == set(shapes.KINDS)
+    assert shapes.parse_prompt("three cyan triangles") == shapes.Prompt(
+        "count", (shapes.ObjectSpec(5, 2),), count=3
+    )
+    assert shapes.parse_prompt("a large red circle").objects[0].size == 24
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a purple circle", "A red circle", "a red  circle", "a red circle.", "four red circles",
+     "a red circle and a red circle", "a red circle left a blue square", "", "two red circle"],
+)  # fmt: skip
+def test_prompts_outside_the_grammar_are_refused_with_the_vocabulary(text):
+    with pytest.raises(shapes.PromptError) as info:
+        shapes.parse_prompt(text)
+    assert "red" in str(info.value) or "differ" in str(info.value)
+
+
+def test_class_labels_follow_the_spec():
+    assert shapes.class_label(0, 0) == 0 and shapes.class_label(5, 2) == 17
+    assert shapes.class_name(1) == "red square"
+    with pytest.raises(shapes.PromptError):
+        shapes.class_prompt(18)
+
+
+def test_stream_is_seeded():
+    a, b = shapes.stream(7), shapes.stream(7)
+    for _ in range(5):
+        x, y = next(a), next(b)
+        assert x.prompt == y.prompt and (x.image == y.image).all()
+    other = [next(shapes.stream(8)).image.tobytes() for _ in range(1)]
+    assert other[0] != next(shapes.stream(7)).image.tobytes()

@@ -130,6 +130,14 @@ def _generate(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from server.app import serve
+    from server.settings import Settings
+
+    flags = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    serve(Settings(**flags))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softdimo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="out")
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=_generate)
+
+    srv = commands.add_parser("serve", help="run the HTTP server (flags override SOFTDIMO_* environment settings)")
+    srv.add_argument("--host")
+    srv.add_argument("--port", type=int)
+    srv.add_argument("--weights", nargs="+", help="bundle folders to serve; the first is the default model")
+    srv.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    srv.add_argument("--max-batch-size", type=int)
+    srv.add_argument("--max-wait-ms", type=float)
+    srv.add_argument("--max-queue", type=int)
+    srv.add_argument("--request-timeout-s", type=float)
+    srv.add_argument("--drain-timeout-s", type=float)
+    srv.add_argument("--log-level")
+    srv.set_defaults(func=_serve)
     return parser
 
 

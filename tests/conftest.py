@@ -1,28 +1,24 @@
 """Shared fixtures: tiny models with fixed seeds, so tests are exact and fast."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from softdimo.conditioning import Conditioner
-from softdimo.transformer import MaskedTransformer, TransformerConfig
-from softdimo.vq import TokenizerConfig, VQTokenizer
+sys.path.insert(0, str(Path(__file__).parent))
 
-TINY_TOKENIZER = TokenizerConfig(levels=(4, 4, 4), channels=(16, 32), blocks=1)
+from tiny_bundles import TINY_TOKENIZER, tiny_transformer_config  # noqa: E402
+
+from softdimo.conditioning import Conditioner  # noqa: E402
+from softdimo.transformer import MaskedTransformer  # noqa: E402
+from softdimo.vq import VQTokenizer  # noqa: E402
 
 
 @pytest.fixture
 def tiny_tokenizer() -> VQTokenizer:
     torch.manual_seed(0)
     return VQTokenizer(TINY_TOKENIZER).eval()
-
-
-def tiny_transformer_config(conditioner: Conditioner, codebook_size: int = 64) -> TransformerConfig:
-    sizes = (
-        {"text_vocab": conditioner.prompt_tokenizer.size, "text_length": conditioner.prompt_tokenizer.length}
-        if conditioner.conditioning == "text"
-        else {"num_classes": conditioner.num_classes}
-    )
-    return TransformerConfig(codebook_size=codebook_size, tokens=64, width=32, depth=2, heads=4, **sizes)
 
 
 @pytest.fixture

@@ -39,24 +39,17 @@ def test_sampler_fills_every_token_and_is_deterministic_per_seed(tiny_text_trans
     assert not torch.equal(batch, other)
 
 
-def test_teacher_pipeline_and_cli_generate_png_files(tmp_path, tiny_tokenizer, tiny_text_transformer, text_conditioner):
-    import os
+def test_teacher_bundle_and_cli_generate_png_files(tmp_path):
+    from tiny_bundles import write_all
 
-    from softdimo.bundle import save_bundle
     from softdimo.cli import main
     from softdimo.images import decode_image
 
-    tok_dir = save_bundle(tmp_path / "tok", {"name": "tok", "kind": "tokenizer", "tokenizer": tiny_tokenizer.cfg.to_dict()},
-                          {"tokenizer": tiny_tokenizer.state_dict()}, dtype=None)  # fmt: skip
-    config = {
-        "name": "teacher", "kind": "masked-diffusion", "conditioning": "text",
-        "transformer": tiny_text_transformer.cfg.to_dict(), "conditioner": text_conditioner.to_dict(),
-        "sampler": SamplerSettings(steps=4).to_dict(), "tokenizer": os.path.relpath(tok_dir, tmp_path / "teacher"),
-    }  # fmt: skip
-    save_bundle(tmp_path / "teacher", config, {"transformer": tiny_text_transformer.state_dict()}, dtype=None)
+    bundles = write_all(tmp_path)
     out = tmp_path / "out"
-    assert main(["generate", "--model", str(tmp_path / "teacher"), "--prompt", "a red circle", "-n", "2", "--seed", "5", "--out", str(out), "--device", "cpu"]) == 0
-    files = sorted(p.name for p in out.iterdir())
-    assert files == ["5.png", "6.png"]
+    args = ["generate", "--model", str(bundles["text"]), "--prompt", "a red circle", "-n", "2", "--seed", "5", "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["5.png", "6.png"]
     assert decode_image((out / "5.png").read_bytes()).shape == (64, 64, 3)
-    assert main(["generate", "--model", str(tmp_path / "teacher"), "--prompt", "a purple circle", "--out", str(out), "--device", "cpu"]) == 2
+    assert main(["generate", "--model", str(bundles["text"]), "--prompt", "a purple circle", "--out", str(out), "--device", "cpu"]) == 2
+    assert main(["generate", "--model", str(bundles["class"]), "--class-label", "17", "-n", "1", "--out", str(out), "--device", "cpu"]) == 0

@@ -1,0 +1,25 @@
+# The two commands a fresh machine needs: `make serve` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build by default; a GPU machine passes e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+
+.PHONY: setup test serve check
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+serve: setup
+	$(VENV)/bin/softdimo serve
+
+check: setup
+	bash deploy/check.sh

@@ -1,0 +1,181 @@
+"""Thin HTTP endpoints: parse, hand to the service, shape the answer, count it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from server.schemas import (
+    GenerateRequest,
+    ImageData,
+    ImageResponse,
+    ModelList,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImageResponse,
+    RefineRequest,
+    Timing,
+)
+from server.service import GENERATE, OPENAI, REFINE, GeneratedImages, Service, ServiceError
+from softdimo.images import MEDIA_TYPES
+
+router = APIRouter()
+IMAGE_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
+ERROR_RESPONSES = {
+    404: {"description": "unknown model or reward"},
+    429: {"description": "the queue is full; see Retry-After"},
+    503: {"description": "not ready yet, or draining for shutdown"},
+    504: {"description": "the deadline passed before the request could be served"},
+}
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away; the body has been read, so the next message is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, work):
+    """Run `work` but cancel it if the client disconnects first, so its images are never computed."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ServiceError(499, "client closed the request")
+    return task.result()
+
+
+def _model_label(service: Service, name: str | None) -> str:
+    """The `model` label: a loaded model's name; anything else folds into one value to bound cardinality."""
+    if service.engine is None:
+        return "none"
+    name = name or service.engine.default_model
+    return name if name in service.engine.models else "unknown"
+
+
+@asynccontextmanager
+async def _counted(service: Service, endpoint: str, model_name: str | None):
+    """In-flight gauge, duration histogram and per-status counter around one request."""
+    metrics = service.metrics
+    model = _model_label(service, model_name)
+    metrics.inflight.labels(endpoint).inc()
+    began = time.perf_counter()
+    status = "500"
+    try:
+        yield
+        status = "200"
+    except ServiceError as exc:
+        status = str(exc.status)
+        raise
+    finally:
+        metrics.inflight.labels(endpoint).dec()
+        metrics.requests.labels(endpoint, model, status).inc()
+        metrics.request_duration.labels(endpoint, model).observe(time.perf_counter() - began)
+
+
+def _wanted_image_format(request: Request, body_format: str) -> str | None:
+    """The image format an `Accept: image/...` header asks for, or None when JSON is wanted."""
+    accept = [part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")]
+    for media in accept:
+        if media in IMAGE_MEDIA:
+            return IMAGE_MEDIA[media]
+        if media == "image/*":
+            return body_format
+    return None
+
+
+async def _generate(request: Request, body: GenerateRequest, endpoint: str) -> GeneratedImages:
+    service = _service(request)
+    model = service.model(body.model)
+    condition = service.condition(model, body.prompt, body.class_label)
+    seed = service.seeds_for(body.seed, body.n)
+    return await _unless_disconnected(
+        request, service.generate(endpoint=endpoint, model=model, condition=condition, seed=seed, n=body.n, steps=body.steps)
+    )
+
+
+@router.post("/generate", response_model=ImageResponse, responses=ERROR_RESPONSES)
+async def generate(request: Request, body: GenerateRequest):
+    service = _service(request)
+    began = time.perf_counter()
+    async with _counted(service, GENERATE, body.model):
+        image_format = _wanted_image_format(request, body.format)
+        if image_format is not None and body.n != 1:
+            raise ServiceError(406, "an image body holds one image: use n = 1, or Accept: application/json")
+        result = await _generate(request, body, GENERATE)
+        encoded = await service.encode(result.images, image_format or body.format)
+        service.metrics.images.labels(GENERATE, result.model).inc(len(encoded))
+        if image_format is not None:
+            return Response(encoded[0], media_type=MEDIA_TYPES[image_format], headers={"X-Seed": str(result.seeds[0])})
+        return ImageResponse(
+            id=service.new_id("gen"), model=result.model, created=int(time.time()),
+            data=[ImageData(b64_json=service.b64(data), seed=seed) for data, seed in zip(encoded, result.seeds)],
+            timing=Timing(queue_s=round(result.queue_s, 6), compute_s=round(result.compute_s, 6),
+                          total_s=round(time.perf_counter() - began, 6)),
+        )  # fmt: skip
+
+
+@router.post("/refine", response_model=ImageResponse, responses=ERROR_RESPONSES)
+async def refine(request: Request, body: RefineRequest):
+    service = _service(request)
+    async with _counted(service, REFINE, body.model):
+        model = service.model(body.model)
+        raise ServiceError(422, f"model {model.name!r} is {model.kind}: /refine needs a one-step model with a reward")
+
+
+@router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERROR_RESPONSES)
+async def openai_generations(request: Request, body: OpenAIImageRequest):
+    service = _service(request)
+    async with _counted(service, OPENAI, body.model):
+        model = service.model(body.model)
+        side = f"{model.image_size}x{model.image_size}"
+        if body.size not in (None, "auto", side):
+            raise ServiceError(422, f"size {body.size!r} is not available: model {model.name!r} draws {side}")
+        request_body = GenerateRequest(prompt=body.prompt, n=body.n, seed=body.seed, model=body.model, format=body.output_format)
+        result = await _generate(request, request_body, OPENAI)
+        encoded = await service.encode(result.images, body.output_format)
+        service.metrics.images.labels(OPENAI, result.model).inc(len(encoded))
+        return OpenAIImageResponse(created=int(time.time()), data=[OpenAIImage(b64_json=service.b64(d)) for d in encoded])
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request):
+    service = _service(request)
+    if service.engine is None:
+        return ModelList(data=[])
+    return ModelList(data=[m.card() for m in service.engine.models.values()])
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+    service = _service(request)
+    if service.ready:
+        return {"status": "ready"}
+    reason = "draining" if service.draining else ("failed: " + service.load_error if service.load_error else "loading")
+    return JSONResponse({"status": reason}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    from server.metrics import CONTENT_TYPE
+
+    return Response(_service(request).metrics.exposition(), media_type=CONTENT_TYPE)

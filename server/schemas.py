@@ -1,0 +1,101 @@
+"""Request and response models of the HTTP contract, with their bounds."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_SEED = 2**63 - 1
+ImageFormat = Literal["png", "jpeg", "webp"]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    prompt: str | None = Field(None, min_length=1, max_length=512, description="for text-conditional models")
+    class_label: int | None = Field(None, ge=0, description="for class-conditional models")
+    n: int = Field(1, ge=1, le=16, description="number of images; image i uses seed + i")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; returned per image")
+    model: str | None = Field(None, description="a name from /v1/models; the server's default model when absent")
+    format: ImageFormat = "png"
+    steps: int | None = Field(None, ge=1, le=64, description="sampling steps, masked-diffusion models only")
+
+    @model_validator(mode="after")
+    def _one_condition(self):
+        if (self.prompt is None) == (self.class_label is None):
+            raise ValueError("give exactly one of prompt and class_label")
+        return self
+
+
+class RefineRequest(GenerateRequest):
+    steps: int | None = Field(None, ge=1, le=200, description="TTEO gradient steps")
+    lr: float | None = Field(None, gt=0, le=100, description="TTEO learning rate")
+    reward: str | None = Field(None, description="a reward name from /v1/models")
+    best_of: int = Field(1, ge=1, le=16, description="candidates per image; the best by reward is optimised")
+
+
+class Timing(BaseModel):
+    queue_s: float
+    compute_s: float
+    total_s: float
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int
+    reward_before: float | None = None
+    reward_after: float | None = None
+
+
+class ImageResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    model: str
+    created: int
+    data: list[ImageData]
+    timing: Timing
+
+
+class OpenAIImageRequest(BaseModel):
+    """The OpenAI Images API request shape; fields it has that mean nothing here are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    prompt: str = Field(..., min_length=1, max_length=512)
+    n: int = Field(1, ge=1, le=16)
+    model: str | None = None
+    response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: there is no image storage")
+    output_format: ImageFormat = "png"
+    size: str | None = Field(None, description="accepted when it is the model's size or 'auto'")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+
+
+class OpenAIImageResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    kind: Literal["one-step", "masked-diffusion"]
+    conditioning: Literal["text", "class"]
+    image_size: int
+    classes: list[str] | None = None
+    rewards: list[str] = []
+    default: dict
+
+
+class ModelList(BaseModel):
+    data: list[ModelCard]
+
+
+class ErrorResponse(BaseModel):
+    detail: str

@@ -1,0 +1,204 @@
+"""The service behind the routes: readiness, one batcher per model and endpoint, request execution and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import logging
+import math
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, NullObserver, QueueFull
+from server.engine import Engine, GenerateJob, ServedModel
+from server.metrics import Metrics
+from server.settings import Settings
+from softdimo.conditioning import ConditionError
+from softdimo.images import encode_image
+
+log = logging.getLogger("softdimo.service")
+
+GENERATE = "/generate"
+REFINE = "/refine"
+OPENAI = "/v1/images/generations"
+ENDPOINTS = (GENERATE, REFINE, OPENAI)
+MAX_SEED = 2**63
+
+
+class ServiceError(Exception):
+    """An error with the HTTP status and message the client gets; `headers` carries e.g. Retry-After."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+@dataclass
+class GeneratedImages:
+    model: str
+    images: list[np.ndarray]
+    seeds: list[int]
+    queue_s: float
+    compute_s: float
+
+
+def _timed(run, jobs):
+    """Run a batch; each job's output comes back with the batch's compute time."""
+    began = time.perf_counter()
+    outputs = run(jobs)
+    seconds = time.perf_counter() - began
+    return [(output, seconds) for output in outputs]
+
+
+class _BatchMetrics(NullObserver):
+    """Feeds one batcher's queue and batch events into the Prometheus metrics."""
+
+    def __init__(self, metrics: Metrics, endpoint: str, model: str):
+        self.metrics, self.endpoint, self.model = metrics, endpoint, model
+
+    def queue_depth(self, images: int) -> None:
+        self.metrics.queue_depth.labels(self.endpoint, self.model).set(images)
+
+    def queue_wait(self, seconds: float) -> None:
+        self.metrics.queue_wait.labels(self.endpoint, self.model).observe(seconds)
+
+    def batch_executed(self, images: int, requests: int, seconds: float) -> None:
+        self.metrics.batch_size.labels(self.endpoint, self.model).observe(images)
+
+    def rejected(self, reason: str) -> None:
+        self.metrics.rejected.labels(self.endpoint, reason).inc()
+
+
+class Service:
+    """Owns the engine, its batchers and the readiness state; the routes only translate HTTP."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.ready = False
+        self.draining = False
+        self.load_error: str | None = None
+        self._batchers: dict[tuple[str, str], Batcher] = {}
+        # One thread for all model work: batches of different models and endpoints take turns on the device.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="softdimo-model")
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self, engine: Engine | None = None) -> None:
+        """Load (unless given), warm up and start batching; readiness turns true only at the end."""
+        loop = asyncio.get_running_loop()
+        try:
+            if engine is None:
+                engine = await loop.run_in_executor(self._executor, Engine.load, self.settings.weights, self.settings.device)
+            await loop.run_in_executor(self._executor, engine.warm_up, self.settings.max_batch_size)
+        except Exception as exc:  # the process stays alive and unready, saying why on /readyz
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("model loading failed: %s", self.load_error)
+            raise
+        self.engine = engine
+        self.metrics.declare(list(ENDPOINTS), list(engine.models))
+        for name, model in engine.models.items():
+            batcher = Batcher(
+                lambda jobs, model=model: _timed(model.generate_batch, jobs),
+                max_batch_size=self.settings.max_batch_size,
+                max_wait_s=self.settings.max_wait_ms / 1000,
+                max_queue=max(self.settings.max_queue, self.settings.max_batch_size),
+                size_of=lambda job: job.n,
+                key_of=lambda job: job.steps,  # a teacher batch runs one number of sampling steps
+                executor=self._executor,
+                observer=_BatchMetrics(self.metrics, GENERATE, name),
+                name=f"generate:{name}",
+            )  # fmt: skip
+            await batcher.start()
+            self._batchers[(GENERATE, name)] = batcher
+        self.ready = True
+
+    async def stop(self) -> None:
+        """Refuse new work, let queued and running batches finish within the drain timeout."""
+        self.draining = True
+        self.ready = False
+        await asyncio.gather(*(b.stop(drain=True, timeout_s=self.settings.drain_timeout_s) for b in self._batchers.values()))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ requests
+    def model(self, name: str | None) -> ServedModel:
+        if self.draining:
+            raise ServiceError(503, "the server is draining for shutdown", {"Retry-After": "1"})
+        if not self.ready or self.engine is None:
+            raise ServiceError(503, "the server is not ready yet: models are loading", {"Retry-After": "5"})
+        name = name or self.engine.default_model
+        if name not in self.engine.models:
+            raise ServiceError(404, f"unknown model {name!r}; loaded models: {', '.join(self.engine.models)}")
+        return self.engine.models[name]
+
+    @staticmethod
+    def condition(model: ServedModel, prompt: str | None, class_label: int | None) -> torch.Tensor:
+        try:
+            if model.conditioning == "text":
+                if prompt is None:
+                    raise ConditionError(f"model {model.name!r} is text-conditional: give prompt, not class_label")
+                return model.conditioner.encode_prompts([prompt])
+            if class_label is None:
+                raise ConditionError(f"model {model.name!r} is class-conditional: give class_label, not prompt")
+            return model.conditioner.encode_labels([class_label])
+        except ConditionError as exc:
+            raise ServiceError(422, str(exc)) from exc
+
+    @staticmethod
+    def seeds_for(seed: int | None, count: int) -> int:
+        """The first seed; a random one leaves room for `count` consecutive seeds below 2^63."""
+        if seed is None:
+            return secrets.randbelow(MAX_SEED - count)
+        if seed + count > MAX_SEED:
+            raise ServiceError(422, f"seed + {count} must stay below 2^63")
+        return seed
+
+    async def generate(
+        self, *, endpoint: str, model: ServedModel, condition: torch.Tensor, seed: int, n: int, steps: int | None,
+    ) -> GeneratedImages:  # fmt: skip
+        if steps is not None and model.kind != "masked-diffusion":
+            raise ServiceError(422, f"model {model.name!r} is one-step: steps applies only to masked-diffusion models")
+        batcher = self._batchers[(GENERATE, model.name)]
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        chunk = self.settings.max_batch_size  # a request larger than a batch runs as several; seeds stay per image
+        jobs = [GenerateJob(condition=condition, seed=seed + i, n=min(chunk, n - i), steps=steps) for i in range(0, n, chunk)]
+        began = time.perf_counter()
+        try:
+            results = await asyncio.gather(*(batcher.submit(job, deadline=deadline) for job in jobs))
+        except QueueFull as exc:
+            raise ServiceError(429, "the queue is full; retry later", {"Retry-After": str(math.ceil(exc.retry_after_s))}) from exc
+        except DeadlineExceeded as exc:
+            self.metrics.rejected.labels(endpoint, "deadline").inc()
+            raise ServiceError(504, f"not served within {self.settings.request_timeout_s:g}s") from exc
+        except Draining as exc:
+            raise ServiceError(503, "the server is draining for shutdown", {"Retry-After": "1"}) from exc
+        except BatchFailed as exc:
+            raise ServiceError(500, str(exc)) from exc
+        total = time.perf_counter() - began
+        images = [image for result, _ in results for image in result]
+        compute = max(seconds for _, seconds in results)
+        return GeneratedImages(
+            model=model.name, images=images, seeds=[seed + i for i in range(n)], queue_s=max(0.0, total - compute), compute_s=compute
+        )
+
+    # ------------------------------------------------------------ encoding
+    @staticmethod
+    async def encode(images: list[np.ndarray], fmt: str) -> list[bytes]:
+        """Encode off the event loop: PNG compression of a batch would otherwise stall every connection."""
+        return await asyncio.to_thread(lambda: [encode_image(im, fmt) for im in images])
+
+    @staticmethod
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode("ascii")
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:24]}"

@@ -1,0 +1,66 @@
+"""One-step generator: Di[M]O's noisy hybrid input -> logits -> sampled tokens and soft embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from softdimo.seeding import ImageNoise
+from softdimo.transformer import MaskedTransformer, perturb_embeddings
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    r_init: float = 0.6  # share of input tokens replaced by the mask token (the rest are uniform random)
+    sigma: float = 0.1  # Gaussian noise on the input embeddings: e <- sigma * eps + sqrt(1 - sigma^2) * e
+    temperature: float = 1.0  # sampling temperature of output tokens; 0 takes the argmax
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class OneStepGenerator:
+    """A transformer of the teacher's architecture used in one step: seeds -> input embeddings -> logits.
+
+    Every random draw is made per image from its own seed, so an image never depends on its batch-mates."""
+
+    def __init__(self, model: MaskedTransformer, settings: GeneratorSettings):
+        self.model = model
+        self.settings = settings
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def initial_tokens(self, noise: ImageNoise) -> torch.Tensor:
+        """Uniform random tokens with exactly round(N * r_init) positions set to the mask token: (B, N)."""
+        n, k = self.cfg.tokens, self.cfg.codebook_size
+        tokens = noise.randint(k, n)
+        masked_count = round(n * self.settings.r_init)
+        order = noise.permutation_scores(n).argsort(-1)
+        masked = torch.zeros_like(tokens, dtype=torch.bool).scatter(1, order[:, :masked_count], True)
+        return torch.where(masked, self.cfg.mask_id, tokens)
+
+    def initial_embeddings(self, noise: ImageNoise) -> torch.Tensor:
+        """The generator's input: embedded hybrid tokens plus Gaussian noise, (B, N, D) on the model's device."""
+        device = self.model.position.device
+        tokens = self.initial_tokens(noise).to(device)
+        eps = noise.randn(self.cfg.tokens, self.cfg.width).to(device)
+        return perturb_embeddings(self.model.embed(tokens), self.settings.sigma, eps)
+
+    def logits(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, N, D) -> output logits (B, N, K); differentiable in both weights and input."""
+        return self.model.forward_embeddings(embeddings, condition)
+
+    def sample_tokens(self, logits: torch.Tensor, noise: ImageNoise) -> torch.Tensor:
+        """Tokens drawn from softmax(logits / temperature), each image from its own seed: (B, N)."""
+        if self.settings.temperature <= 0:
+            return logits.argmax(-1)
+        gumbel = noise.gumbel(*logits.shape[1:]).to(logits.device)
+        return (logits.float() / self.settings.temperature + gumbel).argmax(-1)
+
+    @torch.inference_mode()
+    def generate_tokens(self, condition: torch.Tensor, noise: ImageNoise) -> torch.Tensor:
+        """One forward pass: conditioning (B, ...) -> tokens (B, N)."""
+        return self.sample_tokens(self.logits(self.initial_embeddings(noise), condition), noise)

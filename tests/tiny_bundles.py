@@ -1,0 +1,53 @@
+"""Tiny random-weight bundles written to disk, for tests of everything that loads bundles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from softdimo.bundle import save_bundle
+from softdimo.conditioning import Conditioner
+from softdimo.teacher import SamplerSettings
+from softdimo.transformer import MaskedTransformer, TransformerConfig
+from softdimo.vq import TokenizerConfig, VQTokenizer
+
+TINY_TOKENIZER = TokenizerConfig(levels=(4, 4, 4), channels=(16, 32), blocks=1)
+
+
+def tiny_transformer_config(conditioner: Conditioner, codebook_size: int = 64) -> TransformerConfig:
+    sizes = (
+        {"text_vocab": conditioner.prompt_tokenizer.size, "text_length": conditioner.prompt_tokenizer.length}
+        if conditioner.conditioning == "text"
+        else {"num_classes": conditioner.num_classes}
+    )
+    return TransformerConfig(codebook_size=codebook_size, tokens=64, width=32, depth=2, heads=4, **sizes)
+
+
+def write_tokenizer(folder: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    tokenizer = VQTokenizer(TINY_TOKENIZER)
+    config = {"name": "tiny-tokenizer", "kind": "tokenizer", "tokenizer": TINY_TOKENIZER.to_dict()}
+    return save_bundle(folder, config, {"tokenizer": tokenizer.state_dict()}, dtype=None)
+
+
+def write_teacher(folder: Path, tokenizer: Path, conditioner: Conditioner, name: str, steps: int = 4, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = MaskedTransformer(tiny_transformer_config(conditioner))
+    config = {
+        "name": name, "kind": "masked-diffusion", "conditioning": conditioner.conditioning,
+        "transformer": model.cfg.to_dict(), "conditioner": conditioner.to_dict(),
+        "sampler": SamplerSettings(steps=steps).to_dict(), "tokenizer": os.path.relpath(tokenizer, folder),
+    }  # fmt: skip
+    return save_bundle(folder, config, {"transformer": model.state_dict()}, dtype=None)
+
+
+def write_all(root: Path) -> dict[str, Path]:
+    """A tokenizer, a text teacher and a class teacher under `root`."""
+    tokenizer = write_tokenizer(root / "tokenizer")
+    return {
+        "tokenizer": tokenizer,
+        "text": write_teacher(root / "teacher-text", tokenizer, Conditioner.shapes_text(), "tiny-text"),
+        "class": write_teacher(root / "teacher-class", tokenizer, Conditioner.shapes_class(), "tiny-class"),
+    }

@@ -98,13 +98,13 @@ def _wanted_image_format(request: Request, body_format: str) -> str | None:
     return None
 
 
-async def _generate(request: Request, body: GenerateRequest, endpoint: str) -> GeneratedImages:
+async def _generate(request: Request, body: GenerateRequest) -> GeneratedImages:
     service = _service(request)
     model = service.model(body.model)
     condition = service.condition(model, body.prompt, body.class_label)
     seed = service.seeds_for(body.seed, body.n)
     return await _unless_disconnected(
-        request, service.generate(endpoint=endpoint, model=model, condition=condition, seed=seed, n=body.n, steps=body.steps)
+        request, service.generate(model=model, condition=condition, seed=seed, n=body.n, steps=body.steps)
     )
 
 
@@ -116,7 +116,7 @@ async def generate(request: Request, body: GenerateRequest):
         image_format = _wanted_image_format(request, body.format)
         if image_format is not None and body.n != 1:
             raise ServiceError(406, "an image body holds one image: use n = 1, or Accept: application/json")
-        result = await _generate(request, body, GENERATE)
+        result = await _generate(request, body)
         encoded = await service.encode(result.images, image_format or body.format)
         service.metrics.images.labels(GENERATE, result.model).inc(len(encoded))
         if image_format is not None:
@@ -146,7 +146,7 @@ async def openai_generations(request: Request, body: OpenAIImageRequest):
         if body.size not in (None, "auto", side):
             raise ServiceError(422, f"size {body.size!r} is not available: model {model.name!r} draws {side}")
         request_body = GenerateRequest(prompt=body.prompt, n=body.n, seed=body.seed, model=body.model, format=body.output_format)
-        result = await _generate(request, request_body, OPENAI)
+        result = await _generate(request, request_body)
         encoded = await service.encode(result.images, body.output_format)
         service.metrics.images.labels(OPENAI, result.model).inc(len(encoded))
         return OpenAIImageResponse(created=int(time.time()), data=[OpenAIImage(b64_json=service.b64(d)) for d in encoded])

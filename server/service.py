@@ -162,7 +162,7 @@ class Service:
         return seed
 
     async def generate(
-        self, *, endpoint: str, model: ServedModel, condition: torch.Tensor, seed: int, n: int, steps: int | None,
+        self, *, model: ServedModel, condition: torch.Tensor, seed: int, n: int, steps: int | None,
     ) -> GeneratedImages:  # fmt: skip
         if steps is not None and model.kind != "masked-diffusion":
             raise ServiceError(422, f"model {model.name!r} is one-step: steps applies only to masked-diffusion models")
@@ -171,23 +171,30 @@ class Service:
         chunk = self.settings.max_batch_size  # a request larger than a batch runs as several; seeds stay per image
         jobs = [GenerateJob(condition=condition, seed=seed + i, n=min(chunk, n - i), steps=steps) for i in range(0, n, chunk)]
         began = time.perf_counter()
-        try:
-            results = await asyncio.gather(*(batcher.submit(job, deadline=deadline) for job in jobs))
-        except QueueFull as exc:
-            raise ServiceError(429, "the queue is full; retry later", {"Retry-After": str(math.ceil(exc.retry_after_s))}) from exc
-        except DeadlineExceeded as exc:
-            self.metrics.rejected.labels(endpoint, "deadline").inc()
-            raise ServiceError(504, f"not served within {self.settings.request_timeout_s:g}s") from exc
-        except Draining as exc:
-            raise ServiceError(503, "the server is draining for shutdown", {"Retry-After": "1"}) from exc
-        except BatchFailed as exc:
-            raise ServiceError(500, str(exc)) from exc
+        results = await self._submit_all(batcher, jobs, deadline)
         total = time.perf_counter() - began
         images = [image for result, _ in results for image in result]
         compute = max(seconds for _, seconds in results)
         return GeneratedImages(
             model=model.name, images=images, seeds=[seed + i for i in range(n)], queue_s=max(0.0, total - compute), compute_s=compute
         )
+
+    async def _submit_all(self, batcher: Batcher, jobs: list, deadline: float) -> list:
+        """Submit a request's parts; map batcher outcomes to HTTP errors. If one part fails, the rest are cancelled."""
+        tasks = [asyncio.ensure_future(batcher.submit(job, deadline=deadline)) for job in jobs]
+        try:
+            return await asyncio.gather(*tasks)
+        except QueueFull as exc:
+            raise ServiceError(429, "the queue is full; retry later", {"Retry-After": str(math.ceil(exc.retry_after_s))}) from exc
+        except DeadlineExceeded as exc:
+            raise ServiceError(504, f"not served within {self.settings.request_timeout_s:g}s") from exc
+        except Draining as exc:
+            raise ServiceError(503, "the server is draining for shutdown", {"Retry-After": "1"}) from exc
+        except BatchFailed as exc:
+            raise ServiceError(500, str(exc)) from exc
+        finally:
+            for task in tasks:  # no-op for finished parts; stops the rest after a failure or a disconnect
+                task.cancel()
 
     # ------------------------------------------------------------ encoding
     @staticmethod

@@ -53,14 +53,18 @@ class OneStepGenerator:
         """Input embeddings (B, N, D) -> output logits (B, N, K); differentiable in both weights and input."""
         return self.model.forward_embeddings(embeddings, condition)
 
-    def sample_tokens(self, logits: torch.Tensor, noise: ImageNoise) -> torch.Tensor:
-        """Tokens drawn from softmax(logits / temperature), each image from its own seed: (B, N)."""
+    def token_noise(self, noise: ImageNoise) -> torch.Tensor:
+        """The Gumbel noise (B, N, K) that turns logits into sampled tokens; drawn after the input noise."""
+        return noise.gumbel(self.cfg.tokens, self.cfg.codebook_size).to(self.model.position.device)
+
+    def tokens_from(self, logits: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
+        """Tokens drawn from softmax(logits / temperature) with given Gumbel noise; argmax at temperature 0."""
         if self.settings.temperature <= 0:
             return logits.argmax(-1)
-        gumbel = noise.gumbel(*logits.shape[1:]).to(logits.device)
         return (logits.float() / self.settings.temperature + gumbel).argmax(-1)
 
     @torch.inference_mode()
     def generate_tokens(self, condition: torch.Tensor, noise: ImageNoise) -> torch.Tensor:
         """One forward pass: conditioning (B, ...) -> tokens (B, N)."""
-        return self.sample_tokens(self.logits(self.initial_embeddings(noise), condition), noise)
+        logits = self.logits(self.initial_embeddings(noise), condition.to(self.model.position.device))
+        return self.tokens_from(logits, self.token_noise(noise))

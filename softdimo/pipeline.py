@@ -12,7 +12,11 @@ import torch
 from softdimo import shapes
 from softdimo.bundle import Bundle, BundleError, read_bundle
 from softdimo.conditioning import Conditioner
+from softdimo.generator import GeneratorSettings, OneStepGenerator
+from softdimo.reward import AlignmentConfig, AlignmentModel, AlignmentReward, Reward
 from softdimo.seeding import ImageNoise
+from softdimo.text import PromptTokenizer
+from softdimo.tteo import Refined, TTEOSettings, refine
 from softdimo.teacher import SamplerSettings, sample
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.vq import TokenizerConfig, VQTokenizer, to_uint8
@@ -54,15 +58,67 @@ class TeacherPipeline:
         return to_uint8(self.tokenizer.decode_indices(tokens))
 
     def generate_prompts(self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50) -> list[np.ndarray]:
-        seeds = list(seeds)
-        images: list[np.ndarray] = []
-        for i in range(0, len(prompts), batch):
-            condition = torch.cat([self.conditioner.for_prompt(p) for p in prompts[i : i + batch]])
-            images.extend(self.generate(condition, seeds[i : i + batch], steps))
-        return images
+        return _generate_prompts(self, prompts, seeds, steps, batch)
 
 
-def load_pipeline(path: str | os.PathLike, device: torch.device | str = "cpu") -> TeacherPipeline:
+@dataclass
+class OneStepPipeline:
+    """A one-step generator with its tokenizer and rewards: one forward pass per image, or TTEO."""
+
+    generator: OneStepGenerator
+    tokenizer: VQTokenizer
+    conditioner: Conditioner
+    rewards: dict[str, Reward]
+    tteo: TTEOSettings
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.model.position.device
+
+    @property
+    def default_reward(self) -> str | None:
+        return next(iter(self.rewards), None)
+
+    @torch.inference_mode()
+    def generate(self, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None) -> np.ndarray:
+        """Conditioning (B, ...) and one seed per image -> uint8 images (B, H, W, 3), in one forward pass."""
+        if steps is not None:
+            raise ValueError("a one-step generator takes no sampling steps")
+        tokens = self.generator.generate_tokens(condition.to(self.device), ImageNoise(seeds, self.device))
+        return to_uint8(self.tokenizer.decode_indices(tokens))
+
+    def generate_prompts(self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50) -> list[np.ndarray]:
+        return _generate_prompts(self, prompts, seeds, steps, batch)
+
+    def refine(
+        self, condition: torch.Tensor, texts: Sequence[str], seeds: Sequence[int], settings: TTEOSettings, reward: str | None = None
+    ) -> Refined:
+        """TTEO for a batch; `texts` are what the reward reads (prompts, or class names as prompts)."""
+        return refine(
+            generator=self.generator, tokenizer=self.tokenizer, reward=self.rewards[reward or self.default_reward],
+            condition=condition, prompts=texts, seeds=seeds, settings=settings,
+        )  # fmt: skip
+
+
+def _generate_prompts(pipeline, prompts, seeds, steps, batch) -> list[np.ndarray]:
+    seeds = list(seeds)
+    images: list[np.ndarray] = []
+    for i in range(0, len(prompts), batch):
+        condition = torch.cat([pipeline.conditioner.for_prompt(p) for p in prompts[i : i + batch]])
+        images.extend(pipeline.generate(condition, seeds[i : i + batch], steps))
+    return images
+
+
+def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> AlignmentReward:
+    if bundle.config.get("kind") != "reward":
+        raise BundleError(f"{bundle.path}: not a reward bundle")
+    tokenizer = PromptTokenizer(tuple(bundle.config["vocabulary"]), bundle.config["length"])
+    model = AlignmentModel(AlignmentConfig.from_dict(bundle.config["alignment"]), tokenizer)
+    model.load_state_dict(bundle.weights("reward"), strict=True)
+    return AlignmentReward(model.to(device), name=bundle.config["name"])
+
+
+def load_pipeline(path: str | os.PathLike, device: torch.device | str = "cpu") -> TeacherPipeline | OneStepPipeline:
     """Open a model bundle (verifying checksums) and build its pipeline on `device`."""
     bundle = read_bundle(path)
     kind = bundle.config.get("kind")
@@ -72,6 +128,13 @@ def load_pipeline(path: str | os.PathLike, device: torch.device | str = "cpu") -
         return TeacherPipeline(
             model=load_transformer(bundle, device=device), tokenizer=tokenizer, conditioner=conditioner,
             sampler=SamplerSettings(**bundle.config["sampler"]),
+        )  # fmt: skip
+    if kind == "one-step":
+        rewards = [load_reward(bundle.resolve(ref), device) for ref in bundle.config.get("rewards", [])]
+        generator = OneStepGenerator(load_transformer(bundle, device=device), GeneratorSettings(**bundle.config["generator"]))
+        return OneStepPipeline(
+            generator=generator, tokenizer=tokenizer, conditioner=conditioner, rewards={r.name: r for r in rewards},
+            tteo=TTEOSettings(**bundle.config.get("tteo", {})),
         )  # fmt: skip
     raise BundleError(f"{bundle.path}: unknown model kind {kind!r}")
 

@@ -132,15 +132,28 @@ class MaskedTransformer(nn.Module):
         """Distributions over the codebook (B, N, K) -> expected input embeddings (B, N, D)."""
         return probs @ self.token_embedding.weight[: self.cfg.codebook_size]
 
-    def forward_embeddings(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """Input embeddings (B, N, D) and conditioning -> logits (B, N, K)."""
+    def _sequence(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         prefix = self.condition_embedding(condition)  # (B, L, D) for text
         if prefix.dim() == 2:
             prefix = prefix[:, None]  # (B, 1, D) for a class
-        x = torch.cat([prefix, embeddings], dim=1) + self.position  # (B, L + N, D)
+        return torch.cat([prefix, embeddings], dim=1) + self.position  # (B, L + N, D)
+
+    def forward_embeddings(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, N, D) and conditioning -> logits (B, N, K)."""
+        x = self._sequence(embeddings, condition)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x[:, prefix.shape[1] :]))
+        return self.head(self.norm(x[:, self.cfg.prefix_length :]))
+
+    def hidden_states(self, embeddings: torch.Tensor, condition: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """The image-token states (B, N, D) after each block in `layers` (0-based), for discriminator heads."""
+        x = self._sequence(embeddings, condition)
+        states = []
+        for i, block in enumerate(self.blocks[: max(layers) + 1]):
+            x = block(x)
+            if i in layers:
+                states.append(x[:, self.cfg.prefix_length :])
+        return states
 
     def forward(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Token ids (B, N) and conditioning -> logits (B, N, K)."""

@@ -1,0 +1,111 @@
+"""Rewards behind one small interface; the default is a CLIP-style Shapes image-text alignment model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softdimo.text import PromptTokenizer
+
+
+class Reward(Protocol):
+    """A differentiable score of images for their prompts: higher is better.
+
+    Images are (B, 3, H, W) floats in [0, 1] with gradients allowed; prompts are the texts the images
+    were asked for (a class-conditional model passes its class names, e.g. "a red circle")."""
+
+    name: str
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:  # (B,)
+        ...
+
+
+@dataclass(frozen=True)
+class AlignmentConfig:
+    width: int = 128  # joint embedding width
+    channels: tuple[int, ...] = (32, 64, 128)
+    text_layers: int = 2
+    text_heads: int = 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AlignmentConfig:
+        return cls(**{**d, "channels": tuple(d["channels"])})
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, cfg: AlignmentConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 3 + 2  # RGB plus two coordinate channels, so positions are easy to read for relations
+        for c in cfg.channels:
+            layers += [nn.Conv2d(width, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, c, 3, stride=2, padding=1), nn.SiLU()]
+            width = c
+        self.convs = nn.Sequential(*layers)
+        self.project = nn.Linear(width * 2, cfg.width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        ys = torch.linspace(-1, 1, h, device=images.device).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w, device=images.device).view(1, 1, 1, w).expand(b, 1, h, w)
+        features = self.convs(torch.cat([images * 2 - 1, xs, ys], dim=1))  # (B, C, h', w')
+        pooled = torch.cat([features.mean((2, 3)), features.amax((2, 3))], dim=1)  # (B, 2C)
+        return F.normalize(self.project(pooled), dim=-1)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: AlignmentConfig, vocab: int, length: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, cfg.width)
+        self.position = nn.Parameter(torch.randn(1, length, cfg.width) * 0.02)
+        layer = nn.TransformerEncoderLayer(cfg.width, cfg.text_heads, 4 * cfg.width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.project = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        padding = ids == 0
+        x = self.encoder(self.embed(ids) + self.position, src_key_padding_mask=padding)  # (B, L, D)
+        keep = (~padding).float()[..., None]
+        pooled = (x * keep).sum(1) / keep.sum(1).clamp_min(1)
+        return F.normalize(self.project(pooled), dim=-1)
+
+
+class AlignmentModel(nn.Module):
+    """CLIP-style: cosine similarity of image and prompt embeddings, times a learned temperature."""
+
+    def __init__(self, cfg: AlignmentConfig, prompt_tokenizer: PromptTokenizer):
+        super().__init__()
+        self.cfg = cfg
+        self.prompt_tokenizer = prompt_tokenizer
+        self.image = ImageEncoder(cfg)
+        self.text = TextEncoder(cfg, prompt_tokenizer.size, prompt_tokenizer.length)
+        self.log_scale = nn.Parameter(torch.tensor(2.0))
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.text(self.prompt_tokenizer.encode(prompts).to(self.log_scale.device))
+
+    def similarity(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """(B,) cosine similarity of each image with its own prompt, in [-1, 1]."""
+        return (self.image(images) * self.encode_prompts(prompts)).sum(-1)
+
+    def logits(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.log_scale.exp() * image_embeddings @ text_embeddings.T
+
+
+class AlignmentReward:
+    """The reward of an AlignmentModel: image-prompt cosine similarity (about 0.3 unrelated, near 1 aligned)."""
+
+    def __init__(self, model: AlignmentModel, name: str = "shapes-clip"):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.name = name
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.model.similarity(images, prompts)

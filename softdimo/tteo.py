@@ -1,0 +1,92 @@
+"""Test-time embedding optimisation: gradient steps on a one-step generator's input against a reward."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from softdimo.generator import OneStepGenerator
+from softdimo.reward import Reward
+from softdimo.seeding import ImageNoise
+from softdimo.vq import VQTokenizer
+
+
+@dataclass(frozen=True)
+class TTEOSettings:
+    steps: int = 20
+    lr: float = 0.2  # plain SGD, as in Soft-Di[M]O
+    best_of: int = 1  # candidates drawn per image; the best by reward is optimised
+    target: str = "input"  # "input": the input embeddings (the paper); "logits": the output logits directly
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Refined:
+    """Per image: final tokens, the seed of the chosen candidate, rewards before and after, and the per-step trace."""
+
+    tokens: torch.Tensor  # (B, N)
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1], decoded from `tokens`
+    seeds: list[int]  # the candidate each image started from
+    reward_before: torch.Tensor  # (B,) reward of the starting image, as /generate draws it
+    reward_after: torch.Tensor  # (B,) reward of the returned image
+    trace: torch.Tensor  # (steps, B) reward of the soft-decoded image at each step
+
+
+def candidate_seeds(seeds: Sequence[int], best_of: int) -> list[list[int]]:
+    """Image i of n draws candidates seed_i, seed_i + n, seed_i + 2n, … (best_of of them).
+
+    With best_of = 1 this is the image's own seed, so /refine starts from /generate's image; with more
+    candidates, seeds of different images never collide as long as the request's seeds are consecutive."""
+    n = len(seeds)
+    return [[seed + j * n for j in range(best_of)] for seed in seeds]
+
+
+def refine(
+    *, generator: OneStepGenerator, tokenizer: VQTokenizer, reward: Reward, condition: torch.Tensor,
+    prompts: Sequence[str], seeds: Sequence[int], settings: TTEOSettings,
+) -> Refined:  # fmt: skip
+    """Optimise each image independently (the loss is a sum of per-image terms), all in one batch."""
+    b, n_best = len(seeds), settings.best_of
+    device = generator.model.position.device
+    candidates = [s for row in candidate_seeds(seeds, n_best) for s in row]
+    noise = ImageNoise(candidates, device)
+    with torch.no_grad():
+        embeddings = generator.initial_embeddings(noise)  # (B*n, N, D)
+        repeated = condition.to(device).repeat_interleave(n_best, dim=0)
+        logits = generator.logits(embeddings, repeated)
+        gumbel = generator.token_noise(noise)  # the same draw /generate samples its tokens with
+        tokens = generator.tokens_from(logits, gumbel)
+        scores = reward.score(tokenizer.decode_indices(tokens), [p for p in prompts for _ in range(n_best)])
+        best = scores.view(b, n_best).argmax(-1) + torch.arange(b, device=device) * n_best  # (B,)
+    start = embeddings[best] if settings.target == "input" else logits[best]
+    condition, gumbel, tokens_before, reward_before = repeated[best], gumbel[best], tokens[best], scores[best]
+
+    variable = start.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([variable], lr=settings.lr)
+    trace = []
+    with torch.enable_grad():
+        for _ in range(settings.steps):
+            z = generator.logits(variable, condition) if settings.target == "input" else variable
+            score = reward.score(tokenizer.decode_soft(z.float().softmax(-1)), prompts)
+            optimizer.zero_grad(set_to_none=True)
+            (-score.sum()).backward()
+            optimizer.step()
+            trace.append(score.detach())
+    with torch.no_grad():
+        z = generator.logits(variable, condition) if settings.target == "input" else variable
+        tokens_after = generator.tokens_from(z, gumbel)
+        images_after = tokenizer.decode_indices(tokens_after)
+        reward_after = reward.score(images_after, prompts)
+        # Never hand back an image the reward likes less than the one we started from.
+        worse = reward_after < reward_before
+        tokens_out = torch.where(worse[:, None], tokens_before, tokens_after)
+        images_out = tokenizer.decode_indices(tokens_out) if worse.any() else images_after
+    return Refined(
+        tokens=tokens_out, images=images_out, seeds=[candidates[i] for i in best.tolist()],
+        reward_before=reward_before, reward_after=torch.maximum(reward_after, reward_before),
+        trace=torch.stack(trace) if trace else torch.empty(0, b),
+    )  # fmt: skip

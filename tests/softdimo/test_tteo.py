@@ -1,0 +1,67 @@
+"""TTEO raises a reward, starts from /generate's image, and treats each image of a batch on its own."""
+
+import torch
+
+from softdimo.generator import GeneratorSettings, OneStepGenerator
+from softdimo.seeding import ImageNoise
+from softdimo.tteo import TTEOSettings, candidate_seeds, refine
+
+
+class Redness:
+    """A reward any user could plug in: how red the image is, whatever the prompt says."""
+
+    name = "redness"
+
+    def score(self, images, prompts):
+        return images[:, 0].mean((1, 2)) - images[:, 1:].mean((1, 2, 3))
+
+
+def _refine(model, tokenizer, conditioner, prompts, seeds, temperature=1.0, **settings):
+    generator = OneStepGenerator(model, GeneratorSettings(temperature=temperature))
+    return refine(
+        generator=generator, tokenizer=tokenizer, reward=Redness(), condition=conditioner.encode_prompts(prompts),
+        prompts=prompts, seeds=seeds, settings=TTEOSettings(**settings),
+    )  # fmt: skip
+
+
+def test_tteo_raises_the_reward(tiny_text_transformer, tiny_tokenizer, text_conditioner):
+    out = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle", "a blue square"], [1, 2], steps=15, lr=200.0, temperature=0.0)
+    assert out.trace.shape == (15, 2)
+    assert (out.trace[-1] > out.trace[0]).all()
+    assert (out.reward_after > out.reward_before).all()
+    assert torch.allclose(out.reward_after, Redness().score(out.images, None))
+
+
+def test_tteo_on_logits_also_raises_the_reward(tiny_text_transformer, tiny_tokenizer, text_conditioner):
+    out = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle"], [3], steps=10, lr=500.0, target="logits", temperature=0.0)
+    assert out.trace[-1, 0] > out.trace[0, 0] and out.reward_after[0] > out.reward_before[0]
+
+
+def test_zero_steps_returns_the_generated_image(tiny_text_transformer, tiny_tokenizer, text_conditioner):
+    out = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle", "two green squares"], [10, 11], steps=0)
+    generator = OneStepGenerator(tiny_text_transformer, GeneratorSettings())
+    tokens = generator.generate_tokens(text_conditioner.encode_prompts(["a red circle", "two green squares"]), ImageNoise([10, 11]))
+    assert torch.equal(out.tokens, tokens)
+    assert torch.equal(out.reward_before, out.reward_after)
+
+
+def test_an_image_does_not_depend_on_its_batch_mates(tiny_text_transformer, tiny_tokenizer, text_conditioner):
+    prompts = ["a red circle", "three cyan triangles", "a blue square left of a red circle"]
+    together = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, prompts, [20, 21, 22], steps=4, lr=5.0, best_of=2)
+    alone = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, prompts[1:2], [21], steps=4, lr=5.0, best_of=2)
+    # best_of draws seed_i + j * (images in the request); alone, candidates of seed 21 are 21, 22 instead of 21, 24
+    assert candidate_seeds([20, 21, 22], 2) == [[20, 23], [21, 24], [22, 25]]
+    assert together.seeds[1] in (21, 24) and alone.seeds[0] in (21, 22)
+    if together.seeds[1] == alone.seeds[0] == 21:
+        assert torch.equal(together.tokens[1], alone.tokens[0])
+    single = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, prompts, [20, 21, 22], steps=4, lr=5.0)
+    single_alone = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, prompts[2:], [22], steps=4, lr=5.0)
+    assert torch.equal(single.tokens[2], single_alone.tokens[0])
+    assert torch.allclose(single.trace[:, 2], single_alone.trace[:, 0], atol=1e-5)
+
+
+def test_best_of_keeps_the_best_starting_candidate(tiny_text_transformer, tiny_tokenizer, text_conditioner):
+    one = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle"], [40], steps=0)
+    many = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle"], [40], steps=0, best_of=6)
+    assert many.reward_before[0] >= one.reward_before[0]
+    assert many.seeds[0] in [40 + j for j in range(6)]

@@ -1,0 +1,1 @@
+"""The softdimo HTTP service."""

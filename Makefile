@@ -22,4 +22,4 @@ serve: setup
 	$(VENV)/bin/softdimo serve
 
 check: setup
-	bash deploy/check.sh
+	PYTHON=$(PY) bash deploy/check.sh

@@ -13,7 +13,10 @@ import torch
 
 from softdimo.bundle import read_bundle
 from softdimo.conditioning import Conditioner
-from softdimo.pipeline import TeacherPipeline, load_pipeline
+from softdimo import shapes
+from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
+from softdimo.tteo import TTEOSettings, candidate_seeds
+from softdimo.vq import to_uint8
 
 log = logging.getLogger("softdimo.engine")
 
@@ -39,6 +42,38 @@ class GenerateJob:
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.n)]
 
+    @property
+    def key(self) -> int | None:
+        return self.steps
+
+
+@dataclass(frozen=True)
+class RefineJob:
+    """One /refine request's work; requests batch together when their `settings` and reward agree."""
+
+    condition: torch.Tensor
+    text: str  # what the reward reads: the prompt, or a class-conditional model's class as a prompt
+    seed: int
+    n: int
+    settings: TTEOSettings
+    reward: str
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n)]
+
+    @property
+    def key(self) -> tuple:
+        return (self.settings, self.reward)
+
+
+@dataclass
+class RefinedImage:
+    image: np.ndarray
+    reward_before: float
+    reward_after: float
+    candidate_seed: int
+
 
 @dataclass
 class ServedModel:
@@ -46,7 +81,7 @@ class ServedModel:
 
     name: str
     kind: str  # "one-step" or "masked-diffusion"
-    pipeline: TeacherPipeline
+    pipeline: TeacherPipeline | OneStepPipeline
     image_size: int
     defaults: dict = field(default_factory=dict)
     rewards: list[str] = field(default_factory=list)
@@ -70,21 +105,45 @@ class ServedModel:
         condition = torch.cat([job.condition.expand(job.n, *job.condition.shape[1:]) for job in jobs])
         seeds = [s for job in jobs for s in job.seeds]
         images = self.pipeline.generate(condition, seeds, steps=jobs[0].steps)
-        out, start = [], 0
-        for job in jobs:
-            out.append(list(images[start : start + job.n]))
-            start += job.n
-        return out
+        return _split(list(images), [job.n for job in jobs])
+
+    def reward_text(self, prompt: str | None, class_label: int | None) -> str:
+        return prompt if prompt is not None else shapes.class_prompt(class_label).text()
+
+    def refine_batch(self, jobs: Sequence[RefineJob]) -> list[list[RefinedImage]]:
+        """TTEO for all jobs of one batch at once (they share settings and reward); each image on its own."""
+        condition = torch.cat([job.condition.expand(job.n, *job.condition.shape[1:]) for job in jobs])
+        texts = [job.text for job in jobs for _ in range(job.n)]
+        best_of = jobs[0].settings.best_of
+        candidates = [row for job in jobs for row in candidate_seeds(job.seeds, best_of)]  # per request, not per batch
+        refined = self.pipeline.refine(condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward)
+        images = to_uint8(refined.images)
+        before, after = refined.reward_before.tolist(), refined.reward_after.tolist()
+        items = [RefinedImage(images[i], before[i], after[i], refined.seeds[i]) for i in range(len(candidates))]
+        return _split(items, [job.n for job in jobs])
+
+
+def _split(items: list, counts: list[int]) -> list[list]:
+    out, start = [], 0
+    for count in counts:
+        out.append(items[start : start + count])
+        start += count
+    return out
 
 
 def load_model(path: str | Path, device: torch.device) -> ServedModel:
     bundle = read_bundle(path)
     pipeline = load_pipeline(path, device)
     kind = bundle.config["kind"]
-    defaults = {"steps": pipeline.sampler.steps, "guidance": pipeline.sampler.guidance} if kind == "masked-diffusion" else {}
+    if kind == "masked-diffusion":
+        defaults, rewards = {"steps": pipeline.sampler.steps, "guidance": pipeline.sampler.guidance}, []
+    else:
+        tteo = pipeline.tteo
+        defaults = {"refine": {"steps": tteo.steps, "lr": tteo.lr, "best_of": tteo.best_of, "reward": pipeline.default_reward}}
+        rewards = list(pipeline.rewards)
     return ServedModel(
         name=bundle.config["name"], kind=kind, pipeline=pipeline, image_size=pipeline.tokenizer.cfg.image_size,
-        defaults=defaults,
+        defaults=defaults, rewards=rewards,
     )  # fmt: skip
 
 
@@ -118,6 +177,10 @@ class Engine:
             began = time.perf_counter()
             condition = self._example_condition(model)
             model.generate_batch([GenerateJob(condition=condition, seed=0, n=max_batch_size)])
+            if model.rewards:
+                settings = TTEOSettings(steps=1)
+                text = "a red circle"
+                model.refine_batch([RefineJob(condition=condition, text=text, seed=0, n=max_batch_size, settings=settings, reward=model.rewards[0])])
             log.info("warmed %s at batch %d in %.2fs", model.name, max_batch_size, time.perf_counter() - began)
 
     @staticmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -22,6 +23,7 @@ from server.schemas import (
 )
 from server.service import GENERATE, OPENAI, REFINE, GeneratedImages, Service, ServiceError
 from softdimo.images import MEDIA_TYPES
+from softdimo.tteo import TTEOSettings
 
 router = APIRouter()
 IMAGE_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
@@ -131,10 +133,46 @@ async def generate(request: Request, body: GenerateRequest):
 
 @router.post("/refine", response_model=ImageResponse, responses=ERROR_RESPONSES)
 async def refine(request: Request, body: RefineRequest):
+    """TTEO: gradient steps on the generator's input embeddings against a reward, then decode.
+
+    Requests batch together when their steps, lr, best_of and reward agree; others wait in arrival order
+    for a batch of their own. With best_of = 1 and the same seed, the starting image is /generate's."""
     service = _service(request)
+    began = time.perf_counter()
     async with _counted(service, REFINE, body.model):
         model = service.model(body.model)
-        raise ServiceError(422, f"model {model.name!r} is {model.kind}: /refine needs a one-step model with a reward")
+        condition = service.condition(model, body.prompt, body.class_label)
+        defaults = model.pipeline.tteo if model.kind == "one-step" else TTEOSettings()
+        settings = replace(
+            defaults, steps=body.steps or defaults.steps, lr=body.lr or defaults.lr, best_of=body.best_of
+        )
+        seed = service.seeds_for(body.seed, body.n * body.best_of)
+        image_format = _wanted_image_format(request, body.format)
+        if image_format is not None and body.n != 1:
+            raise ServiceError(406, "an image body holds one image: use n = 1, or Accept: application/json")
+        result = await _unless_disconnected(
+            request,
+            service.refine(
+                model=model, condition=condition, text=model.reward_text(body.prompt, body.class_label), seed=seed,
+                n=body.n, settings=settings, reward=body.reward,
+            ),
+        )  # fmt: skip
+        encoded = await service.encode(result.images, image_format or body.format)
+        service.metrics.images.labels(REFINE, result.model).inc(len(encoded))
+        if image_format is not None:
+            item = result.refined[0]
+            headers = {"X-Seed": str(result.seeds[0]), "X-Reward-Before": f"{item.reward_before:.6f}", "X-Reward-After": f"{item.reward_after:.6f}"}
+            return Response(encoded[0], media_type=MEDIA_TYPES[image_format], headers=headers)
+        return ImageResponse(
+            id=service.new_id("ref"), model=result.model, created=int(time.time()),
+            data=[
+                ImageData(b64_json=service.b64(data), seed=seed, reward_before=round(item.reward_before, 6),
+                          reward_after=round(item.reward_after, 6), candidate_seed=item.candidate_seed)
+                for data, seed, item in zip(encoded, result.seeds, result.refined)
+            ],
+            timing=Timing(queue_s=round(result.queue_s, 6), compute_s=round(result.compute_s, 6),
+                          total_s=round(time.perf_counter() - began, 6)),
+        )  # fmt: skip
 
 
 @router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERROR_RESPONSES)

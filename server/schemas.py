@@ -46,6 +46,7 @@ class ImageData(BaseModel):
     seed: int
     reward_before: float | None = None
     reward_after: float | None = None
+    candidate_seed: int | None = Field(None, description="/refine: the seed of the best_of candidate that was optimised")
 
 
 class ImageResponse(BaseModel):

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, NullObserver, QueueFull
-from server.engine import Engine, GenerateJob, ServedModel
+from server.engine import Engine, GenerateJob, RefinedImage, RefineJob, ServedModel
 from server.metrics import Metrics
 from server.settings import Settings
 from softdimo.conditioning import ConditionError
 from softdimo.images import encode_image
+from softdimo.tteo import TTEOSettings
 
 log = logging.getLogger("softdimo.service")
 
@@ -48,6 +49,7 @@ class GeneratedImages:
     seeds: list[int]
     queue_s: float
     compute_s: float
+    refined: list[RefinedImage] | None = None  # /refine only: rewards and chosen candidates, per image
 
 
 def _timed(run, jobs):
@@ -106,20 +108,27 @@ class Service:
         self.engine = engine
         self.metrics.declare(list(ENDPOINTS), list(engine.models))
         for name, model in engine.models.items():
-            batcher = Batcher(
-                lambda jobs, model=model: _timed(model.generate_batch, jobs),
-                max_batch_size=self.settings.max_batch_size,
-                max_wait_s=self.settings.max_wait_ms / 1000,
-                max_queue=max(self.settings.max_queue, self.settings.max_batch_size),
-                size_of=lambda job: job.n,
-                key_of=lambda job: job.steps,  # a teacher batch runs one number of sampling steps
-                executor=self._executor,
-                observer=_BatchMetrics(self.metrics, GENERATE, name),
-                name=f"generate:{name}",
-            )  # fmt: skip
-            await batcher.start()
-            self._batchers[(GENERATE, name)] = batcher
+            await self._add_batcher(GENERATE, name, lambda jobs, model=model: _timed(model.generate_batch, jobs))
+            if model.rewards:
+                await self._add_batcher(REFINE, name, lambda jobs, model=model: _timed(model.refine_batch, jobs))
         self.ready = True
+
+    async def _add_batcher(self, endpoint: str, name: str, run) -> None:
+        batcher = Batcher(
+            run,
+            max_batch_size=self.settings.max_batch_size,
+            max_wait_s=self.settings.max_wait_ms / 1000,
+            max_queue=max(self.settings.max_queue, self.settings.max_batch_size),
+            size_of=lambda job: job.n,
+            # A batch runs one set of sampling steps (teachers) or one set of TTEO settings and reward (/refine);
+            # requests that differ wait in arrival order for a batch of their own.
+            key_of=lambda job: job.key,
+            executor=self._executor,
+            observer=_BatchMetrics(self.metrics, endpoint, name),
+            name=f"{endpoint}:{name}",
+        )
+        await batcher.start()
+        self._batchers[(endpoint, name)] = batcher
 
     async def stop(self) -> None:
         """Refuse new work, let queued and running batches finish within the drain timeout."""
@@ -166,18 +175,50 @@ class Service:
     ) -> GeneratedImages:  # fmt: skip
         if steps is not None and model.kind != "masked-diffusion":
             raise ServiceError(422, f"model {model.name!r} is one-step: steps applies only to masked-diffusion models")
-        batcher = self._batchers[(GENERATE, model.name)]
+        jobs = [
+            GenerateJob(condition=condition, seed=seed + i, n=size, steps=steps) for i, size in self._chunks(n)
+        ]
+        results, queue_s, compute_s = await self._run(GENERATE, model, jobs)
+        images = [image for result in results for image in result]
+        return GeneratedImages(model=model.name, images=images, seeds=[seed + i for i in range(n)], queue_s=queue_s, compute_s=compute_s)
+
+    async def refine(
+        self, *, model: ServedModel, condition: torch.Tensor, text: str, seed: int, n: int, settings: TTEOSettings,
+        reward: str | None,
+    ) -> GeneratedImages:  # fmt: skip
+        if not model.rewards:
+            raise ServiceError(422, f"model {model.name!r} is {model.kind} without a reward: /refine needs a one-step model with one")
+        reward = reward or model.rewards[0]
+        if reward not in model.rewards:
+            raise ServiceError(404, f"unknown reward {reward!r}; model {model.name!r} has: {', '.join(model.rewards)}")
+        jobs = [
+            RefineJob(condition=condition, text=text, seed=seed + i, n=size, settings=settings, reward=reward)
+            for i, size in self._chunks(n)
+        ]  # fmt: skip
+        results, queue_s, compute_s = await self._run(REFINE, model, jobs)
+        refined = [item for result in results for item in result]
+        self.metrics.tteo_steps.labels(model.name).inc(settings.steps * n)
+        for item in refined:
+            self.metrics.reward_gain.labels(model.name).observe(item.reward_after - item.reward_before)
+        return GeneratedImages(
+            model=model.name, images=[r.image for r in refined], seeds=[seed + i for i in range(n)], queue_s=queue_s,
+            compute_s=compute_s, refined=refined,
+        )  # fmt: skip
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        """(offset, size) parts of a request: one larger than a batch runs as several, seeds staying per image."""
+        size = self.settings.max_batch_size
+        return [(i, min(size, n - i)) for i in range(0, n, size)]
+
+    async def _run(self, endpoint: str, model: ServedModel, jobs: list) -> tuple[list, float, float]:
+        """Run a request's jobs through the model's batcher: (outputs per job, queue seconds, compute seconds)."""
+        batcher = self._batchers[(endpoint, model.name)]
         deadline = time.monotonic() + self.settings.request_timeout_s
-        chunk = self.settings.max_batch_size  # a request larger than a batch runs as several; seeds stay per image
-        jobs = [GenerateJob(condition=condition, seed=seed + i, n=min(chunk, n - i), steps=steps) for i in range(0, n, chunk)]
         began = time.perf_counter()
         results = await self._submit_all(batcher, jobs, deadline)
         total = time.perf_counter() - began
-        images = [image for result, _ in results for image in result]
         compute = max(seconds for _, seconds in results)
-        return GeneratedImages(
-            model=model.name, images=images, seeds=[seed + i for i in range(n)], queue_s=max(0.0, total - compute), compute_s=compute
-        )
+        return [output for output, _ in results], max(0.0, total - compute), compute
 
     async def _submit_all(self, batcher: Batcher, jobs: list, deadline: float) -> list:
         """Submit a request's parts; map batcher outcomes to HTTP errors. If one part fails, the rest are cancelled."""

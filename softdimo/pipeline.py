@@ -27,13 +27,13 @@ def load_tokenizer(bundle: Bundle, device: torch.device | str = "cpu") -> VQToke
         raise BundleError(f"{bundle.path}: not a tokenizer bundle")
     tokenizer = VQTokenizer(TokenizerConfig.from_dict(bundle.config["tokenizer"]))
     tokenizer.load_state_dict(bundle.weights("tokenizer"), strict=True)
-    return tokenizer.to(device).eval()
+    return tokenizer.to(device).eval().requires_grad_(False)
 
 
 def load_transformer(bundle: Bundle, stem: str = "transformer", device: torch.device | str = "cpu") -> MaskedTransformer:
     model = MaskedTransformer(TransformerConfig.from_dict(bundle.config["transformer"]))
     model.load_state_dict(bundle.weights(stem), strict=True)
-    return model.to(device).eval()
+    return model.to(device).eval().requires_grad_(False)
 
 
 @dataclass
@@ -91,12 +91,13 @@ class OneStepPipeline:
         return _generate_prompts(self, prompts, seeds, steps, batch)
 
     def refine(
-        self, condition: torch.Tensor, texts: Sequence[str], seeds: Sequence[int], settings: TTEOSettings, reward: str | None = None
-    ) -> Refined:
+        self, condition: torch.Tensor, texts: Sequence[str], candidates: Sequence[Sequence[int]], settings: TTEOSettings,
+        reward: str | None = None,
+    ) -> Refined:  # fmt: skip
         """TTEO for a batch; `texts` are what the reward reads (prompts, or class names as prompts)."""
         return refine(
             generator=self.generator, tokenizer=self.tokenizer, reward=self.rewards[reward or self.default_reward],
-            condition=condition, prompts=texts, seeds=seeds, settings=settings,
+            condition=condition, prompts=texts, candidates=candidates, settings=settings,
         )  # fmt: skip
 
 

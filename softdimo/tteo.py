@@ -47,12 +47,16 @@ def candidate_seeds(seeds: Sequence[int], best_of: int) -> list[list[int]]:
 
 def refine(
     *, generator: OneStepGenerator, tokenizer: VQTokenizer, reward: Reward, condition: torch.Tensor,
-    prompts: Sequence[str], seeds: Sequence[int], settings: TTEOSettings,
+    prompts: Sequence[str], candidates: Sequence[Sequence[int]], settings: TTEOSettings,
 ) -> Refined:  # fmt: skip
-    """Optimise each image independently (the loss is a sum of per-image terms), all in one batch."""
-    b, n_best = len(seeds), settings.best_of
+    """Optimise each image independently (the loss is a sum of per-image terms), all in one batch.
+
+    `candidates` holds each image's `settings.best_of` candidate seeds (see `candidate_seeds`)."""
+    b, n_best = len(candidates), settings.best_of
+    if any(len(row) != n_best for row in candidates):
+        raise ValueError(f"each image needs best_of = {n_best} candidate seeds")
     device = generator.model.position.device
-    candidates = [s for row in candidate_seeds(seeds, n_best) for s in row]
+    candidates = [s for row in candidates for s in row]
     noise = ImageNoise(candidates, device)
     with torch.no_grad():
         embeddings = generator.initial_embeddings(noise)  # (B*n, N, D)

@@ -9,8 +9,10 @@ import torch
 
 from softdimo.bundle import save_bundle
 from softdimo.conditioning import Conditioner
+from softdimo.generator import GeneratorSettings
 from softdimo.teacher import SamplerSettings
 from softdimo.transformer import MaskedTransformer, TransformerConfig
+from softdimo.tteo import TTEOSettings
 from softdimo.vq import TokenizerConfig, VQTokenizer
 
 TINY_TOKENIZER = TokenizerConfig(levels=(4, 4, 4), channels=(16, 32), blocks=1)
@@ -43,11 +45,38 @@ def write_teacher(folder: Path, tokenizer: Path, conditioner: Conditioner, name:
     return save_bundle(folder, config, {"transformer": model.state_dict()}, dtype=None)
 
 
+def write_reward(folder: Path, seed: int = 0) -> Path:
+    from softdimo import shapes
+    from softdimo.reward import AlignmentConfig, AlignmentModel
+    from softdimo.text import PromptTokenizer
+
+    torch.manual_seed(seed)
+    model = AlignmentModel(AlignmentConfig(width=16, channels=(8, 8), text_layers=1, text_heads=2), PromptTokenizer(shapes.VOCABULARY, 12))
+    config = {"name": "tiny-clip", "kind": "reward", "alignment": model.cfg.to_dict(), "vocabulary": list(shapes.VOCABULARY), "length": 12}
+    return save_bundle(folder, config, {"reward": model.state_dict()}, dtype=None)
+
+
+def write_one_step(folder: Path, tokenizer: Path, reward: Path, conditioner: Conditioner, name: str, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = MaskedTransformer(tiny_transformer_config(conditioner))
+    config = {
+        "name": name, "kind": "one-step", "conditioning": conditioner.conditioning,
+        "transformer": model.cfg.to_dict(), "generator": GeneratorSettings().to_dict(), "conditioner": conditioner.to_dict(),
+        "tokenizer": os.path.relpath(tokenizer, folder), "rewards": [os.path.relpath(reward, folder)],
+        "tteo": TTEOSettings(steps=3, lr=1.0).to_dict(),
+    }  # fmt: skip
+    return save_bundle(folder, config, {"transformer": model.state_dict()}, dtype=None)
+
+
 def write_all(root: Path) -> dict[str, Path]:
-    """A tokenizer, a text teacher and a class teacher under `root`."""
+    """A tokenizer, a reward, one-step text and class models and their teachers under `root`."""
     tokenizer = write_tokenizer(root / "tokenizer")
+    reward = write_reward(root / "reward")
     return {
         "tokenizer": tokenizer,
+        "reward": reward,
         "text": write_teacher(root / "teacher-text", tokenizer, Conditioner.shapes_text(), "tiny-text"),
         "class": write_teacher(root / "teacher-class", tokenizer, Conditioner.shapes_class(), "tiny-class"),
+        "one-step": write_one_step(root / "one-step-text", tokenizer, reward, Conditioner.shapes_text(), "tiny-one-step"),
+        "one-step-class": write_one_step(root / "one-step-class", tokenizer, reward, Conditioner.shapes_class(), "tiny-one-step-class"),
     }

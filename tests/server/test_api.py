@@ -200,3 +200,72 @@ def test_deadline_answers_504(bundles):
     with live_server(settings) as base:
         r = httpx.post(f"{base}/generate", json={"prompt": "a red circle", "n": 16})
         assert r.status_code == 504 and "not served within" in r.text
+
+
+@pytest.fixture(scope="module")
+def one_step_url(bundles):
+    weights = [str(bundles["one-step"]), str(bundles["one-step-class"]), str(bundles["text"])]
+    with live_server(Settings(weights=weights, device="cpu", max_batch_size=8, max_wait_ms=5)) as base:
+        yield base
+
+
+def test_one_step_models_are_listed_with_rewards_and_refine_defaults(one_step_url):
+    models = {m["name"]: m for m in httpx.get(f"{one_step_url}/v1/models").json()["data"]}
+    card = models["tiny-one-step"]
+    assert card["kind"] == "one-step" and card["rewards"] == ["tiny-clip"]
+    assert card["default"]["refine"] == {"steps": 3, "lr": 1.0, "best_of": 1, "reward": "tiny-clip"}
+
+
+def test_one_step_generate_refuses_steps(one_step_url):
+    assert httpx.post(f"{one_step_url}/generate", json={"prompt": "a red circle"}).status_code == 200
+    r = httpx.post(f"{one_step_url}/generate", json={"prompt": "a red circle", "steps": 4})
+    assert r.status_code == 422 and "one-step" in r.text
+
+
+def test_refine_returns_rewards_and_starts_from_the_generated_image(one_step_url):
+    # a step too small to change anything shows the starting point
+    r = httpx.post(f"{one_step_url}/refine", json={"prompt": "a red circle", "seed": 12, "n": 2, "steps": 1, "lr": 1e-9})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("ref-") and [d["seed"] for d in body["data"]] == [12, 13]
+    for item in body["data"]:
+        assert item["reward_before"] == pytest.approx(item["reward_after"], abs=1e-5) and item["candidate_seed"] == item["seed"]
+    generated = httpx.post(f"{one_step_url}/generate", json={"prompt": "a red circle", "seed": 12, "n": 2}).json()
+    for a, b in zip(body["data"], generated["data"]):
+        assert (_image(a) == _image(b)).all()
+    stepped = httpx.post(f"{one_step_url}/refine", json={"prompt": "a red circle", "seed": 12, "steps": 3, "lr": 5.0}).json()
+    item = stepped["data"][0]
+    assert item["reward_after"] >= item["reward_before"]
+
+
+def test_refine_errors(one_step_url):
+    assert httpx.post(f"{one_step_url}/refine", json={"prompt": "a red circle", "reward": "nope"}).status_code == 404
+    assert httpx.post(f"{one_step_url}/refine", json={"prompt": "a red circle", "steps": 201}).status_code == 422
+    assert httpx.post(f"{one_step_url}/refine", json={"prompt": "a red circle", "lr": 0}).status_code == 422
+    assert httpx.post(f"{one_step_url}/refine", json={"prompt": "a red circle", "best_of": 17}).status_code == 422
+    teacher = httpx.post(f"{one_step_url}/refine", json={"prompt": "a red circle", "model": "tiny-text"})
+    assert teacher.status_code == 422 and "one-step" in teacher.text
+
+
+def test_concurrent_refines_with_mixed_settings_match_their_solo_results(one_step_url):
+    bodies = [
+        {"prompt": "a red circle", "seed": 1, "steps": 2},
+        {"prompt": "two blue squares", "seed": 2, "steps": 3, "best_of": 2},
+        {"class_label": 5, "model": "tiny-one-step-class", "seed": 3, "steps": 2},
+        {"prompt": "a green triangle", "seed": 4, "steps": 2, "n": 2},
+    ]
+
+    async def fire(batch):
+        async with httpx.AsyncClient(base_url=one_step_url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/refine", json=b) for b in batch))
+
+    alone = [asyncio.run(fire([b]))[0].json() for b in bodies]
+    together = asyncio.run(fire(bodies * 2))
+    for i, response in enumerate(together):
+        assert response.status_code == 200
+        for a, b in zip(response.json()["data"], alone[i % len(bodies)]["data"]):
+            assert (_image(a) == _image(b)).all()
+            assert a["reward_after"] == pytest.approx(b["reward_after"], abs=1e-4)
+    metrics = httpx.get(f"{one_step_url}/metrics").text
+    assert _metric(metrics, "softdimo_tteo_steps_total", model="tiny-one-step") > 0
+    assert _metric(metrics, "softdimo_reward_gain_count", model="tiny-one-step") > 0

@@ -18,9 +18,10 @@ class Redness:
 
 def _refine(model, tokenizer, conditioner, prompts, seeds, temperature=1.0, **settings):
     generator = OneStepGenerator(model, GeneratorSettings(temperature=temperature))
+    settings = TTEOSettings(**settings)
     return refine(
         generator=generator, tokenizer=tokenizer, reward=Redness(), condition=conditioner.encode_prompts(prompts),
-        prompts=prompts, seeds=seeds, settings=TTEOSettings(**settings),
+        prompts=prompts, candidates=candidate_seeds(seeds, settings.best_of), settings=settings,
     )  # fmt: skip
 
 

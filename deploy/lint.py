@@ -1,0 +1,471 @@
+"""Checks for the deployment files that no off-the-shelf linter makes. Run by deploy/check.sh.
+
+    python deploy/lint.py k8s RENDERED.yaml      schemas (built-in and custom) + cross-object rules
+    python deploy/lint.py k8s-schema RENDERED.yaml   schemas only (for the base, which has no image)
+    python deploy/lint.py names                  PromQL in rules/dashboard/autoscaler uses real metric names
+    python deploy/lint.py dashboard FILE.json    Grafana dashboard structure
+    python deploy/lint.py scrape [URL|FILE]      a running server's /metrics matches the contract
+                                                 (not in check.sh: needs a server; default
+                                                 http://127.0.0.1:8000/metrics)
+
+Each prints one line per finding and exits 1 if there is any.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import yaml
+
+DEPLOY = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------- contract --
+# The server's metrics (name -> labels), as agreed with the server code.
+METRICS: dict[str, set[str]] = {
+    "softdimo_requests_total": {"endpoint", "model", "status"},
+    "softdimo_request_duration_seconds": {"endpoint", "model"},
+    "softdimo_queue_wait_seconds": {"endpoint", "model"},
+    "softdimo_batch_size": {"endpoint", "model"},
+    "softdimo_queue_depth": {"endpoint", "model"},
+    "softdimo_inflight_requests": {"endpoint"},
+    "softdimo_images_generated_total": {"endpoint", "model"},
+    "softdimo_tteo_steps_total": {"model"},
+    "softdimo_reward_gain": {"model"},
+    "softdimo_rejected_total": {"endpoint", "reason"},
+}
+REASONS = {"queue_full", "deadline", "disconnected", "draining"}
+ENDPOINTS = {"/generate", "/refine", "/v1/images/generations"}
+HISTOGRAMS = {"softdimo_request_duration_seconds", "softdimo_queue_wait_seconds", "softdimo_batch_size",
+              "softdimo_reward_gain"}
+# Labels every scraped series can carry besides its own: Prometheus target
+# labels, the ServiceMonitor's, and a histogram bucket's `le`.
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "le"}
+
+# Custom resources: kubernetes-validate has no schema for them (it only warns),
+# so they are checked against models generated from the operators' CRDs.
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): ("cloudcoil.models.prometheus_operator.v1", "ServiceMonitor"),
+    ("keda.sh/v1alpha1", "ScaledObject"): ("cloudcoil.models.keda.v1alpha1", "ScaledObject"),
+}
+KUBE_VERSIONS = ("1.30.0", "1.37.0")  # oldest supported (preStop sleep action) and newest known
+
+
+class Findings:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def check(self, ok: bool, message: str) -> bool:
+        if not ok:
+            self.errors.append(message)
+        return ok
+
+    def finish(self, what: str) -> int:
+        for e in self.errors:
+            print(f"  - {e}")
+        print(f"  {what}: {'FAILED, ' + str(len(self.errors)) + ' problem(s)' if self.errors else 'ok'}")
+        return 1 if self.errors else 0
+
+
+# --------------------------------------------------------------- manifests --
+def custom_model_problems(doc: dict) -> list[str]:
+    """Validate a custom resource against its CRD model: types, enums, required
+    fields (pydantic, strict mode) and unknown fields (walked here, since the
+    generated models accept and drop them, as a CRD's pruning would)."""
+    import importlib
+
+    from pydantic import BaseModel, ValidationError
+
+    module, name = CUSTOM_KINDS[(doc["apiVersion"], doc["kind"])]
+    model = getattr(importlib.import_module(module), name)
+    problems = []
+    try:
+        model.model_validate_json(json.dumps(doc), strict=True)
+    except ValidationError as e:
+        for err in e.errors():
+            problems.append(f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+
+    def models_in(annotation):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
+    def containers_in(annotation, origin):
+        return [a for a in [annotation, *typing.get_args(annotation)] if typing.get_origin(a) in origin]
+
+    def walk(cls, data, path):
+        if not isinstance(data, dict):
+            return
+        fields = {}
+        for fname, field in cls.model_fields.items():
+            fields[field.alias or fname] = field
+        for key, value in data.items():
+            field = fields.get(key)
+            if field is None:
+                problems.append(f"{path}{key}: unknown field for {cls.__name__}")
+                continue
+            visit(field.annotation, value, f"{path}{key}")
+
+    def visit(annotation, value, path):
+        if isinstance(value, dict):
+            for sub in models_in(annotation):
+                return walk(sub, value, path + ".")
+            for d in containers_in(annotation, (dict,)):
+                for k, v in value.items():
+                    visit(typing.get_args(d)[1], v, f"{path}[{k}]")
+        elif isinstance(value, list):
+            for lst in containers_in(annotation, (list,)):
+                for i, v in enumerate(value):
+                    visit(typing.get_args(lst)[0], v, f"{path}[{i}]")
+
+    walk(model, doc, "")
+    return problems
+
+
+def labels_match(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def policy(docs: list[dict], f: Findings) -> None:
+    by_kind: dict[str, list[dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+
+    def one(kind):
+        items = by_kind.get(kind, [])
+        f.check(len(items) == 1, f"expected exactly one {kind}, found {len(items)}")
+        return items[0] if items else None
+
+    dep, svc, pdb = one("Deployment"), one("Service"), one("PodDisruptionBudget")
+    mon, scaler = one("ServiceMonitor"), one("ScaledObject")
+    if dep is None:
+        return
+    namespace = dep["metadata"].get("namespace")
+    pod = dep["spec"]["template"]
+    pod_labels = pod["metadata"].get("labels", {})
+    spec = pod["spec"]
+    containers = spec["containers"]
+    f.check(len(containers) == 1, "the pod should run exactly one container")
+    c = containers[0]
+    cname = f"container {c['name']}"
+
+    # Settings the server reads, from the generated ConfigMap and plain env.
+    settings: dict[str, str] = {}
+    maps = {m["metadata"]["name"]: m.get("data", {}) for m in by_kind.get("ConfigMap", [])}
+    for src in c.get("envFrom", []):
+        ref = src.get("configMapRef", {}).get("name")
+        if f.check(ref in maps, f"{cname}: envFrom names ConfigMap {ref!r}, which is not in the manifests"):
+            settings.update(maps[ref])
+    settings.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+
+    # Image.
+    image = c.get("image", "")
+    tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+    f.check(bool(tag) and tag != "latest", f"{cname}: image {image!r} needs an explicit tag other than latest")
+
+    # Port and probes.
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    f.check(ports.get("http") == 8000, f"{cname}: needs containerPort 8000 named http")
+
+    def probe(kind, path):
+        p = c.get(kind)
+        if not f.check(p is not None, f"{cname}: missing {kind}"):
+            return None
+        get = p.get("httpGet", {})
+        f.check(get.get("path") == path and get.get("port") in ("http", 8000),
+                f"{cname}: {kind} should GET {path} on port http")
+        return p
+
+    startup = probe("startupProbe", "/readyz")
+    probe("readinessProbe", "/readyz")
+    probe("livenessProbe", "/healthz")
+    if startup:
+        budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+        f.check(budget >= 120, f"{cname}: startupProbe allows only {budget}s for loading and warm-up (want >= 120s)")
+
+    # Shutdown: preStop sleep + drain must finish inside the grace period.
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    pre = c.get("lifecycle", {}).get("preStop", {})
+    sleep = pre.get("sleep", {}).get("seconds")
+    if sleep is None:
+        cmd = pre.get("exec", {}).get("command", [])
+        sleep = int(cmd[-1]) if cmd and "sleep" in cmd[0] and cmd[-1].isdigit() else None
+    if f.check(sleep is not None, f"{cname}: needs a preStop sleep so endpoints are removed before SIGTERM"):
+        drain = float(settings.get("SOFTDIMO_DRAIN_TIMEOUT_S", 30))
+        f.check(sleep + drain < grace,
+                f"preStop sleep {sleep}s + drain {drain:g}s must be < terminationGracePeriodSeconds {grace}s")
+
+    # Security.
+    psc, csc = spec.get("securityContext", {}), c.get("securityContext", {})
+    f.check(csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, f"{cname}: runAsNonRoot must be true")
+    f.check(csc.get("readOnlyRootFilesystem") is True, f"{cname}: readOnlyRootFilesystem must be true")
+    f.check(csc.get("allowPrivilegeEscalation") is False, f"{cname}: allowPrivilegeEscalation must be false")
+    f.check("ALL" in csc.get("capabilities", {}).get("drop", []), f"{cname}: must drop ALL capabilities")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+    f.check(bool(tmp) and "emptyDir" in volumes.get(tmp[0]["name"], {}),
+            f"{cname}: /tmp must be an emptyDir (the root filesystem is read-only)")
+
+    # Resources, and the device the server is told to use.
+    res = c.get("resources", {})
+    req, lim = res.get("requests", {}), res.get("limits", {})
+    for r in ("cpu", "memory"):
+        f.check(r in req and r in lim, f"{cname}: needs {r} request and limit")
+    gpus = lim.get("nvidia.com/gpu")
+    f.check(req.get("nvidia.com/gpu") == gpus, f"{cname}: nvidia.com/gpu request must equal its limit")
+    device = settings.get("SOFTDIMO_DEVICE", "auto")
+    if device == "cuda":
+        f.check(gpus is not None and int(gpus) >= 1, "SOFTDIMO_DEVICE=cuda but no nvidia.com/gpu limit")
+        f.check("cuda" in tag, f"SOFTDIMO_DEVICE=cuda with image tag {tag!r} (expected a CUDA image)")
+    elif device == "cpu":
+        f.check(gpus is None, "SOFTDIMO_DEVICE=cpu but the pod asks for a GPU")
+        f.check("cpu" in tag, f"SOFTDIMO_DEVICE=cpu with image tag {tag!r} (expected the CPU image)")
+
+    # Autoscaled: the Deployment must not pin a replica count.
+    f.check("replicas" not in dep["spec"], "Deployment sets spec.replicas; the ScaledObject owns the count")
+
+    # Service -> pods, PDB -> pods.
+    if svc:
+        f.check(labels_match(svc["spec"].get("selector", {}), pod_labels), "Service selector does not match the pods")
+        sports = {p.get("name"): p for p in svc["spec"].get("ports", [])}
+        http = sports.get("http")
+        f.check(http is not None and http["port"] == 80 and http.get("targetPort") in ("http", 8000),
+                "Service needs port 80 named http targeting the container's http port")
+    if pdb:
+        f.check(labels_match(pdb["spec"].get("selector", {}).get("matchLabels", {}), pod_labels),
+                "PodDisruptionBudget selector does not match the pods")
+
+    # ServiceMonitor -> Service, and the server's `endpoint` label survives.
+    if mon and svc:
+        f.check(labels_match(mon["spec"].get("selector", {}).get("matchLabels", {}),
+                             svc["metadata"].get("labels", {})), "ServiceMonitor selector does not match the Service")
+        sports = {p.get("name") for p in svc["spec"].get("ports", [])}
+        for ep in mon["spec"].get("endpoints", []):
+            f.check(ep.get("port") in sports, f"ServiceMonitor endpoint port {ep.get('port')!r} is not a Service port")
+            f.check(ep.get("path", "/metrics") == "/metrics", "ServiceMonitor should scrape /metrics")
+            restores = any(r.get("targetLabel") == "endpoint" and "exported_endpoint" in r.get("sourceLabels", [])
+                           for r in ep.get("metricRelabelings", []))
+            f.check(ep.get("honorLabels") is True or restores,
+                    "ServiceMonitor would rename the server's `endpoint` label to exported_endpoint "
+                    "(set honorLabels or relabel it back)")
+        if not mon["spec"].get("jobLabel"):
+            job = svc["metadata"]["name"]
+        else:
+            job = svc["metadata"].get("labels", {}).get(mon["spec"]["jobLabel"], svc["metadata"]["name"])
+    else:
+        job = None
+
+    # ScaledObject -> Deployment, and its query selects this deployment's series.
+    if scaler:
+        ref = scaler["spec"]["scaleTargetRef"]
+        f.check(ref.get("name") == dep["metadata"]["name"] and ref.get("kind", "Deployment") == "Deployment",
+                "ScaledObject does not target the Deployment")
+        lo, hi = scaler["spec"].get("minReplicaCount", 0), scaler["spec"].get("maxReplicaCount", 100)
+        f.check(2 <= lo <= hi, f"ScaledObject replicas {lo}..{hi}: want at least 2 and min <= max")
+        for t in scaler["spec"]["triggers"]:
+            if t["type"] != "prometheus":
+                continue
+            q = t["metadata"].get("query", "")
+            f.check("softdimo_queue_depth" in q, "autoscaler query should be on softdimo_queue_depth")
+            f.check(f'namespace="{namespace}"' in q,
+                    f'autoscaler query must select namespace="{namespace}" (the manifests\' namespace): {q}')
+            if job:
+                f.check(f'job="{job}"' in q, f'autoscaler query must select job="{job}" (the scrape job): {q}')
+            f.check(float(t["metadata"].get("threshold", 0)) > 0, "autoscaler threshold must be > 0")
+
+
+def cmd_k8s(path: str, schema_only: bool = False) -> int:
+    f = Findings()
+    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+    kinds = sorted({f"{d['kind']}" for d in docs})
+    print(f"  {len(docs)} objects: {', '.join(kinds)}")
+
+    custom = [d for d in docs if (d.get("apiVersion"), d.get("kind")) in CUSTOM_KINDS]
+    custom_kinds = {d["kind"] for d in custom}
+    for version in KUBE_VERSIONS:
+        run = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, path],
+                             capture_output=True, text=True)
+        out = (run.stdout + run.stderr).strip()
+        unknown = re.findall(r"Couldn't find schema for kind (\S+)", out)
+        unexpected = sorted(set(unknown) - custom_kinds)
+        f.check(run.returncode == 0, f"kubernetes-validate --strict -k {version}:\n{out}")
+        f.check(not unexpected, f"kubernetes-validate -k {version} has no schema for {unexpected}, "
+                                "and no model is configured for them either")
+        if run.returncode == 0 and not unexpected:
+            print(f"  kubernetes-validate --strict -k {version}: {len(docs) - len(custom)} built-in objects valid"
+                  f" (no schema, checked below: {', '.join(sorted(set(unknown))) or 'none'})")
+
+    try:
+        for d in custom:
+            problems = custom_model_problems(d)
+            for p in problems:
+                f.check(False, f"{d['kind']}/{d['metadata']['name']}: {p}")
+            if not problems:
+                print(f"  {d['kind']}/{d['metadata']['name']}: valid against the CRD model (strict, no unknown fields)")
+    except ImportError as e:
+        f.check(False, f"CRD models not installed ({e}); deploy/check.sh installs them")
+
+    if f.errors:
+        print("  cross-object checks skipped until the schema errors are fixed")
+    elif not schema_only:
+        policy(docs, f)
+    return f.finish("manifests")
+
+
+# -------------------------------------------------------------------- PromQL --
+def promql_sources() -> list[tuple[str, str]]:
+    """(where, expression) for every PromQL expression the deployment uses."""
+    out = []
+    for rules in sorted((DEPLOY / "prometheus" / "rules").glob("*.yml")):
+        for group in yaml.safe_load(rules.read_text())["groups"]:
+            for rule in group["rules"]:
+                name = rule.get("record") or rule.get("alert")
+                out.append((f"{rules.name}:{name}", rule["expr"]))
+    dash = json.loads((DEPLOY / "grafana" / "softdimo.json").read_text())
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            out.append((f"dashboard:{panel['title']}", t["expr"]))
+    for v in dash["templating"]["list"]:
+        if v["type"] == "query":
+            out.append((f"dashboard:${v['name']}", v["query"]["query"] if isinstance(v["query"], dict) else v["query"]))
+    for path in sorted((DEPLOY / "k8s").rglob("*.yaml")):
+        for d in yaml.safe_load_all(path.read_text()):
+            if d and d.get("kind") == "ScaledObject":
+                for t in d["spec"].get("triggers", []):
+                    if "query" in t.get("metadata", {}):
+                        out.append((str(path.relative_to(DEPLOY)), t["metadata"]["query"]))
+    return out
+
+
+def cmd_names() -> int:
+    f = Findings()
+    recorded = set()
+    for rules in (DEPLOY / "prometheus" / "rules").glob("*.yml"):
+        for group in yaml.safe_load(rules.read_text())["groups"]:
+            recorded |= {r["record"] for r in group["rules"] if "record" in r}
+    for name in recorded:
+        f.check(re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", name) is not None,
+                f"recording rule {name} is not named level:metric:operations")
+    sources = promql_sources()
+    for where, expr in sources:
+        # Recording-rule references must exist.
+        for ref in re.findall(r"\b[a-z_]+:[a-z_]+:[a-z0-9_]+\b", expr):
+            f.check(ref in recorded, f"{where}: uses {ref}, which no recording rule defines")
+        # Raw metrics must be in the contract, and their label matchers must be
+        # labels the metric has.
+        for m in re.finditer(r"(?<![:\w])(softdimo_[a-z_]+)(\{[^}]*\})?", expr):
+            name, matchers = m.group(1), m.group(2) or ""
+            base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in METRICS else name
+            if not f.check(base in METRICS and (base == name or base in HISTOGRAMS),
+                           f"{where}: {name} is not a metric the server exports"):
+                continue
+            allowed = METRICS[base] | TARGET_LABELS
+            for label in re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", matchers):
+                f.check(label in allowed, f"{where}: {name} has no label {label!r}")
+        # Aggregations straight over one metric keep only labels it has.
+        for m in re.finditer(r"by \(([^)]*)\) \((?:rate|increase)?\(?(softdimo_[a-z_]+)", expr):
+            name = m.group(2)
+            base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in METRICS else name
+            for label in (x.strip() for x in m.group(1).split(",")):
+                f.check(base not in METRICS or label in METRICS[base] | TARGET_LABELS,
+                        f"{where}: groups {name} by {label!r}, which it does not have")
+    print(f"  {len(sources)} expressions, {len(recorded)} recording rules, {len(METRICS)} contract metrics")
+    return f.finish("metric and label names")
+
+
+# ----------------------------------------------------------------- Grafana --
+def cmd_dashboard(path: str) -> int:
+    f = Findings()
+    dash = json.loads(Path(path).read_text())  # raises on invalid JSON
+    variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+    ds = variables.get("datasource", {})
+    f.check(ds.get("type") == "datasource" and ds.get("query") == "prometheus",
+            "needs a Prometheus datasource variable named datasource")
+    f.check(bool(dash.get("uid")) and bool(dash.get("title")), "needs uid and title")
+    ids = [p["id"] for p in dash["panels"]]
+    f.check(len(ids) == len(set(ids)), "panel ids are not unique")
+    n = 0
+    for p in dash["panels"]:
+        if p["type"] == "row":
+            continue
+        n += 1
+        f.check(p.get("datasource", {}).get("uid") == "${datasource}", f"panel {p['title']!r} ignores $datasource")
+        f.check(bool(p.get("targets")), f"panel {p['title']!r} has no queries")
+        refs = [t["refId"] for t in p.get("targets", [])]
+        f.check(len(refs) == len(set(refs)), f"panel {p['title']!r} repeats a refId")
+        for t in p.get("targets", []):
+            f.check(t.get("datasource", {}).get("uid") == "${datasource}",
+                    f"panel {p['title']!r} query {t['refId']} ignores $datasource")
+            for var in re.findall(r"\$(\w+)", t["expr"]):
+                f.check(var in variables or var.startswith("__"), f"panel {p['title']!r} uses undefined ${var}")
+        g = p["gridPos"]
+        f.check(g["x"] + g["w"] <= 24, f"panel {p['title']!r} is wider than the grid")
+    wanted = ["request_duration", "images_generated", "batch_size", "queue_depth", "queue_wait", "status",
+              "rejected", "reward_gain", "inflight"]
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
+    for w in wanted:
+        f.check(w in exprs, f"no panel shows {w}")
+    print(f"  {n} panels, variables: {', '.join(variables)}")
+    return f.finish("dashboard")
+
+
+# ------------------------------------------------------------ live server --
+def cmd_scrape(url: str) -> int:
+    import os
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    f = Findings()
+    if url.startswith(("http://", "https://")):
+        request = urllib.request.Request(url)
+        if os.environ.get("SOFTDIMO_API_KEY"):
+            request.add_header("Authorization", f"Bearer {os.environ['SOFTDIMO_API_KEY']}")
+        text = urllib.request.urlopen(request, timeout=10).read().decode()
+    else:  # a saved exposition
+        text = Path(url).read_text()
+    families = {fam.name: fam for fam in text_string_to_metric_families(text)}
+    for name, labels in METRICS.items():
+        family = name.removesuffix("_total")
+        kind = "histogram" if name in HISTOGRAMS else "counter" if name.endswith("_total") else "gauge"
+        fam = families.get(family)
+        if not f.check(fam is not None, f"{name}: not exported"):
+            continue
+        f.check(fam.type == kind, f"{name}: type {fam.type}, expected {kind}")
+        samples = [smp for smp in fam.samples if not smp.name.endswith("_created")]
+        if not samples:
+            print(f"  {name}: no samples yet (labels unchecked)")
+        les = set()
+        for smp in samples:
+            got = set(smp.labels) - {"le"}
+            f.check(got == labels, f"{name}: labels {sorted(got)}, expected {sorted(labels)}")
+            if "le" in smp.labels and smp.labels["le"] != "+Inf":
+                les.add(float(smp.labels["le"]))
+            v = smp.labels
+            f.check(v.get("endpoint", "/generate") in ENDPOINTS, f"{name}: endpoint={v.get('endpoint')!r}")
+            f.check(v.get("reason", "queue_full") in REASONS, f"{name}: reason={v.get('reason')!r}")
+            f.check(v.get("status", "200").isdigit(), f"{name}: status={v.get('status')!r} is not an HTTP code")
+        if name == "softdimo_request_duration_seconds" and les:
+            f.check(max(les) >= 120, f"{name}: largest bucket {max(les):g}s, expected >= 120s")
+    return f.finish(f"metrics at {url}")
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "scrape" and len(argv) <= 2:
+        return cmd_scrape(argv[1] if len(argv) == 2 else "http://127.0.0.1:8000/metrics")
+    if len(argv) == 2 and argv[0] in ("k8s", "k8s-schema"):
+        return cmd_k8s(argv[1], schema_only=argv[0] == "k8s-schema")
+    if argv == ["names"]:
+        return cmd_names()
+    if len(argv) == 2 and argv[0] == "dashboard":
+        return cmd_dashboard(argv[1])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -72,6 +72,49 @@ def _train_teacher(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _train_reward(args: argparse.Namespace) -> None:
+    from softdimo.reward import AlignmentConfig
+    from softdimo.train.reward import RewardTraining, export_reward, train_reward
+
+    training = RewardTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    model = train_reward(Path(args.run_dir), AlignmentConfig(), training, _device(args))
+    print(f"wrote {export_reward(model.cpu(), Path(args.out), training)}")
+
+
+def _train_distill(args: argparse.Namespace) -> None:
+    import os
+
+    from softdimo.bundle import read_bundle
+    from softdimo.generator import GeneratorSettings
+    from softdimo.pipeline import load_pipeline, load_reward
+    from softdimo.train.distill import DistillParts, DistillTraining, export_generator, train_distill
+    from softdimo.tteo import TTEOSettings
+
+    device = _device(args)
+    teacher = load_pipeline(args.teacher, device)
+    reward = load_reward(read_bundle(args.reward), device) if args.reward else None
+    if args.reward_weight and reward is None:
+        raise SystemExit("softdimo: --reward-weight needs --reward")
+    training = DistillTraining(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, aux_lr=args.lr, seed=args.seed, guidance=args.guidance,
+        relaxation=args.relaxation, gan_weight=args.gan_weight, reward_weight=args.reward_weight, eval_every=args.eval_every,
+    )  # fmt: skip
+    settings = GeneratorSettings(r_init=args.r_init, sigma=args.sigma)
+    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward)
+    generator = train_distill(run_dir=Path(args.run_dir), parts=parts, generator_settings=settings, training=training, device=device)
+    out = Path(args.out).resolve()
+    relative = lambda path: os.path.relpath(Path(path).resolve(), out)  # noqa: E731
+    teacher_bundle = read_bundle(args.teacher)
+    tokenizer_path = teacher_bundle.path / teacher_bundle.config["tokenizer"]
+    generator.model.cpu()
+    path = export_generator(
+        generator=generator, conditioner=teacher.conditioner, path=out, name=out.name, tokenizer_reference=relative(tokenizer_path),
+        reward_references=[relative(args.reward)] if args.reward else [], tteo=TTEOSettings().to_dict(), training=training,
+        teacher_reference=relative(args.teacher),
+    )  # fmt: skip
+    print(f"wrote {path}")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from softdimo import evaluate, report
     from softdimo.bundle import read_bundle
@@ -138,6 +181,33 @@ def _serve(args: argparse.Namespace) -> None:
     serve(Settings(**flags))
 
 
+def _refine(args: argparse.Namespace) -> None:
+    from softdimo import shapes
+    from softdimo.images import encode_image
+    from softdimo.pipeline import load_pipeline
+    from softdimo.tteo import TTEOSettings, candidate_seeds
+    from softdimo.vq import to_uint8
+
+    pipeline = load_pipeline(args.model, _device(args))
+    if not hasattr(pipeline, "refine"):
+        raise SystemExit("softdimo: refine needs a one-step model")
+    if args.class_label is not None:
+        condition = pipeline.conditioner.encode_labels([args.class_label] * args.n)
+        text = shapes.class_prompt(args.class_label).text()
+    else:
+        condition = pipeline.conditioner.encode_prompts([args.prompt] * args.n)
+        text = args.prompt
+    seeds = [args.seed + i for i in range(args.n)]
+    settings = TTEOSettings(steps=args.steps, lr=args.lr, best_of=args.best_of, target=args.target)
+    refined = pipeline.refine(condition, [text] * args.n, candidate_seeds(seeds, args.best_of), settings, reward=args.reward)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (seed, image) in enumerate(zip(seeds, to_uint8(refined.images))):
+        path = out / f"{seed}-refined.png"
+        path.write_bytes(encode_image(image, "png"))
+        print(f"{path}  reward {refined.reward_before[i]:.4f} -> {refined.reward_after[i]:.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softdimo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--eval-every", type=int, default=500)
     teacher.set_defaults(func=_train_teacher)
 
+    reward = stages.add_parser("reward", help="the CLIP-style Shapes reward model")
+    common(reward, "runs/reward", "weights/shapes-clip", 2000, 64, 1e-3)
+    reward.set_defaults(func=_train_reward)
+
+    distill = stages.add_parser("distill", help="a one-step generator from a teacher: Di[M]O, plus Soft-Di[M]O's GAN and reward terms")
+    common(distill, "runs/distill", "weights/shapes-softdimo-text", 1500, 32, 1e-4)
+    distill.add_argument("--teacher", default="weights/shapes-teacher-text")
+    distill.add_argument("--reward", help="reward bundle used by --reward-weight and shipped with the model for TTEO")
+    distill.add_argument("--guidance", type=float, default=2.0, help="the teacher's classifier-free guidance")
+    distill.add_argument("--relaxation", choices=["soft", "straight-through"], default="soft")
+    distill.add_argument("--gan-weight", type=float, default=0.0)
+    distill.add_argument("--reward-weight", type=float, default=0.0)
+    distill.add_argument("--r-init", type=float, default=0.6, help="share of the input that starts as mask tokens")
+    distill.add_argument("--sigma", type=float, default=0.1, help="Gaussian noise on the input embeddings")
+    distill.add_argument("--eval-every", type=int, default=250)
+    distill.set_defaults(func=_train_distill)
+
     ev = commands.add_parser("eval", help="judge models on held-out prompts: pass rates, Fréchet distance, spread")
     ev.add_argument("models", nargs="+", help="bundle folders (tokenizers are judged on reconstructions)")
     ev.add_argument("--prompts", type=int, default=300)
@@ -195,6 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="out")
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=_generate)
+
+    ref = commands.add_parser("refine", help="TTEO: optimise a one-step model's input against its reward, write PNG files")
+    ref.add_argument("--model", default="weights/shapes-softdimo-text")
+    target = ref.add_mutually_exclusive_group(required=True)
+    target.add_argument("--prompt")
+    target.add_argument("--class-label", type=int)
+    ref.add_argument("-n", type=int, default=4)
+    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--steps", type=int, default=20)
+    ref.add_argument("--lr", type=float, default=0.2)
+    ref.add_argument("--best-of", type=int, default=1)
+    ref.add_argument("--target", choices=["input", "logits"], default="input")
+    ref.add_argument("--reward", help="reward name (default: the model's first)")
+    ref.add_argument("--out", default="out")
+    ref.add_argument("--device", default="auto")
+    ref.set_defaults(func=_refine)
 
     srv = commands.add_parser("serve", help="run the HTTP server (flags override SOFTDIMO_* environment settings)")
     srv.add_argument("--host")

@@ -46,3 +46,44 @@ def test_relaxations_are_distributions_with_gradients():
     assert torch.allclose(straight.detach(), torch.nn.functional.one_hot(logits.argmax(-1), 5).float())
     (straight * torch.arange(5.0)).sum().backward()
     assert logits.grad.abs().sum() > 0
+
+
+def test_distillation_runs_resumes_and_exports_a_loadable_one_step_bundle(tmp_path):
+    import numpy as np
+    from tiny_bundles import write_all
+
+    from softdimo.bundle import read_bundle
+    from softdimo.generator import GeneratorSettings
+    from softdimo.pipeline import OneStepPipeline, load_pipeline, load_reward
+    from softdimo.train.distill import DistillParts, DistillTraining, export_generator, train_distill
+    from softdimo.tteo import TTEOSettings
+
+    bundles = write_all(tmp_path / "b")
+    teacher = load_pipeline(bundles["text"])
+    reward = load_reward(read_bundle(bundles["reward"]))
+    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward)
+    training = DistillTraining(steps=2, batch_size=4, gan_weight=0.5, reward_weight=0.5, eval_every=2, eval_prompts=5, warmup=1)
+    run_dir = tmp_path / "run"
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    generator = train_distill(run_dir=run_dir, parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu")
+    assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in before.items()), "the teacher must stay frozen"
+    changed = [k for k, v in generator.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and "token_embedding.weight" not in changed and "position" not in changed
+    assert (run_dir / "checkpoint.safetensors").exists()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "gan_d" in lines[0] and "reward" in lines[0] and "pass" in lines[-1]
+
+    # rerunning with more steps resumes from the checkpoint instead of starting over
+    longer = DistillTraining(**{**training.__dict__, "steps": 3, "relaxation": "straight-through"})
+    train_distill(run_dir=run_dir, parts=parts, generator_settings=GeneratorSettings(), training=longer, device="cpu")
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+
+    out = tmp_path / "b" / "one-step-trained"
+    export_generator(
+        generator=generator, conditioner=teacher.conditioner, path=out, name="trained", tokenizer_reference="../tokenizer",
+        reward_references=["../reward"], tteo=TTEOSettings().to_dict(), training=training, teacher_reference="../teacher-text",
+    )  # fmt: skip
+    pipeline = load_pipeline(out)
+    assert isinstance(pipeline, OneStepPipeline) and list(pipeline.rewards) == ["tiny-clip"]
+    images = pipeline.generate(teacher.conditioner.encode_prompts(["a red circle"]), [0])
+    assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8

@@ -116,40 +116,19 @@ def _train_distill(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from softdimo import evaluate, report
-    from softdimo.bundle import read_bundle
-    from softdimo.pipeline import load_features, load_pipeline, load_tokenizer
-    from softdimo.train.tokenizer import reconstruction_pass_rate
+    from softdimo import report
+    from softdimo.pipeline import load_features
 
     device = _device(args)
     features = load_features(args.features, device)
-    rows, results = [], {}
+    results = []
     for model_path in args.models:
-        bundle = read_bundle(model_path)
-        if bundle.config["kind"] == "tokenizer":
-            prompts = evaluate.held_out_prompts(args.prompts, seed=report.HELD_OUT_SEED)
-            evaluator = report.Evaluator(prompts, features)
-            tokenizer = load_tokenizer(bundle, device)
-            images = report.real_images(prompts)
-            from softdimo.vq import to_tensor, to_uint8
-
-            recon = [to_uint8(tokenizer.decode_indices(tokenizer.encode(to_tensor(im[None]).to(device))))[0] for im in images]
-            rows.append(evaluator.row(f"{bundle.config['name']} reconstructions", recon))
-            continue
-        pipeline = load_pipeline(model_path, device)
-        prompts = evaluate.held_out_prompts(args.prompts, seed=report.HELD_OUT_SEED, kinds=pipeline.conditioner.kinds)
-        evaluator = report.Evaluator(prompts, features)
-        for steps in args.steps or [pipeline.sampler.steps]:
-            images, seconds = report.timed(lambda: pipeline.generate_prompts(prompts, seeds=range(len(prompts)), steps=steps))
-            rows.append(evaluator.row(f"{bundle.config['name']} ({steps} steps)", images, seconds=seconds, steps=steps))
-        if args.grid:
-            from softdimo.images import save_grid
-
-            save_grid(images[: args.grid_count], Path(args.grid) / f"{bundle.config['name']}.png", columns=10)
-    rows.append(evaluator.reference_row())
-    print(report.markdown_table(rows, evaluator.real_spread))
-    results["rows"] = [r.as_dict() for r in rows]
-    results["real_spread"] = evaluator.real_spread
+        table = report.evaluate_bundle(
+            model_path, features=features, prompts=args.prompts, steps=args.steps, tteo_steps=args.tteo_steps,
+            best_of=args.best_of, device=device, grid_dir=Path(args.grid) if args.grid else None,
+        )  # fmt: skip
+        print(f"\n{table.markdown()}\n")
+        results.append(table.as_dict())
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
@@ -181,6 +160,20 @@ def _serve(args: argparse.Namespace) -> None:
     serve(Settings(**flags))
 
 
+def _soak(args: argparse.Namespace) -> None:
+    import os
+
+    from server.soak import run_soak, write_report
+
+    api_key = os.environ.get("SOFTDIMO_API_KEY") or None
+    report = run_soak(args.url, minutes=args.minutes, concurrency=args.concurrency, api_key=api_key, seed=args.seed)
+    print(report.text())
+    if args.json:
+        write_report(report, args.json)
+    if report.server_errors or report.errors:
+        raise SystemExit(1)
+
+
 def _refine(args: argparse.Namespace) -> None:
     from softdimo import shapes
     from softdimo.images import encode_image
@@ -206,6 +199,98 @@ def _refine(args: argparse.Namespace) -> None:
         path = out / f"{seed}-refined.png"
         path.write_bytes(encode_image(image, "png"))
         print(f"{path}  reward {refined.reward_before[i]:.4f} -> {refined.reward_after[i]:.4f}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    """Run one `softdimo bench` suite: print its markdown table, and write the raw results with --json."""
+    from softdimo import bench
+
+    # Options left out take the suite dataclass's defaults (stated once, there); the JSON records every value used.
+    options = {action.dest: getattr(args, action.dest) for action in args.bench_options}
+    command = bench.command_line(["softdimo", "bench", args.suite], [(a.option_strings[0], options[a.dest]) for a in args.bench_options])
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if v is not None and k not in ("json", "plot")}
+    if args.suite == "offline":
+        result = bench.run_offline(bench.OfflineBench(**config), command)
+        table = bench.offline_table(result)
+    else:
+        from server import bench as server_bench
+
+        run, make_table, config_class = {
+            "serve": (server_bench.run_serve, server_bench.serve_table, server_bench.ServeBench),
+            "steps": (server_bench.run_steps, server_bench.steps_table, server_bench.StepsBench),
+            "refine": (server_bench.run_refine, server_bench.refine_table, server_bench.RefineBench),
+        }[args.suite]
+        result = run(config_class(**config), command)
+        table = make_table(result)
+    print(table)
+    if args.json:
+        bench.write_json(result, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if getattr(args, "plot", None):
+        for path in server_bench.plot_serve(result, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def _add_bench_parser(commands) -> None:
+    """`softdimo bench offline|serve|steps|refine`; every option becomes a field of the suite's config dataclass."""
+    bench = commands.add_parser(
+        "bench", help="benchmarks: every figure a ratio or curve measured in one run",
+        description="Each suite prints a markdown table; defaults are listed in docs/benchmarks.md and recorded in --json.",
+    )  # fmt: skip
+    suites = bench.add_subparsers(dest="suite", required=True)
+
+    def suite(name: str, help: str, options: list[tuple]) -> None:
+        p = suites.add_parser(name, help=help)
+        actions = [p.add_argument(*flags, **kw) for flags, kw in options]
+        actions.append(p.add_argument("--json", help="also write the raw results here"))
+        if name == "serve":
+            actions.append(p.add_argument("--plot", help="folder for throughput.png and latency.png (needs matplotlib)"))
+        p.set_defaults(func=_bench, bench_options=actions)
+
+    device = (("--device",), {"choices": ["auto", "cpu", "cuda"]})
+    server = [
+        device,
+        (("--max-batch-size",), {"type": int, "help": "the batched server's --max-batch-size"}),
+        (("--max-wait-ms",), {"type": float, "help": "the servers' --max-wait-ms (default: the server's)"}),
+        (("--duration-s",), {"type": float, "help": "measured seconds per load level"}),
+        (("--warmup-s",), {"type": float, "help": "warm-up seconds per load level, not counted"}),
+        (("--max-requests",), {"type": int, "help": "requests per load level at most"}),
+        (("--timeout-s",), {"type": float, "help": "client-side timeout per request"}),
+        (("--repeats",), {"type": int, "help": "timed calls per offline measurement (median)"}),
+        (("--server",), {"choices": ["process", "thread"],
+                         "help": "run `softdimo serve` as a child process, or uvicorn in a thread of this one"}),
+    ]  # fmt: skip
+    suite("offline", "images/s, FLOPs and share of the matmul peak of one bundle, per batch size", [
+        (("--model",), {"required": True, "help": "bundle folder"}),
+        device,
+        (("--batch-sizes",), {"type": int, "nargs": "+", "help": "images per batch, one row each (default 1 2 4 … 64)"}),
+        (("--steps",), {"type": int, "nargs": "+", "help": "sampling steps (masked-diffusion bundles; default: the bundle's)"}),
+        (("--repeats",), {"type": int, "help": "timed calls per batch size (median)"}),
+        (("--warmup",), {"type": int, "help": "untimed calls per batch size first"}),
+        (("--matmul-size",), {"type": int, "help": "side of the square matmuls timed for the peak (default 2048 CPU, 8192 CUDA)"}),
+    ])  # fmt: skip
+    suite("serve", "concurrency sweep through the server, batched against --compare-batch-size", [
+        (("--model",), {"required": True, "help": "bundle folder"}),
+        (("--concurrency",), {"type": int, "nargs": "+", "help": "closed-loop clients, one load level each (default 1 2 4 … 64)"}),
+        (("--compare-batch-size",), {"type": int, "help": "the other server's --max-batch-size"}),
+        (("--endpoint",), {"choices": ["generate", "refine"]}),
+        (("--tteo-steps",), {"type": int, "help": "/refine: TTEO steps per request (default: the bundle's)"}),
+        *server,
+    ])  # fmt: skip
+    suite("steps", "one-step model against its teacher at each sampling-steps value, through one server", [
+        (("--one-step",), {"required": True, "help": "one-step bundle folder"}),
+        (("--teacher",), {"required": True, "help": "masked-diffusion bundle folder"}),
+        (("--steps",), {"type": int, "nargs": "+", "help": "teacher sampling steps, one row each (default 4 8 16)"}),
+        (("--concurrency",), {"type": int}),
+        *server,
+    ])  # fmt: skip
+    suite("refine", "one TTEO step against one forward; concurrent /refine batched against serial", [
+        (("--model",), {"required": True, "help": "one-step bundle folder with a reward"}),
+        (("--requests",), {"type": int, "help": "concurrent /refine requests per burst"}),
+        (("--tteo-steps",), {"type": int, "help": "TTEO steps (default: the bundle's)"}),
+        (("--rounds",), {"type": int, "help": "measured bursts per server"}),
+        *[o for o in server if o[0][0] not in ("--duration-s", "--warmup-s", "--max-requests")],
+    ])  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, nargs="*", help="sampling steps to evaluate masked-diffusion models at")
     ev.add_argument("--features", default=DEFAULT_FEATURES)
     ev.add_argument("--json", help="also write the results here")
-    ev.add_argument("--grid", help="folder for a PNG grid of each model's samples")
-    ev.add_argument("--grid-count", type=int, default=50)
+    ev.add_argument("--tteo-steps", type=int, nargs="*", default=[], help="one-step models: also refine with TTEO for these steps")
+    ev.add_argument("--best-of", type=int, nargs="*", default=[], help="one-step models: also best-of-N, alone and with TTEO")
+    ev.add_argument("--grid", help="folder for a PNG grid of the first 50 images of each row")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_eval)
 
@@ -309,8 +395,22 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int)
     srv.add_argument("--request-timeout-s", type=float)
     srv.add_argument("--drain-timeout-s", type=float)
+    srv.add_argument("--max-request-cost", type=int, help="images x steps x best_of allowed in one request")
+    srv.add_argument("--max-queue-cost", type=int, help="queued cost per model and endpoint before 429")
+    srv.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413")
+    srv.add_argument("--auth-exempt-paths", nargs="*", help="paths answered without the API key (set by SOFTDIMO_API_KEY)")
     srv.add_argument("--log-level")
     srv.set_defaults(func=_serve)
+
+    soak = commands.add_parser("soak", help="mixed /generate and /refine traffic against a server; exits 1 on any 5xx")
+    soak.add_argument("--url", default="http://127.0.0.1:8000")
+    soak.add_argument("--minutes", type=float, default=10.0)
+    soak.add_argument("--concurrency", type=int, default=8, help="requests kept in flight")
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--json", help="also write the report here")
+    soak.set_defaults(func=_soak)
+
+    _add_bench_parser(commands)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -73,6 +74,103 @@ class Evaluator:
         return self.row("real images (reference)", real_images(self.prompts, seed=REAL_SEED + 1))
 
 
+@dataclass
+class Table:
+    """The rows of one model's evaluation, on one prompt set, with the real-image reference last."""
+
+    model: str
+    rows: list[Row]
+    real_spread: float
+
+    def markdown(self) -> str:
+        return markdown_table(self.rows, self.real_spread)
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "real_spread": round(self.real_spread, 2), "rows": [r.as_dict() for r in self.rows]}
+
+
+def evaluate_bundle(
+    path, *, features: FeatureNet, prompts: int, steps: Sequence[int] | None, tteo_steps: Sequence[int],
+    best_of: Sequence[int], device, grid_dir=None,
+) -> Table:  # fmt: skip
+    """Every row for one bundle: reconstructions for a tokenizer; samples at each step count for a teacher;
+    one step, TTEO at each step count and best-of-N (alone and with TTEO) for a one-step model."""
+    from softdimo.bundle import read_bundle
+    from softdimo.images import save_grid
+    from softdimo.pipeline import OneStepPipeline, load_pipeline, load_tokenizer
+
+    bundle = read_bundle(path)
+    name = bundle.config["name"]
+    rows: list[Row] = []
+
+    def add(label: str, make: Callable[[], list[np.ndarray]], **extra) -> None:
+        images, seconds = timed(make)
+        rows.append(evaluator.row(label, images, seconds=seconds, **extra))
+        if grid_dir is not None:
+            slug = label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "").replace("+", "plus").replace("=", "")
+            save_grid(images[:50], grid_dir / f"{slug}.png", columns=10)
+
+    if bundle.config["kind"] == "tokenizer":
+        held_out = evaluate.held_out_prompts(prompts, seed=HELD_OUT_SEED)
+        evaluator = Evaluator(held_out, features)
+        tokenizer = load_tokenizer(bundle, device)
+        add(f"{name} reconstructions", lambda: reconstructions(tokenizer, real_images(held_out)))
+    else:
+        pipeline = load_pipeline(path, device)
+        held_out = evaluate.held_out_prompts(prompts, seed=HELD_OUT_SEED, kinds=pipeline.conditioner.kinds)
+        evaluator = Evaluator(held_out, features)
+        seeds = list(range(len(held_out)))
+        if isinstance(pipeline, OneStepPipeline):
+            add(f"{name} (1 step)", lambda: pipeline.generate_prompts(held_out, seeds))
+            for k in tteo_steps:
+                add(f"{name} + TTEO {k}", lambda k=k: refined_images(pipeline, held_out, seeds, steps=k, best_of=1), tteo_steps=k)
+            for n in best_of:
+                add(f"{name} best-of-{n}", lambda n=n: refined_images(pipeline, held_out, seeds, steps=0, best_of=n), best_of=n)
+                for k in tteo_steps:
+                    add(f"{name} best-of-{n} + TTEO {k}", lambda n=n, k=k: refined_images(pipeline, held_out, seeds, steps=k, best_of=n),
+                        best_of=n, tteo_steps=k)  # fmt: skip
+        else:
+            for k in steps or [pipeline.sampler.steps]:
+                add(f"{name} ({k} steps)", lambda k=k: pipeline.generate_prompts(held_out, seeds, steps=k), steps=k)
+    rows.append(evaluator.reference_row())
+    return Table(model=name, rows=rows, real_spread=evaluator.real_spread)
+
+
+@torch.no_grad()
+def reconstructions(tokenizer, images: Sequence[np.ndarray], batch: int = 100) -> list[np.ndarray]:
+    from softdimo.vq import to_uint8
+
+    device = tokenizer.codebook.device
+    out: list[np.ndarray] = []
+    for i in range(0, len(images), batch):
+        x = to_tensor(np.stack(images[i : i + batch])).to(device)
+        out.extend(to_uint8(tokenizer.decode_indices(tokenizer.encode(x))))
+    return out
+
+
+def refined_images(pipeline, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], *, steps: int, best_of: int, batch: int = 50) -> list[np.ndarray]:
+    """TTEO (or, with steps = 0, best-of-N selection alone) for each prompt, with the pipeline's default reward."""
+    from dataclasses import replace
+
+    from softdimo.tteo import candidate_seeds
+    from softdimo.vq import to_uint8
+
+    settings = replace(pipeline.tteo, steps=steps, best_of=best_of)
+    out: list[np.ndarray] = []
+    for i in range(0, len(prompts), batch):
+        part = prompts[i : i + batch]
+        condition = torch.cat([pipeline.conditioner.for_prompt(p) for p in part])
+        texts = [p.text() if pipeline.conditioner.conditioning == "text" else class_text(p) for p in part]
+        refined = pipeline.refine(condition, texts, candidate_seeds(list(seeds[i : i + batch]), best_of), settings)
+        out.extend(to_uint8(refined.images))
+    return out
+
+
+def class_text(prompt: shapes.Prompt) -> str:
+    spec = prompt.objects[0]
+    return shapes.class_prompt(shapes.class_label(spec.color, spec.shape)).text()
+
+
 def markdown_table(rows: Sequence[Row], real_spread: float) -> str:
     kinds = list(rows[0].rates.per_kind)
     header = ["model", *kinds, "overall", "Fréchet", "spread"]
@@ -85,8 +183,6 @@ def markdown_table(rows: Sequence[Row], real_spread: float) -> str:
 
 
 def timed(fn: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], float]:
-    import time
-
     start = time.perf_counter()
     images = fn()
     return images, time.perf_counter() - start

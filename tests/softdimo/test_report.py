@@ -1,0 +1,41 @@
+"""Evaluation tables: the rows each kind of bundle gets, through the CLI, with grids and JSON."""
+
+import json
+
+import torch
+
+from softdimo.bundle import save_bundle
+from softdimo.cli import main
+from softdimo.features import FeatureNet, FeatureNetConfig
+
+
+def _features(folder):
+    torch.manual_seed(0)
+    net = FeatureNet(FeatureNetConfig(channels=(8, 8, 8), features=16))
+    return save_bundle(folder, {"name": "tiny-features", "kind": "features", "features": net.cfg.to_dict()}, {"features": net.state_dict()})
+
+
+def test_eval_writes_a_table_per_bundle(tmp_path, capsys):
+    from tiny_bundles import write_all
+
+    bundles = write_all(tmp_path / "b")
+    features = _features(tmp_path / "features")
+    out = tmp_path / "results.json"
+    args = ["eval", str(bundles["tokenizer"]), str(bundles["text"]), str(bundles["one-step"]), "--prompts", "10", "--steps", "2", "4",
+            "--tteo-steps", "2", "--best-of", "2", "--features", str(features), "--json", str(out), "--grid", str(tmp_path / "grids"),
+            "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| model | single | sized | pair | count | relation | overall | Fréchet | spread |" in printed
+    tables = json.loads(out.read_text())
+    names = [[row["name"] for row in t["rows"]] for t in tables]
+    assert names[0] == ["tiny-tokenizer reconstructions", "real images (reference)"]
+    assert names[1] == ["tiny-text (2 steps)", "tiny-text (4 steps)", "real images (reference)"]
+    assert names[2] == ["tiny-one-step (1 step)", "tiny-one-step + TTEO 2", "tiny-one-step best-of-2",
+                        "tiny-one-step best-of-2 + TTEO 2", "real images (reference)"]  # fmt: skip
+    reference = tables[1]["rows"][-1]
+    assert reference["overall"] == 1.0 and set(reference["per_kind"]) == {"single", "sized", "pair", "count", "relation"}
+    for table in tables:
+        for row in table["rows"]:
+            assert 0 <= row["overall"] <= 1 and row["frechet"] >= 0 and row["spread"] >= 0
+    assert len(list((tmp_path / "grids").glob("*.png"))) == 1 + 2 + 4

@@ -4,9 +4,15 @@ PY := $(VENV)/bin/python
 # The CPU build by default; a GPU machine passes e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test serve check
+.PHONY: setup tools test serve check
 
 setup: $(VENV)/.installed
+
+# The Prometheus server the monitoring test runs against (Debian package); skipped without root.
+tools:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+		echo "prometheus not installed: the monitoring test will be skipped"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-test: setup
+test: setup tools
 	$(PY) -m pytest
 
 serve: setup

@@ -1,0 +1,153 @@
+"""`softdimo bench serve|steps|refine` and the load generator, against real servers on tiny bundles for ~1 s each."""
+
+import asyncio
+import json
+
+import pytest
+import torch
+from tiny_bundles import write_all
+
+from server import bench
+from softdimo.cli import main
+
+FAST = {"device": "cpu", "duration_s": 0.5, "warmup_s": 0.1, "repeats": 1, "timeout_s": 30.0, "server": "thread"}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    return write_all(tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy machine its waits dominate."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _check_level(level: dict, concurrency: int) -> None:
+    assert level["concurrency"] == concurrency
+    assert level["ok"] == level["requests"] > 0 and level["images"] == level["ok"]  # n = 1 per request, no failures
+    assert level["status_429"] == level["status_5xx"] == level["errors"] == level["other_status"] == 0
+    assert level["images_per_s"] == pytest.approx(level["images"] / level["elapsed_s"]) and level["images_per_s"] > 0
+    lat = level["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert level["queue_ms"] >= 0 and level["compute_ms"] > 0
+    assert level["batches"] >= 1
+
+
+def test_summarize_counts_every_outcome():
+    samples = [
+        bench.Sample(0.010, 200, images=2, queue_s=0.001, compute_s=0.008),
+        bench.Sample(0.030, 200, images=2, queue_s=0.003, compute_s=0.020),
+        bench.Sample(0.001, 429), bench.Sample(0.002, 503), bench.Sample(5.0, 0), bench.Sample(0.001, 422),
+    ]  # fmt: skip
+    level = bench.summarize(samples, [0.5, 0.5], concurrency=3, batches=(6.0, 4.0))
+    assert (level["requests"], level["ok"], level["images"]) == (6, 2, 4)
+    assert (level["status_429"], level["status_5xx"], level["errors"], level["other_status"]) == (1, 1, 1, 1)
+    assert level["images_per_s"] == pytest.approx(4.0)  # 4 images over two 0.5 s rounds
+    assert level["latency_ms"]["p50"] == pytest.approx(20.0)  # answered requests only
+    assert level["queue_ms"] == pytest.approx(2.0) and level["compute_ms"] == pytest.approx(14.0)
+    assert level["mean_batch_size"] == pytest.approx(1.5) and level["batches"] == 4
+    assert bench.summarize([], [1.0], concurrency=1, batches=(0.0, 0.0))["mean_batch_size"] is None
+
+
+def test_options_are_checked_before_anything_starts():
+    with pytest.raises(bench.BenchError, match="--concurrency must be positive"):
+        bench.ServeBench(model="unused", concurrency=(1, 0))
+    with pytest.raises(bench.BenchError, match="--endpoint"):
+        bench.ServeBench(model="unused", endpoint="edit")
+    with pytest.raises(bench.BenchError, match="--warmup-s must be 0 or more"):
+        bench.RefineBench(model="unused", warmup_s=-1)
+
+
+def test_load_generator_is_bounded_and_counts_refusals(bundles):
+    spec = bench.ServerSpec(weights=(str(bundles["one-step"]),), device="cpu", max_batch_size=2, mode="thread")
+    with bench.running_server(spec) as url:
+        assert url.startswith("http://127.0.0.1:")
+        target = bench.target_for(bench.model_cards(url)["tiny-one-step"], "/generate")
+        level = asyncio.run(bench.run_load(url, target, bench.Load(concurrency=3, duration_s=30, max_requests=7)))
+        assert level["requests"] == level["ok"] == 7  # the count bound ends the round long before the duration
+        assert level["mean_batch_size"] == pytest.approx(7 / level["batches"])
+
+        invalid = bench.Target(path="/generate", model="tiny-one-step", body={"model": "tiny-one-step", "n": 1})  # no prompt
+        level = asyncio.run(bench.run_load(url, invalid, bench.Load(concurrency=2, duration_s=30, max_requests=4)))
+        assert level["requests"] == level["other_status"] == 4 and level["ok"] == 0 and level["images_per_s"] == 0
+        assert level["latency_ms"]["p50"] is None
+
+
+def test_serve_sweeps_batched_against_unbatched(bundles, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--model", str(bundles["one-step"]), "--concurrency", "1", "4", "--device", "cpu",
+            "--max-batch-size", "4", "--duration-s", "0.5", "--warmup-s", "0.1", "--repeats", "1", "--server", "thread",
+            "--json", str(out), "--plot", str(tmp_path / "plots")]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert result["machine"]["command"] == "softdimo bench serve " + " ".join(argv[2:])
+    assert printed.out.startswith("**machine**") and "| concurrency | requests | images/s |" in printed.out
+
+    runs = result["runs"]
+    assert (runs["batched"]["max_batch_size"], runs["unbatched"]["max_batch_size"]) == (4, 1)
+    for run in runs.values():
+        for level, concurrency in zip(run["levels"], [1, 4], strict=True):
+            _check_level(level, concurrency)
+    assert all(level["mean_batch_size"] == 1 for level in runs["unbatched"]["levels"])
+    assert all(1 <= level["mean_batch_size"] <= 4 for level in runs["batched"]["levels"])
+
+    for row, batched, unbatched in zip(result["comparison"], runs["batched"]["levels"], runs["unbatched"]["levels"], strict=True):
+        assert row["ratio"] == pytest.approx(batched["images_per_s"] / unbatched["images_per_s"])
+    offline = result["offline"]
+    assert offline["batched_images_per_s"] == pytest.approx(4 / offline["batch_s"]) and offline["batch_1_s"] > 0
+    lat = result["latency_at_1"]
+    assert lat["p50_ms"] == runs["batched"]["levels"][0]["latency_ms"]["p50"]
+    assert lat["overhead_ms"] == pytest.approx(lat["p50_ms"] - offline["batch_1_s"] * 1000) and lat["target_ms"] == 5
+    sat = result["saturation"]
+    assert sat["server_images_per_s"] == max(level["images_per_s"] for level in runs["batched"]["levels"])
+    assert sat["fraction"] == pytest.approx(sat["server_images_per_s"] / offline["batched_images_per_s"])
+
+    plots = tmp_path / "plots"
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (plots / "throughput.png").is_file() and (plots / "latency.png").is_file()
+    except ImportError:
+        assert "matplotlib is not installed" in printed.err and not plots.exists()
+
+
+def test_steps_compares_one_step_with_teacher_in_one_server_process(bundles, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child server inherits the environment (all but SOFTDIMO_*)
+    config = bench.StepsBench(
+        one_step=str(bundles["one-step"]), teacher=str(bundles["text"]), steps=(1, 2), concurrency=2, max_batch_size=2,
+        **{**FAST, "server": "process"},
+    )  # fmt: skip
+    result = bench.run_steps(config, "softdimo bench steps")
+    _check_level(result["one_step"]["load"], 2)
+    assert [load["steps"] for load in result["teacher"]["loads"]] == [1, 2]
+    for load in result["teacher"]["loads"]:
+        _check_level(load, 2)
+    for row, load in zip(result["rows"], result["teacher"]["loads"], strict=True):
+        assert row["teacher_images_per_s"] == load["images_per_s"]
+        assert row["ratio"] == pytest.approx(result["one_step"]["load"]["images_per_s"] / load["images_per_s"])
+    assert "| teacher steps |" in bench.steps_table(result)
+
+    with pytest.raises(ValueError, match="not a masked-diffusion"):
+        bench.run_steps(bench.StepsBench(one_step=str(bundles["one-step"]), teacher=str(bundles["one-step"])), "")
+
+
+def test_refine_burst_batched_against_serial(bundles):
+    config = bench.RefineBench(model=str(bundles["one-step"]), requests=4, tteo_steps=2, rounds=1, max_batch_size=4, **FAST)
+    result = bench.run_refine(config, "softdimo bench refine")
+    cost = result["step_cost"]
+    assert cost["tteo_steps"] == result["tteo_steps"] == 2
+    assert cost["step_over_forward"] == pytest.approx(cost["step_s"] / cost["forward_s"])
+    for label, batch_size in (("batched", 4), ("serial", 1)):
+        run = result["runs"][label]
+        assert run["max_batch_size"] == batch_size
+        _check_level(run, 4)
+        assert run["requests"] == 4 and len(run["round_s"]) == 1  # one burst of exactly `requests`
+    assert result["runs"]["serial"]["mean_batch_size"] == 1
+    assert result["ratio"] == pytest.approx(result["runs"]["batched"]["images_per_s"] / result["runs"]["serial"]["images_per_s"])
+    assert "| server | images/s |" in bench.refine_table(result)

@@ -1,23 +1,54 @@
-"""The FastAPI application: create_app(settings, engine) and its lifespan (load, warm up, serve, drain)."""
+"""The FastAPI application: create_app(settings, engine) and its lifespan (load, warm up, serve, drain), and serve()."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
 from contextlib import asynccontextmanager
+from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from server.engine import Engine
+from server.engine import Engine, verify_bundles
+from server.guard import ApiKeyGuard, BodyLimit, BodyTooLarge
 from server.metrics import Metrics
 from server.routes import router
-from server.service import ENDPOINTS, Service, ServiceError
+from server.service import ENDPOINTS, MODEL_THREAD, Service, ServiceError
 from server.settings import Settings
 
 log = logging.getLogger("softdimo.server")
+
+# After the batchers have drained, how long answers may take to be encoded and written before connections close.
+_RESPONSE_GRACE_S = 10.0
+
+
+class ErrorJSON(JSONResponse):
+    """Error bodies echo client input, which may hold lone surrogates or non-finite numbers: escape them, never fail."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -48,22 +79,122 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(router)
 
+    def count_refusal(path: str, status: int) -> None:
+        if path in ENDPOINTS:
+            metrics.requests.labels(path, "unknown", str(status)).inc()
+
+    # Added innermost first: the key is checked before a byte of the body is read.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(
+            ApiKeyGuard, api_key=settings.api_key, exempt=settings.auth_exempt_paths,
+            on_refused=lambda path: count_refusal(path, 401),
+        )  # fmt: skip
+        app.openapi = lambda: _openapi_with_bearer(app, exempt=settings.auth_exempt_paths)
+
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+        return ErrorJSON({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        if request.url.path in ENDPOINTS:
-            metrics.requests.labels(request.url.path, "unknown", "422").inc()
-        return await request_validation_exception_handler(request, exc)
+        count_refusal(request.url.path, 422)
+        return ErrorJSON({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, exc: BodyTooLarge):
+        count_refusal(request.url.path, 413)
+        return ErrorJSON({"detail": exc.detail}, status_code=413)
 
     return app
 
 
-def serve(settings: Settings) -> None:
-    """Run the server in this process until SIGINT or SIGTERM."""
-    import uvicorn
+def _openapi_with_bearer(app: FastAPI, *, exempt: list[str]) -> dict:
+    """The schema with a bearer scheme on every operation that needs the key, so /docs can send it."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, operations in schema["paths"].items():
+            if path not in exempt:
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+    return app.openapi_schema
 
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with SIGTERM and SIGINT turned into a drain.
+
+    uvicorn's own handler closes the listening socket at once, so probes would never see /readyz turn 503,
+    and it raises the signal again after shutdown, so the process would not exit 0. Here the first signal marks
+    the service draining (new work gets 503, /readyz 503) while the listener stays open, waits up to
+    drain_timeout_s for queued and running batches, then lets uvicorn shut down. A second signal stops at once."""
+
+    def __init__(self, app: FastAPI, settings: Settings):
+        super().__init__(
+            uvicorn.Config(
+                app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=_RESPONSE_GRACE_S,
+            )
+        )  # fmt: skip
+        self.service: Service = app.state.service
+        self.forced = False
+        self._drain_task: asyncio.Task | None = None
+        self._abort_task: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self._drain_task is None:
+            log.info("%s: draining; new work gets 503, queued work has %gs to finish", name, self.service.settings.drain_timeout_s)
+            self._drain_task = asyncio.create_task(self._drain_then_exit())
+            return
+        log.warning("%s again: stopping now; queued work gets 503", name)
+        self.forced = True
+        self.should_exit = self.force_exit = True  # uvicorn then neither waits for connections nor runs the lifespan's end
+        self._abort_task = asyncio.create_task(self.service.abort())
+
+    async def _drain_then_exit(self) -> None:
+        began = time.monotonic()
+        try:
+            await self.service.stop()
+        finally:
+            log.info("drained in %.1fs; closing connections", time.monotonic() - began)
+            self.should_exit = True
+
+
+def _model_threads_done(timeout_s: float) -> bool:
+    """Wait briefly for the model thread to end; False if a batch is still running on it (after a drain timeout)."""
+    deadline = time.monotonic() + timeout_s
+    threads = [t for t in threading.enumerate() if t.name.startswith(MODEL_THREAD)]
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in threads)
+
+
+def serve(settings: Settings) -> None:
+    """Run the server in this process until SIGTERM or SIGINT, which drain it first; exits 0 after a drain.
+
+    The bundles are verified before anything listens, so a missing or altered file stops start-up with BundleError."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    verify_bundles(settings.weights)
+    server = DrainingServer(create_app(settings), settings)
+    server.run()
+    if server.forced or not _model_threads_done(timeout_s=2.0):
+        # A batch still runs on the model thread, which the interpreter would wait for at exit: leave now.
+        log.warning("leaving with a batch still running")
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(1 if server.forced else 0)

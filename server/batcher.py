@@ -25,11 +25,15 @@ _MIN_RETRY_AFTER_S = 1.0
 
 
 class QueueFull(Exception):
-    """The queue holds too many images to accept this request; retry after `retry_after_s` seconds."""
+    """The queue holds too many images (or too much cost) to accept this request; retry after `retry_after_s`.
 
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
+    `limit` names the bound that was hit: "max_queue" (images) or "max_queue_cost"; `value` is its value."""
+
+    def __init__(self, message: str, *, retry_after_s: float, limit: str = "max_queue", value: int = 0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.limit = limit
+        self.value = value
 
 
 class DeadlineExceeded(Exception):
@@ -80,6 +84,10 @@ def _same_key(item: Any) -> Hashable:
     return None
 
 
+def _no_cost(item: Any) -> int:
+    return 0
+
+
 class _State(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -90,6 +98,7 @@ class _State(enum.Enum):
 class _Pending(Generic[In, Out]):
     item: In
     size: int
+    cost: int
     key: Hashable
     future: asyncio.Future[Out]
     queued_at: float
@@ -101,7 +110,10 @@ class Batcher(Generic[In, Out]):
     """Collects submitted items into batches for `run_batch` and hands each caller its own output.
 
     A batch holds items with the key of the oldest queued item, in arrival order, up to `max_batch_size`
-    images; it starts when it cannot grow any more or `max_wait_s` after its oldest item was queued."""
+    images; it starts when it cannot grow any more or `max_wait_s` after its oldest item was queued.
+
+    The queue admits up to `max_queue` images and, when `max_queue_cost` is given, up to that much total
+    `cost_of` (work that images alone do not show, such as sampling steps); beyond either, QueueFull."""
 
     def __init__(
         self,
@@ -112,6 +124,8 @@ class Batcher(Generic[In, Out]):
         max_queue: int,
         size_of: Callable[[In], int] = _one_image,
         key_of: Callable[[In], Hashable] = _same_key,
+        cost_of: Callable[[In], int] = _no_cost,
+        max_queue_cost: int | None = None,
         executor: concurrent.futures.Executor | None = None,
         observer: BatchObserver | None = None,
         name: str = "batcher",
@@ -131,12 +145,15 @@ class Batcher(Generic[In, Out]):
         self._max_queue = max_queue
         self._size_of = size_of
         self._key_of = key_of
+        self._cost_of = cost_of
+        self._max_queue_cost = max_queue_cost
         self._given_executor = executor
         self._owned_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._observer: BatchObserver = observer if observer is not None else NullObserver()
 
         self._queue: collections.deque[_Pending[In, Out]] = collections.deque()
         self._queued_images = 0
+        self._queued_cost = 0
         self._running_batch: list[_Pending[In, Out]] = []
         self._mean_batch_s: float | None = None
         self._wakeup = asyncio.Event()
@@ -147,6 +164,11 @@ class Batcher(Generic[In, Out]):
     def queued_images(self) -> int:
         """Images waiting for a batch (not counting the batch now running)."""
         return self._queued_images
+
+    @property
+    def queued_cost(self) -> int:
+        """Total `cost_of` of the items waiting for a batch."""
+        return self._queued_cost
 
     @property
     def running(self) -> bool:
@@ -200,6 +222,9 @@ class Batcher(Generic[In, Out]):
         size = self._size_of(item)
         if not 1 <= size <= self._max_batch_size:
             raise ValueError(f"an item must cost 1 to {self._max_batch_size} images, this one costs {size}")
+        cost = self._cost_of(item)
+        if self._max_queue_cost is not None and cost > self._max_queue_cost:
+            raise ValueError(f"an item must cost at most max_queue_cost = {self._max_queue_cost}, this one costs {cost}")
         key = self._key_of(item)
         if deadline is not None and deadline <= time.monotonic():
             self._observer_call(self._observer.rejected, "deadline")
@@ -210,17 +235,30 @@ class Batcher(Generic[In, Out]):
             raise QueueFull(
                 f"{self.name}: {self._queued_images} of {self._max_queue} images queued, no room for {size} more",
                 retry_after_s=retry_after_s,
+                limit="max_queue",
+                value=self._max_queue,
+            )
+        if self._max_queue_cost is not None and self._queued_cost + cost > self._max_queue_cost:
+            retry_after_s = self._retry_after_s()
+            self._observer_call(self._observer.rejected, "queue_full")
+            raise QueueFull(
+                f"{self.name}: a cost of {self._queued_cost} of {self._max_queue_cost} queued, no room for {cost} more",
+                retry_after_s=retry_after_s,
+                limit="max_queue_cost",
+                value=self._max_queue_cost,
             )
 
         pending: _Pending[In, Out] = _Pending(
             item=item,
             size=size,
+            cost=cost,
             key=key,
             future=asyncio.get_running_loop().create_future(),
             queued_at=time.monotonic(),
             deadline=deadline,
         )
         self._queue.append(pending)
+        self._queued_cost += cost
         self._set_queued_images(self._queued_images + size)
         self._wakeup.set()
         try:
@@ -247,6 +285,7 @@ class Batcher(Generic[In, Out]):
             return  # already running: its result is dropped when it arrives, as its future is done
         self._queue.remove(pending)
         pending.state = _State.DROPPED
+        self._queued_cost -= pending.cost
         self._set_queued_images(self._queued_images - pending.size)
         self._wakeup.set()  # the oldest item may have changed, and with it the batch timer
 
@@ -286,6 +325,7 @@ class Batcher(Generic[In, Out]):
         for pending in failed:
             pending.state = _State.DROPPED
             self._settle(pending, error=Draining(f"{self.name} is shutting down: {reason}"))
+        self._queued_cost = 0
         self._set_queued_images(0)
 
     async def _serve_until_stopped(self) -> None:
@@ -336,6 +376,7 @@ class Batcher(Generic[In, Out]):
                 kept.append(pending)
         if len(kept) != len(self._queue):
             self._queue = kept
+            self._queued_cost = sum(pending.cost for pending in kept)
             self._set_queued_images(sum(pending.size for pending in kept))
 
     def _next_batch(self) -> tuple[list[_Pending[In, Out]], bool]:
@@ -361,6 +402,7 @@ class Batcher(Generic[In, Out]):
         for pending in batch:
             pending.state = _State.RUNNING
         images = sum(pending.size for pending in batch)
+        self._queued_cost -= sum(pending.cost for pending in batch)
         self._set_queued_images(self._queued_images - images)
         started = time.monotonic()
         for pending in batch:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import numpy as np
 import torch
 
-from softdimo.bundle import read_bundle
+from softdimo.bundle import BundleError, read_bundle
 from softdimo.conditioning import Conditioner
 from softdimo import shapes
 from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
@@ -46,10 +47,14 @@ class GenerateJob:
     def key(self) -> int | None:
         return self.steps
 
+    def split(self, k: int) -> tuple[GenerateJob, GenerateJob]:
+        """The first k images and the rest, each keeping its own seed."""
+        return replace(self, n=k), replace(self, seed=self.seed + k, n=self.n - k)
+
 
 @dataclass(frozen=True)
 class RefineJob:
-    """One /refine request's work; requests batch together when their `settings` and reward agree."""
+    """One /refine request's work (or a part of it); requests batch together when their `settings` and reward agree."""
 
     condition: torch.Tensor
     text: str  # what the reward reads: the prompt, or a class-conditional model's class as a prompt
@@ -57,6 +62,16 @@ class RefineJob:
     n: int
     settings: TTEOSettings
     reward: str
+    # Each image's best_of candidate seeds, drawn for the whole request (see `for_request`), so that a request
+    # run in parts, or a batch split after running out of memory, starts from the same candidates.
+    candidates: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def for_request(
+        cls, *, condition: torch.Tensor, text: str, seed: int, n: int, settings: TTEOSettings, reward: str,
+    ) -> RefineJob:  # fmt: skip
+        rows = candidate_seeds([seed + i for i in range(n)], settings.best_of)
+        return cls(condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, candidates=tuple(map(tuple, rows)))
 
     @property
     def seeds(self) -> list[int]:
@@ -65,6 +80,11 @@ class RefineJob:
     @property
     def key(self) -> tuple:
         return (self.settings, self.reward)
+
+    def split(self, k: int) -> tuple[RefineJob, RefineJob]:
+        """The first k images and the rest, each keeping its own seed and candidates."""
+        first = replace(self, n=k, candidates=self.candidates[:k])
+        return first, replace(self, seed=self.seed + k, n=self.n - k, candidates=self.candidates[k:])
 
 
 @dataclass
@@ -114,13 +134,93 @@ class ServedModel:
         """TTEO for all jobs of one batch at once (they share settings and reward); each image on its own."""
         condition = torch.cat([job.condition.expand(job.n, *job.condition.shape[1:]) for job in jobs])
         texts = [job.text for job in jobs for _ in range(job.n)]
-        best_of = jobs[0].settings.best_of
-        candidates = [row for job in jobs for row in candidate_seeds(job.seeds, best_of)]  # per request, not per batch
+        candidates = [list(row) for job in jobs for row in job.candidates]  # drawn per request, not per batch
         refined = self.pipeline.refine(condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward)
         images = to_uint8(refined.images)
         before, after = refined.reward_before.tolist(), refined.reward_after.tolist()
         items = [RefinedImage(images[i], before[i], after[i], refined.seeds[i]) for i in range(len(candidates))]
         return _split(items, [job.n for job in jobs])
+
+
+Job = TypeVar("Job", GenerateJob, RefineJob)
+
+
+# How allocators other than CUDA's word running out: MPS and HIP say "out of memory", the CPU allocator
+# "can't allocate memory" or "not enough memory", cuBLAS a failed allocation of its workspace.
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory", "cublas_status_alloc_failed")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _OUT_OF_MEMORY)
+
+
+def run_splitting_on_oom(
+    run: Callable[[list[Job]], list[list]], jobs: Sequence[Job], *, on_split: Callable[[], None] = lambda: None,
+) -> list[list]:  # fmt: skip
+    """`run(jobs)`, but a batch that runs out of memory is split into halves by images, run one after the other,
+    recursively down to a single image: the batch fails only if one image alone does not fit.
+
+    Every image keeps its seed (and candidates), so the outputs are those of the unsplit batch."""
+    outputs: list[list] = [[] for _ in jobs]
+    for index, output in _run_pieces(run, list(enumerate(jobs)), on_split):
+        outputs[index].extend(output)
+    return outputs
+
+
+def _run_pieces(run, pieces: list[tuple[int, Job]], on_split) -> list[tuple[int, list]]:
+    """Outputs of (job index, job or part of it) pieces, paired with the job index."""
+    try:
+        outputs = run([job for _, job in pieces])
+    except Exception as exc:
+        if not is_out_of_memory(exc) or sum(job.n for _, job in pieces) == 1:
+            raise
+        log.warning("a batch of %d images ran out of memory; running it in halves", sum(job.n for _, job in pieces))
+    else:
+        if len(outputs) != len(pieces):
+            raise RuntimeError(f"the model returned {len(outputs)} outputs for {len(pieces)} jobs")
+        return [(index, output) for (index, _), output in zip(pieces, outputs)]
+    # Outside the except block, so the failed attempt's frames (and the tensors they hold) are already freed.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    on_split()
+    first, second = _halves(pieces)
+    return _run_pieces(run, first, on_split) + _run_pieces(run, second, on_split)
+
+
+def _halves(pieces: list[tuple[int, Job]]) -> tuple[list[tuple[int, Job]], list[tuple[int, Job]]]:
+    """Two lists of about half the images each, in order; the job across the middle is split in two."""
+    half = sum(job.n for _, job in pieces) // 2
+    first, second, seen = [], [], 0
+    for index, job in pieces:
+        if seen + job.n <= half:
+            first.append((index, job))
+        elif seen >= half:
+            second.append((index, job))
+        else:
+            head, tail = job.split(half - seen)
+            first.append((index, head))
+            second.append((index, tail))
+        seen += job.n
+    return first, second
+
+
+def verify_bundles(paths: Sequence[str | Path]) -> None:
+    """Check the bundles to be served, and the bundles they reference, against their manifests.
+
+    Raises BundleError naming the first missing or altered file; a fast pass before a server starts."""
+    if not paths:
+        raise BundleError("no bundles to serve: give --weights (or SOFTDIMO_WEIGHTS)")
+    pending, seen = [Path(p) for p in paths], set()
+    while pending:
+        path = pending.pop(0).resolve()
+        if path in seen:
+            continue
+        seen.add(path)
+        bundle = read_bundle(path)
+        references = [bundle.config.get("tokenizer"), *bundle.config.get("rewards", [])]
+        pending.extend(bundle.path / ref for ref in references if isinstance(ref, str))
 
 
 def _split(items: list, counts: list[int]) -> list[list]:
@@ -180,7 +280,8 @@ class Engine:
             if model.rewards:
                 settings = TTEOSettings(steps=1)
                 text = "a red circle"
-                model.refine_batch([RefineJob(condition=condition, text=text, seed=0, n=max_batch_size, settings=settings, reward=model.rewards[0])])
+                job = RefineJob.for_request(condition=condition, text=text, seed=0, n=max_batch_size, settings=settings, reward=model.rewards[0])
+                model.refine_batch([job])
             log.info("warmed %s at batch %d in %.2fs", model.name, max_batch_size, time.perf_counter() - began)
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Up to two minutes: /refine runs many gradient steps, and the default buckets stop at 10 s.
@@ -40,6 +40,11 @@ class Metrics:
             "softdimo_reward_gain", "reward_after - reward_before of refined images.", ["model"], buckets=GAIN_BUCKETS, registry=r
         )
         self.rejected = Counter("softdimo_rejected", "Requests refused or dropped, by reason.", ["endpoint", "reason"], registry=r)
+        self.batch_splits = Counter(
+            "softdimo_batch_splits", "Batches that ran out of memory and were retried in halves.", ["endpoint", "model"], registry=r
+        )
+        # process_resident_memory_bytes, CPU seconds, open files (Linux): what a soak test watches for leaks.
+        ProcessCollector(registry=r)
 
     def declare(self, endpoints: list[str], models: list[str]) -> None:
         """Export zeros for series known to exist, so rates and alerts have data from the first scrape."""

@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.schemas import (
+    ErrorResponse,
     GenerateRequest,
     ImageData,
     ImageResponse,
@@ -19,7 +20,9 @@ from server.schemas import (
     OpenAIImageRequest,
     OpenAIImageResponse,
     RefineRequest,
+    Status,
     Timing,
+    ValidationErrorResponse,
 )
 from server.service import GENERATE, OPENAI, REFINE, GeneratedImages, Service, ServiceError
 from softdimo.images import MEDIA_TYPES
@@ -27,11 +30,22 @@ from softdimo.tteo import TTEOSettings
 
 router = APIRouter()
 IMAGE_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
+AUTH_RESPONSES = {401: {"model": ErrorResponse, "description": "an API key is configured and the request lacks it or has a wrong one"}}
 ERROR_RESPONSES = {
-    404: {"description": "unknown model or reward"},
-    429: {"description": "the queue is full; see Retry-After"},
-    503: {"description": "not ready yet, or draining for shutdown"},
-    504: {"description": "the deadline passed before the request could be served"},
+    **AUTH_RESPONSES,
+    400: {"model": ErrorResponse, "description": "the body could not be read (e.g. a number of more than 4300 digits)"},
+    404: {"model": ErrorResponse, "description": "unknown model or reward"},
+    413: {"model": ErrorResponse, "description": "the body is larger than max_body_bytes"},
+    422: {"model": ValidationErrorResponse, "description": "malformed, out of bounds, or more than max_request_cost"},
+    429: {"model": ErrorResponse, "description": "the queue is full (max_queue or max_queue_cost); see Retry-After"},
+    500: {"model": ErrorResponse, "description": "the batch this request was in failed on the device"},
+    503: {"model": ErrorResponse, "description": "not ready yet, or draining for shutdown; see Retry-After"},
+    504: {"model": ErrorResponse, "description": "the deadline passed before the request could be served"},
+}
+IMAGE_RESPONSES = {
+    **ERROR_RESPONSES,
+    200: {"content": {media: {} for media in MEDIA_TYPES.values()}, "description": "JSON, or with Accept: image/... and n = 1 the image"},
+    406: {"model": ErrorResponse, "description": "an image body was asked for with n > 1"},
 }
 
 
@@ -100,9 +114,9 @@ def _wanted_image_format(request: Request, body_format: str) -> str | None:
     return None
 
 
-async def _generate(request: Request, body: GenerateRequest) -> GeneratedImages:
+async def _generate(request: Request, body: GenerateRequest, endpoint: str) -> GeneratedImages:
     service = _service(request)
-    model = service.model(body.model)
+    model = service.model(body.model, endpoint=endpoint)
     condition = service.condition(model, body.prompt, body.class_label)
     seed = service.seeds_for(body.seed, body.n)
     return await _unless_disconnected(
@@ -110,7 +124,7 @@ async def _generate(request: Request, body: GenerateRequest) -> GeneratedImages:
     )
 
 
-@router.post("/generate", response_model=ImageResponse, responses=ERROR_RESPONSES)
+@router.post("/generate", response_model=ImageResponse, responses=IMAGE_RESPONSES)
 async def generate(request: Request, body: GenerateRequest):
     service = _service(request)
     began = time.perf_counter()
@@ -118,7 +132,7 @@ async def generate(request: Request, body: GenerateRequest):
         image_format = _wanted_image_format(request, body.format)
         if image_format is not None and body.n != 1:
             raise ServiceError(406, "an image body holds one image: use n = 1, or Accept: application/json")
-        result = await _generate(request, body)
+        result = await _generate(request, body, GENERATE)
         encoded = await service.encode(result.images, image_format or body.format)
         service.metrics.images.labels(GENERATE, result.model).inc(len(encoded))
         if image_format is not None:
@@ -131,7 +145,7 @@ async def generate(request: Request, body: GenerateRequest):
         )  # fmt: skip
 
 
-@router.post("/refine", response_model=ImageResponse, responses=ERROR_RESPONSES)
+@router.post("/refine", response_model=ImageResponse, responses=IMAGE_RESPONSES)
 async def refine(request: Request, body: RefineRequest):
     """TTEO: gradient steps on the generator's input embeddings against a reward, then decode.
 
@@ -140,7 +154,7 @@ async def refine(request: Request, body: RefineRequest):
     service = _service(request)
     began = time.perf_counter()
     async with _counted(service, REFINE, body.model):
-        model = service.model(body.model)
+        model = service.model(body.model, endpoint=REFINE)
         condition = service.condition(model, body.prompt, body.class_label)
         defaults = model.pipeline.tteo if model.kind == "one-step" else TTEOSettings()
         settings = replace(
@@ -179,18 +193,18 @@ async def refine(request: Request, body: RefineRequest):
 async def openai_generations(request: Request, body: OpenAIImageRequest):
     service = _service(request)
     async with _counted(service, OPENAI, body.model):
-        model = service.model(body.model)
+        model = service.model(body.model, endpoint=OPENAI)
         side = f"{model.image_size}x{model.image_size}"
         if body.size not in (None, "auto", side):
             raise ServiceError(422, f"size {body.size!r} is not available: model {model.name!r} draws {side}")
         request_body = GenerateRequest(prompt=body.prompt, n=body.n, seed=body.seed, model=body.model, format=body.output_format)
-        result = await _generate(request, request_body)
+        result = await _generate(request, request_body, OPENAI)
         encoded = await service.encode(result.images, body.output_format)
         service.metrics.images.labels(OPENAI, result.model).inc(len(encoded))
         return OpenAIImageResponse(created=int(time.time()), data=[OpenAIImage(b64_json=service.b64(d)) for d in encoded])
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=AUTH_RESPONSES)
 async def models(request: Request):
     service = _service(request)
     if service.engine is None:
@@ -198,12 +212,12 @@ async def models(request: Request):
     return ModelList(data=[m.card() for m in service.engine.models.values()])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Status)
 async def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Status, responses={503: {"model": Status, "description": "loading, draining or failed"}})
 async def readyz(request: Request):
     service = _service(request)
     if service.ready:
@@ -212,7 +226,7 @@ async def readyz(request: Request):
     return JSONResponse({"status": reason}, status_code=503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request):
     from server.metrics import CONTENT_TYPE
 

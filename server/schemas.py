@@ -11,7 +11,10 @@ ImageFormat = Literal["png", "jpeg", "webp"]
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", protected_namespaces=(),
+        json_schema_extra={"examples": [{"prompt": "two blue squares", "n": 2, "seed": 7}, {"prompt": "a red circle", "format": "webp"}]},
+    )  # fmt: skip
 
     prompt: str | None = Field(None, min_length=1, max_length=512, description="for text-conditional models")
     class_label: int | None = Field(None, ge=0, description="for class-conditional models")
@@ -29,6 +32,8 @@ class GenerateRequest(BaseModel):
 
 
 class RefineRequest(GenerateRequest):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "a red circle", "seed": 3, "steps": 2, "lr": 0.5}]})
+
     steps: int | None = Field(None, ge=1, le=200, description="TTEO gradient steps")
     lr: float | None = Field(None, gt=0, le=100, description="TTEO learning rate")
     reward: str | None = Field(None, description="a reward name from /v1/models")
@@ -62,7 +67,10 @@ class ImageResponse(BaseModel):
 class OpenAIImageRequest(BaseModel):
     """The OpenAI Images API request shape; fields it has that mean nothing here are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(
+        extra="ignore", protected_namespaces=(),
+        json_schema_extra={"examples": [{"prompt": "a green triangle", "n": 2, "response_format": "b64_json", "size": "auto"}]},
+    )  # fmt: skip
 
     prompt: str = Field(..., min_length=1, max_length=512)
     n: int = Field(1, ge=1, le=16)
@@ -100,3 +108,21 @@ class ModelList(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class ValidationIssue(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """422: FastAPI's list of issues for a malformed body, or one message for a request the model cannot take."""
+
+    detail: list[ValidationIssue] | str
+
+
+class Status(BaseModel):
+    status: str = Field(..., description="ok, ready, loading, draining, or failed: <reason>")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, NullObserver, QueueFull
-from server.engine import Engine, GenerateJob, RefinedImage, RefineJob, ServedModel
+from server.engine import Engine, GenerateJob, RefinedImage, RefineJob, ServedModel, run_splitting_on_oom
 from server.metrics import Metrics
 from server.settings import Settings
 from softdimo.conditioning import ConditionError
@@ -30,6 +30,7 @@ REFINE = "/refine"
 OPENAI = "/v1/images/generations"
 ENDPOINTS = (GENERATE, REFINE, OPENAI)
 MAX_SEED = 2**63
+MODEL_THREAD = "softdimo-model"  # name prefix of the one thread that runs batches
 
 
 class ServiceError(Exception):
@@ -50,6 +51,15 @@ class GeneratedImages:
     queue_s: float
     compute_s: float
     refined: list[RefinedImage] | None = None  # /refine only: rewards and chosen candidates, per image
+
+
+def job_cost(model: ServedModel, job: GenerateJob | RefineJob) -> int:
+    """images x steps x best_of: the teacher's sampling steps or the TTEO steps; a one-step /generate is 1 step."""
+    if isinstance(job, RefineJob):
+        return job.n * job.settings.steps * job.settings.best_of
+    if model.kind == "masked-diffusion":
+        return job.n * (job.steps or model.defaults["steps"])
+    return job.n
 
 
 def _timed(run, jobs):
@@ -91,7 +101,7 @@ class Service:
         self.load_error: str | None = None
         self._batchers: dict[tuple[str, str], Batcher] = {}
         # One thread for all model work: batches of different models and endpoints take turns on the device.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="softdimo-model")
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=MODEL_THREAD)
 
     # ------------------------------------------------------------ lifecycle
     async def start(self, engine: Engine | None = None) -> None:
@@ -107,39 +117,58 @@ class Service:
             raise
         self.engine = engine
         self.metrics.declare(list(ENDPOINTS), list(engine.models))
-        for name, model in engine.models.items():
-            await self._add_batcher(GENERATE, name, lambda jobs, model=model: _timed(model.generate_batch, jobs))
+        for model in engine.models.values():
+            await self._add_batcher(GENERATE, model, model.generate_batch)
             if model.rewards:
-                await self._add_batcher(REFINE, name, lambda jobs, model=model: _timed(model.refine_batch, jobs))
-        self.ready = True
+                await self._add_batcher(REFINE, model, model.refine_batch)
+        # A drain that began while the models were loading keeps the server unready.
+        self.ready = not self.draining
 
-    async def _add_batcher(self, endpoint: str, name: str, run) -> None:
+    async def _add_batcher(self, endpoint: str, model: ServedModel, run_batch) -> None:
+        splits = self.metrics.batch_splits.labels(endpoint, model.name)
+
+        def run(jobs):  # a batch that runs out of memory is retried in halves before any request fails
+            return _timed(lambda jobs: run_splitting_on_oom(run_batch, jobs, on_split=splits.inc), jobs)
+
         batcher = Batcher(
             run,
             max_batch_size=self.settings.max_batch_size,
             max_wait_s=self.settings.max_wait_ms / 1000,
             max_queue=max(self.settings.max_queue, self.settings.max_batch_size),
             size_of=lambda job: job.n,
+            cost_of=lambda job: job_cost(model, job),
+            max_queue_cost=self.settings.max_queue_cost,
             # A batch runs one set of sampling steps (teachers) or one set of TTEO settings and reward (/refine);
             # requests that differ wait in arrival order for a batch of their own.
             key_of=lambda job: job.key,
             executor=self._executor,
-            observer=_BatchMetrics(self.metrics, endpoint, name),
-            name=f"{endpoint}:{name}",
+            observer=_BatchMetrics(self.metrics, endpoint, model.name),
+            name=f"{endpoint}:{model.name}",
         )
         await batcher.start()
-        self._batchers[(endpoint, name)] = batcher
+        self._batchers[(endpoint, model.name)] = batcher
+
+    def begin_drain(self) -> None:
+        """From now on refuse new work (503) and report unready; queued and running work carries on."""
+        self.draining = True
+        self.ready = False
 
     async def stop(self) -> None:
         """Refuse new work, let queued and running batches finish within the drain timeout."""
-        self.draining = True
-        self.ready = False
+        self.begin_drain()
         await asyncio.gather(*(b.stop(drain=True, timeout_s=self.settings.drain_timeout_s) for b in self._batchers.values()))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    async def abort(self) -> None:
+        """Stop at once: queued work fails with 503, and the batch in progress is no longer waited for."""
+        self.begin_drain()
+        await asyncio.gather(*(b.stop(drain=False, timeout_s=0) for b in self._batchers.values()))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
     # ------------------------------------------------------------ requests
-    def model(self, name: str | None) -> ServedModel:
+    def model(self, name: str | None, *, endpoint: str) -> ServedModel:
         if self.draining:
+            self.metrics.rejected.labels(endpoint, "draining").inc()
             raise ServiceError(503, "the server is draining for shutdown", {"Retry-After": "1"})
         if not self.ready or self.engine is None:
             raise ServiceError(503, "the server is not ready yet: models are loading", {"Retry-After": "5"})
@@ -175,10 +204,9 @@ class Service:
     ) -> GeneratedImages:  # fmt: skip
         if steps is not None and model.kind != "masked-diffusion":
             raise ServiceError(422, f"model {model.name!r} is one-step: steps applies only to masked-diffusion models")
-        jobs = [
-            GenerateJob(condition=condition, seed=seed + i, n=size, steps=steps) for i, size in self._chunks(n)
-        ]
-        results, queue_s, compute_s = await self._run(GENERATE, model, jobs)
+        job = GenerateJob(condition=condition, seed=seed, n=n, steps=steps)
+        self._check_cost(model, job)
+        results, queue_s, compute_s = await self._run(GENERATE, model, self._chunks(job))
         images = [image for result in results for image in result]
         return GeneratedImages(model=model.name, images=images, seeds=[seed + i for i in range(n)], queue_s=queue_s, compute_s=compute_s)
 
@@ -191,11 +219,9 @@ class Service:
         reward = reward or model.rewards[0]
         if reward not in model.rewards:
             raise ServiceError(404, f"unknown reward {reward!r}; model {model.name!r} has: {', '.join(model.rewards)}")
-        jobs = [
-            RefineJob(condition=condition, text=text, seed=seed + i, n=size, settings=settings, reward=reward)
-            for i, size in self._chunks(n)
-        ]  # fmt: skip
-        results, queue_s, compute_s = await self._run(REFINE, model, jobs)
+        job = RefineJob.for_request(condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward)
+        self._check_cost(model, job)
+        results, queue_s, compute_s = await self._run(REFINE, model, self._chunks(job))
         refined = [item for result in results for item in result]
         self.metrics.tteo_steps.labels(model.name).inc(settings.steps * n)
         for item in refined:
@@ -205,10 +231,23 @@ class Service:
             compute_s=compute_s, refined=refined,
         )  # fmt: skip
 
-    def _chunks(self, n: int) -> list[tuple[int, int]]:
-        """(offset, size) parts of a request: one larger than a batch runs as several, seeds staying per image."""
-        size = self.settings.max_batch_size
-        return [(i, min(size, n - i)) for i in range(0, n, size)]
+    def _check_cost(self, model: ServedModel, job: GenerateJob | RefineJob) -> None:
+        cost, limit = job_cost(model, job), self.settings.max_request_cost
+        if cost <= limit:
+            return
+        if isinstance(job, RefineJob):
+            terms = f"{job.n} images x {job.settings.steps} TTEO steps x best_of {job.settings.best_of}"
+        else:
+            terms = f"{job.n} images x {cost // job.n} sampling steps"
+        raise ServiceError(422, f"this request costs {terms} = {cost}, over max_request_cost = {limit}; ask for fewer images or steps")
+
+    def _chunks(self, job: GenerateJob | RefineJob) -> list:
+        """Parts of a request of at most a batch each: one larger than a batch runs as several, seeds staying per image."""
+        parts = []
+        while job.n > self.settings.max_batch_size:
+            head, job = job.split(self.settings.max_batch_size)
+            parts.append(head)
+        return [*parts, job]
 
     async def _run(self, endpoint: str, model: ServedModel, jobs: list) -> tuple[list, float, float]:
         """Run a request's jobs through the model's batcher: (outputs per job, queue seconds, compute seconds)."""
@@ -226,7 +265,9 @@ class Service:
         try:
             return await asyncio.gather(*tasks)
         except QueueFull as exc:
-            raise ServiceError(429, "the queue is full; retry later", {"Retry-After": str(math.ceil(exc.retry_after_s))}) from exc
+            what = "images" if exc.limit == "max_queue" else "cost"
+            detail = f"the queue is full ({exc.limit} = {exc.value} {what} per model and endpoint); retry later"
+            raise ServiceError(429, detail, {"Retry-After": str(math.ceil(exc.retry_after_s))}) from exc
         except DeadlineExceeded as exc:
             raise ServiceError(504, f"not served within {self.settings.request_timeout_s:g}s") from exc
         except Draining as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -31,11 +31,39 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)  # a request not served by then gets 504
     drain_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM, how long queued and running work may take to finish
     api_key: str | None = None  # when set, requests need `Authorization: Bearer <key>`
+    # Paths answered without the key: probes, the scrape target, and the API description (which holds no secrets).
+    auth_exempt_paths: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"]
+    )
+    # Cost of a request = images x steps x best_of, where steps are the teacher's sampling steps or the TTEO
+    # steps (the model's default when absent) and 1 for a one-step /generate. 4096 admits 16 images x 200
+    # TTEO steps (3200) or 16 images x 64 teacher steps (1024), but not 16 x 200 x best_of 16.
+    max_request_cost: int = Field(4096, ge=1)
+    max_queue_cost: int = Field(16384, ge=1)  # queued cost per model and endpoint before 429: four of the largest requests
+    max_body_bytes: int = Field(65536, ge=1024)  # request bodies above this get 413 before any JSON is parsed
     log_level: str = "info"
 
-    @field_validator("weights", mode="before")
+    @field_validator("weights", "auth_exempt_paths", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
             return [v for v in (p.strip() for p in value.split(",")) if v]
         return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, value):
+        if value is None:
+            return None
+        # A key read from a file often ends in a newline, which no Authorization header can carry.
+        value = value.strip()
+        if not value:
+            raise ValueError("api_key is empty: set a key, or unset SOFTDIMO_API_KEY to serve without one")
+        return value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self):
+        # Otherwise the largest admissible request could never be queued and would get 429 forever.
+        if self.max_queue_cost < self.max_request_cost:
+            raise ValueError(f"max_queue_cost ({self.max_queue_cost}) must be at least max_request_cost ({self.max_request_cost})")
+        return self

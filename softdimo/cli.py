@@ -207,21 +207,27 @@ def _bench(args: argparse.Namespace) -> None:
 
     # Options left out take the suite dataclass's defaults (stated once, there); the JSON records every value used.
     options = {action.dest: getattr(args, action.dest) for action in args.bench_options}
-    command = bench.command_line(["softdimo", "bench", args.suite], [(a.option_strings[0], options[a.dest]) for a in args.bench_options])
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if v is not None and k not in ("json", "plot")}
-    if args.suite == "offline":
-        result = bench.run_offline(bench.OfflineBench(**config), command)
-        table = bench.offline_table(result)
-    else:
-        from server import bench as server_bench
+    flags = [(action.option_strings[0], options[action.dest]) for action in args.bench_options]
+    command = bench.command_line(["softdimo", "bench", args.suite], flags)
+    given = {k: v for k, v in options.items() if v is not None and k not in ("json", "plot")}
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    try:
+        if args.suite == "offline":
+            result = bench.run_offline(bench.OfflineBench(**config), command)
+            table = bench.offline_table(result)
+        else:
+            from server import bench as server_bench
 
-        run, make_table, config_class = {
-            "serve": (server_bench.run_serve, server_bench.serve_table, server_bench.ServeBench),
-            "steps": (server_bench.run_steps, server_bench.steps_table, server_bench.StepsBench),
-            "refine": (server_bench.run_refine, server_bench.refine_table, server_bench.RefineBench),
-        }[args.suite]
-        result = run(config_class(**config), command)
-        table = make_table(result)
+            run, make_table, config_class = {
+                "serve": (server_bench.run_serve, server_bench.serve_table, server_bench.ServeBench),
+                "steps": (server_bench.run_steps, server_bench.steps_table, server_bench.StepsBench),
+                "refine": (server_bench.run_refine, server_bench.refine_table, server_bench.RefineBench),
+            }[args.suite]
+            result = run(config_class(**config), command)
+            table = make_table(result)
+    except bench.BenchError as exc:
+        print(f"softdimo bench {args.suite}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     print(table)
     if args.json:
         bench.write_json(result, args.json)
@@ -267,11 +273,11 @@ def _add_bench_parser(commands) -> None:
         (("--steps",), {"type": int, "nargs": "+", "help": "sampling steps (masked-diffusion bundles; default: the bundle's)"}),
         (("--repeats",), {"type": int, "help": "timed calls per batch size (median)"}),
         (("--warmup",), {"type": int, "help": "untimed calls per batch size first"}),
-        (("--matmul-size",), {"type": int, "help": "side of the square matmuls timed for the peak (default 2048 CPU, 8192 CUDA)"}),
+        (("--matmul-size",), {"type": int, "help": "side of the matmuls timed for the peak (default 2048 CPU, 8192 CUDA)"}),
     ])  # fmt: skip
     suite("serve", "concurrency sweep through the server, batched against --compare-batch-size", [
         (("--model",), {"required": True, "help": "bundle folder"}),
-        (("--concurrency",), {"type": int, "nargs": "+", "help": "closed-loop clients, one load level each (default 1 2 4 … 64)"}),
+        (("--concurrency",), {"type": int, "nargs": "+", "help": "closed-loop clients per load level (default 1 2 4 … 64)"}),
         (("--compare-batch-size",), {"type": int, "help": "the other server's --max-batch-size"}),
         (("--endpoint",), {"choices": ["generate", "refine"]}),
         (("--tteo-steps",), {"type": int, "help": "/refine: TTEO steps per request (default: the bundle's)"}),
@@ -402,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level")
     srv.set_defaults(func=_serve)
 
-    soak = commands.add_parser("soak", help="mixed /generate and /refine traffic against a server; exits 1 on any 5xx")
+    soak = commands.add_parser(
+        "soak", help="mixed /generate and /refine traffic against a server (keyed by SOFTDIMO_API_KEY if set); exits 1 on any 5xx"
+    )
     soak.add_argument("--url", default="http://127.0.0.1:8000")
     soak.add_argument("--minutes", type=float, default=10.0)
     soak.add_argument("--concurrency", type=int, default=8, help="requests kept in flight")

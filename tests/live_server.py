@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import uvicorn
 
 from server.app import create_app
+from server.engine import Engine
 from server.settings import Settings
 
 
@@ -21,11 +27,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(settings: Settings, ready_timeout_s: float = 60.0):
-    """Start the app on a real socket, wait for /readyz, yield its base URL, then shut it down."""
+def live_server(settings: Settings, ready_timeout_s: float = 60.0, engine: Engine | None = None):
+    """Start the app on a real socket, wait for /readyz, yield its base URL, then shut it down.
+
+    With `engine`, the app serves those models (e.g. ones made to fail on purpose) instead of loading `settings.weights`."""
     port = free_port()
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
-    app = create_app(settings)
+    app = create_app(settings, engine)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -46,3 +54,31 @@ def live_server(settings: Settings, ready_timeout_s: float = 60.0):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def server_process(args: list[str], log_path: Path, ready_timeout_s: float = 90.0, env: dict[str, str] | None = None):
+    """Run `softdimo serve <args> --port <free>` as a child process; yield (process, base URL) once /readyz is 200.
+
+    Its output goes to `log_path`; the process is killed at the end if it is still running."""
+    port = free_port()
+    command = [sys.executable, "-m", "softdimo.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            deadline = time.monotonic() + ready_timeout_s
+            while True:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server at {url} did not become ready:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.1)
+            yield process, url
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()

@@ -217,6 +217,63 @@ def test_overflow_raises_queue_full_and_accepted_items_still_complete():
     assert observer.rejections == ["queue_full"]
 
 
+def test_queued_cost_is_bounded_apart_from_images_and_freed_as_work_leaves_the_queue():
+    gate = threading.Event()
+    model = FakeModel(on_call=wait_for_gate(gate, {0}))
+    observer = RecordingObserver()
+
+    async def main() -> None:
+        # Cost is the request's value here: plenty of image room (16), but only 10 units of cost.
+        batcher = make_batcher(
+            model, max_batch_size=1, max_queue=16, max_wait_s=0.0, cost_of=lambda req: req.value, max_queue_cost=10,
+            observer=observer,
+        )  # fmt: skip
+        await batcher.start()
+        with pytest.raises(ValueError, match="at most max_queue_cost = 10"):
+            await batcher.submit(Req(11))  # could never be queued: an error, not a retry-later
+        running = asyncio.create_task(batcher.submit(Req(9)))  # runs at once: the running batch is not queued cost
+        await until(lambda: len(model.batches) == 1)
+        queued = [asyncio.create_task(batcher.submit(Req(v))) for v in (6, 4)]
+        await until(lambda: batcher.queued_cost == 10)
+        with pytest.raises(QueueFull) as rejected:
+            await batcher.submit(Req(1))
+        assert rejected.value.limit == "max_queue_cost" and rejected.value.value == 10
+        assert batcher.queued_images == 2 and rejected.value.retry_after_s >= 1.0
+        queued[1].cancel()  # a client that leaves gives its cost back
+        await until(lambda: batcher.queued_cost == 6)
+        late = asyncio.create_task(batcher.submit(Req(3)))
+        await until(lambda: batcher.queued_cost == 9)
+        gate.set()
+        assert await asyncio.gather(running, queued[0], late) == [18, 12, 6]
+        assert batcher.queued_cost == 0
+        await batcher.stop()
+
+    run(main)
+    assert model.batches == [[9], [6], [3]]
+    assert observer.rejections == ["queue_full", "disconnected"]
+
+
+def test_image_limit_names_itself_in_queue_full():
+    gate = threading.Event()
+    model = FakeModel(on_call=wait_for_gate(gate, {0}))
+
+    async def main() -> None:
+        batcher = make_batcher(model, max_batch_size=1, max_queue=1, max_wait_s=0.0, cost_of=lambda req: 1, max_queue_cost=100)
+        await batcher.start()
+        running = asyncio.create_task(batcher.submit(Req(0)))
+        await until(lambda: len(model.batches) == 1)
+        queued = asyncio.create_task(batcher.submit(Req(1)))
+        await until(lambda: batcher.queued_images == 1)
+        with pytest.raises(QueueFull) as rejected:
+            await batcher.submit(Req(2))
+        assert rejected.value.limit == "max_queue" and rejected.value.value == 1
+        gate.set()
+        assert await asyncio.gather(running, queued) == [0, 2]
+        await batcher.stop()
+
+    run(main)
+
+
 def test_retry_after_grows_with_batch_duration_and_queue_length():
     gate = threading.Event()
 

@@ -1,0 +1,162 @@
+"""A soak test client: mixed /generate and /refine traffic for a while, then status counts, latencies and memory growth."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import httpx
+import numpy as np
+
+PROMPTS = (
+    "a red circle", "two blue squares", "a green triangle", "three cyan triangles", "a large yellow circle",
+    "a blue square above a red circle",
+)  # fmt: skip
+MAX_BACKOFF_S = 5.0  # longest pause a worker takes on a 429 or 503, whatever Retry-After says
+
+
+@dataclass
+class SoakReport:
+    url: str
+    duration_s: float
+    concurrency: int
+    requests: int
+    by_status: dict[str, int]  # HTTP status -> responses
+    by_endpoint: dict[str, dict[str, int]]  # endpoint -> HTTP status -> responses
+    errors: dict[str, int]  # transport errors (no HTTP answer), by exception type
+    latency_s: dict[str, dict[str, float]]  # endpoint -> p50, p90, p99, max of the 200 answers
+    rss_start_bytes: float | None  # the server's process_resident_memory_bytes before and after the traffic
+    rss_end_bytes: float | None
+    models: list[str] = field(default_factory=list)
+
+    @property
+    def server_errors(self) -> int:
+        return sum(count for status, count in self.by_status.items() if status.startswith("5"))
+
+    @property
+    def rss_growth_bytes(self) -> float | None:
+        if self.rss_start_bytes is None or self.rss_end_bytes is None:
+            return None
+        return self.rss_end_bytes - self.rss_start_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "server_errors": self.server_errors, "rss_growth_bytes": self.rss_growth_bytes}
+
+    def text(self) -> str:
+        lines = [
+            f"soak of {self.url}: {self.duration_s:.0f}s at concurrency {self.concurrency}, {self.requests} requests "
+            f"to {', '.join(self.models)}",
+            "status: " + ", ".join(f"{status} x{count}" for status, count in sorted(self.by_status.items())),
+            f"server errors (5xx): {self.server_errors}; transport errors: "
+            + (", ".join(f"{name} x{count}" for name, count in sorted(self.errors.items())) or "none"),
+        ]
+        for endpoint, stats in sorted(self.latency_s.items()):
+            lines.append(f"{endpoint} latency of 200s: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in stats.items()))
+        if self.rss_growth_bytes is not None:
+            lines.append(
+                f"server resident memory: {self.rss_start_bytes / 2**20:.1f} MiB -> {self.rss_end_bytes / 2**20:.1f} MiB "
+                f"({self.rss_growth_bytes / 2**20:+.1f} MiB)"
+            )
+        else:
+            lines.append("server resident memory: not exported by /metrics")
+        return "\n".join(lines)
+
+
+def _routes(models: list[dict]) -> list[tuple[str, dict]]:
+    """(endpoint, model card) pairs: /generate for every model, /refine for those whose card lists rewards."""
+    return [(endpoint, m) for m in models for endpoint in ("/generate", "/refine") if endpoint == "/generate" or m.get("rewards")]
+
+
+def _pick(routes: list[tuple[str, dict]], rng: random.Random) -> tuple[str, dict]:
+    endpoint, model = rng.choice(routes)
+    if model["conditioning"] == "class":
+        condition = {"class_label": rng.randrange(len(model["classes"]))}
+    else:
+        condition = {"prompt": rng.choice(PROMPTS)}
+    body = {"model": model["name"], "seed": rng.randrange(2**31), "n": rng.choice((1, 1, 2, 4)), **condition}
+    if endpoint == "/refine":
+        body.update(n=1, steps=rng.choice((1, 2, 4)))
+    return endpoint, body
+
+
+async def _resident_memory(client: httpx.AsyncClient) -> float | None:
+    try:
+        text = (await client.get("/metrics")).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return float(line.split()[1])
+    return None
+
+
+async def soak(
+    url: str, *, duration_s: float, concurrency: int, api_key: str | None = None, seed: int = 0, timeout_s: float = 300.0,
+) -> SoakReport:  # fmt: skip
+    """Keep `concurrency` requests in flight for `duration_s` seconds (each worker waits for its answer)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s, limits=limits) as client:
+        response = await client.get("/v1/models")
+        response.raise_for_status()
+        models = response.json()["data"]
+        if not models:
+            raise RuntimeError(f"{url} serves no models")
+        routes = _routes(models)
+        rss_start = await _resident_memory(client)
+        statuses: dict[str, Counter] = {}
+        errors: Counter = Counter()
+        latencies: dict[str, list[float]] = {}
+        began = time.monotonic()
+        deadline = began + duration_s
+
+        async def worker(index: int) -> None:
+            rng = random.Random(seed * 1000 + index)
+            while time.monotonic() < deadline:
+                endpoint, body = _pick(routes, rng)
+                start = time.perf_counter()
+                try:
+                    answer = await client.post(endpoint, json=body)
+                except httpx.HTTPError as exc:
+                    errors[type(exc).__name__] += 1
+                    continue
+                statuses.setdefault(endpoint, Counter())[str(answer.status_code)] += 1
+                if answer.status_code == 200:
+                    latencies.setdefault(endpoint, []).append(time.perf_counter() - start)
+                elif answer.status_code in (429, 503):
+                    pause = float(answer.headers.get("retry-after", "1"))
+                    await asyncio.sleep(min(pause, MAX_BACKOFF_S, max(0.0, deadline - time.monotonic())))
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        elapsed = time.monotonic() - began
+        rss_end = await _resident_memory(client)
+
+    by_status: Counter = Counter()
+    for counts in statuses.values():
+        by_status.update(counts)
+    return SoakReport(
+        url=url, duration_s=elapsed, concurrency=concurrency, requests=sum(by_status.values()) + sum(errors.values()),
+        by_status=dict(by_status), by_endpoint={e: dict(c) for e, c in statuses.items()}, errors=dict(errors),
+        latency_s={e: _percentiles(v) for e, v in latencies.items()}, rss_start_bytes=rss_start, rss_end_bytes=rss_end,
+        models=[m["name"] for m in models],
+    )  # fmt: skip
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    p50, p90, p99 = np.percentile(seconds, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(max(seconds))}
+
+
+def run_soak(url: str, *, minutes: float, concurrency: int, api_key: str | None = None, seed: int = 0) -> SoakReport:
+    """The `softdimo soak` command's work: run the soak and return its report."""
+    return asyncio.run(soak(url.rstrip("/"), duration_s=minutes * 60, concurrency=concurrency, api_key=api_key, seed=seed))
+
+
+def write_report(report: SoakReport, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report.as_dict(), f, indent=2)
+        f.write("\n")

@@ -156,8 +156,15 @@ def _serve(args: argparse.Namespace) -> None:
     from server.app import serve
     from server.settings import Settings
 
+    from pydantic import ValidationError
+
     flags = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    serve(Settings(**flags))
+    try:
+        settings = Settings(**flags)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"softdimo serve: invalid settings: {problems}") from None
+    serve(settings)
 
 
 def _soak(args: argparse.Namespace) -> None:

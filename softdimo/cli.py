@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 DEFAULT_TOKENIZER = "weights/shapes-tokenizer"
 DEFAULT_FEATURES = "weights/shapes-features"

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_bundles import TINY_TOKENIZER, tiny_transformer_config  # noqa: E402
+from tiny_bundles import TINY_TOKENIZER, tiny_transformer_config, write_all  # noqa: E402
 
 from softdimo.conditioning import Conditioner  # noqa: E402
 from softdimo.transformer import MaskedTransformer  # noqa: E402
@@ -30,3 +30,26 @@ def text_conditioner() -> Conditioner:
 def tiny_text_transformer(text_conditioner) -> MaskedTransformer:
     torch.manual_seed(0)
     return MaskedTransformer(tiny_transformer_config(text_conditioner)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory):
+    """One set of tiny bundles per session: tokenizer, reward, teachers and one-step models."""
+    return write_all(tmp_path_factory.mktemp("tiny-bundles"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy machine its waits dominate."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of the first sample of `name` carrying `labels` in a Prometheus exposition, or 0."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

@@ -26,6 +26,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(url: str, *, alive, timeout_s: float) -> bool:
+    """Poll /readyz until it answers 200 (True), or the server dies or the time runs out (False)."""
+    deadline = time.monotonic() + timeout_s
+    while alive() and time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
 @contextmanager
 def live_server(settings: Settings, ready_timeout_s: float = 60.0, engine: Engine | None = None):
     """Start the app on a real socket, wait for /readyz, yield its base URL, then shut it down.
@@ -38,17 +51,9 @@ def live_server(settings: Settings, ready_timeout_s: float = 60.0, engine: Engin
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ready_timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError(f"server at {url} did not become ready")
-        time.sleep(0.05)
+    if not wait_until_ready(url, alive=thread.is_alive, timeout_s=ready_timeout_s):
+        server.should_exit = True
+        raise RuntimeError(f"server at {url} did not become ready")
     try:
         yield url
     finally:
@@ -67,16 +72,8 @@ def server_process(args: list[str], log_path: Path, ready_timeout_s: float = 90.
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
-            deadline = time.monotonic() + ready_timeout_s
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server at {url} did not become ready:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.1)
+            if not wait_until_ready(url, alive=lambda: process.poll() is None, timeout_s=ready_timeout_s):
+                raise RuntimeError(f"server at {url} did not become ready:\n{log_path.read_text()[-3000:]}")
             yield process, url
         finally:
             if process.poll() is None:

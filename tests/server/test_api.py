@@ -7,20 +7,16 @@ import httpx
 import numpy as np
 import pytest
 from live_server import live_server
-from tiny_bundles import write_all
+from conftest import metric
 
 from server.settings import Settings
 from softdimo.images import decode_image
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    return write_all(tmp_path_factory.mktemp("bundles"))
-
 
 @pytest.fixture(scope="module")
-def url(bundles):
-    settings = Settings(weights=[str(bundles["text"]), str(bundles["class"])], device="cpu", max_batch_size=8, max_wait_ms=5)
+def url(tiny_bundles):
+    settings = Settings(weights=[str(tiny_bundles["text"]), str(tiny_bundles["class"])], device="cpu", max_batch_size=8, max_wait_ms=5)
     with live_server(settings) as base:
         yield base
 
@@ -152,33 +148,26 @@ def test_same_seed_same_image_under_concurrent_mixed_traffic(url):
     assert (_image(alone[5]["data"][0]) == _image(alone[1]["data"][1])).all()
 
 
-def _metric(text: str, name: str, **labels) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_metrics_move(url):
     before = httpx.get(f"{url}/metrics").text
     httpx.post(f"{url}/generate", json={"prompt": "a red circle", "n": 2})
     httpx.post(f"{url}/generate", json={"prompt": "a red circle", "model": "nope"})
     after = httpx.get(f"{url}/metrics").text
     ok = dict(endpoint="/generate", model="tiny-text", status="200")
-    assert _metric(after, "softdimo_requests_total", **ok) == _metric(before, "softdimo_requests_total", **ok) + 1
-    assert _metric(after, "softdimo_requests_total", endpoint="/generate", model="unknown", status="404") >= 1
+    assert metric(after, "softdimo_requests_total", **ok) == metric(before, "softdimo_requests_total", **ok) + 1
+    assert metric(after, "softdimo_requests_total", endpoint="/generate", model="unknown", status="404") >= 1
     images = dict(endpoint="/generate", model="tiny-text")
-    assert _metric(after, "softdimo_images_generated_total", **images) == _metric(before, "softdimo_images_generated_total", **images) + 2
-    assert _metric(after, "softdimo_batch_size_count", **images) > _metric(before, "softdimo_batch_size_count", **images)
-    assert _metric(after, "softdimo_request_duration_seconds_count", **images) > 0
-    assert _metric(after, "softdimo_queue_wait_seconds_count", **images) > 0
+    assert metric(after, "softdimo_images_generated_total", **images) == metric(before, "softdimo_images_generated_total", **images) + 2
+    assert metric(after, "softdimo_batch_size_count", **images) > metric(before, "softdimo_batch_size_count", **images)
+    assert metric(after, "softdimo_request_duration_seconds_count", **images) > 0
+    assert metric(after, "softdimo_queue_wait_seconds_count", **images) > 0
     for name in ["softdimo_queue_depth", "softdimo_inflight_requests", "softdimo_rejected_total"]:
         assert name in after
     assert 'le="120.0"' in after
 
 
-def test_full_queue_answers_429_with_retry_after_and_nothing_else_fails(bundles):
-    settings = Settings(weights=[str(bundles["text"])], device="cpu", max_batch_size=1, max_queue=1, max_wait_ms=0)
+def test_full_queue_answers_429_with_retry_after_and_nothing_else_fails(tiny_bundles):
+    settings = Settings(weights=[str(tiny_bundles["text"])], device="cpu", max_batch_size=1, max_queue=1, max_wait_ms=0)
     with live_server(settings) as base:
 
         async def flood():
@@ -192,19 +181,19 @@ def test_full_queue_answers_429_with_retry_after_and_nothing_else_fails(bundles)
         assert httpx.get(f"{base}/readyz").status_code == 200
         assert httpx.post(f"{base}/generate", json={"prompt": "a red circle"}).status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
-        assert _metric(metrics, "softdimo_rejected_total", endpoint="/generate", reason="queue_full") == statuses.count(429)
+        assert metric(metrics, "softdimo_rejected_total", endpoint="/generate", reason="queue_full") == statuses.count(429)
 
 
-def test_deadline_answers_504(bundles):
-    settings = Settings(weights=[str(bundles["text"])], device="cpu", request_timeout_s=0.0005)
+def test_deadline_answers_504(tiny_bundles):
+    settings = Settings(weights=[str(tiny_bundles["text"])], device="cpu", request_timeout_s=0.0005)
     with live_server(settings) as base:
         r = httpx.post(f"{base}/generate", json={"prompt": "a red circle", "n": 16})
         assert r.status_code == 504 and "not served within" in r.text
 
 
 @pytest.fixture(scope="module")
-def one_step_url(bundles):
-    weights = [str(bundles["one-step"]), str(bundles["one-step-class"]), str(bundles["text"])]
+def one_step_url(tiny_bundles):
+    weights = [str(tiny_bundles["one-step"]), str(tiny_bundles["one-step-class"]), str(tiny_bundles["text"])]
     with live_server(Settings(weights=weights, device="cpu", max_batch_size=8, max_wait_ms=5)) as base:
         yield base
 
@@ -267,5 +256,5 @@ def test_concurrent_refines_with_mixed_settings_match_their_solo_results(one_ste
             assert (_image(a) == _image(b)).all()
             assert a["reward_after"] == pytest.approx(b["reward_after"], abs=1e-4)
     metrics = httpx.get(f"{one_step_url}/metrics").text
-    assert _metric(metrics, "softdimo_tteo_steps_total", model="tiny-one-step") > 0
-    assert _metric(metrics, "softdimo_reward_gain_count", model="tiny-one-step") > 0
+    assert metric(metrics, "softdimo_tteo_steps_total", model="tiny-one-step") > 0
+    assert metric(metrics, "softdimo_reward_gain_count", model="tiny-one-step") > 0

@@ -4,8 +4,6 @@ import asyncio
 import json
 
 import pytest
-import torch
-from tiny_bundles import write_all
 
 from server import bench
 from softdimo.cli import main
@@ -13,18 +11,8 @@ from softdimo.cli import main
 FAST = {"device": "cpu", "duration_s": 0.5, "warmup_s": 0.1, "repeats": 1, "timeout_s": 30.0, "server": "thread"}
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    return write_all(tmp_path_factory.mktemp("bundles"))
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy machine its waits dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_level(level: dict, concurrency: int) -> None:
@@ -63,8 +51,8 @@ def test_options_are_checked_before_anything_starts():
         bench.RefineBench(model="unused", warmup_s=-1)
 
 
-def test_load_generator_is_bounded_and_counts_refusals(bundles):
-    spec = bench.ServerSpec(weights=(str(bundles["one-step"]),), device="cpu", max_batch_size=2, mode="thread")
+def test_load_generator_is_bounded_and_counts_refusals(tiny_bundles):
+    spec = bench.ServerSpec(weights=(str(tiny_bundles["one-step"]),), device="cpu", max_batch_size=2, mode="thread")
     with bench.running_server(spec) as url:
         assert url.startswith("http://127.0.0.1:")
         target = bench.target_for(bench.model_cards(url)["tiny-one-step"], "/generate")
@@ -78,9 +66,9 @@ def test_load_generator_is_bounded_and_counts_refusals(bundles):
         assert level["latency_ms"]["p50"] is None
 
 
-def test_serve_sweeps_batched_against_unbatched(bundles, tmp_path, capsys):
+def test_serve_sweeps_batched_against_unbatched(tiny_bundles, tmp_path, capsys):
     out = tmp_path / "serve.json"
-    argv = ["bench", "serve", "--model", str(bundles["one-step"]), "--concurrency", "1", "4", "--device", "cpu",
+    argv = ["bench", "serve", "--model", str(tiny_bundles["one-step"]), "--concurrency", "1", "4", "--device", "cpu",
             "--max-batch-size", "4", "--duration-s", "0.5", "--warmup-s", "0.1", "--repeats", "1", "--server", "thread",
             "--json", str(out), "--plot", str(tmp_path / "plots")]  # fmt: skip
     assert main(argv) == 0
@@ -117,10 +105,10 @@ def test_serve_sweeps_batched_against_unbatched(bundles, tmp_path, capsys):
         assert "matplotlib is not installed" in printed.err and not plots.exists()
 
 
-def test_steps_compares_one_step_with_teacher_in_one_server_process(bundles, monkeypatch):
+def test_steps_compares_one_step_with_teacher_in_one_server_process(tiny_bundles, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child server inherits the environment (all but SOFTDIMO_*)
     config = bench.StepsBench(
-        one_step=str(bundles["one-step"]), teacher=str(bundles["text"]), steps=(1, 2), concurrency=2, max_batch_size=2,
+        one_step=str(tiny_bundles["one-step"]), teacher=str(tiny_bundles["text"]), steps=(1, 2), concurrency=2, max_batch_size=2,
         **{**FAST, "server": "process"},
     )  # fmt: skip
     result = bench.run_steps(config, "softdimo bench steps")
@@ -134,11 +122,11 @@ def test_steps_compares_one_step_with_teacher_in_one_server_process(bundles, mon
     assert "| teacher steps |" in bench.steps_table(result)
 
     with pytest.raises(ValueError, match="not a masked-diffusion"):
-        bench.run_steps(bench.StepsBench(one_step=str(bundles["one-step"]), teacher=str(bundles["one-step"])), "")
+        bench.run_steps(bench.StepsBench(one_step=str(tiny_bundles["one-step"]), teacher=str(tiny_bundles["one-step"])), "")
 
 
-def test_refine_burst_batched_against_serial(bundles):
-    config = bench.RefineBench(model=str(bundles["one-step"]), requests=4, tteo_steps=2, rounds=1, max_batch_size=4, **FAST)
+def test_refine_burst_batched_against_serial(tiny_bundles):
+    config = bench.RefineBench(model=str(tiny_bundles["one-step"]), requests=4, tteo_steps=2, rounds=1, max_batch_size=4, **FAST)
     result = bench.run_refine(config, "softdimo bench refine")
     cost = result["step_cost"]
     assert cost["tteo_steps"] == result["tteo_steps"] == 2

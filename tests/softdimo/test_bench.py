@@ -4,25 +4,14 @@ import json
 
 import pytest
 import torch
-from tiny_bundles import write_all
 
 from softdimo import bench
 from softdimo.cli import main
 from softdimo.pipeline import load_pipeline
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    return write_all(tmp_path_factory.mktemp("bundles"))
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy machine its waits dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_latency_summary_interpolates_between_order_statistics():
@@ -69,24 +58,24 @@ def _check_offline(result: dict, steps: list, batch_sizes: list) -> None:
         assert row["fraction_of_peak"] == pytest.approx(row["achieved_flops"] / peak)
 
 
-def test_offline_one_step_and_teacher(bundles):
+def test_offline_one_step_and_teacher(tiny_bundles):
     tiny = {"batch_sizes": (1, 2), "repeats": 1, "warmup": 1, "matmul_size": 256, "device": "cpu"}
-    one_step = bench.run_offline(bench.OfflineBench(model=str(bundles["one-step"]), **tiny), "softdimo bench offline")
+    one_step = bench.run_offline(bench.OfflineBench(model=str(tiny_bundles["one-step"]), **tiny), "softdimo bench offline")
     _check_offline(one_step, [None], [1, 2])
     assert one_step["model"]["kind"] == "one-step"
 
-    teacher = bench.run_offline(bench.OfflineBench(model=str(bundles["text"]), steps=(1, 3), **tiny), "softdimo bench offline")
+    teacher = bench.run_offline(bench.OfflineBench(model=str(tiny_bundles["text"]), steps=(1, 3), **tiny), "softdimo bench offline")
     _check_offline(teacher, [1, 3], [1, 2])
     flops = {r["steps"]: r["flops_per_image"] for r in teacher["rows"]}
     # Each sampling step is one guided transformer pass; the decoder runs once: more steps, more FLOPs.
     assert flops[3] > flops[1] > one_step["rows"][0]["flops_per_image"] / 2
 
     with pytest.raises(ValueError, match="masked-diffusion"):
-        bench.run_offline(bench.OfflineBench(model=str(bundles["one-step"]), steps=(4,), **tiny), "")
+        bench.run_offline(bench.OfflineBench(model=str(tiny_bundles["one-step"]), steps=(4,), **tiny), "")
 
 
-def test_tteo_step_cost_is_the_difference_per_step(bundles):
-    pipeline = load_pipeline(bundles["one-step"], "cpu")
+def test_tteo_step_cost_is_the_difference_per_step(tiny_bundles):
+    pipeline = load_pipeline(tiny_bundles["one-step"], "cpu")
     cost = bench.tteo_step_cost(pipeline, steps=3, batch_size=1, repeats=1, warmup=1)
     assert cost["tteo_steps"] == 3 and cost["batch_size"] == 1
     assert cost["forward_s"] > 0 and cost["refine_s"] > 0 and cost["refine_zero_steps_s"] > 0
@@ -94,17 +83,17 @@ def test_tteo_step_cost_is_the_difference_per_step(bundles):
     assert cost["step_over_forward"] == pytest.approx(cost["step_s"] / cost["forward_s"])
 
 
-def test_cli_refuses_options_that_do_not_apply(bundles, capsys):
+def test_cli_refuses_options_that_do_not_apply(tiny_bundles, capsys):
     with pytest.raises(SystemExit) as exit:
-        main(["bench", "offline", "--model", str(bundles["one-step"]), "--steps", "4"])
+        main(["bench", "offline", "--model", str(tiny_bundles["one-step"]), "--steps", "4"])
     assert exit.value.code == 2 and "--steps applies to masked-diffusion bundles" in capsys.readouterr().err
     with pytest.raises(bench.BenchError, match="--batch-sizes must be positive"):
         bench.OfflineBench(model="unused", batch_sizes=(4, 0))
 
 
-def test_cli_prints_the_table_and_writes_json(bundles, tmp_path, capsys):
+def test_cli_prints_the_table_and_writes_json(tiny_bundles, tmp_path, capsys):
     out = tmp_path / "offline.json"
-    argv = ["bench", "offline", "--model", str(bundles["one-step"]), "--device", "cpu", "--batch-sizes", "1", "--repeats", "1",
+    argv = ["bench", "offline", "--model", str(tiny_bundles["one-step"]), "--device", "cpu", "--batch-sizes", "1", "--repeats", "1",
             "--warmup", "1", "--matmul-size", "128", "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out

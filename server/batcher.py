@@ -230,23 +230,11 @@ class Batcher(Generic[In, Out]):
             self._observer_call(self._observer.rejected, "deadline")
             raise DeadlineExceeded(f"{self.name}: the deadline had passed before the request was queued")
         if self._queued_images + size > self._max_queue:
-            retry_after_s = self._retry_after_s()
-            self._observer_call(self._observer.rejected, "queue_full")
-            raise QueueFull(
-                f"{self.name}: {self._queued_images} of {self._max_queue} images queued, no room for {size} more",
-                retry_after_s=retry_after_s,
-                limit="max_queue",
-                value=self._max_queue,
-            )
+            self._refuse_full(f"{self._queued_images} of {self._max_queue} images queued, no room for {size} more",
+                              limit="max_queue", value=self._max_queue)  # fmt: skip
         if self._max_queue_cost is not None and self._queued_cost + cost > self._max_queue_cost:
-            retry_after_s = self._retry_after_s()
-            self._observer_call(self._observer.rejected, "queue_full")
-            raise QueueFull(
-                f"{self.name}: a cost of {self._queued_cost} of {self._max_queue_cost} queued, no room for {cost} more",
-                retry_after_s=retry_after_s,
-                limit="max_queue_cost",
-                value=self._max_queue_cost,
-            )
+            self._refuse_full(f"a cost of {self._queued_cost} of {self._max_queue_cost} queued, no room for {cost} more",
+                              limit="max_queue_cost", value=self._max_queue_cost)  # fmt: skip
 
         pending: _Pending[In, Out] = _Pending(
             item=item,
@@ -279,6 +267,11 @@ class Batcher(Generic[In, Out]):
         except Draining:
             self._observer_call(self._observer.rejected, "draining")
             raise
+
+    def _refuse_full(self, message: str, *, limit: str, value: int) -> None:
+        retry_after_s = self._retry_after_s()
+        self._observer_call(self._observer.rejected, "queue_full")
+        raise QueueFull(f"{self.name}: {message}", retry_after_s=retry_after_s, limit=limit, value=value)
 
     def _unqueue(self, pending: _Pending[In, Out]) -> None:
         if pending.state is not _State.QUEUED:

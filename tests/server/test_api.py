@@ -21,6 +21,16 @@ def url(tiny_bundles):
         yield base
 
 
+def post_concurrently(url: str, path: str, bodies: list[dict]) -> list[httpx.Response]:
+    """POST every body at once, on one client, and return the responses in order."""
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post(path, json=b) for b in bodies))
+
+    return asyncio.run(fire())
+
+
 def _image(item) -> np.ndarray:
     return decode_image(base64.b64decode(item["b64_json"]))
 
@@ -131,12 +141,8 @@ def test_same_seed_same_image_under_concurrent_mixed_traffic(url):
     ]  # fmt: skip
     requests += [{"class_label": 4, "model": "tiny-class", "seed": 3, "n": 2}]
 
-    async def fire(bodies):
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            return await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
-
-    alone = [asyncio.run(fire([b]))[0].json() for b in requests]
-    together = asyncio.run(fire(requests * 3))
+    alone = [post_concurrently(url, "/generate", [b])[0].json() for b in requests]
+    together = post_concurrently(url, "/generate", requests * 3)
     for i, response in enumerate(together):
         expected = alone[i % len(requests)]
         got = response.json()
@@ -170,11 +176,7 @@ def test_full_queue_answers_429_with_retry_after_and_nothing_else_fails(tiny_bun
     settings = Settings(weights=[str(tiny_bundles["text"])], device="cpu", max_batch_size=1, max_queue=1, max_wait_ms=0)
     with live_server(settings) as base:
 
-        async def flood():
-            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-                return await asyncio.gather(*(client.post("/generate", json={"prompt": "a red circle", "seed": i}) for i in range(40)))
-
-        responses = asyncio.run(flood())
+        responses = post_concurrently(base, "/generate", [{"prompt": "a red circle", "seed": i} for i in range(40)])
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) > 0
         assert all(int(r.headers["retry-after"]) >= 1 for r in responses if r.status_code == 429)
@@ -244,12 +246,8 @@ def test_concurrent_refines_with_mixed_settings_match_their_solo_results(one_ste
         {"prompt": "a green triangle", "seed": 4, "steps": 2, "n": 2},
     ]
 
-    async def fire(batch):
-        async with httpx.AsyncClient(base_url=one_step_url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/refine", json=b) for b in batch))
-
-    alone = [asyncio.run(fire([b]))[0].json() for b in bodies]
-    together = asyncio.run(fire(bodies * 2))
+    alone = [post_concurrently(one_step_url, "/refine", [b])[0].json() for b in bodies]
+    together = post_concurrently(one_step_url, "/refine", bodies * 2)
     for i, response in enumerate(together):
         assert response.status_code == 200
         for a, b in zip(response.json()["data"], alone[i % len(bodies)]["data"]):

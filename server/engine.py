@@ -14,20 +14,13 @@ import torch
 
 from softdimo.bundle import BundleError, read_bundle
 from softdimo.conditioning import Conditioner
+from softdimo.device import resolve_device
 from softdimo import shapes
 from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
 from softdimo.tteo import TTEOSettings, candidate_seeds
 from softdimo.vq import to_uint8
 
 log = logging.getLogger("softdimo.engine")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 @dataclass(frozen=True)

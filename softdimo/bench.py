@@ -43,12 +43,13 @@ def check_options(*, positive: dict, non_negative: dict | None = None) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    from softdimo.train.loop import pick_device
+    from softdimo.device import DeviceError
+    from softdimo.device import resolve_device as resolve
 
-    device = pick_device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for, but torch sees no CUDA device")
-    return device
+    try:
+        return resolve(name)
+    except DeviceError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 def synchronize(device: torch.device) -> None:

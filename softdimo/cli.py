@@ -13,9 +13,9 @@ DEFAULT_FEATURES = "weights/shapes-features"
 
 
 def _device(args: argparse.Namespace):
-    from softdimo.train.loop import pick_device
+    from softdimo.device import resolve_device
 
-    return pick_device(args.device)
+    return resolve_device(args.device)
 
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
@@ -438,8 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as exc:
         from softdimo.bundle import BundleError
         from softdimo.conditioning import ConditionError
+        from softdimo.device import DeviceError
 
-        if isinstance(exc, (BundleError, ConditionError)):
+        if isinstance(exc, (BundleError, ConditionError, DeviceError)):
             print(f"softdimo: {exc}", file=sys.stderr)
             return 2
         raise

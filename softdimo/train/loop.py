@@ -17,12 +17,6 @@ from tqdm import tqdm
 CHECKPOINT = "checkpoint.safetensors"
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up to `peak`, then cosine decay to a tenth of it."""
     if step < warmup:

@@ -39,8 +39,9 @@ def test_sigterm_drains_queued_and_running_work_then_exits_0(tiny_bundles, tmp_p
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=180) as client:
-                work = [asyncio.create_task(client.post("/generate", json={**SLOW, "seed": 10 * i})) for i in range(2)]
-                await _until_queued(client, requests=2)  # one batch running, one queued
+                # Six batches of their own: the queue stays non-empty long enough to be seen even on a busy machine.
+                work = [asyncio.create_task(client.post("/generate", json={**SLOW, "steps": 64, "seed": 10 * i})) for i in range(6)]
+                await _until_queued(client, requests=6)  # one batch running, the rest queued
                 process.send_signal(signal.SIGTERM)
                 readiness = await client.get("/readyz")
                 while readiness.status_code == 200:  # the signal is handled on the server's next loop turn
@@ -62,7 +63,7 @@ def test_sigterm_drains_queued_and_running_work_then_exits_0(tiny_bundles, tmp_p
 
     assert readiness.status_code == 503 and readiness.json() == {"status": "draining"}
     assert late.status_code == 503 and "draining" in late.json()["detail"] and int(late.headers["retry-after"]) >= 1
-    assert [a.status_code for a in answers] == [200] * 2, log.read_text()[-3000:]
+    assert [a.status_code for a in answers] == [200] * 6, log.read_text()[-3000:]
     assert all(len(a.json()["data"]) == 2 for a in answers)
     assert still_draining in (None, 503)
     assert code == 0, log.read_text()[-3000:]

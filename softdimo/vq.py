@@ -20,7 +20,12 @@ class TokenizerConfig:
     levels: tuple[int, ...] = (8, 5, 5, 5)  # FSQ levels per code dimension: codebook size is their product
     stem: int = 4  # the first pixel_unshuffle factor; later stages halve with strided convs
     channels: tuple[int, ...] = (64, 128)  # width at the stem resolution, then after each halving
-    blocks: int = 2  # residual blocks per resolution in the decoder (one in the encoder)
+    blocks: int = 2  # residual blocks per resolution in the decoder (one in the conv encoder)
+    # "patch": each token is computed from its own downsample x downsample patch alone, so the same patch content
+    # always gets the same code wherever it lies (what a masked transformer learns fastest from);
+    # "conv": a convolutional encoder whose receptive field reaches beyond the patch. The decoder sees context in both.
+    encoder: str = "patch"
+    encoder_width: int = 256  # hidden width of the patch encoder's per-patch MLP
     # Output colours: decoded pixels are a softmax over these (background first). Empty means plain RGB.
     palette: tuple[tuple[int, int, int], ...] = field(
         default_factory=lambda: ((0, 0, 0), *map(tuple, shapes.PALETTE.tolist()))
@@ -64,7 +69,23 @@ def _codebook(levels: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(list(itertools.product(*[a.tolist() for a in axes])), dtype=torch.float32)
 
 
-class Encoder(nn.Module):
+class PatchEncoder(nn.Module):
+    """Per-patch MLP (1x1 convolutions over the unshuffled patch): a token sees only its own pixels."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        width = cfg.encoder_width
+        self.net = nn.Sequential(
+            nn.PixelUnshuffle(cfg.downsample), nn.Conv2d(3 * cfg.downsample**2, width, 1), nn.SiLU(),
+            nn.Conv2d(width, width, 1), nn.SiLU(), nn.Conv2d(width, width, 1), nn.SiLU(),
+            nn.Conv2d(width, len(cfg.levels), 1),
+        )  # fmt: skip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)  # (B, d, g, g)
+
+
+class ConvEncoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         stages = int(math.log2(cfg.downsample // cfg.stem))
@@ -99,13 +120,18 @@ class Decoder(nn.Module):
         return self.net(codes)  # (B, colours or 3, H, W) logits
 
 
+ENCODERS = {"patch": PatchEncoder, "conv": ConvEncoder}
+
+
 class VQTokenizer(nn.Module):
     """Images in [0, 1] (B, 3, H, W) <-> token grids (B, g*g) over a codebook of `codebook_size` codes."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        if cfg.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {cfg.encoder!r}; use one of {', '.join(ENCODERS)}")
+        self.encoder = ENCODERS[cfg.encoder](cfg)
         self.decoder = Decoder(cfg)
         self.register_buffer("codebook", _codebook(cfg.levels), persistent=False)  # (K, d)
         self.register_buffer("_levels", torch.tensor(cfg.levels, dtype=torch.float32), persistent=False)

@@ -1,11 +1,12 @@
 """The VQ tokenizer: token ids and the soft path decode alike; the soft path is differentiable."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from softdimo import shapes
-from softdimo.vq import VQTokenizer, to_tensor, to_uint8
+from softdimo.vq import TokenizerConfig, VQTokenizer, to_tensor, to_uint8
 
 
 def test_codebook_rows_match_the_quantiser(tiny_tokenizer: VQTokenizer):
@@ -51,3 +52,24 @@ def test_reconstruction_loss_trains(tiny_tokenizer: VQTokenizer):
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.5 * first
+
+
+def test_patch_encoder_codes_depend_only_on_their_own_patch(tiny_tokenizer: VQTokenizer):
+    image = to_tensor(shapes.render(shapes.sample_scene(shapes.parse_prompt("a large red circle"), np.random.default_rng(3)))[None])
+    changed = image.clone()
+    changed[..., 8:16, 16:24] = torch.tensor([0.0, 1.0, 1.0])[:, None, None]  # repaint the patch at grid (1, 2)
+    before, after = tiny_tokenizer.encode(image), tiny_tokenizer.encode(changed)
+    differs = (before != after)[0].reshape(tiny_tokenizer.cfg.grid, -1)
+    assert differs[1, 2]
+    differs[1, 2] = False
+    assert not differs.any()
+
+
+def test_same_patch_content_gets_the_same_code_anywhere(tiny_tokenizer: VQTokenizer):
+    blank = torch.zeros(1, 3, 64, 64)
+    assert tiny_tokenizer.encode(blank).unique().numel() == 1
+
+
+def test_unknown_encoder_is_refused():
+    with pytest.raises(ValueError, match="unknown encoder"):
+        VQTokenizer(TokenizerConfig(encoder="vit"))

@@ -99,7 +99,15 @@ def _train_distill(args: argparse.Namespace) -> None:
         relaxation=args.relaxation, gan_weight=args.gan_weight, reward_weight=args.reward_weight, eval_every=args.eval_every,
     )  # fmt: skip
     settings = GeneratorSettings(r_init=args.r_init, sigma=args.sigma)
-    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward)
+    initial = None
+    if args.init:
+        start = load_pipeline(args.init, device)
+        if not hasattr(start, "generator") or start.generator.cfg != teacher.model.cfg:
+            raise SystemExit(f"softdimo: --init {args.init} is not a one-step model of the teacher's architecture")
+        initial = start.generator.model
+    parts = DistillParts(
+        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward, initial=initial,
+    )  # fmt: skip
     generator = train_distill(run_dir=Path(args.run_dir), parts=parts, generator_settings=settings, training=training, device=device)
     out = Path(args.out).resolve()
     relative = lambda path: os.path.relpath(Path(path).resolve(), out)  # noqa: E731
@@ -347,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill = stages.add_parser("distill", help="a one-step generator from a teacher: Di[M]O, plus Soft-Di[M]O's GAN and reward terms")
     common(distill, "runs/distill", "weights/shapes-softdimo-text", 1500, 32, 1e-4)
     distill.add_argument("--teacher", default="weights/shapes-teacher-text")
+    distill.add_argument("--init", help="one-step bundle to continue from (e.g. Di[M]O before GAN and reward terms); default: the teacher")
     distill.add_argument("--reward", help="reward bundle used by --reward-weight and shipped with the model for TTEO")
     distill.add_argument("--guidance", type=float, default=2.0, help="the teacher's classifier-free guidance")
     distill.add_argument("--relaxation", choices=["soft", "straight-through"], default="soft")

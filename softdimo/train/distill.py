@@ -116,6 +116,7 @@ class DistillParts:
     tokenizer: VQTokenizer
     conditioner: Conditioner
     reward: Reward | None
+    initial: MaskedTransformer | None = None  # the generator to continue from (a one-step model); the teacher when None
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -133,7 +134,7 @@ def train_distill(
     torch.manual_seed(training.seed)
     teacher = _freeze(parts.teacher.to(device))
     tokenizer = _freeze(parts.tokenizer.to(device))
-    student = copy.deepcopy(teacher).train()
+    student = copy.deepcopy(parts.initial or teacher).to(device).train()
     aux = copy.deepcopy(teacher).train()
     for model in (student, aux):
         for p in model.parameters():
@@ -221,8 +222,9 @@ def train_distill(
             metrics["gan_d"] = loss_d.item()
 
         with torch.no_grad():
+            decay = min(training.ema, (1 + step) / (10 + step))  # short runs must not stay near the teacher's weights
             for e, s in zip(ema.parameters(), student.parameters()):
-                e.lerp_(s, 1 - training.ema)
+                e.lerp_(s, 1 - decay)
         return metrics
 
     def eval_fn(step: int) -> dict[str, float]:

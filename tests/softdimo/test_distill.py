@@ -87,3 +87,24 @@ def test_distillation_runs_resumes_and_exports_a_loadable_one_step_bundle(tmp_pa
     assert isinstance(pipeline, OneStepPipeline) and list(pipeline.rewards) == ["tiny-clip"]
     images = pipeline.generate(teacher.conditioner.encode_prompts(["a red circle"]), [0])
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
+
+
+def test_distillation_continues_from_a_one_step_model_and_leaves_it_untouched(tmp_path):
+    from tiny_bundles import write_all
+
+    from softdimo.generator import GeneratorSettings
+    from softdimo.pipeline import load_pipeline
+    from softdimo.train.distill import DistillParts, DistillTraining, train_distill
+
+    bundles = write_all(tmp_path / "b")
+    teacher = load_pipeline(bundles["text"])
+    start = load_pipeline(bundles["one-step"]).generator.model
+    start_weights = {k: v.clone() for k, v in start.state_dict().items()}
+    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=None, initial=start)
+    training = DistillTraining(steps=1, batch_size=2, eval_every=1, eval_prompts=2, warmup=1, ema=0.0)
+    generator = train_distill(run_dir=tmp_path / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu")
+    assert all(torch.equal(v, start.state_dict()[k]) for k, v in start_weights.items()), "the starting model is copied, not trained"
+    trained = generator.model.state_dict()
+    # embeddings stay the starting model's; the blocks moved away from it (ema 0: the EMA is the student)
+    assert torch.equal(trained["token_embedding.weight"], start_weights["token_embedding.weight"])
+    assert any(not torch.equal(trained[k], start_weights[k]) for k in trained if k.startswith("blocks"))

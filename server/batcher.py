@@ -21,6 +21,8 @@ Out = TypeVar("Out")
 # Weight of the newest batch in the moving average of batch durations: high enough to follow a model
 # that got slower (e.g. larger images), low enough that one odd batch does not swing Retry-After.
 _DURATION_SMOOTHING = 0.3
+# Weight of the newest gap in the moving average of the time between arrivals.
+_ARRIVAL_SMOOTHING = 0.3
 _MIN_RETRY_AFTER_S = 1.0
 
 
@@ -110,7 +112,9 @@ class Batcher(Generic[In, Out]):
     """Collects submitted items into batches for `run_batch` and hands each caller its own output.
 
     A batch holds items with the key of the oldest queued item, in arrival order, up to `max_batch_size`
-    images; it starts when it cannot grow any more or `max_wait_s` after its oldest item was queued.
+    images; it starts when it cannot grow any more or `max_wait_s` after its oldest item was queued, and
+    at once when arrivals are sparse: a batch waits only while the mean gap between recent arrivals says
+    another item should come before its wait ends, so a lone request at low load never sits out the wait.
 
     The queue admits up to `max_queue` images and, when `max_queue_cost` is given, up to that much total
     `cost_of` (work that images alone do not show, such as sampling steps); beyond either, QueueFull."""
@@ -156,6 +160,8 @@ class Batcher(Generic[In, Out]):
         self._queued_cost = 0
         self._running_batch: list[_Pending[In, Out]] = []
         self._mean_batch_s: float | None = None
+        self._last_arrival: float | None = None
+        self._mean_gap_s: float | None = None  # None until two items have arrived: then wait, as if company were due
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -236,13 +242,15 @@ class Batcher(Generic[In, Out]):
             self._refuse_full(f"a cost of {self._queued_cost} of {self._max_queue_cost} queued, no room for {cost} more",
                               limit="max_queue_cost", value=self._max_queue_cost)  # fmt: skip
 
+        queued_at = time.monotonic()
+        self._note_arrival(queued_at)
         pending: _Pending[In, Out] = _Pending(
             item=item,
             size=size,
             cost=cost,
             key=key,
             future=asyncio.get_running_loop().create_future(),
-            queued_at=time.monotonic(),
+            queued_at=queued_at,
             deadline=deadline,
         )
         self._queue.append(pending)
@@ -267,6 +275,18 @@ class Batcher(Generic[In, Out]):
         except Draining:
             self._observer_call(self._observer.rejected, "draining")
             raise
+
+    def _note_arrival(self, now: float) -> None:
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self._mean_gap_s = (
+                gap if self._mean_gap_s is None else _ARRIVAL_SMOOTHING * gap + (1 - _ARRIVAL_SMOOTHING) * self._mean_gap_s
+            )
+        self._last_arrival = now
+
+    def _company_expected_within(self, seconds: float) -> bool:
+        """Whether, at the recent arrival rate, another item should arrive in the next `seconds`."""
+        return self._mean_gap_s is None or self._mean_gap_s <= seconds
 
     def _refuse_full(self, message: str, *, limit: str, value: int) -> None:
         retry_after_s = self._retry_after_s()
@@ -346,7 +366,7 @@ class Batcher(Generic[In, Out]):
                 continue
             batch, can_grow = self._next_batch()
             wait_s = self._queue[0].queued_at + self._max_wait_s - time.monotonic()
-            if can_grow and wait_s > 0 and not self._stopping:
+            if can_grow and wait_s > 0 and not self._stopping and self._company_expected_within(wait_s):
                 try:
                     async with asyncio.timeout(wait_s):
                         await self._wakeup.wait()

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     weights: Annotated[list[str], NoDecode] = Field(default_factory=default_weights)  # bundle folders; the first is the default model
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch_size: int = Field(16, ge=1, le=1024)  # images per executed batch
-    max_wait_ms: float = Field(5.0, ge=0)  # how long a batch may wait for company after its first request
+    max_wait_ms: float = Field(5.0, ge=0)  # the longest a batch waits for company after its first request (not at all when arrivals are sparse)
     max_queue: int = Field(256, ge=1)  # queued images per model and endpoint before 429
     request_timeout_s: float = Field(60.0, gt=0)  # a request not served by then gets 504
     drain_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM, how long queued and running work may take to finish

@@ -56,7 +56,7 @@ def _train_teacher(args: argparse.Namespace) -> None:
         sizes = {"num_classes": conditioner.num_classes}
     cfg = TransformerConfig(
         codebook_size=tokenizer.cfg.codebook_size, tokens=tokenizer.cfg.grid**2,
-        width=args.width, depth=args.depth, heads=args.heads, **sizes,
+        width=args.width, depth=args.depth, heads=args.heads, code_dim=len(tokenizer.cfg.levels) if args.code_features else 0, **sizes,
     )  # fmt: skip
     training = TeacherTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every)
     sampler = SamplerSettings(steps=16, guidance=args.guidance)
@@ -344,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--width", type=int, default=192)
     teacher.add_argument("--depth", type=int, default=4)
     teacher.add_argument("--heads", type=int, default=6)
+    teacher.add_argument("--code-features", action=argparse.BooleanOptionalAction, default=True,
+                         help="token embeddings and logits also learn from the tokenizer's code vectors")
     teacher.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance the bundle samples with")
     teacher.add_argument("--eval-every", type=int, default=500)
     teacher.set_defaults(func=_train_teacher)

@@ -22,6 +22,10 @@ class TransformerConfig:
     text_length: int = 12
     num_classes: int = 0  # > 0: class-conditional; label `num_classes` is the null (unconditional) class
     dropout: float = 0.0
+    # > 0: the tokenizer's code vectors (codebook_size, code_dim) ride along as a buffer, and every token's
+    # input embedding and output logit get a learned function of its code vector, so tokens whose codes lie
+    # close share what is learned about them instead of each being learned from its own occurrences alone.
+    code_dim: int = 0
 
     def __post_init__(self):
         if (self.text_vocab > 0) == (self.num_classes > 0):
@@ -90,6 +94,10 @@ def perturb_embeddings(embeddings: torch.Tensor, sigma: float, noise: torch.Tens
     return sigma * noise + math.sqrt(1.0 - sigma**2) * embeddings
 
 
+def _code_features(cfg: TransformerConfig) -> nn.Module:
+    return nn.Sequential(nn.Linear(cfg.code_dim, cfg.width), nn.GELU(), nn.Linear(cfg.width, cfg.width))
+
+
 class MaskedTransformer(nn.Module):
     """Token ids or input embeddings (B, N, D) plus conditioning -> logits (B, N, codebook_size).
 
@@ -108,6 +116,10 @@ class MaskedTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.codebook_size)
+        if cfg.code_dim:
+            self.register_buffer("code_vectors", torch.zeros(cfg.codebook_size, cfg.code_dim))
+            self.code_in = _code_features(cfg)
+            self.code_out = _code_features(cfg)
         self.apply(self._init)
         nn.init.normal_(self.position, std=0.02)
 
@@ -124,13 +136,38 @@ class MaskedTransformer(nn.Module):
             return torch.zeros(batch, self.cfg.text_length, dtype=torch.long, device=device)
         return torch.full((batch,), self.cfg.num_classes, dtype=torch.long, device=device)
 
+    def set_code_vectors(self, codebook: torch.Tensor) -> None:
+        """Give the model its tokenizer's codebook (codebook_size, code_dim) before training."""
+        self.code_vectors.copy_(codebook)
+
+    def input_table(self) -> torch.Tensor:
+        """The input embedding of every token id, (codebook_size + 1, D); the last row is the mask token's."""
+        table = self.token_embedding.weight
+        if not self.cfg.code_dim:
+            return table
+        return table + F.pad(self.code_in(self.code_vectors), (0, 0, 0, 1))
+
+    def input_parameters(self) -> list[nn.Parameter]:
+        """The parameters that make input embeddings (what a student keeps from its teacher)."""
+        return [self.token_embedding.weight, self.position, *(self.code_in.parameters() if self.cfg.code_dim else ())]
+
+    def mask_embedding(self) -> torch.Tensor:
+        return self.input_table()[self.cfg.mask_id]
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, N), mask id allowed -> input embeddings (B, N, D)."""
-        return self.token_embedding(tokens)
+        return F.embedding(tokens, self.input_table())
 
     def soft_embed(self, probs: torch.Tensor) -> torch.Tensor:
         """Distributions over the codebook (B, N, K) -> expected input embeddings (B, N, D)."""
-        return probs @ self.token_embedding.weight[: self.cfg.codebook_size]
+        return probs @ self.input_table()[: self.cfg.codebook_size]
+
+    def _logits(self, states: torch.Tensor) -> torch.Tensor:
+        h = self.norm(states)
+        logits = self.head(h)
+        if self.cfg.code_dim:
+            logits = logits + h @ self.code_out(self.code_vectors).T
+        return logits
 
     def _sequence(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         prefix = self.condition_embedding(condition)  # (B, L, D) for text
@@ -143,7 +180,7 @@ class MaskedTransformer(nn.Module):
         x = self._sequence(embeddings, condition)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x[:, self.cfg.prefix_length :]))
+        return self._logits(x[:, self.cfg.prefix_length :])
 
     def hidden_states(self, embeddings: torch.Tensor, condition: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
         """The image-token states (B, N, D) after each block in `layers` (0-based), for discriminator heads."""

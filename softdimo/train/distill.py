@@ -140,8 +140,8 @@ def train_distill(
         for p in model.parameters():
             p.requires_grad_(True)
         # As in Di[M]O, the embedding tables and positions stay the teacher's.
-        model.token_embedding.weight.requires_grad_(False)
-        model.position.requires_grad_(False)
+        for p in model.input_parameters():
+            p.requires_grad_(False)
     ema = _freeze(copy.deepcopy(student))
     generator = OneStepGenerator(student, generator_settings)
     depth = teacher.cfg.depth
@@ -181,7 +181,7 @@ def train_distill(
         if training.gan_weight or training.reward_weight:
             relaxed = relaxed_tokens(logits, training.relaxation, gumbel)
         if training.gan_weight:
-            fake = mask_replace(teacher.soft_embed(relaxed), teacher.token_embedding.weight[mask_id], training.gan_mask_max, g)
+            fake = mask_replace(teacher.soft_embed(relaxed), teacher.mask_embedding(), training.gan_mask_max, g)
             loss_gan = F.softplus(-disc(teacher.hidden_states(fake, condition, layers))).mean()
             loss_g = loss_g + training.gan_weight * loss_gan
             metrics["gan_g"] = loss_gan.item()
@@ -210,7 +210,7 @@ def train_distill(
         if training.gan_weight:
             with torch.no_grad():
                 real_tokens = tokenizer.encode(to_tensor(images).to(device))
-                mask_embedding = teacher.token_embedding.weight[mask_id]
+                mask_embedding = teacher.mask_embedding()
                 real = mask_replace(teacher.embed(real_tokens), mask_embedding, training.gan_mask_max, g)
                 fake = mask_replace(teacher.soft_embed(relaxed.detach()), mask_embedding, training.gan_mask_max, g)
             d_real = disc(teacher.hidden_states(real, condition, layers))

@@ -66,7 +66,10 @@ def train_teacher(
     from softdimo.pipeline import TeacherPipeline
 
     torch.manual_seed(training.seed)
-    model = MaskedTransformer(cfg).to(device)
+    model = MaskedTransformer(cfg)
+    if cfg.code_dim:
+        model.set_code_vectors(tokenizer.codebook.cpu())
+    model = model.to(device)
     tokenizer = tokenizer.to(device).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
     eval_prompts = evaluate.held_out_prompts(training.eval_prompts, seed=20_000, kinds=conditioner.kinds)

@@ -22,11 +22,16 @@ from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.vq import TokenizerConfig, VQTokenizer, to_uint8
 
 
+# Served images are decoded in chunks of this many, so that a seed gives the same pixels in any batch.
+DECODE_CHUNK = {"cpu": 4, "cuda": 32}
+
+
 def load_tokenizer(bundle: Bundle, device: torch.device | str = "cpu") -> VQTokenizer:
     if bundle.config.get("kind") != "tokenizer":
         raise BundleError(f"{bundle.path}: not a tokenizer bundle")
     tokenizer = VQTokenizer(TokenizerConfig.from_dict(bundle.config["tokenizer"]))
     tokenizer.load_state_dict(bundle.weights("tokenizer"), strict=True)
+    tokenizer.decode_chunk = DECODE_CHUNK.get(torch.device(device).type, 4)
     return tokenizer.to(device).eval().requires_grad_(False)
 
 

@@ -139,6 +139,9 @@ class VQTokenizer(nn.Module):
         # Mixed radix: token id = sum(level_index_i * radix_i), matching itertools.product order.
         radix = [math.prod(cfg.levels[i + 1 :]) for i in range(len(cfg.levels))]
         self.register_buffer("_radix", torch.tensor(radix, dtype=torch.long), persistent=False)
+        # Convolution kernels pick their algorithm by batch size, and with it the rounding. Decoding in
+        # chunks of one fixed size (the last padded) makes an image's pixels independent of its batch.
+        self.decode_chunk: int | None = None
 
     # -- quantisation
     def _quantise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +171,14 @@ class VQTokenizer(nn.Module):
         return self._quantise(self.encoder(images * 2 - 1))[1]
 
     def decode_indices(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, g*g) -> images (B, 3, H, W) in [0, 1]."""
-        return self._pixels(self.decoder(self._grid(self.codebook[tokens])))
+        """Tokens (B, g*g) -> images (B, 3, H, W) in [0, 1]; bit for bit the same whatever the batch with `decode_chunk`."""
+        chunk = self.decode_chunk
+        if chunk is None:
+            return self._pixels(self.decoder(self._grid(self.codebook[tokens])))
+        n = tokens.shape[0]
+        padded = torch.cat([tokens, tokens[:1].expand((-n) % chunk, -1)])
+        codes = self._grid(self.codebook[padded])
+        return torch.cat([self._pixels(self.decoder(part)) for part in codes.split(chunk)])[:n]
 
     def decode_soft(self, probs: torch.Tensor) -> torch.Tensor:
         """Token distributions (B, g*g, K) -> images, differentiably: decodes the expected code `probs @ codebook`."""

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_bundles import TINY_TOKENIZER, tiny_transformer_config, write_all  # noqa: E402
+from tiny_bundles import TINY_TOKENIZER, tiny_transformer, write_all  # noqa: E402
 
 from softdimo.conditioning import Conditioner  # noqa: E402
 from softdimo.transformer import MaskedTransformer  # noqa: E402
@@ -29,7 +29,7 @@ def text_conditioner() -> Conditioner:
 @pytest.fixture
 def tiny_text_transformer(text_conditioner) -> MaskedTransformer:
     torch.manual_seed(0)
-    return MaskedTransformer(tiny_transformer_config(text_conditioner)).eval()
+    return tiny_transformer(text_conditioner).eval()
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,14 @@ def tiny_transformer_config(conditioner: Conditioner, codebook_size: int = 64) -
         if conditioner.conditioning == "text"
         else {"num_classes": conditioner.num_classes}
     )
-    return TransformerConfig(codebook_size=codebook_size, tokens=64, width=32, depth=2, heads=4, **sizes)
+    return TransformerConfig(codebook_size=codebook_size, tokens=64, width=32, depth=2, heads=4, code_dim=len(TINY_TOKENIZER.levels), **sizes)
+
+
+def tiny_transformer(conditioner: Conditioner) -> MaskedTransformer:
+    """A tiny random transformer that knows the tiny tokenizer's code vectors, as a trained teacher would."""
+    model = MaskedTransformer(tiny_transformer_config(conditioner))
+    model.set_code_vectors(VQTokenizer(TINY_TOKENIZER).codebook)
+    return model
 
 
 def write_tokenizer(folder: Path, seed: int = 0) -> Path:
@@ -36,7 +43,7 @@ def write_tokenizer(folder: Path, seed: int = 0) -> Path:
 
 def write_teacher(folder: Path, tokenizer: Path, conditioner: Conditioner, name: str, steps: int = 4, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = MaskedTransformer(tiny_transformer_config(conditioner))
+    model = tiny_transformer(conditioner)
     config = {
         "name": name, "kind": "masked-diffusion", "conditioning": conditioner.conditioning,
         "transformer": model.cfg.to_dict(), "conditioner": conditioner.to_dict(),
@@ -58,7 +65,7 @@ def write_reward(folder: Path, seed: int = 0) -> Path:
 
 def write_one_step(folder: Path, tokenizer: Path, reward: Path, conditioner: Conditioner, name: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = MaskedTransformer(tiny_transformer_config(conditioner))
+    model = tiny_transformer(conditioner)
     config = {
         "name": name, "kind": "one-step", "conditioning": conditioner.conditioning,
         "transformer": model.cfg.to_dict(), "generator": GeneratorSettings().to_dict(), "conditioner": conditioner.to_dict(),

@@ -55,3 +55,17 @@ def test_class_conditional_model_and_real_scale_config_build():
     with torch.device("meta"):  # MaskGen-L-sized: 16 layers, width 1024, 128 tokens, codebook 8192
         big = MaskedTransformer(TransformerConfig(codebook_size=8192, tokens=128, width=1024, depth=16, heads=16, text_vocab=49408, text_length=77))
     assert 250e6 < big.num_parameters() < 300e6
+
+
+def test_code_features_tie_tokens_with_close_codes(tiny_text_transformer, text_conditioner):
+    model = tiny_text_transformer
+    table = model.input_table()
+    assert table.shape == (65, 32) and torch.equal(table[64], model.token_embedding.weight[64])  # the mask row is its own
+    tokens = torch.full((1, 64), model.cfg.mask_id)
+    with torch.no_grad():
+        before = model(tokens, _condition(text_conditioner))
+        model.code_vectors[3] += 0.5  # moving one token's code moves that token's logit and only that one
+        after = model(tokens, _condition(text_conditioner))
+        model.code_vectors[3] -= 0.5
+    moved = (before - after).abs().amax(dim=(0, 1))
+    assert moved[3] > 0 and moved[torch.arange(64) != 3].max() == 0

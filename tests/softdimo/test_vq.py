@@ -73,3 +73,18 @@ def test_same_patch_content_gets_the_same_code_anywhere(tiny_tokenizer: VQTokeni
 def test_unknown_encoder_is_refused():
     with pytest.raises(ValueError, match="unknown encoder"):
         VQTokenizer(TokenizerConfig(encoder="vit"))
+
+
+def test_chunked_decoding_gives_an_image_the_same_pixels_in_any_batch(tiny_tokenizer: VQTokenizer):
+    tokens = torch.randint(0, tiny_tokenizer.codebook.shape[0], (9, tiny_tokenizer.cfg.grid**2), generator=torch.Generator().manual_seed(3))
+    tiny_tokenizer.decode_chunk = 4
+    try:
+        with torch.inference_mode():
+            alone = tiny_tokenizer.decode_indices(tokens[2:3])
+            for batch in (tokens[:3], tokens[1:5], tokens, tokens.flip(0)[:7]):
+                position = next(i for i, row in enumerate(batch) if torch.equal(row, tokens[2]))
+                assert torch.equal(tiny_tokenizer.decode_indices(batch)[position], alone[0])
+            tiny_tokenizer.decode_chunk = None
+            assert torch.allclose(tiny_tokenizer.decode_indices(tokens[2:3]), alone, atol=1e-5)
+    finally:
+        tiny_tokenizer.decode_chunk = None

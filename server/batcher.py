@@ -133,6 +133,7 @@ class Batcher(Generic[In, Out]):
         executor: concurrent.futures.Executor | None = None,
         observer: BatchObserver | None = None,
         name: str = "batcher",
+        skip_wait_when_sparse: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -146,6 +147,9 @@ class Batcher(Generic[In, Out]):
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
+        # Cheap batches skip the wait when recent arrivals say no company is due; a batch that computes for
+        # seconds waits its whole max wait, since a burst's first request looks just like a lone one.
+        self._skip_wait_when_sparse = skip_wait_when_sparse
         self._max_queue = max_queue
         self._size_of = size_of
         self._key_of = key_of
@@ -286,7 +290,7 @@ class Batcher(Generic[In, Out]):
 
     def _company_expected_within(self, seconds: float) -> bool:
         """Whether, at the recent arrival rate, another item should arrive in the next `seconds`."""
-        return self._mean_gap_s is None or self._mean_gap_s <= seconds
+        return not self._skip_wait_when_sparse or self._mean_gap_s is None or self._mean_gap_s <= seconds
 
     def _refuse_full(self, message: str, *, limit: str, value: int) -> None:
         retry_after_s = self._retry_after_s()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from typing import Iterator, Sequence
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.load_client import Connection, LoadClientError
 from softdimo.bench import (
     DEFAULT_BATCH_SIZES,
     EXAMPLE_PROMPT,
@@ -208,29 +210,33 @@ class Load:
 
 
 async def closed_loop(
-    client: httpx.AsyncClient, target: Target, *, concurrency: int, duration_s: float, max_requests: int, seeds: Iterator[int],
+    url: str, target: Target, *, concurrency: int, duration_s: float, max_requests: int, seeds: Iterator[int],
+    timeout_s: float,
 ) -> tuple[list[Sample], float]:  # fmt: skip
-    """One round; returns every request's sample and the round's wall time."""
+    """One round; returns every request's sample and the round's wall time. Each worker keeps its own connection."""
     began = time.perf_counter()
     deadline = began + duration_s
     issued = itertools.count()
     samples: list[Sample] = []
 
     async def worker() -> None:
-        while time.perf_counter() < deadline and next(issued) < max_requests:
-            body = target.request(next(seeds))
-            sent = time.perf_counter()
-            try:
-                response = await client.post(target.path, json=body)
-                latency = time.perf_counter() - sent
-                sample = Sample(latency, response.status_code)
-                if response.status_code == 200:
-                    payload = response.json()
-                    sample.images = len(payload["data"])
-                    sample.queue_s, sample.compute_s = payload["timing"]["queue_s"], payload["timing"]["compute_s"]
-            except (httpx.HTTPError, ValueError, KeyError):  # no answer, or a 200 without the contract's body
-                sample = Sample(time.perf_counter() - sent, 0)
-            samples.append(sample)
+        connection = Connection(url)
+        try:
+            while time.perf_counter() < deadline and next(issued) < max_requests:
+                body = target.request(next(seeds))
+                sent = time.perf_counter()
+                try:
+                    status, content = await connection.post_json(target.path, body, timeout_s=timeout_s)
+                    sample = Sample(time.perf_counter() - sent, status)
+                    if status == 200:
+                        payload = json.loads(content)
+                        sample.images = len(payload["data"])
+                        sample.queue_s, sample.compute_s = payload["timing"]["queue_s"], payload["timing"]["compute_s"]
+                except (LoadClientError, TimeoutError, ValueError, KeyError):  # no answer, or a 200 without the contract's body
+                    sample = Sample(time.perf_counter() - sent, 0)
+                samples.append(sample)
+        finally:
+            connection.close()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return samples, time.perf_counter() - began
@@ -252,16 +258,15 @@ async def batch_counters(client: httpx.AsyncClient, target: Target) -> tuple[flo
 
 async def run_load(url: str, target: Target, load: Load) -> dict:
     """Warm up, then run `load.rounds` measured rounds; the summary covers the measured rounds only."""
-    limits = httpx.Limits(max_connections=load.concurrency, max_keepalive_connections=load.concurrency)
     seeds = itertools.count()
-    async with httpx.AsyncClient(base_url=url, timeout=load.timeout_s, limits=limits, trust_env=False) as client:
-        bound = {"concurrency": load.concurrency, "max_requests": load.max_requests, "seeds": seeds}
+    async with httpx.AsyncClient(base_url=url, timeout=load.timeout_s, trust_env=False) as client:
+        bound = {"concurrency": load.concurrency, "max_requests": load.max_requests, "seeds": seeds, "timeout_s": load.timeout_s}
         if load.warmup_s > 0:
-            await closed_loop(client, target, duration_s=load.warmup_s, **bound)
+            await closed_loop(url, target, duration_s=load.warmup_s, **bound)
         before = await batch_counters(client, target)
         samples, walls = [], []
         for _ in range(load.rounds):
-            round_samples, wall = await closed_loop(client, target, duration_s=load.duration_s, **bound)
+            round_samples, wall = await closed_loop(url, target, duration_s=load.duration_s, **bound)
             samples += round_samples
             walls.append(wall)
         after = await batch_counters(client, target)

@@ -130,10 +130,12 @@ class Service:
         def run(jobs):  # a batch that runs out of memory is retried in halves before any request fails
             return _timed(lambda jobs: run_splitting_on_oom(run_batch, jobs, on_split=splits.inc), jobs)
 
+        refine = endpoint == REFINE
         batcher = Batcher(
             run,
             max_batch_size=self.settings.max_batch_size,
-            max_wait_s=self.settings.max_wait_ms / 1000,
+            max_wait_s=(self.settings.refine_max_wait_ms if refine else self.settings.max_wait_ms) / 1000,
+            skip_wait_when_sparse=not refine,
             max_queue=max(self.settings.max_queue, self.settings.max_batch_size),
             size_of=lambda job: job.n,
             cost_of=lambda job: job_cost(model, job),

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-DEFAULT_BUNDLES = ("shapes-teacher-text", "shapes-teacher-class")
+DEFAULT_BUNDLES = ("shapes-softdimo-text", "shapes-softdimo-class", "shapes-teacher-text", "shapes-teacher-class")
 
 
 def default_weights() -> list[str]:
@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch_size: int = Field(16, ge=1, le=1024)  # images per executed batch
     max_wait_ms: float = Field(5.0, ge=0)  # the longest a batch waits for company after its first request (not at all when arrivals are sparse)
+    refine_max_wait_ms: float = Field(50.0, ge=0)  # the same for /refine, whose batches compute for seconds: always waited
     max_queue: int = Field(256, ge=1)  # queued images per model and endpoint before 429
     request_timeout_s: float = Field(60.0, gt=0)  # a request not served by then gets 504
     drain_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM, how long queued and running work may take to finish

@@ -23,7 +23,7 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
     from softdimo.vq import TokenizerConfig
 
     training = TokenizerTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    tokenizer = train_tokenizer(Path(args.run_dir), TokenizerConfig(), training, _device(args))
+    tokenizer = train_tokenizer(Path(args.run_dir), TokenizerConfig(encoder=args.encoder), training, _device(args))
     print(f"wrote {export_tokenizer(tokenizer.cpu(), Path(args.out), training)}")
 
 
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok = stages.add_parser("tokenizer", help="the VQ tokenizer")
     common(tok, "runs/tokenizer", DEFAULT_TOKENIZER, 4000, 32, 1e-3)
+    tok.add_argument("--encoder", choices=["conv", "patch"], default="conv",
+                     help="conv: codes see neighbouring patches (the shipped tokenizer); patch: a code sees its own patch only")
     tok.set_defaults(func=_train_tokenizer)
 
     feat = stages.add_parser("features", help="the feature network for Fréchet distances")
@@ -344,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--width", type=int, default=192)
     teacher.add_argument("--depth", type=int, default=4)
     teacher.add_argument("--heads", type=int, default=6)
-    teacher.add_argument("--code-features", action=argparse.BooleanOptionalAction, default=True,
+    teacher.add_argument("--code-features", action=argparse.BooleanOptionalAction, default=False,
                          help="token embeddings and logits also learn from the tokenizer's code vectors")
     teacher.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance the bundle samples with")
     teacher.add_argument("--eval-every", type=int, default=500)
@@ -381,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     gen = commands.add_parser("generate", help="write PNG files for a prompt or class label")
-    gen.add_argument("--model", default="weights/shapes-teacher-text")
+    gen.add_argument("--model", default="weights/shapes-softdimo-text")
     target = gen.add_mutually_exclusive_group(required=True)
     target.add_argument("--prompt")
     target.add_argument("--class-label", type=int)
@@ -415,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", choices=["auto", "cpu", "cuda"])
     srv.add_argument("--max-batch-size", type=int)
     srv.add_argument("--max-wait-ms", type=float)
+    srv.add_argument("--refine-max-wait-ms", type=float, help="the longest a /refine batch waits for company")
     srv.add_argument("--max-queue", type=int)
     srv.add_argument("--request-timeout-s", type=float)
     srv.add_argument("--drain-timeout-s", type=float)

@@ -16,7 +16,9 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 def encode_image(image: np.ndarray, fmt: str = "png") -> bytes:
     """uint8 (H, W, 3) -> encoded bytes."""
     buffer = io.BytesIO()
-    options = {"quality": 95} if fmt in ("jpeg", "webp") else {}
+    # PNG is lossless at any level; level 1 encodes about twice as fast as the default 6 on Shapes images,
+    # which come out about 1.5x as large (300 bytes instead of 200).
+    options = {"quality": 95} if fmt in ("jpeg", "webp") else {"compress_level": 1}
     Image.fromarray(image).save(buffer, format=FORMATS[fmt], **options)
     return buffer.getvalue()
 

@@ -21,10 +21,10 @@ class TokenizerConfig:
     stem: int = 4  # the first pixel_unshuffle factor; later stages halve with strided convs
     channels: tuple[int, ...] = (64, 128)  # width at the stem resolution, then after each halving
     blocks: int = 2  # residual blocks per resolution in the decoder (one in the conv encoder)
+    # "conv": a convolutional encoder whose receptive field reaches beyond the patch (the shipped tokenizer);
     # "patch": each token is computed from its own downsample x downsample patch alone, so the same patch content
-    # always gets the same code wherever it lies (what a masked transformer learns fastest from);
-    # "conv": a convolutional encoder whose receptive field reaches beyond the patch. The decoder sees context in both.
-    encoder: str = "patch"
+    # always gets the same code wherever it lies. The decoder sees context in both.
+    encoder: str = "conv"
     encoder_width: int = 256  # hidden width of the patch encoder's per-patch MLP
     # Output colours: decoded pixels are a softmax over these (background first). Empty means plain RGB.
     palette: tuple[tuple[int, int, int], ...] = field(

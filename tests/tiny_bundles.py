@@ -15,7 +15,7 @@ from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.tteo import TTEOSettings
 from softdimo.vq import TokenizerConfig, VQTokenizer
 
-TINY_TOKENIZER = TokenizerConfig(levels=(4, 4, 4), channels=(16, 32), blocks=1)
+TINY_TOKENIZER = TokenizerConfig(levels=(4, 4, 4), channels=(16, 32), blocks=1, encoder="patch")
 
 
 def tiny_transformer_config(conditioner: Conditioner, codebook_size: int = 64) -> TransformerConfig:

@@ -160,6 +160,23 @@ def test_sparse_arrivals_run_at_once_instead_of_waiting_for_company():
     assert model.batches == [[1], [2]]
 
 
+def test_a_batcher_told_not_to_skip_waits_gathers_a_burst_after_a_quiet_spell():
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher = make_batcher(model, max_wait_s=0.1, skip_wait_when_sparse=False)
+        await batcher.start()
+        assert await batcher.submit(Req(1)) == 2
+        await asyncio.sleep(0.2)  # a quiet spell: arrivals look sparse
+        first = asyncio.ensure_future(batcher.submit(Req(2)))
+        await asyncio.sleep(0.03)
+        assert await asyncio.gather(first, batcher.submit(Req(3))) == [4, 6]
+        await batcher.stop()
+
+    run(main)
+    assert model.batches == [[1], [2, 3]]
+
+
 def test_zero_max_wait_runs_immediately():
     model = FakeModel()
 

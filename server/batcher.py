@@ -290,7 +290,7 @@ class Batcher(Generic[In, Out]):
 
     def _company_expected_within(self, seconds: float) -> bool:
         """Whether, at the recent arrival rate, another item should arrive in the next `seconds`."""
-        return not self._skip_wait_when_sparse or self._mean_gap_s is None or self._mean_gap_s <= seconds
+        return self._mean_gap_s is None or self._mean_gap_s <= seconds
 
     def _refuse_full(self, message: str, *, limit: str, value: int) -> None:
         retry_after_s = self._retry_after_s()
@@ -370,7 +370,8 @@ class Batcher(Generic[In, Out]):
                 continue
             batch, can_grow = self._next_batch()
             wait_s = self._queue[0].queued_at + self._max_wait_s - time.monotonic()
-            if can_grow and wait_s > 0 and not self._stopping and self._company_expected_within(wait_s):
+            expect_company = not self._skip_wait_when_sparse or self._company_expected_within(wait_s)
+            if can_grow and wait_s > 0 and not self._stopping and expect_company:
                 try:
                     async with asyncio.timeout(wait_s):
                         await self._wakeup.wait()

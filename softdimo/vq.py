@@ -172,10 +172,8 @@ class VQTokenizer(nn.Module):
 
     def decode_indices(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, g*g) -> images (B, 3, H, W) in [0, 1]; bit for bit the same whatever the batch with `decode_chunk`."""
-        chunk = self.decode_chunk
-        if chunk is None:
-            return self._pixels(self.decoder(self._grid(self.codebook[tokens])))
         n = tokens.shape[0]
+        chunk = self.decode_chunk or max(n, 1)  # without a chunk size, the whole batch at once
         padded = torch.cat([tokens, tokens[:1].expand((-n) % chunk, -1)])
         codes = self._grid(self.codebook[padded])
         return torch.cat([self._pixels(self.decoder(part)) for part in codes.split(chunk)])[:n]

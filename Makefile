@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build by default; a GPU machine passes e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH ?= torch==2.13.0
 
-.PHONY: setup tools test serve check
+.PHONY: setup tools test serve check models
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ test: setup tools
 
 serve: setup
 	$(VENV)/bin/softdimo serve
+
+# Retrains every shipped bundle from its recipe, in dependency order; rerun to resume (finished stages are skipped).
+models: setup
+	$(VENV)/bin/softdimo train recipes/*.toml
 
 check: setup
 	PYTHON=$(PY) bash deploy/check.sh

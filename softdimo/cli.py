@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 
-DEFAULT_TOKENIZER = "weights/shapes-tokenizer"
 DEFAULT_FEATURES = "weights/shapes-features"
 
 
@@ -18,108 +17,22 @@ def _device(args: argparse.Namespace):
     return resolve_device(args.device)
 
 
-def _train_tokenizer(args: argparse.Namespace) -> None:
-    from softdimo.train.tokenizer import TokenizerTraining, export_tokenizer, train_tokenizer
-    from softdimo.vq import TokenizerConfig
+def _train(args: argparse.Namespace) -> None:
+    from softdimo.train.recipe import run_all
 
-    training = TokenizerTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    tokenizer = train_tokenizer(Path(args.run_dir), TokenizerConfig(encoder=args.encoder), training, _device(args))
-    print(f"wrote {export_tokenizer(tokenizer.cpu(), Path(args.out), training)}")
+    run_all(args.recipes, _device(args), overrides=args.set or (), force=args.force)
 
 
-def _train_features(args: argparse.Namespace) -> None:
-    from softdimo.features import FeatureNetConfig
-    from softdimo.train.features import FeatureTraining, export_features, train_features
-
-    training = FeatureTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    net = train_features(Path(args.run_dir), FeatureNetConfig(), training, _device(args))
-    print(f"wrote {export_features(net.cpu(), Path(args.out), training)}")
-
-
-def _train_teacher(args: argparse.Namespace) -> None:
-    import os
-
-    from softdimo.bundle import read_bundle
-    from softdimo.conditioning import Conditioner
-    from softdimo.pipeline import load_tokenizer
-    from softdimo.teacher import SamplerSettings
-    from softdimo.train.teacher import TeacherTraining, export_teacher, train_teacher
-    from softdimo.transformer import TransformerConfig
-
-    device = _device(args)
-    tokenizer = load_tokenizer(read_bundle(args.tokenizer), device)
-    if args.conditioning == "text":
-        conditioner = Conditioner.shapes_text()
-        sizes = {"text_vocab": conditioner.prompt_tokenizer.size, "text_length": conditioner.prompt_tokenizer.length}
-    else:
-        conditioner = Conditioner.shapes_class()
-        sizes = {"num_classes": conditioner.num_classes}
-    cfg = TransformerConfig(
-        codebook_size=tokenizer.cfg.codebook_size, tokens=tokenizer.cfg.grid**2,
-        width=args.width, depth=args.depth, heads=args.heads, code_dim=len(tokenizer.cfg.levels) if args.code_features else 0, **sizes,
-    )  # fmt: skip
-    training = TeacherTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every)
-    sampler = SamplerSettings(steps=16, guidance=args.guidance)
-    model = train_teacher(
-        run_dir=Path(args.run_dir), tokenizer=tokenizer, conditioner=conditioner, cfg=cfg,
-        training=training, sampler=sampler, device=device,
-    )  # fmt: skip
-    out = Path(args.out)
-    reference = os.path.relpath(Path(args.tokenizer).resolve(), out.resolve())
-    name = out.name
-    path = export_teacher(model=model.cpu(), conditioner=conditioner, sampler=sampler, training=training, path=out, name=name, tokenizer_reference=reference)
-    print(f"wrote {path}")
-
-
-def _train_reward(args: argparse.Namespace) -> None:
-    from softdimo.reward import AlignmentConfig
-    from softdimo.train.reward import RewardTraining, export_reward, train_reward
-
-    training = RewardTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    model = train_reward(Path(args.run_dir), AlignmentConfig(), training, _device(args))
-    print(f"wrote {export_reward(model.cpu(), Path(args.out), training)}")
-
-
-def _train_distill(args: argparse.Namespace) -> None:
-    import os
-
-    from softdimo.bundle import read_bundle
-    from softdimo.generator import GeneratorSettings
-    from softdimo.pipeline import load_pipeline, load_reward
-    from softdimo.train.distill import DistillParts, DistillTraining, export_generator, train_distill
-    from softdimo.tteo import TTEOSettings
-
-    device = _device(args)
-    teacher = load_pipeline(args.teacher, device)
-    reward = load_reward(read_bundle(args.reward), device) if args.reward else None
-    if args.reward_weight and reward is None:
-        raise SystemExit("softdimo: --reward-weight needs --reward")
-    training = DistillTraining(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, aux_lr=args.lr, seed=args.seed, guidance=args.guidance,
-        relaxation=args.relaxation, gan_weight=args.gan_weight, reward_weight=args.reward_weight, eval_every=args.eval_every,
-    )  # fmt: skip
-    settings = GeneratorSettings(r_init=args.r_init, sigma=args.sigma)
-    initial = None
-    if args.init:
-        start = load_pipeline(args.init, device)
-        if not hasattr(start, "generator") or start.generator.cfg != teacher.model.cfg:
-            raise SystemExit(f"softdimo: --init {args.init} is not a one-step model of the teacher's architecture")
-        initial = start.generator.model
-    parts = DistillParts(
-        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward, initial=initial,
-    )  # fmt: skip
-    generator = train_distill(run_dir=Path(args.run_dir), parts=parts, generator_settings=settings, training=training, device=device)
-    out = Path(args.out).resolve()
-    relative = lambda path: os.path.relpath(Path(path).resolve(), out)  # noqa: E731
-    teacher_bundle = read_bundle(args.teacher)
-    tokenizer_path = teacher_bundle.path / teacher_bundle.config["tokenizer"]
-    generator.model.cpu()
-    path = export_generator(
-        generator=generator, conditioner=teacher.conditioner, path=out, name=out.name, tokenizer_reference=relative(tokenizer_path),
-        reward_references=[relative(args.reward)] if args.reward else [], tteo=TTEOSettings().to_dict(), training=training,
-        teacher_reference=relative(args.teacher),
-    )  # fmt: skip
-    print(f"wrote {path}")
+def _settings(items: list[str] | None) -> dict:
+    """KEY=VALUE words -> a dict of numbers (or strings where a value is not a number)."""
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -132,7 +45,8 @@ def _eval(args: argparse.Namespace) -> None:
     for model_path in args.models:
         table = report.evaluate_bundle(
             model_path, features=features, prompts=args.prompts, steps=args.steps, tteo_steps=args.tteo_steps,
-            best_of=args.best_of, device=device, grid_dir=Path(args.grid) if args.grid else None,
+            best_of=args.best_of, device=device, grid_dir=Path(args.grid) if args.grid else None, placement=args.placement,
+            sampler=_settings(args.sampler), tteo_target=args.tteo_target,
         )  # fmt: skip
         print(f"\n{table.markdown()}\n")
         results.append(table.as_dict())
@@ -317,58 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softdimo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, run_dir: str, out: str, steps: int, batch_size: int, lr: float) -> None:
-        p.add_argument("--run-dir", default=run_dir, help="checkpoints and metrics; rerun the same command to resume")
-        p.add_argument("--out", default=out, help="bundle folder written at the end")
-        p.add_argument("--steps", type=int, default=steps)
-        p.add_argument("--batch-size", type=int, default=batch_size)
-        p.add_argument("--lr", type=float, default=lr)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-
-    train = commands.add_parser("train", help="train one stage of the pipeline (resumable from --run-dir)")
-    stages = train.add_subparsers(dest="stage", required=True)
-
-    tok = stages.add_parser("tokenizer", help="the VQ tokenizer")
-    common(tok, "runs/tokenizer", DEFAULT_TOKENIZER, 4000, 32, 1e-3)
-    tok.add_argument("--encoder", choices=["conv", "patch"], default="conv",
-                     help="conv: codes see neighbouring patches (the shipped tokenizer); patch: a code sees its own patch only")
-    tok.set_defaults(func=_train_tokenizer)
-
-    feat = stages.add_parser("features", help="the feature network for Fréchet distances")
-    common(feat, "runs/features", DEFAULT_FEATURES, 1500, 64, 2e-3)
-    feat.set_defaults(func=_train_features)
-
-    teacher = stages.add_parser("teacher", help="a masked-diffusion teacher")
-    teacher.add_argument("conditioning", choices=["text", "class"])
-    common(teacher, "runs/teacher-{conditioning}", "weights/shapes-teacher-{conditioning}", 4000, 40, 1e-3)
-    teacher.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
-    teacher.add_argument("--width", type=int, default=192)
-    teacher.add_argument("--depth", type=int, default=4)
-    teacher.add_argument("--heads", type=int, default=6)
-    teacher.add_argument("--code-features", action=argparse.BooleanOptionalAction, default=False,
-                         help="token embeddings and logits also learn from the tokenizer's code vectors")
-    teacher.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance the bundle samples with")
-    teacher.add_argument("--eval-every", type=int, default=500)
-    teacher.set_defaults(func=_train_teacher)
-
-    reward = stages.add_parser("reward", help="the CLIP-style Shapes reward model")
-    common(reward, "runs/reward", "weights/shapes-clip", 2000, 64, 1e-3)
-    reward.set_defaults(func=_train_reward)
-
-    distill = stages.add_parser("distill", help="a one-step generator from a teacher: Di[M]O, plus Soft-Di[M]O's GAN and reward terms")
-    common(distill, "runs/distill", "weights/shapes-softdimo-text", 1500, 32, 1e-4)
-    distill.add_argument("--teacher", default="weights/shapes-teacher-text")
-    distill.add_argument("--init", help="one-step bundle to continue from (e.g. Di[M]O before GAN and reward terms); default: the teacher")
-    distill.add_argument("--reward", help="reward bundle used by --reward-weight and shipped with the model for TTEO")
-    distill.add_argument("--guidance", type=float, default=2.0, help="the teacher's classifier-free guidance")
-    distill.add_argument("--relaxation", choices=["soft", "straight-through"], default="soft")
-    distill.add_argument("--gan-weight", type=float, default=0.0)
-    distill.add_argument("--reward-weight", type=float, default=0.0)
-    distill.add_argument("--r-init", type=float, default=0.6, help="share of the input that starts as mask tokens")
-    distill.add_argument("--sigma", type=float, default=0.1, help="Gaussian noise on the input embeddings")
-    distill.add_argument("--eval-every", type=int, default=250)
-    distill.set_defaults(func=_train_distill)
+    train = commands.add_parser(
+        "train", help="train bundles from recipes (recipes/*.toml), in dependency order, each stage resumable from its run folder"
+    )
+    train.add_argument("recipes", nargs="+", help="recipe files; stages already done for the same recipe are skipped")
+    train.add_argument("--set", action="append", metavar="TABLE.KEY=VALUE", help="override a recipe value (TOML syntax)")
+    train.add_argument("--force", action="store_true", help="train stages again even when done")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.set_defaults(func=_train)
 
     ev = commands.add_parser("eval", help="judge models on held-out prompts: pass rates, Fréchet distance, spread")
     ev.add_argument("models", nargs="+", help="bundle folders (tokenizers are judged on reconstructions)")
@@ -380,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--best-of", type=int, nargs="*", default=[], help="one-step models: also best-of-N, alone and with TTEO")
     ev.add_argument("--grid", help="folder for a PNG grid of the first 50 images of each row")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--placement", choices=["grid", "free"], default="grid", help="where the reference images' objects sit")
+    ev.add_argument("--sampler", nargs="*", metavar="KEY=VALUE", help="teachers: override sampler settings, e.g. guidance=3")
+    ev.add_argument("--tteo-target", choices=["input", "logits"], help="one-step models: what TTEO optimises (default: the bundle's)")
     ev.set_defaults(func=_eval)
 
     gen = commands.add_parser("generate", help="write PNG files for a prompt or class label")
@@ -444,17 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for key in ("run_dir", "out"):
-        if isinstance(getattr(args, key, None), str) and "{conditioning}" in getattr(args, key):
-            setattr(args, key, getattr(args, key).format(conditioning=args.conditioning))
     try:
         args.func(args)
     except (ValueError, RuntimeError) as exc:
         from softdimo.bundle import BundleError
         from softdimo.conditioning import ConditionError
         from softdimo.device import DeviceError
+        from softdimo.train.recipe import RecipeError
 
-        if isinstance(exc, (BundleError, ConditionError, DeviceError)):
+        if isinstance(exc, (BundleError, ConditionError, DeviceError, RecipeError)):
             print(f"softdimo: {exc}", file=sys.stderr)
             return 2
         raise

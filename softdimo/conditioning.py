@@ -32,6 +32,19 @@ class Conditioner:
     def shapes_class(cls) -> Conditioner:
         return cls("class", kinds=("single",), num_classes=shapes.NUM_CLASSES)
 
+    @classmethod
+    def for_shapes(cls, conditioning: str) -> Conditioner:
+        """The Shapes world's conditioner for "text" or "class" models."""
+        if conditioning not in ("text", "class"):
+            raise ConditionError(f"conditioning must be text or class, got {conditioning!r}")
+        return cls.shapes_text() if conditioning == "text" else cls.shapes_class()
+
+    def model_sizes(self) -> dict[str, int]:
+        """The TransformerConfig fields a model conditioned this way needs."""
+        if self.conditioning == "text":
+            return {"text_vocab": self.prompt_tokenizer.size, "text_length": self.prompt_tokenizer.length}
+        return {"num_classes": self.num_classes}
+
     @property
     def class_names(self) -> list[str]:
         return [shapes.class_name(i) for i in range(self.num_classes)] if self.grammar == "shapes" else []

@@ -28,6 +28,10 @@ class Row:
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
+    @property
+    def rates_total(self) -> int:
+        return sum(self.rates.counts.values())
+
     def as_dict(self) -> dict:
         return {
             "name": self.name, "overall": round(self.rates.overall, 4),
@@ -37,9 +41,9 @@ class Row:
         }  # fmt: skip
 
 
-def real_images(prompts: Sequence[shapes.Prompt], seed: int = REAL_SEED) -> list[np.ndarray]:
+def real_images(prompts: Sequence[shapes.Prompt], seed: int = REAL_SEED, placement: str = "grid") -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [shapes.render(shapes.sample_scene(p, rng)) for p in prompts]
+    return [shapes.render(shapes.sample_scene(p, rng, placement)) for p in prompts]
 
 
 @torch.no_grad()
@@ -53,10 +57,11 @@ def feature_vectors(net: FeatureNet, images: Sequence[np.ndarray]) -> np.ndarray
 class Evaluator:
     """Judges images for a fixed prompt set and compares their features with real images of the same prompts."""
 
-    def __init__(self, prompts: Sequence[shapes.Prompt], features: FeatureNet):
+    def __init__(self, prompts: Sequence[shapes.Prompt], features: FeatureNet, placement: str = "grid"):
         self.prompts = list(prompts)
         self.features = features
-        reference = real_images(self.prompts)
+        self.placement = placement
+        reference = real_images(self.prompts, placement=placement)
         self.real_features = feature_vectors(features, reference)
         self.real_spread = evaluate.placement_spread(reference)
 
@@ -71,7 +76,7 @@ class Evaluator:
         )
 
     def reference_row(self) -> Row:
-        return self.row("real images (reference)", real_images(self.prompts, seed=REAL_SEED + 1))
+        return self.row("real images (reference)", real_images(self.prompts, seed=REAL_SEED + 1, placement=self.placement))
 
 
 @dataclass
@@ -91,10 +96,14 @@ class Table:
 
 def evaluate_bundle(
     path, *, features: FeatureNet, prompts: int, steps: Sequence[int] | None, tteo_steps: Sequence[int],
-    best_of: Sequence[int], device, grid_dir=None,
+    best_of: Sequence[int], device, grid_dir=None, placement: str = "grid", sampler: dict | None = None,
+    tteo_target: str | None = None,
 ) -> Table:  # fmt: skip
     """Every row for one bundle: reconstructions for a tokenizer; samples at each step count for a teacher;
-    one step, TTEO at each step count and best-of-N (alone and with TTEO) for a one-step model."""
+    one step, TTEO at each step count and best-of-N (alone and with TTEO) for a one-step model.
+    `sampler` overrides a teacher's sampler settings and `tteo_target` a one-step model's TTEO target."""
+    from dataclasses import replace
+
     from softdimo.bundle import read_bundle
     from softdimo.images import save_grid
     from softdimo.pipeline import OneStepPipeline, load_pipeline, load_tokenizer
@@ -112,14 +121,20 @@ def evaluate_bundle(
 
     if bundle.config["kind"] == "tokenizer":
         held_out = evaluate.held_out_prompts(prompts, seed=HELD_OUT_SEED)
-        evaluator = Evaluator(held_out, features)
+        evaluator = Evaluator(held_out, features, placement)
         tokenizer = load_tokenizer(bundle, device)
-        add(f"{name} reconstructions", lambda: reconstructions(tokenizer, real_images(held_out)))
+        add(f"{name} reconstructions", lambda: reconstructions(tokenizer, real_images(held_out, placement=placement)))
     else:
         pipeline = load_pipeline(path, device)
         held_out = evaluate.held_out_prompts(prompts, seed=HELD_OUT_SEED, kinds=pipeline.conditioner.kinds)
-        evaluator = Evaluator(held_out, features)
+        evaluator = Evaluator(held_out, features, placement)
         seeds = list(range(len(held_out)))
+        if isinstance(pipeline, OneStepPipeline) and tteo_target:
+            pipeline.tteo = replace(pipeline.tteo, target=tteo_target)
+            name = f"{name} (TTEO on {tteo_target})"
+        if not isinstance(pipeline, OneStepPipeline) and sampler:
+            pipeline.sampler = replace(pipeline.sampler, **sampler)
+            name = f"{name} ({', '.join(f'{k} {v}' for k, v in sampler.items())})"
         if isinstance(pipeline, OneStepPipeline):
             add(f"{name} (1 step)", lambda: pipeline.generate_prompts(held_out, seeds))
             for k in tteo_steps:
@@ -173,11 +188,11 @@ def class_text(prompt: shapes.Prompt) -> str:
 
 def markdown_table(rows: Sequence[Row], real_spread: float) -> str:
     kinds = list(rows[0].rates.per_kind)
-    header = ["model", *kinds, "overall", "Fréchet", "spread"]
+    header = ["model", *kinds, "overall", "Fréchet", "spread", "ms / image"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r.name, *(f"{r.rates.per_kind[k]:.3f}" for k in kinds), f"**{r.rates.overall:.3f}**", f"{r.frechet:.2f}",
-                 f"{r.spread:.1f} ({r.spread / real_spread:.0%})"]  # fmt: skip
+                 f"{r.spread:.1f} ({r.spread / real_spread:.0%})", f"{1000 * r.seconds / r.rates_total:.1f}" if r.seconds else "–"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -13,6 +13,8 @@ CANVAS = 64
 MARGIN = 2  # every box keeps this many background pixels to the canvas edge
 GAP = 2  # Chebyshev gap between the boxes of two objects
 RELATION_MIN_OFFSET = 16  # centres differ by at least this along a relation's axis
+GRID_OFFSET, GRID_STEP = 4, 8  # on the placement grid a box's corner is at GRID_OFFSET + GRID_STEP * k
+PLACEMENTS = ("grid", "free")  # the world's two variants: corners on the grid (the default), or anywhere
 
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 PALETTE = np.array(
@@ -169,20 +171,32 @@ def relation_holds(first: tuple[float, float], second: tuple[float, float], rela
     return along >= RELATION_MIN_OFFSET and abs(along) > abs(across)
 
 
-def _place(specs: Sequence[tuple[int, int, int]], rng: np.random.Generator, relation: str | None) -> list[ShapeObject]:
+def corner_positions(side: int, placement: str = "grid") -> np.ndarray:
+    """Every top-left coordinate (along one axis) a box of `side` may take under `placement`."""
+    last = CANVAS - MARGIN - side
+    if placement == "grid":
+        return np.arange(GRID_OFFSET, last + 1, GRID_STEP)
+    if placement == "free":
+        return np.arange(MARGIN, last + 1)
+    raise ValueError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
+
+
+def _place(
+    specs: Sequence[tuple[int, int, int]], rng: np.random.Generator, relation: str | None, placement: str
+) -> list[ShapeObject]:
     """Uniform placement by rejection: (color, shape, side) triples to non-overlapping objects."""
+    corners = {side: corner_positions(side, placement) for _, _, side in specs}
     while True:
         objects = []
         for color, shape, side in specs:
-            hi = CANVAS - MARGIN - side
-            x0, y0 = rng.integers(MARGIN, hi + 1, size=2)
+            x0, y0 = rng.choice(corners[side], size=2)
             objects.append(ShapeObject(color, shape, side, int(x0), int(y0)))
         apart = all(box_gap(a, b) >= GAP for i, a in enumerate(objects) for b in objects[i + 1 :])
         if apart and (relation is None or relation_holds(objects[0].center, objects[1].center, relation)):
             return objects
 
 
-def sample_scene(prompt: Prompt, rng: np.random.Generator) -> list[ShapeObject]:
+def sample_scene(prompt: Prompt, rng: np.random.Generator, placement: str = "grid") -> list[ShapeObject]:
     """Objects drawn for a prompt, sizes and places at random where the prompt leaves them open."""
     sides = list(SIZES.values())
 
@@ -194,7 +208,7 @@ def sample_scene(prompt: Prompt, rng: np.random.Generator) -> list[ShapeObject]:
         triples = [(spec.color, spec.shape, SIZES["small"])] * prompt.count
     else:
         triples = [(s.color, s.shape, side(s)) for s in prompt.objects]
-    return _place(triples, rng, prompt.relation)
+    return _place(triples, rng, prompt.relation, placement)
 
 
 # ---------------------------------------------------------------- prompts
@@ -277,23 +291,25 @@ class Sample:
     objects: tuple[ShapeObject, ...] = ()
 
 
-def sample(rng: np.random.Generator, kinds: Sequence[str] = KINDS) -> Sample:
+def sample(rng: np.random.Generator, kinds: Sequence[str] = KINDS, placement: str = "grid") -> Sample:
     prompt = sample_prompt(rng, kinds)
-    objects = tuple(sample_scene(prompt, rng))
+    objects = tuple(sample_scene(prompt, rng, placement))
     label = class_label(prompt.objects[0].color, prompt.objects[0].shape) if prompt.kind == "single" else -1
     return Sample(image=render(objects), prompt=prompt.text(), label=label, objects=objects)
 
 
-def stream(seed: int, kinds: Sequence[str] = KINDS) -> Iterator[Sample]:
+def stream(seed: int, kinds: Sequence[str] = KINDS, placement: str = "grid") -> Iterator[Sample]:
     """An endless, seeded stream of samples; the same seed gives the same stream."""
     rng = np.random.default_rng(seed)
     while True:
-        yield sample(rng, kinds)
+        yield sample(rng, kinds, placement)
 
 
-def batch(rng: np.random.Generator, size: int, kinds: Sequence[str] = KINDS) -> tuple[np.ndarray, list[str], np.ndarray]:
+def batch(
+    rng: np.random.Generator, size: int, kinds: Sequence[str] = KINDS, placement: str = "grid"
+) -> tuple[np.ndarray, list[str], np.ndarray]:
     """`size` samples stacked: images (B, 64, 64, 3) uint8, prompts, labels (B,)."""
-    samples = [sample(rng, kinds) for _ in range(size)]
+    samples = [sample(rng, kinds, placement) for _ in range(size)]
     images = np.stack([s.image for s in samples])
     labels = np.array([s.label for s in samples], dtype=np.int64)
     return images, [s.prompt for s in samples], labels

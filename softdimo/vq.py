@@ -1,4 +1,5 @@
-"""VQ tokenizer: conv encoder, finite scalar quantiser with an explicit codebook, conv decoder."""
+"""VQ tokenizer: images <-> token grids. Encoders: a patch dictionary (nearest prototype) or an FSQ-rounded
+conv / per-patch encoder; a conv decoder over code vectors ending in palette logits."""
 
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ class TokenizerConfig:
     stem: int = 4  # the first pixel_unshuffle factor; later stages halve with strided convs
     channels: tuple[int, ...] = (64, 128)  # width at the stem resolution, then after each halving
     blocks: int = 2  # residual blocks per resolution in the decoder (one in the conv encoder)
-    # "conv": a convolutional encoder whose receptive field reaches beyond the patch (the shipped tokenizer);
-    # "patch": each token is computed from its own downsample x downsample patch alone, so the same patch content
-    # always gets the same code wherever it lies. The decoder sees context in both.
+    # "dictionary": a token is the index of the dictionary prototype nearest to its own patch's pixels (no FSQ);
+    # the dictionary holds the patches the world draws, so equal patches get equal codes and codes are exact.
+    # "conv": a convolutional encoder whose receptive field reaches beyond the patch, rounded to the FSQ grid;
+    # "patch": a per-patch MLP rounded to the FSQ grid. The decoder sees neighbouring codes in every case.
     encoder: str = "conv"
     encoder_width: int = 256  # hidden width of the patch encoder's per-patch MLP
+    dictionary_size: int = 256  # codes of a dictionary tokenizer (its training sets it to the patches found)
+    dictionary_dim: int = 8  # dimension of a dictionary tokenizer's learned code vectors (the decoder's input)
     # Output colours: decoded pixels are a softmax over these (background first). Empty means plain RGB.
     palette: tuple[tuple[int, int, int], ...] = field(
         default_factory=lambda: ((0, 0, 0), *map(tuple, shapes.PALETTE.tolist()))
@@ -37,7 +41,12 @@ class TokenizerConfig:
 
     @property
     def codebook_size(self) -> int:
-        return math.prod(self.levels)
+        return self.dictionary_size if self.encoder == "dictionary" else math.prod(self.levels)
+
+    @property
+    def code_dim(self) -> int:
+        """Dimension of a code vector: what the decoder reads at each token."""
+        return self.dictionary_dim if self.encoder == "dictionary" else len(self.levels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +94,25 @@ class PatchEncoder(nn.Module):
         return self.net(images)  # (B, d, g, g)
 
 
+class DictionaryEncoder(nn.Module):
+    """Nearest prototype: each token is the dictionary entry closest (in pixels) to its own patch."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.unshuffle = nn.PixelUnshuffle(cfg.downsample)
+        self.register_buffer("prototypes", torch.zeros(cfg.dictionary_size, 3 * cfg.downsample**2))  # (K, 3*p*p)
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> flattened patches (B, g*g, 3*p*p), in the order of the token grid."""
+        return self.unshuffle(images).flatten(2).transpose(1, 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patches(images)
+        p = self.prototypes
+        distances = (x * x).sum(-1, keepdim=True) - 2 * x @ p.T + (p * p).sum(-1)  # (B, N, K)
+        return distances.argmin(-1)  # (B, N) token ids
+
+
 class ConvEncoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -107,7 +135,7 @@ class Decoder(nn.Module):
         stages = int(math.log2(cfg.downsample // cfg.stem))
         widths = cfg.channels
         out_channels = len(cfg.palette) if cfg.palette else 3
-        layers: list[nn.Module] = [nn.Conv2d(len(cfg.levels), widths[stages], 3, padding=1)]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, widths[stages], 3, padding=1)]
         for i in reversed(range(stages)):
             layers += [ResBlock(widths[i + 1]) for _ in range(cfg.blocks)]
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(widths[i + 1], widths[i], 3, padding=1)]
@@ -120,7 +148,7 @@ class Decoder(nn.Module):
         return self.net(codes)  # (B, colours or 3, H, W) logits
 
 
-ENCODERS = {"patch": PatchEncoder, "conv": ConvEncoder}
+ENCODERS = {"dictionary": DictionaryEncoder, "patch": PatchEncoder, "conv": ConvEncoder}
 
 
 class VQTokenizer(nn.Module):
@@ -133,7 +161,10 @@ class VQTokenizer(nn.Module):
             raise ValueError(f"unknown encoder {cfg.encoder!r}; use one of {', '.join(ENCODERS)}")
         self.encoder = ENCODERS[cfg.encoder](cfg)
         self.decoder = Decoder(cfg)
-        self.register_buffer("codebook", _codebook(cfg.levels), persistent=False)  # (K, d)
+        if cfg.encoder == "dictionary":  # learned code vectors, one per prototype
+            self.codebook = nn.Parameter(torch.randn(cfg.dictionary_size, cfg.dictionary_dim))  # (K, d)
+        else:  # the fixed FSQ grid
+            self.register_buffer("codebook", _codebook(cfg.levels), persistent=False)  # (K, d)
         self.register_buffer("_levels", torch.tensor(cfg.levels, dtype=torch.float32), persistent=False)
         self.register_buffer("_colors", torch.tensor(cfg.palette, dtype=torch.float32) / 255.0, persistent=False)
         # Mixed radix: token id = sum(level_index_i * radix_i), matching itertools.product order.
@@ -168,6 +199,8 @@ class VQTokenizer(nn.Module):
     # -- public interface
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> tokens (B, g*g)."""
+        if self.cfg.encoder == "dictionary":
+            return self.encoder(images)
         return self._quantise(self.encoder(images * 2 - 1))[1]
 
     def decode_indices(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -182,9 +215,20 @@ class VQTokenizer(nn.Module):
         """Token distributions (B, g*g, K) -> images, differentiably: decodes the expected code `probs @ codebook`."""
         return self._pixels(self.decoder(self._grid(probs @ self.codebook)))
 
-    def reconstruction_loss(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Training loss for a batch of images in [0, 1]; `targets` are palette indices (B, H, W) with a palette."""
-        codes, _ = self._quantise(self.encoder(images * 2 - 1))
+    def reconstruction_loss(
+        self, images: torch.Tensor, targets: torch.Tensor | None = None, token_noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Training loss for a batch of images in [0, 1]; `targets` are palette indices (B, H, W) with a palette.
+
+        A dictionary tokenizer's decoder can also learn to repair tokens: `token_noise` (B, g*g) holds a
+        replacement code where a token is to be corrupted and -1 elsewhere; the target stays the clean image."""
+        if self.cfg.encoder == "dictionary":
+            tokens = self.encode(images)
+            if token_noise is not None:
+                tokens = torch.where(token_noise >= 0, token_noise, tokens)
+            codes = self._grid(self.codebook[tokens])
+        else:
+            codes, _ = self._quantise(self.encoder(images * 2 - 1))
         logits = self.decoder(codes)
         if self.cfg.palette:
             return F.cross_entropy(logits, targets)

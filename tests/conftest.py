@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_bundles import TINY_TOKENIZER, tiny_transformer, write_all  # noqa: E402
+from tiny_bundles import TINY_FSQ_TOKENIZER, tiny_tokenizer as make_tiny_tokenizer, tiny_transformer, write_all  # noqa: E402
 
 from softdimo.conditioning import Conditioner  # noqa: E402
 from softdimo.transformer import MaskedTransformer  # noqa: E402
@@ -17,8 +17,15 @@ from softdimo.vq import VQTokenizer  # noqa: E402
 
 @pytest.fixture
 def tiny_tokenizer() -> VQTokenizer:
+    tokenizer = make_tiny_tokenizer().eval()
+    tokenizer.decode_chunk = 4  # as served: an image's pixels do not depend on its batch
+    return tokenizer
+
+
+@pytest.fixture
+def tiny_fsq_tokenizer() -> VQTokenizer:
     torch.manual_seed(0)
-    return VQTokenizer(TINY_TOKENIZER).eval()
+    return VQTokenizer(TINY_FSQ_TOKENIZER).eval()
 
 
 @pytest.fixture

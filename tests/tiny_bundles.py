@@ -5,17 +5,34 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dataclasses import replace
+
+import numpy as np
 import torch
 
+from softdimo import shapes
 from softdimo.bundle import save_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings
 from softdimo.teacher import SamplerSettings
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.tteo import TTEOSettings
-from softdimo.vq import TokenizerConfig, VQTokenizer
+from softdimo.vq import TokenizerConfig, VQTokenizer, to_tensor
 
-TINY_TOKENIZER = TokenizerConfig(levels=(4, 4, 4), channels=(16, 32), blocks=1, encoder="patch")
+TINY_TOKENIZER = TokenizerConfig(encoder="dictionary", dictionary_size=64, dictionary_dim=4, stem=8, channels=(16,), blocks=1)
+TINY_FSQ_TOKENIZER = TokenizerConfig(levels=(4, 4, 4), channels=(16, 32), blocks=1, encoder="patch")
+
+
+def tiny_tokenizer(seed: int = 0) -> VQTokenizer:
+    """A tiny dictionary tokenizer: prototypes fitted to 64 Shapes images (64 k-means codes), a random decoder."""
+    from softdimo.train.tokenizer import fit_dictionary, image_patches
+
+    images = to_tensor(shapes.batch(np.random.default_rng(seed), 64)[0])
+    prototypes = fit_dictionary(image_patches(TINY_TOKENIZER, images), TINY_TOKENIZER.dictionary_size, seed=seed)
+    torch.manual_seed(seed)
+    tokenizer = VQTokenizer(replace(TINY_TOKENIZER, dictionary_size=len(prototypes)))
+    tokenizer.encoder.prototypes.copy_(prototypes)
+    return tokenizer
 
 
 def tiny_transformer_config(conditioner: Conditioner, codebook_size: int = 64) -> TransformerConfig:
@@ -24,20 +41,19 @@ def tiny_transformer_config(conditioner: Conditioner, codebook_size: int = 64) -
         if conditioner.conditioning == "text"
         else {"num_classes": conditioner.num_classes}
     )
-    return TransformerConfig(codebook_size=codebook_size, tokens=64, width=32, depth=2, heads=4, code_dim=len(TINY_TOKENIZER.levels), **sizes)
+    return TransformerConfig(codebook_size=codebook_size, tokens=64, width=32, depth=2, heads=4, code_dim=TINY_TOKENIZER.code_dim, **sizes)
 
 
 def tiny_transformer(conditioner: Conditioner) -> MaskedTransformer:
     """A tiny random transformer that knows the tiny tokenizer's code vectors, as a trained teacher would."""
     model = MaskedTransformer(tiny_transformer_config(conditioner))
-    model.set_code_vectors(VQTokenizer(TINY_TOKENIZER).codebook)
+    model.set_code_vectors(tiny_tokenizer().codebook.detach())
     return model
 
 
 def write_tokenizer(folder: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    tokenizer = VQTokenizer(TINY_TOKENIZER)
-    config = {"name": "tiny-tokenizer", "kind": "tokenizer", "tokenizer": TINY_TOKENIZER.to_dict()}
+    tokenizer = tiny_tokenizer(seed)
+    config = {"name": "tiny-tokenizer", "kind": "tokenizer", "tokenizer": tokenizer.cfg.to_dict()}
     return save_bundle(folder, config, {"tokenizer": tokenizer.state_dict()}, dtype=None)
 
 

@@ -44,6 +44,7 @@ class DistillTraining:
     seed: int = 0
     eval_every: int = 250
     eval_prompts: int = 100
+    placement: str = "grid"  # where the world's objects sit (shapes.PLACEMENTS)
 
 
 # ------------------------------------------------------------------ Di[M]O's objective
@@ -160,7 +161,7 @@ def train_distill(
             loop.set_lr(opt, loop.cosine_lr(step, training.steps, peak, training.warmup))
         rng = np.random.default_rng([training.seed, step])
         g = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
-        images, prompts, labels = shapes.batch(rng, training.batch_size, kinds=parts.conditioner.kinds)
+        images, prompts, labels = shapes.batch(rng, training.batch_size, kinds=parts.conditioner.kinds, placement=training.placement)
         condition = parts.conditioner.from_samples(prompts, labels).to(device)
         b, n = training.batch_size, teacher.cfg.tokens
         noise = ImageNoise(rng.integers(0, 2**62, size=b).tolist(), device)

@@ -23,6 +23,7 @@ class FeatureTraining:
     lr: float = 2e-3
     warmup: int = 50
     seed: int = 0
+    placement: str = "grid"  # where the world's objects sit (shapes.PLACEMENTS)
 
 
 def train_features(run_dir: Path, cfg: FeatureNetConfig, training: FeatureTraining, device: torch.device) -> FeatureNet:
@@ -33,7 +34,7 @@ def train_features(run_dir: Path, cfg: FeatureNetConfig, training: FeatureTraini
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
         rng = np.random.default_rng([training.seed, step])
-        samples = [shapes.sample(rng) for _ in range(training.batch_size)]
+        samples = [shapes.sample(rng, placement=training.placement) for _ in range(training.batch_size)]
         images = to_tensor(np.stack([s.image for s in samples])).to(device)
         targets = count_targets([list(s.objects) for s in samples]).to(device)
         loss = F.mse_loss(net(images), targets)

@@ -26,6 +26,8 @@ class RewardTraining:
     warmup: int = 100
     pixel_noise: float = 0.1  # std of Gaussian noise added to images, so decoded (imperfect) images score sensibly
     seed: int = 0
+    eval_every: int = 500
+    placement: str = "grid"  # where the world's objects sit (shapes.PLACEMENTS)
 
 
 def hard_negative(prompt: shapes.Prompt, rng: np.random.Generator) -> shapes.Prompt:
@@ -85,7 +87,7 @@ def train_reward(run_dir: Path, cfg: AlignmentConfig, training: RewardTraining, 
     def batch(step: int):
         rng = np.random.default_rng([training.seed, step])
         prompts = [shapes.sample_prompt(rng) for _ in range(training.batch_size)]
-        images = np.stack([shapes.render(shapes.sample_scene(p, rng)) for p in prompts])
+        images = np.stack([shapes.render(shapes.sample_scene(p, rng, training.placement)) for p in prompts])
         negatives = [[hard_negative(p, rng).text() for _ in range(training.negatives)] for p in prompts]
         x = to_tensor(images).to(device)
         x = (x + training.pixel_noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(step)).to(device)).clamp(0, 1)
@@ -100,19 +102,19 @@ def train_reward(run_dir: Path, cfg: AlignmentConfig, training: RewardTraining, 
         return {"loss": loss.item()}
 
     def eval_fn(step: int) -> dict[str, float]:
-        return {"hard_negative_accuracy": hard_negative_accuracy(model, count=200, seed=30_000)}
+        return {"hard_negative_accuracy": hard_negative_accuracy(model, count=200, seed=30_000, placement=training.placement)}
 
     loop.run(run_dir=run_dir, modules={"reward": model}, optimizers={"reward": optimizer}, step_fn=step_fn,
-             steps=training.steps, eval_fn=eval_fn, eval_every=500, description="reward")  # fmt: skip
+             steps=training.steps, eval_fn=eval_fn, eval_every=training.eval_every, description="reward")  # fmt: skip
     return model.eval()
 
 
 @torch.no_grad()
-def hard_negative_accuracy(model: AlignmentModel, count: int, seed: int) -> float:
+def hard_negative_accuracy(model: AlignmentModel, count: int, seed: int, placement: str = "grid") -> float:
     """Share of held-out images whose true prompt scores above every one of 4 hard negatives."""
     rng = np.random.default_rng(seed)
     prompts = [shapes.sample_prompt(rng) for _ in range(count)]
-    images = to_tensor(np.stack([shapes.render(shapes.sample_scene(p, rng)) for p in prompts])).to(model.log_scale.device)
+    images = to_tensor(np.stack([shapes.render(shapes.sample_scene(p, rng, placement)) for p in prompts])).to(model.log_scale.device)
     true = model.similarity(images, [p.text() for p in prompts])
     wins = torch.ones(count, dtype=torch.bool, device=images.device)
     for _ in range(4):

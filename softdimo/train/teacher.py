@@ -31,13 +31,15 @@ class TeacherTraining:
     seed: int = 0
     eval_every: int = 1000
     eval_prompts: int = 100
+    placement: str = "grid"  # where the world's objects sit (shapes.PLACEMENTS)
 
 
 def training_batch(
-    *, rng: np.random.Generator, size: int, conditioner: Conditioner, tokenizer: VQTokenizer, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *, rng: np.random.Generator, size: int, conditioner: Conditioner, tokenizer: VQTokenizer, device: torch.device,
+    placement: str = "grid",
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(image tokens (B, N), conditioning) for a fresh batch of Shapes samples."""
-    images, prompts, labels = shapes.batch(rng, size, kinds=conditioner.kinds)
+    images, prompts, labels = shapes.batch(rng, size, kinds=conditioner.kinds, placement=placement)
     with torch.no_grad():
         tokens = tokenizer.encode(to_tensor(images).to(device))
     return tokens, conditioner.from_samples(prompts, labels).to(device)
@@ -78,7 +80,9 @@ def train_teacher(
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
         rng = np.random.default_rng([training.seed, step])
-        tokens, condition = training_batch(rng=rng, size=training.batch_size, conditioner=conditioner, tokenizer=tokenizer, device=device)
+        tokens, condition = training_batch(
+            rng=rng, size=training.batch_size, conditioner=conditioner, tokenizer=tokenizer, device=device, placement=training.placement
+        )
         generator = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
         loss = masked_prediction_loss(model, tokens, condition, generator=generator, training=training)
         optimizer.zero_grad(set_to_none=True)

@@ -34,11 +34,12 @@ def test_square_fills_its_box_and_render_uses_exact_palette_colours():
     assert colours == {(0, 0, 0), (255, 255, 0)}
 
 
-def test_placement_keeps_margins_gaps_and_relations():
+@pytest.mark.parametrize("placement", shapes.PLACEMENTS)
+def test_placement_keeps_margins_gaps_and_relations(placement):
     rng = np.random.default_rng(0)
     for _ in range(300):
         prompt = shapes.sample_prompt(rng)
-        objects = shapes.sample_scene(prompt, rng)
+        objects = shapes.sample_scene(prompt, rng, placement)
         for o in objects:
             assert o.x0 >= 2 and o.y0 >= 2 and o.x0 + o.size <= 62 and o.y0 + o.size <= 62
         for i, a in enumerate(objects):
@@ -50,6 +51,47 @@ def test_placement_keeps_margins_gaps_and_relations():
             assert len(objects) == prompt.count and all(o.size == 12 for o in objects)
         if prompt.kind == "sized":
             assert objects[0].size == prompt.objects[0].size
+
+
+def test_grid_placement_puts_every_box_corner_on_the_grid():
+    rng = np.random.default_rng(3)
+    corners = set()
+    for _ in range(500):
+        for o in shapes.sample(rng).objects:
+            corners |= {o.x0, o.y0}
+    assert corners == {4, 12, 20, 28, 36, 44}  # 4 + 8k, every one of them reached (44 by small boxes only)
+
+
+def test_free_placement_reaches_corners_off_the_grid():
+    rng = np.random.default_rng(3)
+    corners = {c for _ in range(200) for o in shapes.sample(rng, placement="free").objects for c in (o.x0, o.y0)}
+    assert corners - {4, 12, 20, 28, 36, 44}
+
+
+LARGE = shapes.SIZES["large"]
+
+
+@pytest.mark.parametrize("placement", shapes.PLACEMENTS)
+@pytest.mark.parametrize(
+    "prompt",
+    [shapes.Prompt(kind, (shapes.ObjectSpec(0, 0, LARGE), shapes.ObjectSpec(2, 1, LARGE)), relation=relation)
+     for kind, relation in [("pair", None), *(("relation", r) for r in shapes.RELATIONS)]]
+    + [shapes.parse_prompt("three red circles"), shapes.parse_prompt("a large green triangle")],
+    ids=lambda p: f"{p.kind}-{p.relation}",
+)  # fmt: skip
+def test_every_kind_is_drawable_even_with_two_large_objects(prompt, placement):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        objects = shapes.sample_scene(prompt, rng, placement)  # terminates: the placements exist
+        wanted = [s.size for s in prompt.objects] if prompt.kind != "count" else [shapes.SIZES["small"]] * prompt.count
+        assert [o.size for o in objects] == wanted
+
+
+def test_a_large_box_never_starts_where_it_would_cross_the_margin():
+    assert shapes.corner_positions(24).tolist() == [4, 12, 20, 28, 36]
+    assert shapes.corner_positions(12).tolist() == [4, 12, 20, 28, 36, 44]
+    with pytest.raises(ValueError, match="unknown placement"):
+        shapes.corner_positions(12, "hex")
 
 
 def test_relation_rule_matches_the_spec():
@@ -81,7 +123,13 @@ def test_every_kind_round_trips_through_the_parser():
 def test_prompts_outside_the_grammar_are_refused_with_the_vocabulary(text):
     with pytest.raises(shapes.PromptError) as info:
         shapes.parse_prompt(text)
-    assert "red" in str(info.value) or "differ" in str(info.value)
+    assert repr(text) in str(info.value)  # the message quotes the prompt
+    assert "colors: red, green" in str(info.value) or "must differ" in str(info.value)
+
+
+def test_unknown_words_are_named():
+    with pytest.raises(shapes.PromptError, match=r"unknown words \['purple'\]"):
+        shapes.parse_prompt("a purple circle")
 
 
 def test_class_labels_follow_the_spec():

@@ -26,7 +26,7 @@ def _refine(model, tokenizer, conditioner, prompts, seeds, temperature=1.0, **se
 
 
 def test_tteo_raises_the_reward(tiny_text_transformer, tiny_tokenizer, text_conditioner):
-    out = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle", "a blue square"], [1, 2], steps=15, lr=200.0, temperature=0.0)
+    out = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle", "a blue square"], [1, 2], steps=15, lr=1000.0, temperature=0.0)
     assert out.trace.shape == (15, 2)
     assert (out.trace[-1] > out.trace[0]).all()
     assert (out.reward_after > out.reward_before).all()

@@ -1,0 +1,257 @@
+"""Recipes: one TOML file per shipped bundle, the single source of its hyper-parameters, run stage by stage.
+
+A recipe names its stage, the bundle it writes (`out`), the bundles it reads (an `[inputs]` table: `tokenizer`,
+`teacher`, `init`, `reward`) and one table per configuration dataclass (`[training]`, `[transformer]`, `[sampler]`, …); what a
+table leaves out takes the dataclass default. A stage is done when its run folder holds `done.json` for the
+same recipe; until then rerunning it resumes from the run's last checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+STAGES = ("tokenizer", "features", "reward", "teacher", "distill")
+INPUTS = ("tokenizer", "teacher", "init", "reward")  # the bundles a stage may read, each perhaps another recipe's `out`
+DONE = "done.json"
+EXPORT_ONLY = ("sampler", "tteo")  # tables that shape only the written bundle: changing one re-exports without retraining
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read or run as written."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def stage(self) -> str:
+        return self.data["stage"]
+
+    @property
+    def out(self) -> Path:
+        return Path(self.data["out"])
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.data.get("run_dir", f"runs/{self.out.name}"))
+
+    @property
+    def inputs(self) -> dict[str, Path]:
+        return {key: Path(value) for key, value in self.data.get("inputs", {}).items()}
+
+    def table(self, name: str) -> dict[str, Any]:
+        return dict(self.data.get(name, {}))
+
+    def digest(self, exclude: Sequence[str] = ()) -> str:
+        data = {k: v for k, v in self.data.items() if k not in exclude}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe; each override is `table.key=value` or `key=value`, the value in TOML syntax."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RecipeError(f"{path}: {exc}") from exc
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise RecipeError(f"override {item!r}: write table.key=value")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare word is a string
+        *tables, leaf = key.split(".")
+        target = data
+        for table in tables:
+            target = target.setdefault(table, {})
+        target[leaf] = value
+    if data.get("stage") not in STAGES:
+        raise RecipeError(f"{path}: stage must be one of {', '.join(STAGES)}, got {data.get('stage')!r}")
+    if "out" not in data:
+        raise RecipeError(f"{path}: no `out` bundle folder")
+    unknown = sorted(set(data.get("inputs", {})) - set(INPUTS))
+    if unknown:
+        raise RecipeError(f"{path}: unknown inputs {', '.join(unknown)}; inputs are {', '.join(INPUTS)}")
+    return Recipe(path, data)
+
+
+def build(cls: type, table: dict[str, Any], **fixed: Any):
+    """A config dataclass from a recipe table, lists turned into tuples; unknown keys are refused."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise RecipeError(f"{cls.__name__} has no field {', '.join(unknown)}; fields: {', '.join(sorted(names))}")
+    values = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v for k, v in table.items()}
+    return cls(**(values | fixed))
+
+
+def order(recipes: Sequence[Recipe]) -> list[Recipe]:
+    """Recipes sorted so that every bundle is written before a recipe that reads it."""
+    writers = {r.out.resolve(): r for r in recipes}
+    ordered: list[Recipe] = []
+    visiting: set[Path] = set()
+
+    def visit(recipe: Recipe) -> None:
+        key = recipe.out.resolve()
+        if recipe in ordered:
+            return
+        if key in visiting:
+            raise RecipeError(f"{recipe.path}: recipes read each other's bundles in a cycle")
+        visiting.add(key)
+        for dependency in recipe.inputs.values():
+            if dependency.resolve() in writers:
+                visit(writers[dependency.resolve()])
+        visiting.discard(key)
+        ordered.append(recipe)
+
+    for recipe in recipes:
+        visit(recipe)
+    return ordered
+
+
+def is_done(recipe: Recipe) -> bool:
+    marker = recipe.run_dir / DONE
+    return marker.exists() and json.loads(marker.read_text()).get("recipe") == recipe.digest() and recipe.out.exists()
+
+
+def run_recipe(recipe: Recipe, device: torch.device) -> float:
+    """Train one stage (resuming its run) and write its bundle; returns the seconds it took."""
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp = run_dir / "recipe.json"
+    training_digest = recipe.digest(exclude=EXPORT_ONLY)
+    if stamp.exists() and json.loads(stamp.read_text()).get("training") != training_digest:
+        raise RecipeError(f"{run_dir} holds a run of another version of {recipe.path}; remove it to start again")
+    stamp.write_text(json.dumps({"training": training_digest, "data": recipe.data}, indent=2) + "\n")
+    began = time.monotonic()
+    out = RUNNERS[recipe.stage](recipe, device)
+    seconds = time.monotonic() - began
+    (run_dir / DONE).write_text(json.dumps({"recipe": recipe.digest(), "bundle": str(out), "seconds": round(seconds, 1)}) + "\n")
+    return seconds
+
+
+def run_all(paths: Sequence[str | os.PathLike], device: torch.device, overrides: Sequence[str] = (), force: bool = False) -> None:
+    """Run recipes in dependency order, skipping stages already done; prints each stage's time."""
+    recipes = order([load_recipe(p, overrides) for p in paths])
+    total = 0.0
+    for recipe in recipes:
+        if is_done(recipe) and not force:
+            seconds = json.loads((recipe.run_dir / DONE).read_text())["seconds"]
+            print(f"== {recipe.path}: done ({seconds / 60:.1f} min), {recipe.out}")
+        else:
+            print(f"== {recipe.path}: training {recipe.stage} -> {recipe.out}")
+            seconds = run_recipe(recipe, device)
+            print(f"== {recipe.path}: {seconds / 60:.1f} min")
+        total += seconds
+    print(f"== all stages: {total / 60:.1f} min")
+
+
+def _relative(target: Path, out: Path) -> str:
+    return os.path.relpath(target.resolve(), out.resolve())
+
+
+# ------------------------------------------------------------------ one runner per stage
+
+
+def _tokenizer(recipe: Recipe, device: torch.device) -> Path:
+    from softdimo.train.tokenizer import TokenizerTraining, export_tokenizer, train_tokenizer
+    from softdimo.vq import TokenizerConfig
+
+    training = build(TokenizerTraining, recipe.table("training"))
+    tokenizer = train_tokenizer(recipe.run_dir, build(TokenizerConfig, recipe.table("tokenizer")), training, device)
+    return export_tokenizer(tokenizer.cpu(), recipe.out, training, name=recipe.out.name)
+
+
+def _features(recipe: Recipe, device: torch.device) -> Path:
+    from softdimo.features import FeatureNetConfig
+    from softdimo.train.features import FeatureTraining, export_features, train_features
+
+    training = build(FeatureTraining, recipe.table("training"))
+    net = train_features(recipe.run_dir, build(FeatureNetConfig, recipe.table("features")), training, device)
+    return export_features(net.cpu(), recipe.out, training, name=recipe.out.name)
+
+
+def _reward(recipe: Recipe, device: torch.device) -> Path:
+    from softdimo.reward import AlignmentConfig
+    from softdimo.train.reward import RewardTraining, export_reward, train_reward
+
+    training = build(RewardTraining, recipe.table("training"))
+    model = train_reward(recipe.run_dir, build(AlignmentConfig, recipe.table("alignment")), training, device)
+    return export_reward(model.cpu(), recipe.out, training, name=recipe.out.name)
+
+
+def _teacher(recipe: Recipe, device: torch.device) -> Path:
+    from softdimo.bundle import read_bundle
+    from softdimo.conditioning import Conditioner
+    from softdimo.pipeline import load_tokenizer
+    from softdimo.teacher import SamplerSettings
+    from softdimo.train.teacher import TeacherTraining, export_teacher, train_teacher
+    from softdimo.transformer import TransformerConfig
+
+    tokenizer = load_tokenizer(read_bundle(recipe.inputs["tokenizer"]), device)
+    conditioner = Conditioner.for_shapes(recipe.data.get("conditioning", "text"))
+    table = recipe.table("transformer")
+    if table.pop("code_features", False):
+        table["code_dim"] = tokenizer.cfg.code_dim
+    cfg = build(
+        TransformerConfig, table, codebook_size=tokenizer.cfg.codebook_size, tokens=tokenizer.cfg.grid**2, **conditioner.model_sizes()
+    )
+    training = build(TeacherTraining, recipe.table("training"))
+    sampler = build(SamplerSettings, recipe.table("sampler"))
+    model = train_teacher(
+        run_dir=recipe.run_dir, tokenizer=tokenizer, conditioner=conditioner, cfg=cfg, training=training, sampler=sampler, device=device,
+    )  # fmt: skip
+    return export_teacher(
+        model=model.cpu(), conditioner=conditioner, sampler=sampler, training=training, path=recipe.out, name=recipe.out.name,
+        tokenizer_reference=_relative(recipe.inputs["tokenizer"], recipe.out),
+    )  # fmt: skip
+
+
+def _distill(recipe: Recipe, device: torch.device) -> Path:
+    from softdimo.bundle import read_bundle
+    from softdimo.generator import GeneratorSettings
+    from softdimo.pipeline import load_pipeline, load_reward
+    from softdimo.train.distill import DistillParts, DistillTraining, export_generator, train_distill
+    from softdimo.tteo import TTEOSettings
+
+    inputs = recipe.inputs
+    teacher = load_pipeline(inputs["teacher"], device)
+    reward = load_reward(read_bundle(inputs["reward"]), device) if "reward" in inputs else None
+    training = build(DistillTraining, recipe.table("training"))
+    if training.reward_weight and reward is None:
+        raise RecipeError(f"{recipe.path}: reward_weight needs a `reward` bundle")
+    initial = None
+    if "init" in inputs:
+        start = load_pipeline(inputs["init"], device)
+        if not hasattr(start, "generator") or start.generator.cfg != teacher.model.cfg:
+            raise RecipeError(f"{recipe.path}: init {inputs['init']} is not a one-step model of the teacher's architecture")
+        initial = start.generator.model
+    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward, initial=initial)
+    settings = build(GeneratorSettings, recipe.table("generator"))
+    generator = train_distill(run_dir=recipe.run_dir, parts=parts, generator_settings=settings, training=training, device=device)
+    generator.model.cpu()
+    teacher_bundle = read_bundle(inputs["teacher"])
+    return export_generator(
+        generator=generator, conditioner=teacher.conditioner, path=recipe.out, name=recipe.out.name,
+        tokenizer_reference=_relative(teacher_bundle.path / teacher_bundle.config["tokenizer"], recipe.out),
+        reward_references=[_relative(inputs["reward"], recipe.out)] if reward is not None else [],
+        tteo=build(TTEOSettings, recipe.table("tteo")).to_dict(), training=training,
+        teacher_reference=_relative(inputs["teacher"], recipe.out),
+    )  # fmt: skip
+
+
+RUNNERS: dict[str, Callable[[Recipe, torch.device], Path]] = {
+    "tokenizer": _tokenizer, "features": _features, "reward": _reward, "teacher": _teacher, "distill": _distill,
+}  # fmt: skip

@@ -1,0 +1,82 @@
+"""Recipes: the one source of a bundle's hyper-parameters, ordered by what they read, resumable stage by stage."""
+
+from pathlib import Path
+
+import pytest
+
+from softdimo.train.recipe import RecipeError, build, load_recipe, order, run_all
+from softdimo.train.teacher import TeacherTraining
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+
+TINY_TOKENIZER_RECIPE = """
+stage = "tokenizer"
+out = "{out}"
+run_dir = "{run}"
+
+[tokenizer]
+encoder = "dictionary"
+dictionary_size = 32
+dictionary_dim = 4
+stem = 8
+channels = [16]
+blocks = 1
+
+[training]
+steps = 3
+batch_size = 4
+dictionary_images = 8
+eval_images = 5
+eval_every = 3
+"""
+
+
+def test_tables_fill_dataclasses_and_overrides_win(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('stage = "teacher"\nout = "w/t"\n[inputs]\ntokenizer = "w/tok"\n[training]\nsteps = 10\nlr = 3e-4\n')
+    recipe = load_recipe(path, overrides=["training.steps=20", "training.schedule=arccos"])
+    training = build(TeacherTraining, recipe.table("training"))
+    assert (training.steps, training.lr, training.schedule) == (20, 3e-4, "arccos")
+    assert training.batch_size == TeacherTraining().batch_size  # left out: the dataclass default
+    assert recipe.inputs == {"tokenizer": Path("w/tok")} and recipe.run_dir == Path("runs/t")
+
+
+def test_unknown_fields_stages_and_inputs_are_refused(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('stage = "teacher"\nout = "w/t"\n[training]\nstepz = 10\n')
+    with pytest.raises(RecipeError, match="no field stepz"):
+        build(TeacherTraining, load_recipe(path).table("training"))
+    path.write_text('stage = "painter"\nout = "w/t"\n')
+    with pytest.raises(RecipeError, match="stage must be one of"):
+        load_recipe(path)
+    path.write_text('stage = "teacher"\nout = "w/t"\n[inputs]\nteacherr = "x"\n')
+    with pytest.raises(RecipeError, match="unknown inputs teacherr"):
+        load_recipe(path)
+
+
+def test_shipped_recipes_run_in_dependency_order():
+    recipes = order([load_recipe(p) for p in sorted(RECIPES.glob("*.toml"))])
+    position = {r.out.resolve(): i for i, r in enumerate(recipes)}
+    for i, recipe in enumerate(recipes):
+        for bundle in recipe.inputs.values():
+            if bundle.resolve() in position:
+                assert position[bundle.resolve()] < i, f"{recipe.path} runs before the {bundle} it reads"
+    assert {r.out.name for r in recipes} >= {
+        "shapes-tokenizer", "shapes-features", "shapes-clip", "shapes-teacher-text", "shapes-teacher-class",
+        "shapes-softdimo-text", "shapes-softdimo-class",
+    }  # fmt: skip
+
+
+def test_a_stage_runs_once_is_skipped_when_done_and_guards_its_run(tmp_path, capsys, one_thread):
+    import torch
+
+    path = tmp_path / "tokenizer.toml"
+    path.write_text(TINY_TOKENIZER_RECIPE.format(out=tmp_path / "bundle", run=tmp_path / "run"))
+    run_all([path], torch.device("cpu"))
+    assert (tmp_path / "bundle" / "manifest.json").exists()
+    first = capsys.readouterr().out
+    assert "training tokenizer" in first and "all stages" in first
+    run_all([path], torch.device("cpu"))
+    assert ": done (" in capsys.readouterr().out
+    with pytest.raises(RecipeError, match="another version"):  # same run folder, other training values
+        run_all([path], torch.device("cpu"), overrides=["training.lr=0.5"])

@@ -12,7 +12,7 @@ ImageFormat = Literal["png", "jpeg", "webp"]
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", protected_namespaces=(),
+        extra="forbid", protected_namespaces=(), strict=True,  # strict: true is not 1 and "3" is not 3
         json_schema_extra={"examples": [{"prompt": "two blue squares", "n": 2, "seed": 7}, {"prompt": "a red circle", "format": "webp"}]},
     )  # fmt: skip
 
@@ -68,7 +68,7 @@ class OpenAIImageRequest(BaseModel):
     """The OpenAI Images API request shape; fields it has that mean nothing here are accepted and ignored."""
 
     model_config = ConfigDict(
-        extra="ignore", protected_namespaces=(),
+        extra="ignore", protected_namespaces=(), strict=True,
         json_schema_extra={"examples": [{"prompt": "a green triangle", "n": 2, "response_format": "b64_json", "size": "auto"}]},
     )  # fmt: skip
 

@@ -18,9 +18,20 @@ def _device(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> None:
-    from softdimo.train.recipe import run_all
+    from softdimo.train.recipe import load_recipe, profile_recipe, run_all
 
+    if args.profile:
+        for path in args.recipes:
+            phases = profile_recipe(load_recipe(path, args.set or ()), _device(args), args.profile)
+            print(f"{path}: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + f" (torch threads {_threads()})")
+        return
     run_all(args.recipes, _device(args), overrides=args.set or (), force=args.force)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _settings(items: list[str] | None) -> dict:
@@ -237,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipes", nargs="+", help="recipe files; stages already done for the same recipe are skipped")
     train.add_argument("--set", action="append", metavar="TABLE.KEY=VALUE", help="override a recipe value (TOML syntax)")
     train.add_argument("--force", action="store_true", help="train stages again even when done")
+    train.add_argument("--profile", type=int, metavar="STEPS", help="teacher recipes: time this many steps by phase, train nothing")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.set_defaults(func=_train)
 

@@ -192,12 +192,12 @@ def _reward(recipe: Recipe, device: torch.device) -> Path:
     return export_reward(model.cpu(), recipe.out, training, name=recipe.out.name)
 
 
-def _teacher(recipe: Recipe, device: torch.device) -> Path:
+def _teacher_parts(recipe: Recipe, device: torch.device) -> dict:
+    """What a teacher recipe trains: its tokenizer, conditioner, transformer config and training settings."""
     from softdimo.bundle import read_bundle
     from softdimo.conditioning import Conditioner
     from softdimo.pipeline import load_tokenizer
-    from softdimo.teacher import SamplerSettings
-    from softdimo.train.teacher import TeacherTraining, export_teacher, train_teacher
+    from softdimo.train.teacher import TeacherTraining
     from softdimo.transformer import TransformerConfig
 
     tokenizer = load_tokenizer(read_bundle(recipe.inputs["tokenizer"]), device)
@@ -208,7 +208,24 @@ def _teacher(recipe: Recipe, device: torch.device) -> Path:
     cfg = build(
         TransformerConfig, table, codebook_size=tokenizer.cfg.codebook_size, tokens=tokenizer.cfg.grid**2, **conditioner.model_sizes()
     )
-    training = build(TeacherTraining, recipe.table("training"))
+    return {"tokenizer": tokenizer, "conditioner": conditioner, "cfg": cfg, "training": build(TeacherTraining, recipe.table("training"))}
+
+
+def profile_recipe(recipe: Recipe, device: torch.device, steps: int) -> dict[str, float]:
+    """Where a teacher recipe's training step spends its time, by phase (see train.teacher.profile_steps)."""
+    from softdimo.train.teacher import profile_steps
+
+    if recipe.stage != "teacher":
+        raise RecipeError(f"{recipe.path}: profiling measures teacher recipes; this one trains a {recipe.stage}")
+    return profile_steps(**_teacher_parts(recipe, device), device=device, steps=steps)
+
+
+def _teacher(recipe: Recipe, device: torch.device) -> Path:
+    from softdimo.teacher import SamplerSettings
+    from softdimo.train.teacher import export_teacher, train_teacher
+
+    parts = _teacher_parts(recipe, device)
+    tokenizer, conditioner, cfg, training = parts["tokenizer"], parts["conditioner"], parts["cfg"], parts["training"]
     sampler = build(SamplerSettings, recipe.table("sampler"))
     model = train_teacher(
         run_dir=recipe.run_dir, tokenizer=tokenizer, conditioner=conditioner, cfg=cfg, training=training, sampler=sampler, device=device,

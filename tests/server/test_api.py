@@ -106,6 +106,11 @@ def test_accept_image_wildcard_uses_the_format_field(url):
         ({"prompt": "x" * 513}, 422, "at most 512"),
         ({"prompt": "a red circle", "model": "nope"}, 404, "unknown model"),
         ({"prompt": "a red circle", "colour": "red"}, 422, "Extra inputs"),
+        ({"prompt": "a red circle", "seed": False}, 422, "valid integer"),
+        ({"prompt": "a red circle", "n": True}, 422, "valid integer"),
+        ({"prompt": "a red circle", "seed": 3.0}, 422, "valid integer"),
+        ({"prompt": "a red circle", "seed": "3"}, 422, "valid integer"),
+        ({"class_label": True, "model": "tiny-class"}, 422, "valid integer"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_clear_client_errors(url, body, status, fragment):
@@ -126,6 +131,9 @@ def test_openai_images_shape(url):
     assert set(body) == {"created", "data"} and len(body["data"]) == 2 and set(body["data"][0]) == {"b64_json"}
     assert httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", "response_format": "url"}).status_code == 422
     assert httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", "size": "1024x1024"}).status_code == 422
+    for field, value in (("seed", False), ("n", True), ("seed", "7")):  # no coercion: a bool or a string is not a number
+        refused = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", field: value})
+        assert refused.status_code == 422 and "valid integer" in refused.text
 
 
 def test_refine_on_a_teacher_is_a_clear_422(url):

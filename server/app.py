@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import os
 import signal
 import sys
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine import Engine, verify_bundles
+from server.errors import error_response
 from server.guard import ApiKeyGuard, BodyLimit, BodyTooLarge
 from server.metrics import Metrics
 from server.routes import router
@@ -32,23 +30,6 @@ log = logging.getLogger("softdimo.server")
 
 # After the batchers have drained, how long answers may take to be encoded and written before connections close.
 _RESPONSE_GRACE_S = 10.0
-
-
-class ErrorJSON(JSONResponse):
-    """Error bodies echo client input, which may hold lone surrogates or non-finite numbers: escape them, never fail."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -94,17 +75,21 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
-        return ErrorJSON({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+        return error_response(request.url.path, exc.status, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         count_refusal(request.url.path, 422)
-        return ErrorJSON({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        return error_response(request.url.path, 422, jsonable_encoder(exc.errors()))
 
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request: Request, exc: BodyTooLarge):
         count_refusal(request.url.path, 413)
-        return ErrorJSON({"detail": exc.detail}, status_code=413)
+        return error_response(request.url.path, 413, exc.detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # unknown paths, wrong methods, unreadable bodies
+        return error_response(request.url.path, exc.status_code, exc.detail, getattr(exc, "headers", None))
 
     return app
 

@@ -6,8 +6,9 @@ import hmac
 from collections.abc import Callable, Collection
 
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import error_response
 
 
 class ApiKeyGuard:
@@ -35,7 +36,7 @@ class ApiKeyGuard:
             detail = "the API key is not valid"
             challenge = 'Bearer realm="softdimo", error="invalid_token"'
         self._on_refused(scope["path"])
-        response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": challenge})
+        response = error_response(scope["path"], 401, detail, headers={"WWW-Authenticate": challenge})
         await response(scope, receive, send)
 
 
@@ -96,7 +97,7 @@ class BodyLimit:
             # The app's exception handler normally answers; this covers a read outside its reach.
             if started:
                 raise
-            await JSONResponse({"detail": exc.detail}, status_code=413)(scope, receive, send)
+            await error_response(scope["path"], 413, exc.detail)(scope, receive, send)
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -65,6 +65,13 @@ def _eval(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _curve(args: argparse.Namespace) -> None:
+    from softdimo.report import curve_table
+
+    for run_dir in args.runs:
+        print(f"{run_dir}\n\n{curve_table(run_dir)}\n")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from softdimo.images import encode_image
     from softdimo.pipeline import load_pipeline
@@ -266,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sampler", nargs="*", metavar="KEY=VALUE", help="teachers: override sampler settings, e.g. guidance=3")
     ev.add_argument("--tteo-target", choices=["input", "logits"], help="one-step models: what TTEO optimises (default: the bundle's)")
     ev.set_defaults(func=_eval)
+
+    curve = commands.add_parser("curve", help="a training run's evaluations against training time (from its metrics.jsonl)")
+    curve.add_argument("runs", nargs="+", help="run folders, e.g. runs/shapes-teacher-text")
+    curve.set_defaults(func=_curve)
 
     gen = commands.add_parser("generate", help="write PNG files for a prompt or class label")
     gen.add_argument("--model", default="weights/shapes-softdimo-text")

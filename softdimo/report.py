@@ -201,3 +201,34 @@ def timed(fn: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], float]:
     start = time.perf_counter()
     images = fn()
     return images, time.perf_counter() - start
+
+
+def training_curve(run_dir) -> list[dict]:
+    """The evaluations a training run logged (metrics.jsonl), with minutes of training time at each.
+
+    A run resumed by an older version of the loop restarted its clock; each restart continues from the
+    time the run had reached, and a step logged twice keeps its later record."""
+    import json
+    from pathlib import Path
+
+    records: dict[int, dict] = {}
+    offset = last_elapsed = 0.0
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["elapsed_s"] < last_elapsed:
+            offset += last_elapsed
+        last_elapsed = record["elapsed_s"]
+        records[record["step"]] = record | {"minutes": (offset + record["elapsed_s"]) / 60}
+    evaluated = [r for _, r in sorted(records.items()) if any(k.startswith(("pass", "recon_pass", "hard_negative")) for k in r)]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "loss")} for r in evaluated]
+
+
+def curve_table(run_dir) -> str:
+    rows = training_curve(run_dir)
+    if not rows:
+        return f"{run_dir}: no evaluations logged"
+    keys = [k for k in rows[0] if k not in ("step", "minutes")]
+    lines = ["| step | minutes | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+    for r in rows:
+        lines.append(f"| {r['step']} | {r['minutes']:.1f} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k in keys) + " |")
+    return "\n".join(lines)

@@ -54,6 +54,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def error_message(response) -> str:
+    """The message of an error answer: `detail` on native paths, the OpenAI error object's message under /v1/."""
+    body = response.json()
+    if response.url.path.startswith("/v1/"):
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        return body["error"]["message"]
+    return body["detail"]
+
+
 def metric(text: str, name: str, **labels) -> float:
     """The value of the first sample of `name` carrying `labels` in a Prometheus exposition, or 0."""
     for line in text.splitlines():

@@ -92,6 +92,17 @@ class Checkpointer:
         return int(metadata["step"])
 
 
+def _time_spent(log_path: Path, step: int) -> float:
+    """Seconds of training the log records up to `step` (0 for a new run)."""
+    spent = 0.0
+    if step and log_path.exists():
+        for line in log_path.read_text().splitlines():
+            record = json.loads(line)
+            if record["step"] <= step:
+                spent = record["elapsed_s"]
+    return spent
+
+
 def run(
     *,
     run_dir: str | os.PathLike,
@@ -107,10 +118,12 @@ def run(
     """Run `step_fn(step)` from the last checkpoint up to `steps`, checkpointing and logging metrics as JSON lines."""
     checkpointer = Checkpointer(run_dir, modules, optimizers)
     start = checkpointer.restore()
-    log = open(Path(run_dir) / "metrics.jsonl", "a")
+    log_path = Path(run_dir) / "metrics.jsonl"
+    spent = _time_spent(log_path, start)
+    log = open(log_path, "a")
     if start:
         print(f"resuming {description} from step {start} ({checkpointer.path})")
-    began = time.monotonic()
+    began = time.monotonic() - spent  # elapsed_s counts training time across resumes
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=description, mininterval=5, dynamic_ncols=True)
     for step in bar:
         for mod in modules.values():

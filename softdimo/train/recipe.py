@@ -22,6 +22,7 @@ STAGES = ("tokenizer", "features", "reward", "teacher", "distill")
 INPUTS = ("tokenizer", "teacher", "init", "reward")  # the bundles a stage may read, each perhaps another recipe's `out`
 DONE = "done.json"
 EXPORT_ONLY = ("sampler", "tteo")  # tables that shape only the written bundle: changing one re-exports without retraining
+LENGTH_ONLY = ("steps", "eval_every")  # [training] keys a run may change and go on: more steps continue it
 
 
 class RecipeError(ValueError):
@@ -52,8 +53,13 @@ class Recipe:
     def table(self, name: str) -> dict[str, Any]:
         return dict(self.data.get(name, {}))
 
-    def digest(self, exclude: Sequence[str] = ()) -> str:
-        data = {k: v for k, v in self.data.items() if k not in exclude}
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def run_digest(self) -> str:
+        """What a run's checkpoints depend on: the recipe less its export-only tables and its length."""
+        data = {k: v for k, v in self.data.items() if k not in EXPORT_ONLY}
+        data["training"] = {k: v for k, v in data.get("training", {}).items() if k not in LENGTH_ONLY}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -131,10 +137,9 @@ def run_recipe(recipe: Recipe, device: torch.device) -> float:
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp = run_dir / "recipe.json"
-    training_digest = recipe.digest(exclude=EXPORT_ONLY)
-    if stamp.exists() and json.loads(stamp.read_text()).get("training") != training_digest:
+    if stamp.exists() and json.loads(stamp.read_text()).get("run") != recipe.run_digest():
         raise RecipeError(f"{run_dir} holds a run of another version of {recipe.path}; remove it to start again")
-    stamp.write_text(json.dumps({"training": training_digest, "data": recipe.data}, indent=2) + "\n")
+    stamp.write_text(json.dumps({"run": recipe.run_digest(), "data": recipe.data}, indent=2) + "\n")
     began = time.monotonic()
     out = RUNNERS[recipe.stage](recipe, device)
     seconds = time.monotonic() - began

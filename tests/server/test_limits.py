@@ -5,7 +5,7 @@ import json
 
 import httpx
 import pytest
-from conftest import metric
+from conftest import error_message, metric
 from live_server import live_server
 
 from server.settings import Settings
@@ -37,7 +37,7 @@ def url(tiny_bundles):
 def test_a_request_over_max_request_cost_is_a_422_naming_the_limit(url, path, body, terms):
     r = httpx.post(f"{url}{path}", json=body)
     assert r.status_code == 422, r.text
-    detail = r.json()["detail"]
+    detail = error_message(r)
     assert terms in detail and "max_request_cost = 12" in detail
 
 
@@ -149,4 +149,4 @@ BAD_INPUTS = {
 def test_bad_input_is_a_clear_4xx_never_a_5xx(url, path, case):
     r = httpx.post(f"{url}{path}", **BAD_INPUTS[case])
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    assert r.json()["detail"]
+    assert error_message(r)

@@ -80,3 +80,5 @@ def test_a_stage_runs_once_is_skipped_when_done_and_guards_its_run(tmp_path, cap
     assert ": done (" in capsys.readouterr().out
     with pytest.raises(RecipeError, match="another version"):  # same run folder, other training values
         run_all([path], torch.device("cpu"), overrides=["training.lr=0.5"])
+    run_all([path], torch.device("cpu"), overrides=["training.steps=5"])  # longer: the run goes on from its checkpoint
+    assert "resuming tokenizer from step 3" in capsys.readouterr().out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -45,6 +47,19 @@ class GenerateJob:
         return replace(self, n=k), replace(self, seed=self.seed + k, n=self.n - k)
 
 
+@dataclass(eq=False)
+class RefineProgress:
+    """A streaming /refine's line to the model thread: each TTEO step's rewards come out on `queue` as
+    (step, seeds, rewards); setting `cancelled` stops the request's images at the next step."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def report(self, step: int, seeds: list[int], rewards: list[float]) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (step, seeds, rewards))
+
+
 @dataclass(frozen=True)
 class RefineJob:
     """One /refine request's work (or a part of it); requests batch together when their `settings` and reward agree."""
@@ -58,13 +73,18 @@ class RefineJob:
     # Each image's best_of candidate seeds, drawn for the whole request (see `for_request`), so that a request
     # run in parts, or a batch split after running out of memory, starts from the same candidates.
     candidates: tuple[tuple[int, ...], ...]
+    progress: RefineProgress | None = None  # a streaming request's step reports and cancellation
 
     @classmethod
     def for_request(
         cls, *, condition: torch.Tensor, text: str, seed: int, n: int, settings: TTEOSettings, reward: str,
+        progress: RefineProgress | None = None,
     ) -> RefineJob:  # fmt: skip
         rows = candidate_seeds([seed + i for i in range(n)], settings.best_of)
-        return cls(condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, candidates=tuple(map(tuple, rows)))
+        return cls(
+            condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, candidates=tuple(map(tuple, rows)),
+            progress=progress,
+        )  # fmt: skip
 
     @property
     def seeds(self) -> list[int]:
@@ -128,11 +148,27 @@ class ServedModel:
         condition = torch.cat([job.condition.expand(job.n, *job.condition.shape[1:]) for job in jobs])
         texts = [job.text for job in jobs for _ in range(job.n)]
         candidates = [list(row) for job in jobs for row in job.candidates]  # drawn per request, not per batch
-        refined = self.pipeline.refine(condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward)
+        on_step = _step_reports(jobs) if any(job.progress is not None for job in jobs) else None
+        refined = self.pipeline.refine(condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward, on_step=on_step)
         images = to_uint8(refined.images)
         before, after = refined.reward_before.tolist(), refined.reward_after.tolist()
         items = [RefinedImage(images[i], before[i], after[i], refined.seeds[i]) for i in range(len(candidates))]
         return _split(items, [job.n for job in jobs])
+
+
+def _step_reports(jobs: Sequence[RefineJob]):
+    """A TTEO step hook: hand each streaming job its images' rewards; keep optimising only uncancelled jobs' images."""
+
+    def on_step(step: int, rewards: torch.Tensor) -> torch.Tensor:
+        values = rewards.tolist()
+        wanted: list[bool] = []
+        for job, part in zip(jobs, _split(values, [job.n for job in jobs])):
+            if job.progress is not None:
+                job.progress.report(step, job.seeds, part)
+            wanted += [job.progress is None or not job.progress.cancelled.is_set()] * job.n
+        return torch.tensor(wanted)
+
+    return on_step
 
 
 Job = TypeVar("Job", GenerateJob, RefineJob)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from server.schemas import (
     ErrorResponse,
@@ -24,6 +25,7 @@ from server.schemas import (
     Timing,
     ValidationErrorResponse,
 )
+from server.engine import RefineJob, RefineProgress, ServedModel
 from server.service import GENERATE, OPENAI, REFINE, GeneratedImages, Service, ServiceError
 from softdimo.images import MEDIA_TYPES
 from softdimo.tteo import TTEOSettings
@@ -46,6 +48,13 @@ IMAGE_RESPONSES = {
     **ERROR_RESPONSES,
     200: {"content": {media: {} for media in MEDIA_TYPES.values()}, "description": "JSON, or with Accept: image/... and n = 1 the image"},
     406: {"model": ErrorResponse, "description": "an image body was asked for with n > 1"},
+}
+REFINE_RESPONSES = {
+    **IMAGE_RESPONSES,
+    200: {
+        "content": {**IMAGE_RESPONSES[200]["content"], "text/event-stream": {}},
+        "description": "JSON; with Accept: image/... and n = 1 the image; with stream, server-sent events",
+    },
 }
 
 
@@ -84,8 +93,9 @@ def _model_label(service: Service, name: str | None) -> str:
 
 
 @asynccontextmanager
-async def _counted(service: Service, endpoint: str, model_name: str | None):
-    """In-flight gauge, duration histogram and per-status counter around one request."""
+async def _counted(service: Service, endpoint: str, model_name: str | None, count_success: bool = True):
+    """In-flight gauge, duration histogram and per-status counter around one request. With count_success
+    False only a refusal is counted: a stream's checks pass and it is counted once its events end."""
     metrics = service.metrics
     model = _model_label(service, model_name)
     metrics.inflight.labels(endpoint).inc()
@@ -97,10 +107,14 @@ async def _counted(service: Service, endpoint: str, model_name: str | None):
     except ServiceError as exc:
         status = str(exc.status)
         raise
+    except asyncio.CancelledError:  # the client went away
+        status = "499"
+        raise
     finally:
         metrics.inflight.labels(endpoint).dec()
-        metrics.requests.labels(endpoint, model, status).inc()
-        metrics.request_duration.labels(endpoint, model).observe(time.perf_counter() - began)
+        if status != "200" or count_success:
+            metrics.requests.labels(endpoint, model, status).inc()
+            metrics.request_duration.labels(endpoint, model).observe(time.perf_counter() - began)
 
 
 def _wanted_image_format(request: Request, body_format: str) -> str | None:
@@ -145,48 +159,91 @@ async def generate(request: Request, body: GenerateRequest):
         )  # fmt: skip
 
 
-@router.post("/refine", response_model=ImageResponse, responses=IMAGE_RESPONSES)
+@router.post("/refine", response_model=ImageResponse, responses=REFINE_RESPONSES)
 async def refine(request: Request, body: RefineRequest):
     """TTEO: gradient steps on the generator's input embeddings against a reward, then decode.
 
     Requests batch together when their steps, lr, best_of and reward agree; others wait in arrival order
-    for a batch of their own. With best_of = 1 and the same seed, the starting image is /generate's."""
+    for a batch of their own. With best_of = 1 and the same seed, the starting image is /generate's.
+    With `stream`, the answer is a text/event-stream of each step's rewards, then the same JSON."""
     service = _service(request)
     began = time.perf_counter()
+    if body.stream:  # checked here, so a refused request is an ordinary JSON error before any event
+        async with _counted(service, REFINE, body.model, count_success=False):
+            if _wanted_image_format(request, body.format) is not None:
+                raise ServiceError(406, "a stream carries JSON events: use Accept: text/event-stream or application/json")
+            progress = RefineProgress(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
+            model, job = _refine_job(service, body, progress)
+        events = _refine_events(service, model, job, body, began)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     async with _counted(service, REFINE, body.model):
-        model = service.model(body.model, endpoint=REFINE)
-        condition = service.condition(model, body.prompt, body.class_label)
-        defaults = model.pipeline.tteo if model.kind == "one-step" else TTEOSettings()
-        settings = replace(
-            defaults, steps=body.steps or defaults.steps, lr=body.lr or defaults.lr, best_of=body.best_of
-        )
-        seed = service.seeds_for(body.seed, body.n * body.best_of)
         image_format = _wanted_image_format(request, body.format)
         if image_format is not None and body.n != 1:
             raise ServiceError(406, "an image body holds one image: use n = 1, or Accept: application/json")
-        result = await _unless_disconnected(
-            request,
-            service.refine(
-                model=model, condition=condition, text=model.reward_text(body.prompt, body.class_label), seed=seed,
-                n=body.n, settings=settings, reward=body.reward,
-            ),
-        )  # fmt: skip
+        model, job = _refine_job(service, body)
+        result = await _unless_disconnected(request, service.refine(model=model, job=job))
         encoded = await service.encode(result.images, image_format or body.format)
         service.metrics.images.labels(REFINE, result.model).inc(len(encoded))
         if image_format is not None:
             item = result.refined[0]
             headers = {"X-Seed": str(result.seeds[0]), "X-Reward-Before": f"{item.reward_before:.6f}", "X-Reward-After": f"{item.reward_after:.6f}"}
             return Response(encoded[0], media_type=MEDIA_TYPES[image_format], headers=headers)
-        return ImageResponse(
-            id=service.new_id("ref"), model=result.model, created=int(time.time()),
-            data=[
-                ImageData(b64_json=service.b64(data), seed=seed, reward_before=round(item.reward_before, 6),
-                          reward_after=round(item.reward_after, 6), candidate_seed=item.candidate_seed)
-                for data, seed, item in zip(encoded, result.seeds, result.refined)
-            ],
-            timing=Timing(queue_s=round(result.queue_s, 6), compute_s=round(result.compute_s, 6),
-                          total_s=round(time.perf_counter() - began, 6)),
-        )  # fmt: skip
+        return _refine_response(service, result, encoded, began)
+
+
+def _refine_job(service: Service, body: RefineRequest, progress: RefineProgress | None = None) -> tuple[ServedModel, RefineJob]:
+    model = service.model(body.model, endpoint=REFINE)
+    condition = service.condition(model, body.prompt, body.class_label)
+    defaults = model.pipeline.tteo if model.kind == "one-step" else TTEOSettings()
+    settings = replace(defaults, steps=body.steps or defaults.steps, lr=body.lr or defaults.lr, best_of=body.best_of)
+    seed = service.seeds_for(body.seed, body.n * body.best_of)
+    text = model.reward_text(body.prompt, body.class_label)
+    job = service.refine_job(model=model, condition=condition, text=text, seed=seed, n=body.n, settings=settings, reward=body.reward,
+                             progress=progress)  # fmt: skip
+    return model, job
+
+
+def _refine_response(service: Service, result: GeneratedImages, encoded: list[bytes], began: float) -> ImageResponse:
+    return ImageResponse(
+        id=service.new_id("ref"), model=result.model, created=int(time.time()),
+        data=[
+            ImageData(b64_json=service.b64(data), seed=seed, reward_before=round(item.reward_before, 6),
+                      reward_after=round(item.reward_after, 6), candidate_seed=item.candidate_seed)
+            for data, seed, item in zip(encoded, result.seeds, result.refined)
+        ],
+        timing=Timing(queue_s=round(result.queue_s, 6), compute_s=round(result.compute_s, 6),
+                      total_s=round(time.perf_counter() - began, 6)),
+    )  # fmt: skip
+
+
+def _event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _refine_events(service: Service, model: ServedModel, job: RefineJob, body: RefineRequest, began: float):
+    """A streaming /refine: `step` events while TTEO runs, then `result` (or `error`). When the client goes
+    away, the generator is cancelled: its images stop at the next step and its queued parts are dropped."""
+    progress = job.progress
+    work = asyncio.ensure_future(service.refine(model=model, job=job))
+    try:
+        async with _counted(service, REFINE, body.model):
+            while not work.done() or not progress.queue.empty():
+                report = asyncio.ensure_future(progress.queue.get())
+                await asyncio.wait({work, report}, return_when=asyncio.FIRST_COMPLETED)
+                if not report.done():
+                    report.cancel()
+                    continue
+                step, seeds, rewards = report.result()
+                yield _event("step", {"step": step, "images": [{"seed": s, "reward": round(r, 6)} for s, r in zip(seeds, rewards)]})
+            result = work.result()
+            encoded = await service.encode(result.images, body.format)
+            service.metrics.images.labels(REFINE, result.model).inc(len(encoded))
+            yield _event("result", _refine_response(service, result, encoded, began).model_dump(mode="json"))
+    except ServiceError as exc:
+        yield _event("error", {"status": exc.status, "detail": exc.detail})
+    finally:
+        progress.cancelled.set()
+        work.cancel()
 
 
 @router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERROR_RESPONSES)

@@ -38,6 +38,10 @@ class RefineRequest(GenerateRequest):
     lr: float | None = Field(None, gt=0, le=100, description="TTEO learning rate")
     reward: str | None = Field(None, description="a reward name from /v1/models")
     best_of: int = Field(1, ge=1, le=16, description="candidates per image; the best by reward is optimised")
+    stream: bool = Field(
+        False, description="answer text/event-stream: a `step` event per TTEO step (each image's reward), then a `result` "
+        "event with the JSON a non-streaming call returns (or an `error` event)",
+    )  # fmt: skip
 
 
 class Timing(BaseModel):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, NullObserver, QueueFull
-from server.engine import Engine, GenerateJob, RefinedImage, RefineJob, ServedModel, run_splitting_on_oom
+from server.engine import Engine, GenerateJob, RefinedImage, RefineJob, RefineProgress, ServedModel, run_splitting_on_oom
 from server.metrics import Metrics
 from server.settings import Settings
 from softdimo.conditioning import ConditionError
@@ -212,20 +212,25 @@ class Service:
         images = [image for result in results for image in result]
         return GeneratedImages(model=model.name, images=images, seeds=[seed + i for i in range(n)], queue_s=queue_s, compute_s=compute_s)
 
-    async def refine(
+    def refine_job(
         self, *, model: ServedModel, condition: torch.Tensor, text: str, seed: int, n: int, settings: TTEOSettings,
-        reward: str | None,
-    ) -> GeneratedImages:  # fmt: skip
+        reward: str | None, progress: RefineProgress | None = None,
+    ) -> RefineJob:  # fmt: skip
+        """A /refine request's work, checked before anything is queued (or streamed): 4xx here, not later."""
         if not model.rewards:
             raise ServiceError(422, f"model {model.name!r} is {model.kind} without a reward: /refine needs a one-step model with one")
         reward = reward or model.rewards[0]
         if reward not in model.rewards:
             raise ServiceError(404, f"unknown reward {reward!r}; model {model.name!r} has: {', '.join(model.rewards)}")
-        job = RefineJob.for_request(condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward)
+        job = RefineJob.for_request(condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, progress=progress)
         self._check_cost(model, job)
+        return job
+
+    async def refine(self, *, model: ServedModel, job: RefineJob) -> GeneratedImages:
+        seed, n = job.seed, job.n
         results, queue_s, compute_s = await self._run(REFINE, model, self._chunks(job))
         refined = [item for result in results for item in result]
-        self.metrics.tteo_steps.labels(model.name).inc(settings.steps * n)
+        self.metrics.tteo_steps.labels(model.name).inc(job.settings.steps * n)
         for item in refined:
             self.metrics.reward_gain.labels(model.name).observe(item.reward_after - item.reward_before)
         return GeneratedImages(

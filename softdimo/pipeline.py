@@ -16,7 +16,7 @@ from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.reward import AlignmentConfig, AlignmentModel, AlignmentReward, Reward
 from softdimo.seeding import ImageNoise
 from softdimo.text import PromptTokenizer
-from softdimo.tteo import Refined, TTEOSettings, refine
+from softdimo.tteo import Refined, StepHook, TTEOSettings, refine
 from softdimo.teacher import SamplerSettings, sample
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.vq import TokenizerConfig, VQTokenizer, to_uint8
@@ -97,12 +97,12 @@ class OneStepPipeline:
 
     def refine(
         self, condition: torch.Tensor, texts: Sequence[str], candidates: Sequence[Sequence[int]], settings: TTEOSettings,
-        reward: str | None = None,
+        reward: str | None = None, on_step: StepHook | None = None,
     ) -> Refined:  # fmt: skip
         """TTEO for a batch; `texts` are what the reward reads (prompts, or class names as prompts)."""
         return refine(
             generator=self.generator, tokenizer=self.tokenizer, reward=self.rewards[reward or self.default_reward],
-            condition=condition, prompts=texts, candidates=candidates, settings=settings,
+            condition=condition, prompts=texts, candidates=candidates, settings=settings, on_step=on_step,
         )  # fmt: skip
 
 

@@ -203,7 +203,7 @@ def timed(fn: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], float]:
     return images, time.perf_counter() - start
 
 
-def training_curve(run_dir) -> list[dict]:
+def training_curve(run_dir, evaluated_only: bool = True) -> list[dict]:
     """The evaluations a training run logged (metrics.jsonl), with minutes of training time at each.
 
     A run resumed by an older version of the loop restarted its clock; each restart continues from the
@@ -219,7 +219,10 @@ def training_curve(run_dir) -> list[dict]:
             offset += last_elapsed
         last_elapsed = record["elapsed_s"]
         records[record["step"]] = record | {"minutes": (offset + record["elapsed_s"]) / 60}
-    evaluated = [r for _, r in sorted(records.items()) if any(k.startswith(("pass", "recon_pass", "hard_negative")) for k in r)]
+    evaluated = [
+        r for _, r in sorted(records.items())
+        if not evaluated_only or any(k.startswith(("pass", "recon_pass", "hard_negative")) for k in r)
+    ]  # fmt: skip
     return [{k: v for k, v in r.items() if k not in ("elapsed_s", "loss")} for r in evaluated]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -45,13 +45,19 @@ def candidate_seeds(seeds: Sequence[int], best_of: int) -> list[list[int]]:
     return [[seed + j * n for j in range(best_of)] for seed in seeds]
 
 
+StepHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
 def refine(
     *, generator: OneStepGenerator, tokenizer: VQTokenizer, reward: Reward, condition: torch.Tensor,
-    prompts: Sequence[str], candidates: Sequence[Sequence[int]], settings: TTEOSettings,
+    prompts: Sequence[str], candidates: Sequence[Sequence[int]], settings: TTEOSettings, on_step: StepHook | None = None,
 ) -> Refined:  # fmt: skip
     """Optimise each image independently (the loss is a sum of per-image terms), all in one batch.
 
-    `candidates` holds each image's `settings.best_of` candidate seeds (see `candidate_seeds`)."""
+    `candidates` holds each image's `settings.best_of` candidate seeds (see `candidate_seeds`).
+    `on_step(step, rewards)`, called after each step with every image's reward (B,), may return which images
+    are still wanted (B,) bool: the others stop being optimised (their gradient is zeroed, so the images of
+    the rest come out exactly as they would have), and when none is wanted the loop ends early."""
     b, n_best = len(candidates), settings.best_of
     if any(len(row) != n_best for row in candidates):
         raise ValueError(f"each image needs best_of = {n_best} candidate seeds")
@@ -72,14 +78,22 @@ def refine(
     variable = start.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([variable], lr=settings.lr)
     trace = []
+    wanted = torch.ones(b, dtype=torch.bool, device=device)
     with torch.enable_grad():
-        for _ in range(settings.steps):
+        for step in range(settings.steps):
             z = generator.logits(variable, condition) if settings.target == "input" else variable
             score = reward.score(tokenizer.decode_soft(z.float().softmax(-1)), prompts)
             optimizer.zero_grad(set_to_none=True)
             (-score.sum()).backward()
+            variable.grad[~wanted] = 0
             optimizer.step()
             trace.append(score.detach())
+            if on_step is not None:
+                still = on_step(step + 1, score.detach())
+                if still is not None:
+                    wanted &= still.to(device)
+                    if not wanted.any():
+                        break
     with torch.no_grad():
         z = generator.logits(variable, condition) if settings.target == "input" else variable
         tokens_after = generator.tokens_from(z, gumbel)

@@ -142,7 +142,7 @@ def run_recipe(recipe: Recipe, device: torch.device) -> float:
     stamp.write_text(json.dumps({"run": recipe.run_digest(), "data": recipe.data}, indent=2) + "\n")
     began = time.monotonic()
     out = RUNNERS[recipe.stage](recipe, device)
-    seconds = time.monotonic() - began
+    seconds = max(time.monotonic() - began, _logged_training_seconds(run_dir))  # a resumed stage counts all its time
     (run_dir / DONE).write_text(json.dumps({"recipe": recipe.digest(), "bundle": str(out), "seconds": round(seconds, 1)}) + "\n")
     return seconds
 
@@ -161,6 +161,15 @@ def run_all(paths: Sequence[str | os.PathLike], device: torch.device, overrides:
             print(f"== {recipe.path}: {seconds / 60:.1f} min")
         total += seconds
     print(f"== all stages: {total / 60:.1f} min")
+
+
+def _logged_training_seconds(run_dir: Path) -> float:
+    """The training time a run's metrics log records, across resumes (0 without a log)."""
+    from softdimo.report import training_curve
+
+    if not (run_dir / "metrics.jsonl").exists():
+        return 0.0
+    return 60 * training_curve(run_dir, evaluated_only=False)[-1]["minutes"]
 
 
 def _relative(target: Path, out: Path) -> str:

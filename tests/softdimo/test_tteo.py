@@ -66,3 +66,29 @@ def test_best_of_keeps_the_best_starting_candidate(tiny_text_transformer, tiny_t
     many = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle"], [40], steps=0, best_of=6)
     assert many.reward_before[0] >= one.reward_before[0]
     assert many.seeds[0] in [40 + j for j in range(6)]
+
+
+def test_a_step_hook_sees_every_step_and_stops_images_without_disturbing_the_rest(tiny_text_transformer, tiny_tokenizer, text_conditioner):
+    import torch
+
+    prompts, seeds = ["a red circle", "a blue square"], [7, 8]
+    full = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, prompts, seeds, steps=6, lr=1000.0)
+    seen = []
+
+    def drop_the_first_after_two_steps(step, rewards):
+        seen.append((step, rewards.clone()))
+        return torch.tensor([step < 2, True])
+
+    generator = OneStepGenerator(tiny_text_transformer, GeneratorSettings())
+    settings = TTEOSettings(steps=6, lr=1000.0)
+    common = dict(generator=generator, tokenizer=tiny_tokenizer, reward=Redness(), condition=text_conditioner.encode_prompts(prompts),
+                  prompts=prompts, candidates=candidate_seeds(seeds, 1), settings=settings)  # fmt: skip
+    hooked = refine(**common, on_step=drop_the_first_after_two_steps)
+    assert [step for step, _ in seen] == [1, 2, 3, 4, 5, 6]
+    rewards = torch.stack([r for _, r in seen])  # (steps, images)
+    assert torch.equal(rewards[:, 1], full.trace[:, 1]) and torch.equal(hooked.tokens[1], full.tokens[1])  # the batch-mate: exactly as without
+    assert torch.equal(rewards[2:, 0], rewards[2:3, 0].expand(4))  # the dropped image is no longer optimised
+
+    calls = []
+    stopped = refine(**common, on_step=lambda step, rewards: calls.append(step) or torch.tensor([False, False]))
+    assert calls == [1] and stopped.trace.shape == (1, 2)  # nobody wanted: the loop ends

@@ -8,11 +8,13 @@ TORCH ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
-# The Prometheus server the monitoring test runs against (Debian package); skipped without root.
+# What the tests drive for real (Debian packages): Prometheus for the monitoring test, Chromium and its
+# driver for the playground test. Installed when root; otherwise those tests are skipped.
 tools:
-	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
-		echo "prometheus not installed: the monitoring test will be skipped"
+	@{ command -v prometheus && command -v chromium && command -v chromedriver; } >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends prometheus chromium chromium-driver >/dev/null; } || \
+		echo "prometheus or chromium not installed: the monitoring or playground test will be skipped"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

@@ -6,10 +6,11 @@ import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from dataclasses import replace
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from server.schemas import (
     ErrorResponse,
@@ -267,6 +268,17 @@ async def models(request: Request):
     if service.engine is None:
         return ModelList(data=[])
     return ModelList(data=[m.card() for m in service.engine.models.values()])
+
+
+PLAYGROUND = Path(__file__).parent / "playground" / "index.html"
+
+
+@router.get("/", include_in_schema=False)
+async def playground(request: Request):
+    """The browser playground: one static page, nothing fetched from elsewhere."""
+    if not request.app.state.settings.playground:
+        raise ServiceError(404, "the playground is off (--no-playground)")
+    return FileResponse(PLAYGROUND, media_type="text/html")
 
 
 @router.get("/healthz", response_model=Status)

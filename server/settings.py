@@ -32,10 +32,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)  # a request not served by then gets 504
     drain_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM, how long queued and running work may take to finish
     api_key: str | None = None  # when set, requests need `Authorization: Bearer <key>`
-    # Paths answered without the key: probes, the scrape target, and the API description (which holds no secrets).
+    # Paths answered without the key: probes, the scrape target, the API description and the playground page
+    # (static files that hold no secrets; the page sends the key the user types with every API call it makes).
     auth_exempt_paths: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"]
+        default_factory=lambda: ["/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"]
     )
+    playground: bool = True  # serve the browser playground at GET /
     # Cost of a request = images x steps x best_of, where steps are the teacher's sampling steps or the TTEO
     # steps (the model's default when absent) and 1 for a one-step /generate. 4096 admits 16 images x 200
     # TTEO steps (3200) or 16 images x 64 teacher steps (1024), but not 16 x 200 x best_of 16.

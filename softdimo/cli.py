@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue-cost", type=int, help="queued cost per model and endpoint before 429")
     srv.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413")
     srv.add_argument("--auth-exempt-paths", nargs="*", help="paths answered without the API key (set by SOFTDIMO_API_KEY)")
+    srv.add_argument("--playground", action=argparse.BooleanOptionalAction, default=None, help="serve the browser playground at /")
     srv.add_argument("--log-level")
     srv.set_defaults(func=_serve)
 

@@ -63,13 +63,26 @@ class Recipe:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a recipe; each override is `table.key=value` or `key=value`, the value in TOML syntax."""
-    path = Path(path)
+def _read(path: Path) -> dict[str, Any]:
+    """A recipe file's tables; `base = "other.toml"` (relative to the file) starts from another recipe, so a
+    variant states only what differs from it."""
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise RecipeError(f"{path}: {exc}") from exc
+    if "base" not in data:
+        return data
+    merged = _read(path.parent / data.pop("base"))
+    merged.pop("run_dir", None)  # a variant never shares its base's run
+    for key, value in data.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe; each override is `table.key=value` or `key=value`, the value in TOML syntax."""
+    path = Path(path)
+    data = _read(path)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:

@@ -82,3 +82,20 @@ def test_a_stage_runs_once_is_skipped_when_done_and_guards_its_run(tmp_path, cap
         run_all([path], torch.device("cpu"), overrides=["training.lr=0.5"])
     run_all([path], torch.device("cpu"), overrides=["training.steps=5"])  # longer: the run goes on from its checkpoint
     assert "resuming tokenizer from step 3" in capsys.readouterr().out
+
+
+def test_a_variant_states_only_what_differs_from_its_base(tmp_path):
+    (tmp_path / "base.toml").write_text('stage = "distill"\nout = "w/a"\nrun_dir = "runs/a"\n[training]\nsteps = 10\ngan_weight = 0.1\n')
+    (tmp_path / "variant.toml").write_text('base = "base.toml"\nout = "w/b"\n[training]\ngan_weight = 0.0\n')
+    variant = load_recipe(tmp_path / "variant.toml")
+    assert variant.table("training") == {"steps": 10, "gan_weight": 0.0}
+    assert variant.out == Path("w/b") and variant.run_dir == Path("runs/b")  # never the base's run folder
+
+
+def test_ablation_recipes_differ_from_the_shipped_recipe_only_where_they_say():
+    shipped = load_recipe(RECIPES / "shapes-softdimo-class.toml")
+    for path in sorted((RECIPES / "ablations").glob("*.toml")):
+        variant = load_recipe(path)
+        assert variant.inputs == shipped.inputs and variant.table("generator") == shipped.table("generator")
+        changed = {k for k, v in variant.table("training").items() if shipped.table("training").get(k) != v}
+        assert changed and changed <= {"gan_weight", "reward_weight", "relaxation"}, path

@@ -48,12 +48,18 @@ def _settings(items: list[str] | None) -> dict:
 
 def _eval(args: argparse.Namespace) -> None:
     from softdimo import report
+    from softdimo.bundle import read_bundle
     from softdimo.pipeline import load_features
 
     device = _device(args)
     features = load_features(args.features, device)
     results = []
     for model_path in args.models:
+        if read_bundle(model_path).config.get("kind") == "reward":
+            accuracy = report.reward_accuracy(model_path, images=args.prompts, device=device, placement=args.placement)
+            print(f"\n{model_path}: the true prompt scores above all 4 hard negatives for {accuracy:.1%} of {args.prompts} held-out images\n")
+            results.append({"model": str(model_path), "hard_negative_accuracy": accuracy, "images": args.prompts})
+            continue
         table = report.evaluate_bundle(
             model_path, features=features, prompts=args.prompts, steps=args.steps, tteo_steps=args.tteo_steps,
             best_of=args.best_of, device=device, grid_dir=Path(args.grid) if args.grid else None, placement=args.placement,
@@ -260,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     ev = commands.add_parser("eval", help="judge models on held-out prompts: pass rates, Fréchet distance, spread")
-    ev.add_argument("models", nargs="+", help="bundle folders (tokenizers are judged on reconstructions)")
+    ev.add_argument("models", nargs="+", help="bundle folders (tokenizers are judged on reconstructions, rewards on hard negatives)")
     ev.add_argument("--prompts", type=int, default=300)
     ev.add_argument("--steps", type=int, nargs="*", help="sampling steps to evaluate masked-diffusion models at")
     ev.add_argument("--features", default=DEFAULT_FEATURES)

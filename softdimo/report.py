@@ -86,12 +86,13 @@ class Table:
     model: str
     rows: list[Row]
     real_spread: float
+    notes: list[str] = field(default_factory=list)  # lines printed under the table
 
     def markdown(self) -> str:
-        return markdown_table(self.rows, self.real_spread)
+        return "\n\n".join([markdown_table(self.rows, self.real_spread), *self.notes])
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "real_spread": round(self.real_spread, 2), "rows": [r.as_dict() for r in self.rows]}
+        return {"model": self.model, "real_spread": round(self.real_spread, 2), "rows": [r.as_dict() for r in self.rows], "notes": self.notes}
 
 
 def evaluate_bundle(
@@ -111,6 +112,7 @@ def evaluate_bundle(
     bundle = read_bundle(path)
     name = bundle.config["name"]
     rows: list[Row] = []
+    notes: list[str] = []
 
     def add(label: str, make: Callable[[], list[np.ndarray]], **extra) -> None:
         images, seconds = timed(make)
@@ -123,7 +125,11 @@ def evaluate_bundle(
         held_out = evaluate.held_out_prompts(prompts, seed=HELD_OUT_SEED)
         evaluator = Evaluator(held_out, features, placement)
         tokenizer = load_tokenizer(bundle, device)
-        add(f"{name} reconstructions", lambda: reconstructions(tokenizer, real_images(held_out, placement=placement)))
+        originals = real_images(held_out, placement=placement)
+        add(f"{name} reconstructions", lambda: reconstructions(tokenizer, originals))
+        with torch.no_grad():
+            used = tokenizer.encode(to_tensor(np.stack(originals)).to(device)).unique().numel()
+        notes.append(f"Codes used by the {len(originals)} held-out images: {used} of {tokenizer.cfg.codebook_size}.")
     else:
         pipeline = load_pipeline(path, device)
         held_out = evaluate.held_out_prompts(prompts, seed=HELD_OUT_SEED, kinds=pipeline.conditioner.kinds)
@@ -148,7 +154,7 @@ def evaluate_bundle(
             for k in steps or [pipeline.sampler.steps]:
                 add(f"{name} ({k} steps)", lambda k=k: pipeline.generate_prompts(held_out, seeds, steps=k), steps=k)
     rows.append(evaluator.reference_row())
-    return Table(model=name, rows=rows, real_spread=evaluator.real_spread)
+    return Table(model=name, rows=rows, real_spread=evaluator.real_spread, notes=notes)
 
 
 @torch.no_grad()
@@ -201,6 +207,16 @@ def timed(fn: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], float]:
     start = time.perf_counter()
     images = fn()
     return images, time.perf_counter() - start
+
+
+def reward_accuracy(path, *, images: int, device, placement: str = "grid") -> float:
+    """A reward bundle's share of held-out images whose true prompt scores above all 4 hard negatives."""
+    from softdimo.bundle import read_bundle
+    from softdimo.pipeline import load_reward
+    from softdimo.train.reward import hard_negative_accuracy
+
+    reward = load_reward(read_bundle(path), device)
+    return hard_negative_accuracy(reward.model, count=images, seed=HELD_OUT_SEED, placement=placement)
 
 
 def training_curve(run_dir, evaluated_only: bool = True) -> list[dict]:

@@ -63,8 +63,24 @@ def hard_negative(prompt: shapes.Prompt, rng: np.random.Generator) -> shapes.Pro
             return candidate
 
 
+def joint_loss(model: AlignmentModel, images: torch.Tensor, prompts: list[str], negatives: list[list[str]]) -> torch.Tensor:
+    """For a joint scorer: each image against its prompt, its hard negatives and the next image's prompt, as a
+    choice among them (cross-entropy) and as calibrated match log-odds (binary cross-entropy)."""
+    b = len(prompts)
+    candidates = [[p, *row, prompts[(i + 1) % b]] for i, (p, row) in enumerate(zip(prompts, negatives))]
+    c = len(candidates[0])
+    features = model.image.feature_map(images)  # (B, C, h, w)
+    logits = model.joint_scores(features.repeat_interleave(c, dim=0), [p for row in candidates for p in row]).view(b, c)
+    same = torch.tensor([[p == row[0] for p in row] for row in candidates], device=images.device)  # the next prompt may be equal
+    choice = F.cross_entropy(logits.masked_fill(same & (torch.arange(c, device=images.device) > 0), -1e4), torch.zeros(b, dtype=torch.long, device=images.device))
+    match = F.binary_cross_entropy_with_logits(logits, same.float())
+    return choice + match
+
+
 def contrastive_loss(model: AlignmentModel, images: torch.Tensor, prompts: list[str], negatives: list[list[str]]) -> torch.Tensor:
     """Image -> (all batch prompts + its own hard negatives) and prompt -> batch images cross-entropy."""
+    if model.cfg.joint_layers:
+        return joint_loss(model, images, prompts, negatives)
     b = len(prompts)
     image_emb = model.image(images)  # (B, D)
     text_emb = model.encode_prompts(prompts)  # (B, D)

@@ -222,19 +222,21 @@ def reward_accuracy(path, *, images: int, device, placement: str = "grid") -> fl
 def training_curve(run_dir, evaluated_only: bool = True) -> list[dict]:
     """The evaluations a training run logged (metrics.jsonl), with minutes of training time at each.
 
-    A run resumed by an older version of the loop restarted its clock; each restart continues from the
-    time the run had reached, and a step logged twice keeps its later record."""
+    A resumed run logs again from its checkpoint's step; a step logged twice keeps its later record, and a
+    resume whose clock started again from zero (older runs) continues from the time its checkpoint had."""
     import json
     from pathlib import Path
 
     records: dict[int, dict] = {}
-    offset = last_elapsed = 0.0
+    offset, previous = 0.0, 0
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        if record["elapsed_s"] < last_elapsed:
-            offset += last_elapsed
-        last_elapsed = record["elapsed_s"]
-        records[record["step"]] = record | {"minutes": (offset + record["elapsed_s"]) / 60}
+        step = record["step"]
+        if step <= previous:  # a resume: the time at the checkpoint it went on from
+            reached = 60 * records[step - 1]["minutes"] if step - 1 in records else 0.0
+            offset = max(0.0, reached - record["elapsed_s"])
+        previous = step
+        records[step] = record | {"minutes": (offset + record["elapsed_s"]) / 60}
     evaluated = [
         r for _, r in sorted(records.items())
         if not evaluated_only or any(k.startswith(("pass", "recon_pass", "hard_negative")) for k in r)

@@ -32,8 +32,10 @@ class AlignmentConfig:
     text_layers: int = 2
     text_heads: int = 4
     # 0: CLIP-style, the score is the cosine of a pooled image embedding and a pooled prompt embedding. > 0:
-    # this many joint transformer layers read the image's feature map and the prompt's words together, so
-    # the score can bind "red circle" and "left of" to places; the score is then the log-odds of a match.
+    # this many joint transformer layers also read the image's feature map and the prompt's words together, so
+    # the score can bind "red circle" and "left of" to places; the score is then the log-odds of a match, the
+    # scaled cosine plus the joint layers' logit (what the pooled embeddings know is learned fast; the joint
+    # layers add what they cannot tell apart, relations and swapped objects).
     joint_layers: int = 0
 
     def to_dict(self) -> dict:
@@ -135,9 +137,11 @@ class AlignmentModel(nn.Module):
         return (self.image(images) * self.encode_prompts(prompts)).sum(-1)
 
     def joint_scores(self, features: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Match logits (B,) of feature maps (B, C, h, w) with prompts (one per map)."""
+        """Match log-odds (B,) of feature maps (B, C, h, w) with prompts (one per map)."""
         ids = self.prompt_tokenizer.encode(prompts).to(features.device)
-        return self.joint(features, self.text.words(ids), ids == 0)
+        pooled = torch.cat([features.mean((2, 3)), features.amax((2, 3))], dim=1)
+        cosine = (F.normalize(self.image.project(pooled), dim=-1) * self.text(ids)).sum(-1)
+        return self.log_scale.exp() * cosine + self.joint(features, self.text.words(ids), ids == 0)
 
     def logits(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         return self.log_scale.exp() * image_embeddings @ text_embeddings.T

@@ -96,3 +96,37 @@ def test_a_second_signal_stops_at_once(tiny_bundles, tmp_path):
     # Queued work was answered 503 or cut off; none of it waited for the 300 s drain.
     assert any(isinstance(a, httpx.TransportError) or a.status_code == 503 for a in answers)
     assert "again: stopping now" in log.read_text()
+
+
+def test_a_batch_still_waiting_for_company_runs_at_once_on_sigterm(tiny_bundles, tmp_path):
+    """The first traffic of each queue, its batch not yet started (waiting 5 s for company): SIGTERM runs it now."""
+    log = tmp_path / "server.log"
+    args = [
+        "--weights", str(tiny_bundles["one-step"]), "--device", "cpu", "--max-batch-size", "8", "--max-wait-ms", "5000",
+        "--refine-max-wait-ms", "5000", "--drain-timeout-s", "60", "--log-level", "info",
+    ]  # fmt: skip
+    with server_process(args, log) as (process, url):
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                work = [asyncio.create_task(client.post("/refine", json={"prompt": PROMPT, "seed": i, "steps": 3})) for i in range(4)]
+                work += [asyncio.create_task(client.post("/generate", json={"prompt": PROMPT, "seed": i})) for i in range(4)]
+                deadline = time.monotonic() + 30
+                while True:
+                    text = (await client.get("/metrics")).text
+                    queued = {e: metric(text, "softdimo_queue_depth", endpoint=e, model="tiny-one-step") for e in ("/refine", "/generate")}
+                    if queued == {"/refine": 4, "/generate": 4}:
+                        break
+                    assert time.monotonic() < deadline, f"never queued: {queued}"
+                    await asyncio.sleep(0.02)
+                process.send_signal(signal.SIGTERM)
+                began = time.monotonic()
+                answers = await asyncio.gather(*work)
+                return answers, time.monotonic() - began
+
+        answers, seconds = asyncio.run(scenario())
+        code = process.wait(timeout=60)
+
+    assert [a.status_code for a in answers] == [200] * 8, log.read_text()[-3000:]
+    assert seconds < 4.5  # nobody sat out the 5 s wait for company once the drain began
+    assert code == 0

@@ -80,7 +80,7 @@ def running_server(spec: ServerSpec, ready_timeout_s: float = 300.0) -> Iterator
 def _process_server(spec: ServerSpec, port: int):
     """`softdimo serve` as a child process: the server's event loop never shares a GIL with the load generator."""
     command = [
-        sys.executable, "-m", "softdimo.cli", "serve", "--weights", *spec.weights, "--host", HOST, "--port", str(port),
+        sys.executable, "-m", "server.cli", "serve", "--weights", *spec.weights, "--host", HOST, "--port", str(port),
         "--device", spec.device, "--max-batch-size", str(spec.max_batch_size), "--log-level", "warning",
     ]  # fmt: skip
     if spec.max_wait_ms is not None:

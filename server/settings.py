@@ -21,29 +21,36 @@ def default_weights() -> list[str]:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SOFTDIMO_", frozen=True)
 
-    host: str = "127.0.0.1"  # loopback unless asked: put a proxy in front for anything public
+    host: str = Field("127.0.0.1", description="bind address: loopback unless asked; put a proxy in front for anything public")
     port: int = Field(8000, ge=0, le=65535)
-    weights: Annotated[list[str], NoDecode] = Field(default_factory=default_weights)  # bundle folders; the first is the default model
+    weights: Annotated[list[str], NoDecode] = Field(
+        default_factory=default_weights, description="bundle folders to serve; the first is the default model"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_batch_size: int = Field(16, ge=1, le=1024)  # images per executed batch
-    max_wait_ms: float = Field(5.0, ge=0)  # the longest a batch waits for company after its first request (not at all when arrivals are sparse)
-    refine_max_wait_ms: float = Field(50.0, ge=0)  # the same for /refine, whose batches compute for seconds: always waited
-    max_queue: int = Field(256, ge=1)  # queued images per model and endpoint before 429
-    request_timeout_s: float = Field(60.0, gt=0)  # a request not served by then gets 504
-    drain_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM, how long queued and running work may take to finish
-    api_key: str | None = None  # when set, requests need `Authorization: Bearer <key>`
+    max_batch_size: int = Field(16, ge=1, le=1024, description="images per executed batch")
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="the longest a batch waits for company after its first request (not at all when arrivals are sparse)"
+    )
+    refine_max_wait_ms: float = Field(50.0, ge=0, description="the same for /refine, whose batches compute for seconds: always waited")
+    max_queue: int = Field(256, ge=1, description="queued images per model and endpoint before 429")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request not served by then gets 504")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and running work may take to finish")
+    api_key: str | None = Field(None, description="when set, requests need `Authorization: Bearer <key>` (environment only)")
     # Paths answered without the key: probes, the scrape target, the API description and the playground page
     # (static files that hold no secrets; the page sends the key the user types with every API call it makes).
     auth_exempt_paths: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"]
+        default_factory=lambda: ["/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"],
+        description="paths answered without the API key",
     )
-    playground: bool = True  # serve the browser playground at GET /
+    playground: bool = Field(True, description="serve the browser playground at GET /")
     # Cost of a request = images x steps x best_of, where steps are the teacher's sampling steps or the TTEO
     # steps (the model's default when absent) and 1 for a one-step /generate. 4096 admits 16 images x 200
     # TTEO steps (3200) or 16 images x 64 teacher steps (1024), but not 16 x 200 x best_of 16.
-    max_request_cost: int = Field(4096, ge=1)
-    max_queue_cost: int = Field(16384, ge=1)  # queued cost per model and endpoint before 429: four of the largest requests
-    max_body_bytes: int = Field(65536, ge=1024)  # request bodies above this get 413 before any JSON is parsed
+    max_request_cost: int = Field(4096, ge=1, description="images x steps x best_of allowed in one request")
+    max_queue_cost: int = Field(
+        16384, ge=1, description="queued cost per model and endpoint before 429 (four of the largest requests)"
+    )
+    max_body_bytes: int = Field(65536, ge=1024, description="request bodies above this get 413 before any JSON is parsed")
     log_level: str = "info"
 
     @field_validator("weights", "auth_exempt_paths", mode="before")

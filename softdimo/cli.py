@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 
 DEFAULT_FEATURES = "weights/shapes-features"
@@ -97,35 +98,6 @@ def _generate(args: argparse.Namespace) -> None:
         print(path)
 
 
-def _serve(args: argparse.Namespace) -> None:
-    from server.app import serve
-    from server.settings import Settings
-
-    from pydantic import ValidationError
-
-    flags = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    try:
-        settings = Settings(**flags)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        raise SystemExit(f"softdimo serve: invalid settings: {problems}") from None
-    serve(settings)
-
-
-def _soak(args: argparse.Namespace) -> None:
-    import os
-
-    from server.soak import run_soak, write_report
-
-    api_key = os.environ.get("SOFTDIMO_API_KEY") or None
-    report = run_soak(args.url, minutes=args.minutes, concurrency=args.concurrency, api_key=api_key, seed=args.seed)
-    print(report.text())
-    if args.json:
-        write_report(report, args.json)
-    if report.server_errors or report.errors:
-        raise SystemExit(1)
-
-
 def _refine(args: argparse.Namespace) -> None:
     from softdimo import shapes
     from softdimo.images import encode_image
@@ -157,6 +129,7 @@ def _bench(args: argparse.Namespace) -> None:
     """Run one `softdimo bench` suite: print its markdown table, and write the raw results with --json."""
     from softdimo import bench
 
+    run, make_table, config_class, after = args.bench_suite
     # Options left out take the suite dataclass's defaults (stated once, there); the JSON records every value used.
     options = {action.dest: getattr(args, action.dest) for action in args.bench_options}
     flags = [(action.option_strings[0], options[action.dest]) for action in args.bench_options]
@@ -164,94 +137,57 @@ def _bench(args: argparse.Namespace) -> None:
     given = {k: v for k, v in options.items() if v is not None and k not in ("json", "plot")}
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     try:
-        if args.suite == "offline":
-            result = bench.run_offline(bench.OfflineBench(**config), command)
-            table = bench.offline_table(result)
-        else:
-            from server import bench as server_bench
-
-            run, make_table, config_class = {
-                "serve": (server_bench.run_serve, server_bench.serve_table, server_bench.ServeBench),
-                "steps": (server_bench.run_steps, server_bench.steps_table, server_bench.StepsBench),
-                "refine": (server_bench.run_refine, server_bench.refine_table, server_bench.RefineBench),
-            }[args.suite]
-            result = run(config_class(**config), command)
-            table = make_table(result)
+        result = run(config_class(**config), command)
     except bench.BenchError as exc:
         print(f"softdimo bench {args.suite}: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    print(table)
+    print(make_table(result))
     if args.json:
         bench.write_json(result, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
-    if getattr(args, "plot", None):
-        for path in server_bench.plot_serve(result, args.plot):
-            print(f"wrote {path}", file=sys.stderr)
+    if after is not None:
+        after(result, args)
 
 
-def _add_bench_parser(commands) -> None:
-    """`softdimo bench offline|serve|steps|refine`; every option becomes a field of the suite's config dataclass."""
+SuiteAdder = Callable[..., None]
+
+
+def _add_bench_parser(commands) -> SuiteAdder:
+    """`softdimo bench SUITE`; every option becomes a field of the suite's config dataclass. Returns the function
+    that adds a suite, so the server's benchmarks are registered by the server package."""
     bench = commands.add_parser(
         "bench", help="benchmarks: every figure a ratio or curve measured in one run",
         description="Each suite prints a markdown table; defaults are listed in docs/benchmarks.md and recorded in --json.",
     )  # fmt: skip
     suites = bench.add_subparsers(dest="suite", required=True)
 
-    def suite(name: str, help: str, options: list[tuple]) -> None:
+    def suite(name: str, help: str, options: list[tuple], *, run, table, config, after=None, extra: list[tuple] = ()) -> None:
         p = suites.add_parser(name, help=help)
         actions = [p.add_argument(*flags, **kw) for flags, kw in options]
         actions.append(p.add_argument("--json", help="also write the raw results here"))
-        if name == "serve":
-            actions.append(p.add_argument("--plot", help="folder for throughput.png and latency.png (needs matplotlib)"))
-        p.set_defaults(func=_bench, bench_options=actions)
+        actions += [p.add_argument(*flags, **kw) for flags, kw in extra]
+        p.set_defaults(func=_bench, bench_options=actions, bench_suite=(run, table, config, after))
 
-    device = (("--device",), {"choices": ["auto", "cpu", "cuda"]})
-    server = [
-        device,
-        (("--max-batch-size",), {"type": int, "help": "the batched server's --max-batch-size"}),
-        (("--max-wait-ms",), {"type": float, "help": "the servers' --max-wait-ms (default: the server's)"}),
-        (("--duration-s",), {"type": float, "help": "measured seconds per load level"}),
-        (("--warmup-s",), {"type": float, "help": "warm-up seconds per load level, not counted"}),
-        (("--max-requests",), {"type": int, "help": "requests per load level at most"}),
-        (("--timeout-s",), {"type": float, "help": "client-side timeout per request"}),
-        (("--repeats",), {"type": int, "help": "timed calls per offline measurement (median)"}),
-        (("--server",), {"choices": ["process", "thread"],
-                         "help": "run `softdimo serve` as a child process, or uvicorn in a thread of this one"}),
-    ]  # fmt: skip
+    from softdimo import bench as offline
+
     suite("offline", "images/s, FLOPs and share of the matmul peak of one bundle, per batch size", [
         (("--model",), {"required": True, "help": "bundle folder"}),
-        device,
+        DEVICE_OPTION,
         (("--batch-sizes",), {"type": int, "nargs": "+", "help": "images per batch, one row each (default 1 2 4 … 64)"}),
         (("--steps",), {"type": int, "nargs": "+", "help": "sampling steps (masked-diffusion bundles; default: the bundle's)"}),
         (("--repeats",), {"type": int, "help": "timed calls per batch size (median)"}),
         (("--warmup",), {"type": int, "help": "untimed calls per batch size first"}),
         (("--matmul-size",), {"type": int, "help": "side of the matmuls timed for the peak (default 2048 CPU, 8192 CUDA)"}),
-    ])  # fmt: skip
-    suite("serve", "concurrency sweep through the server, batched against --compare-batch-size", [
-        (("--model",), {"required": True, "help": "bundle folder"}),
-        (("--concurrency",), {"type": int, "nargs": "+", "help": "closed-loop clients per load level (default 1 2 4 … 64)"}),
-        (("--compare-batch-size",), {"type": int, "help": "the other server's --max-batch-size"}),
-        (("--endpoint",), {"choices": ["generate", "refine"]}),
-        (("--tteo-steps",), {"type": int, "help": "/refine: TTEO steps per request (default: the bundle's)"}),
-        *server,
-    ])  # fmt: skip
-    suite("steps", "one-step model against its teacher at each sampling-steps value, through one server", [
-        (("--one-step",), {"required": True, "help": "one-step bundle folder"}),
-        (("--teacher",), {"required": True, "help": "masked-diffusion bundle folder"}),
-        (("--steps",), {"type": int, "nargs": "+", "help": "teacher sampling steps, one row each (default 4 8 16)"}),
-        (("--concurrency",), {"type": int}),
-        *server,
-    ])  # fmt: skip
-    suite("refine", "one TTEO step against one forward; concurrent /refine batched against serial", [
-        (("--model",), {"required": True, "help": "one-step bundle folder with a reward"}),
-        (("--requests",), {"type": int, "help": "concurrent /refine requests per burst"}),
-        (("--tteo-steps",), {"type": int, "help": "TTEO steps (default: the bundle's)"}),
-        (("--rounds",), {"type": int, "help": "measured bursts per server"}),
-        *[o for o in server if o[0][0] not in ("--duration-s", "--warmup-s", "--max-requests")],
-    ])  # fmt: skip
+    ], run=offline.run_offline, table=offline.offline_table, config=offline.OfflineBench)  # fmt: skip
+    return suite
 
 
-def build_parser() -> argparse.ArgumentParser:
+DEVICE_OPTION = (("--device",), {"choices": ["auto", "cpu", "cuda"]})
+Extension = Callable[[Any, SuiteAdder], None]
+
+
+def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
+    """The library's commands; `extend(commands, add_bench_suite)` adds more (the server package adds serving)."""
     parser = argparse.ArgumentParser(prog="softdimo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -312,41 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--device", default="auto")
     ref.set_defaults(func=_refine)
 
-    srv = commands.add_parser("serve", help="run the HTTP server (flags override SOFTDIMO_* environment settings)")
-    srv.add_argument("--host")
-    srv.add_argument("--port", type=int)
-    srv.add_argument("--weights", nargs="+", help="bundle folders to serve; the first is the default model")
-    srv.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    srv.add_argument("--max-batch-size", type=int)
-    srv.add_argument("--max-wait-ms", type=float)
-    srv.add_argument("--refine-max-wait-ms", type=float, help="the longest a /refine batch waits for company")
-    srv.add_argument("--max-queue", type=int)
-    srv.add_argument("--request-timeout-s", type=float)
-    srv.add_argument("--drain-timeout-s", type=float)
-    srv.add_argument("--max-request-cost", type=int, help="images x steps x best_of allowed in one request")
-    srv.add_argument("--max-queue-cost", type=int, help="queued cost per model and endpoint before 429")
-    srv.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413")
-    srv.add_argument("--auth-exempt-paths", nargs="*", help="paths answered without the API key (set by SOFTDIMO_API_KEY)")
-    srv.add_argument("--playground", action=argparse.BooleanOptionalAction, default=None, help="serve the browser playground at /")
-    srv.add_argument("--log-level")
-    srv.set_defaults(func=_serve)
-
-    soak = commands.add_parser(
-        "soak", help="mixed /generate and /refine traffic against a server (keyed by SOFTDIMO_API_KEY if set); exits 1 on any 5xx"
-    )
-    soak.add_argument("--url", default="http://127.0.0.1:8000")
-    soak.add_argument("--minutes", type=float, default=10.0)
-    soak.add_argument("--concurrency", type=int, default=8, help="requests kept in flight")
-    soak.add_argument("--seed", type=int, default=0)
-    soak.add_argument("--json", help="also write the report here")
-    soak.set_defaults(func=_soak)
-
-    _add_bench_parser(commands)
+    add_bench_suite = _add_bench_parser(commands)
+    if extend is not None:
+        extend(commands, add_bench_suite)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extend: Extension | None = None) -> int:
+    args = build_parser(extend).parse_args(argv)
     try:
         args.func(args)
     except (ValueError, RuntimeError) as exc:

@@ -67,7 +67,7 @@ def server_process(args: list[str], log_path: Path, ready_timeout_s: float = 90.
 
     Its output goes to `log_path`; the process is killed at the end if it is still running."""
     port = free_port()
-    command = [sys.executable, "-m", "softdimo.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "server.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

@@ -25,7 +25,7 @@ def copied(tiny_bundles, tmp_path):
 
 
 def _serve(*weights) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "softdimo.cli", "serve", "--weights", *map(str, weights), "--device", "cpu", "--port", str(free_port())]
+    command = [sys.executable, "-m", "server.cli", "serve", "--weights", *map(str, weights), "--device", "cpu", "--port", str(free_port())]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 

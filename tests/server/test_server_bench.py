@@ -6,7 +6,7 @@ import json
 import pytest
 
 from server import bench
-from softdimo.cli import main
+from server.cli import main
 
 FAST = {"device": "cpu", "duration_s": 0.5, "warmup_s": 0.1, "repeats": 1, "timeout_s": 30.0, "server": "thread"}
 

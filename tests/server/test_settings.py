@@ -22,7 +22,7 @@ def test_environment_and_lists(monkeypatch):
 )
 def test_invalid_settings_exit_with_one_line(args, env, fragment):
     run = subprocess.run(
-        [sys.executable, "-m", "softdimo.cli", "serve", *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "server.cli", "serve", *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
     )
     assert run.returncode != 0
     assert "invalid settings" in run.stderr and fragment in run.stderr and "Traceback" not in run.stderr

@@ -6,7 +6,7 @@ import httpx
 from live_server import live_server
 
 from server.settings import Settings
-from softdimo.cli import main
+from server.cli import main
 
 
 def test_soak_sends_mixed_traffic_and_reports_it(tiny_bundles, tmp_path, capsys):

@@ -18,6 +18,7 @@ from server.schemas import (
     ImageData,
     ImageResponse,
     ModelList,
+    OpenAIErrorResponse,
     OpenAIImage,
     OpenAIImageRequest,
     OpenAIImageResponse,
@@ -45,6 +46,8 @@ ERROR_RESPONSES = {
     503: {"model": ErrorResponse, "description": "not ready yet, or draining for shutdown; see Retry-After"},
     504: {"model": ErrorResponse, "description": "the deadline passed before the request could be served"},
 }
+# The same statuses under /v1/, each answered with an OpenAI error object.
+OPENAI_ERROR_RESPONSES = {status: {**answer, "model": OpenAIErrorResponse} for status, answer in ERROR_RESPONSES.items()}
 IMAGE_RESPONSES = {
     **ERROR_RESPONSES,
     200: {"content": {media: {} for media in MEDIA_TYPES.values()}, "description": "JSON, or with Accept: image/... and n = 1 the image"},
@@ -247,7 +250,7 @@ async def _refine_events(service: Service, model: ServedModel, job: RefineJob, b
         work.cancel()
 
 
-@router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERROR_RESPONSES)
+@router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=OPENAI_ERROR_RESPONSES)
 async def openai_generations(request: Request, body: OpenAIImageRequest):
     service = _service(request)
     async with _counted(service, OPENAI, body.model):
@@ -262,7 +265,7 @@ async def openai_generations(request: Request, body: OpenAIImageRequest):
         return OpenAIImageResponse(created=int(time.time()), data=[OpenAIImage(b64_json=service.b64(d)) for d in encoded])
 
 
-@router.get("/v1/models", response_model=ModelList, responses=AUTH_RESPONSES)
+@router.get("/v1/models", response_model=ModelList, responses={401: OPENAI_ERROR_RESPONSES[401]})
 async def models(request: Request):
     service = _service(request)
     if service.engine is None:

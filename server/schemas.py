@@ -128,5 +128,18 @@ class ValidationErrorResponse(BaseModel):
     detail: list[ValidationIssue] | str
 
 
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every error under /v1/: an OpenAI error object, what the OpenAI SDKs read a failed request's message from."""
+
+    error: OpenAIErrorBody
+
+
 class Status(BaseModel):
     status: str = Field(..., description="ok, ready, loading, draining, or failed: <reason>")

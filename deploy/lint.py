@@ -25,23 +25,32 @@ import yaml
 DEPLOY = Path(__file__).resolve().parent
 
 # ---------------------------------------------------------------- contract --
-# The server's metrics (name -> labels), as agreed with the server code.
-METRICS: dict[str, set[str]] = {
-    "softdimo_requests_total": {"endpoint", "model", "status"},
-    "softdimo_request_duration_seconds": {"endpoint", "model"},
-    "softdimo_queue_wait_seconds": {"endpoint", "model"},
-    "softdimo_batch_size": {"endpoint", "model"},
-    "softdimo_queue_depth": {"endpoint", "model"},
-    "softdimo_inflight_requests": {"endpoint"},
-    "softdimo_images_generated_total": {"endpoint", "model"},
-    "softdimo_tteo_steps_total": {"model"},
-    "softdimo_reward_gain": {"model"},
-    "softdimo_rejected_total": {"endpoint", "reason"},
-}
-REASONS = {"queue_full", "deadline", "disconnected", "draining"}
-ENDPOINTS = {"/generate", "/refine", "/v1/images/generations"}
-HISTOGRAMS = {"softdimo_request_duration_seconds", "softdimo_queue_wait_seconds", "softdimo_batch_size",
-              "softdimo_reward_gain"}
+# The server's metrics (name -> labels), read from its one metrics module, so a metric added or renamed there is
+# checked here without a copy to keep in step.
+sys.path.insert(0, str(DEPLOY.parent))
+from prometheus_client.metrics import MetricWrapperBase  # noqa: E402
+
+from server.metrics import REJECT_REASONS, Metrics  # noqa: E402
+from server.service import ENDPOINTS as SERVED_ENDPOINTS  # noqa: E402
+
+
+def _contract() -> tuple[dict[str, set[str]], set[str]]:
+    """Every metric of server.metrics.Metrics as its exposed name -> label names, and the histograms' names."""
+    metrics, histograms = {}, set()
+    for metric in vars(Metrics()).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        # prometheus_client keeps a metric's name, type and label names on the wrapper (no public accessor).
+        name = metric._name + ("_total" if metric._type == "counter" else "")
+        metrics[name] = set(metric._labelnames)
+        if metric._type == "histogram":
+            histograms.add(name)
+    return metrics, histograms
+
+
+METRICS, HISTOGRAMS = _contract()
+REASONS = set(REJECT_REASONS)
+ENDPOINTS = set(SERVED_ENDPOINTS)
 # Labels every scraped series can carry besides its own: Prometheus target
 # labels, the ServiceMonitor's, and a histogram bucket's `le`.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "le"}

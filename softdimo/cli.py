@@ -58,7 +58,9 @@ def _eval(args: argparse.Namespace) -> None:
     for model_path in args.models:
         if read_bundle(model_path).config.get("kind") == "reward":
             accuracy = report.reward_accuracy(model_path, images=args.prompts, device=device, placement=args.placement)
-            print(f"\n{model_path}: the true prompt scores above all 4 hard negatives for {accuracy:.1%} of {args.prompts} held-out images\n")
+            kinds = ", ".join(f"{kind} {share:.1%}" for kind, share in accuracy.items() if kind != "overall")
+            print(f"\n{model_path}: the true prompt scores above all 4 hard negatives for {accuracy['overall']:.1%} of "
+                  f"{args.prompts} held-out images ({kinds})\n")  # fmt: skip
             results.append({"model": str(model_path), "hard_negative_accuracy": accuracy, "images": args.prompts})
             continue
         table = report.evaluate_bundle(

@@ -74,7 +74,7 @@ def write_reward(folder: Path, seed: int = 0) -> Path:
     from softdimo.text import PromptTokenizer
 
     torch.manual_seed(seed)
-    model = AlignmentModel(AlignmentConfig(width=16, channels=(8, 8), text_layers=1, text_heads=2), PromptTokenizer(shapes.VOCABULARY, 12))
+    model = AlignmentModel(AlignmentConfig(width=16, channels=(8, 8), text_layers=1, text_heads=2, grounding=True), PromptTokenizer(shapes.VOCABULARY, 12))
     config = {"name": "tiny-clip", "kind": "reward", "alignment": model.cfg.to_dict(), "vocabulary": list(shapes.VOCABULARY), "length": 12}
     return save_bundle(folder, config, {"reward": model.state_dict()}, dtype=None)
 

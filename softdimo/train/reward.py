@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from softdimo import shapes
 from softdimo.bundle import save_bundle
-from softdimo.reward import AlignmentConfig, AlignmentModel
+from softdimo.reward import AlignmentConfig, AlignmentModel, relation_rows
 from softdimo.text import PromptTokenizer
 from softdimo.train import loop
 from softdimo.vq import to_tensor
@@ -25,6 +25,7 @@ class RewardTraining:
     lr: float = 1e-3
     warmup: int = 100
     pixel_noise: float = 0.1  # std of Gaussian noise added to images, so decoded (imperfect) images score sensibly
+    grounding_weight: float = 1.0  # with a grounding model: weight of the loss on where it finds each object
     seed: int = 0
     eval_every: int = 500
     placement: str = "grid"  # where the world's objects sit (shapes.PLACEMENTS)
@@ -63,36 +64,47 @@ def hard_negative(prompt: shapes.Prompt, rng: np.random.Generator) -> shapes.Pro
             return candidate
 
 
-def joint_loss(model: AlignmentModel, images: torch.Tensor, prompts: list[str], negatives: list[list[str]]) -> torch.Tensor:
-    """For a joint scorer: each image against its prompt, its hard negatives and the next image's prompt, as a
-    choice among them (cross-entropy) and as calibrated match log-odds (binary cross-entropy)."""
-    b = len(prompts)
-    candidates = [[p, *row, prompts[(i + 1) % b]] for i, (p, row) in enumerate(zip(prompts, negatives))]
-    c = len(candidates[0])
-    features = model.image.feature_map(images)  # (B, C, h, w)
-    logits = model.joint_scores(features.repeat_interleave(c, dim=0), [p for row in candidates for p in row]).view(b, c)
-    same = torch.tensor([[p == row[0] for p in row] for row in candidates], device=images.device)  # the next prompt may be equal
-    choice = F.cross_entropy(logits.masked_fill(same & (torch.arange(c, device=images.device) > 0), -1e4), torch.zeros(b, dtype=torch.long, device=images.device))
-    match = F.binary_cross_entropy_with_logits(logits, same.float())
-    return choice + match
-
-
 def contrastive_loss(model: AlignmentModel, images: torch.Tensor, prompts: list[str], negatives: list[list[str]]) -> torch.Tensor:
-    """Image -> (all batch prompts + its own hard negatives) and prompt -> batch images cross-entropy."""
-    if model.cfg.joint_layers:
-        return joint_loss(model, images, prompts, negatives)
-    b = len(prompts)
-    image_emb = model.image(images)  # (B, D)
+    """Image -> (all batch prompts + its own hard negatives) and prompt -> batch images cross-entropy, over the
+    model's scores (with grounding, each pair's relation score is part of its logit)."""
+    b, k = len(prompts), len(negatives[0])
+    features = model.image.feature_map(images)
+    image_emb = model.image.embed(features)  # (B, D)
     text_emb = model.encode_prompts(prompts)  # (B, D)
-    k = len(negatives[0])
-    negative_emb = model.encode_prompts([n for row in negatives for n in row]).view(b, k, -1)  # (B, k, D)
+    flat_negatives = [n for row in negatives for n in row]
+    negative_emb = model.encode_prompts(flat_negatives).view(b, k, -1)  # (B, k, D)
     scale = model.log_scale.exp()
     batch_logits = scale * image_emb @ text_emb.T  # (B, B)
     own_negatives = scale * torch.einsum("bd,bkd->bk", image_emb, negative_emb)  # (B, k)
+    if model.cfg.grounding:
+        positions = model.grounding.positions(features)  # (B, 18, 2)
+        every_prompt = relation_rows(prompts, images.device).repeat(b, 1)  # image i with prompt j at row i * B + j
+        batch_logits = batch_logits + model.grounding.relation_scores(positions.repeat_interleave(b, 0), every_prompt).view(b, b)
+        own = relation_rows(flat_negatives, images.device)
+        own_negatives = own_negatives + model.grounding.relation_scores(positions.repeat_interleave(k, 0), own).view(b, k)
     target = torch.arange(b, device=images.device)
     image_to_text = F.cross_entropy(torch.cat([batch_logits, own_negatives], dim=1), target)
     text_to_image = F.cross_entropy(batch_logits.T, target)
     return (image_to_text + text_to_image) / 2
+
+
+def object_places(scenes: list[list[shapes.ShapeObject]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each colour-shape object of each scene is, in [-1, 1] image units: places (B, 18, 2) and a mask
+    (B, 18) of the objects that occur exactly once in their scene (a count's several objects have no one place)."""
+    places = torch.zeros(len(scenes), shapes.NUM_CLASSES, 2)
+    seen = torch.zeros(len(scenes), shapes.NUM_CLASSES)
+    for i, scene in enumerate(scenes):
+        for obj in scene:
+            label = shapes.class_label(obj.color, obj.shape)
+            places[i, label] = torch.tensor(obj.center) / shapes.CANVAS * 2 - 1
+            seen[i, label] += 1
+    return places.to(device), (seen == 1).to(device)
+
+
+def grounding_loss(model: AlignmentModel, images: torch.Tensor, places: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Squared distance between where the grounding finds each object and where it is, over the known objects."""
+    found = model.grounding.positions(model.image.feature_map(images))  # (B, 18, 2)
+    return ((found - places) ** 2).sum(-1)[known].mean()
 
 
 def train_reward(run_dir: Path, cfg: AlignmentConfig, training: RewardTraining, device: torch.device) -> AlignmentModel:
@@ -103,19 +115,25 @@ def train_reward(run_dir: Path, cfg: AlignmentConfig, training: RewardTraining, 
     def batch(step: int):
         rng = np.random.default_rng([training.seed, step])
         prompts = [shapes.sample_prompt(rng) for _ in range(training.batch_size)]
-        images = np.stack([shapes.render(shapes.sample_scene(p, rng, training.placement)) for p in prompts])
+        scenes = [shapes.sample_scene(p, rng, training.placement) for p in prompts]
         negatives = [[hard_negative(p, rng).text() for _ in range(training.negatives)] for p in prompts]
-        x = to_tensor(images).to(device)
+        x = to_tensor(np.stack([shapes.render(scene) for scene in scenes])).to(device)
         x = (x + training.pixel_noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(step)).to(device)).clamp(0, 1)
-        return x, [p.text() for p in prompts], negatives
+        return x, [p.text() for p in prompts], negatives, scenes
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
-        loss = contrastive_loss(model, *batch(step))
+        images, prompts, negatives, scenes = batch(step)
+        loss = contrastive_loss(model, images, prompts, negatives)
+        metrics = {"loss": loss.item()}
+        if cfg.grounding:
+            places = grounding_loss(model, images, *object_places(scenes, device))
+            loss = loss + training.grounding_weight * places
+            metrics["places"] = places.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return {"loss": loss.item()}
+        return metrics
 
     def eval_fn(step: int) -> dict[str, float]:
         return {"hard_negative_accuracy": hard_negative_accuracy(model, count=200, seed=30_000, placement=training.placement)}
@@ -126,8 +144,8 @@ def train_reward(run_dir: Path, cfg: AlignmentConfig, training: RewardTraining, 
 
 
 @torch.no_grad()
-def hard_negative_accuracy(model: AlignmentModel, count: int, seed: int, placement: str = "grid") -> float:
-    """Share of held-out images whose true prompt scores above every one of 4 hard negatives."""
+def hard_negative_wins(model: AlignmentModel, count: int, seed: int, placement: str = "grid") -> tuple[list[shapes.Prompt], torch.Tensor]:
+    """Held-out prompts and, per image, whether its true prompt scores above every one of 4 hard negatives."""
     rng = np.random.default_rng(seed)
     prompts = [shapes.sample_prompt(rng) for _ in range(count)]
     images = to_tensor(np.stack([shapes.render(shapes.sample_scene(p, rng, placement)) for p in prompts])).to(model.log_scale.device)
@@ -136,7 +154,12 @@ def hard_negative_accuracy(model: AlignmentModel, count: int, seed: int, placeme
     for _ in range(4):
         negatives = [hard_negative(p, rng).text() for p in prompts]
         wins &= true > model.similarity(images, negatives)
-    return wins.float().mean().item()
+    return prompts, wins.cpu()
+
+
+def hard_negative_accuracy(model: AlignmentModel, count: int, seed: int, placement: str = "grid") -> float:
+    """Share of held-out images whose true prompt scores above every one of 4 hard negatives."""
+    return hard_negative_wins(model, count, seed, placement)[1].float().mean().item()
 
 
 def export_reward(model: AlignmentModel, path: Path, training: RewardTraining, name: str = "shapes-clip") -> Path:

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +75,9 @@ def test_scrape_counters_and_recording_rules(tmp_path):
                 assert _wait_for(prom, rule), rule
             firing = _query(prom, 'ALERTS{alertname="SoftdimoTargetDown"}')
             assert firing == []
+            # The server's own exposition against the contract deploy/lint.py reads from server/metrics.py.
+            lint = subprocess.run([sys.executable, str(RULES.parents[1] / "lint.py"), "scrape", f"{url}/metrics"], capture_output=True, text=True)
+            assert lint.returncode == 0, lint.stdout + lint.stderr
         finally:
             prometheus.terminate()
             prometheus.wait(timeout=10)

@@ -69,6 +69,7 @@ def test_class_model_and_steps(url):
     assert r.status_code == 200 and r.json()["model"] == "tiny-class"
     other = httpx.post(f"{url}/generate", json={"class_label": 17, "model": "tiny-class", "steps": 3, "seed": 1})
     assert other.status_code == 200
+    assert (_image(r.json()["data"][0]) != _image(other.json()["data"][0])).any()  # the steps reached the sampler
 
 
 @pytest.mark.parametrize("fmt,magic", [("png", b"\x89PNG"), ("jpeg", b"\xff\xd8"), ("webp", b"RIFF")])

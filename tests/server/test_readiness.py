@@ -19,6 +19,7 @@ def test_unloadable_weights_keep_the_server_alive_but_unready(tmp_path):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
+    ready = None
     try:
         for _ in range(200):
             try:
@@ -28,6 +29,7 @@ def test_unloadable_weights_keep_the_server_alive_but_unready(tmp_path):
             except httpx.TransportError:
                 pass
             asyncio.run(asyncio.sleep(0.05))
+        assert ready is not None, "the server never answered /readyz"
         assert ready.status_code == 503 and "no such bundle folder" in ready.json()["status"]
         assert httpx.get(f"{url}/healthz").status_code == 200
         refused = httpx.post(f"{url}/generate", json={"prompt": "a red circle"})

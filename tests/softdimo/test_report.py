@@ -36,6 +36,19 @@ def test_eval_writes_a_table_per_bundle(tmp_path, capsys):
     reference = tables[1]["rows"][-1]
     assert reference["overall"] == 1.0 and set(reference["per_kind"]) == {"single", "sized", "pair", "count", "relation"}
     for table in tables:
-        for row in table["rows"]:
-            assert 0 <= row["overall"] <= 1 and row["frechet"] >= 0 and row["spread"] >= 0
+        *generated, real = table["rows"]
+        assert real["spread"] > 0 and all(0 <= row["overall"] <= 1 for row in generated)
     assert len(list((tmp_path / "grids").glob("*.png"))) == 1 + 2 + 4
+
+
+def test_eval_of_a_reward_reports_hard_negative_accuracy_per_kind(tmp_path, capsys):
+    from tiny_bundles import write_reward
+
+    reward = write_reward(tmp_path / "reward")
+    out = tmp_path / "results.json"
+    args = ["eval", str(reward), "--prompts", "40", "--features", str(_features(tmp_path / "features")), "--json", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    assert "the true prompt scores above all 4 hard negatives for" in capsys.readouterr().out
+    accuracy = json.loads(out.read_text())[0]["hard_negative_accuracy"]
+    assert set(accuracy) == {"overall", "single", "sized", "pair", "count", "relation"}
+    assert 0 <= min(accuracy.values()) and max(accuracy.values()) <= 1

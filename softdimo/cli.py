@@ -66,7 +66,7 @@ def _eval(args: argparse.Namespace) -> None:
         table = report.evaluate_bundle(
             model_path, features=features, prompts=args.prompts, steps=args.steps, tteo_steps=args.tteo_steps,
             best_of=args.best_of, device=device, grid_dir=Path(args.grid) if args.grid else None, placement=args.placement,
-            sampler=_settings(args.sampler), tteo_target=args.tteo_target,
+            sampler=_settings(args.sampler), tteo=_settings(args.tteo),
         )  # fmt: skip
         print(f"\n{table.markdown()}\n")
         results.append(table.as_dict())
@@ -125,6 +125,20 @@ def _refine(args: argparse.Namespace) -> None:
         path = out / f"{seed}-refined.png"
         path.write_bytes(encode_image(image, "png"))
         print(f"{path}  reward {refined.reward_before[i]:.4f} -> {refined.reward_after[i]:.4f}")
+
+
+def _import(args: argparse.Namespace) -> None:
+    """Make a bundle of a checkpoint folder on disk: a diffusers MUSE pipeline (a teacher) or a CLIP model (a reward)."""
+    if args.format == "muse":
+        from softdimo.muse import MuseSamplerSettings, write_teacher_bundle
+
+        sampler = MuseSamplerSettings(steps=args.steps, guidance=args.guidance)
+        out = write_teacher_bundle(args.out, name=args.name, sampler=sampler, source=args.source)
+    else:
+        from softdimo.clip_reward import write_clip_bundle
+
+        out = write_clip_bundle(args.out, source=args.source, name=args.name)
+    print(out)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -215,7 +229,7 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--placement", choices=["grid", "free"], default="grid", help="where the reference images' objects sit")
     ev.add_argument("--sampler", nargs="*", metavar="KEY=VALUE", help="teachers: override sampler settings, e.g. guidance=3")
-    ev.add_argument("--tteo-target", choices=["input", "logits"], help="one-step models: what TTEO optimises (default: the bundle's)")
+    ev.add_argument("--tteo", nargs="*", metavar="KEY=VALUE", help="one-step models: override TTEO settings, e.g. target=logits lr=0.05")
     ev.set_defaults(func=_eval)
 
     curve = commands.add_parser("curve", help="a training run's evaluations against training time (from its metrics.jsonl)")
@@ -250,6 +264,16 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     ref.add_argument("--device", default="auto")
     ref.set_defaults(func=_refine)
 
+    imp = commands.add_parser("import", help="make a bundle of a checkpoint folder: a diffusers MUSE pipeline or a CLIP model")
+    imp.add_argument("format", choices=["muse", "clip"], help="muse: a folder AmusedPipeline.save_pretrained wrote (a teacher); "
+                     "clip: a folder CLIPModel and its tokenizer were saved to (a reward)")  # fmt: skip
+    imp.add_argument("source", help="the checkpoint folder (nothing is downloaded)")
+    imp.add_argument("out", help="the bundle folder to write; for muse it may be the source itself, made a bundle in place")
+    imp.add_argument("--name", required=True, help="the model name the server answers to")
+    imp.add_argument("--steps", type=int, default=12, help="muse: default sampling steps")
+    imp.add_argument("--guidance", type=float, default=10.0, help="muse: default guidance_scale, as diffusers counts it")
+    imp.set_defaults(func=_import)
+
     add_bench_suite = _add_bench_parser(commands)
     if extend is not None:
         extend(commands, add_bench_suite)
@@ -264,9 +288,10 @@ def main(argv: list[str] | None = None, extend: Extension | None = None) -> int:
         from softdimo.bundle import BundleError
         from softdimo.conditioning import ConditionError
         from softdimo.device import DeviceError
+        from softdimo.report import EvaluationError
         from softdimo.train.recipe import RecipeError
 
-        if isinstance(exc, (BundleError, ConditionError, DeviceError, RecipeError)):
+        if isinstance(exc, (BundleError, ConditionError, DeviceError, EvaluationError, RecipeError)):
             print(f"softdimo: {exc}", file=sys.stderr)
             return 2
         raise

@@ -95,15 +95,19 @@ class Table:
         return {"model": self.model, "real_spread": round(self.real_spread, 2), "rows": [r.as_dict() for r in self.rows], "notes": self.notes}
 
 
+class EvaluationError(ValueError):
+    """An evaluation that cannot run as asked."""
+
+
 def evaluate_bundle(
     path, *, features: FeatureNet, prompts: int, steps: Sequence[int] | None, tteo_steps: Sequence[int],
     best_of: Sequence[int], device, grid_dir=None, placement: str = "grid", sampler: dict | None = None,
-    tteo_target: str | None = None,
+    tteo: dict | None = None,
 ) -> Table:  # fmt: skip
     """Every row for one bundle: reconstructions for a tokenizer; samples at each step count for a teacher;
     one step, TTEO at each step count and best-of-N (alone and with TTEO) for a one-step model.
-    `sampler` overrides a teacher's sampler settings and `tteo_target` a one-step model's TTEO target."""
-    from dataclasses import replace
+    `sampler` overrides a teacher's sampler settings and `tteo` a one-step model's TTEO settings (target, lr)."""
+    from dataclasses import fields, replace
 
     from softdimo.bundle import read_bundle
     from softdimo.images import save_grid
@@ -135,12 +139,17 @@ def evaluate_bundle(
         held_out = evaluate.held_out_prompts(prompts, seed=HELD_OUT_SEED, kinds=pipeline.conditioner.kinds)
         evaluator = Evaluator(held_out, features, placement)
         seeds = list(range(len(held_out)))
-        if isinstance(pipeline, OneStepPipeline) and tteo_target:
-            pipeline.tteo = replace(pipeline.tteo, target=tteo_target)
-            name = f"{name} (TTEO on {tteo_target})"
-        if not isinstance(pipeline, OneStepPipeline) and sampler:
-            pipeline.sampler = replace(pipeline.sampler, **sampler)
-            name = f"{name} ({', '.join(f'{k} {v}' for k, v in sampler.items())})"
+        overrides = tteo if isinstance(pipeline, OneStepPipeline) else sampler
+        if overrides:
+            settings = pipeline.tteo if isinstance(pipeline, OneStepPipeline) else pipeline.sampler
+            known = [f.name for f in fields(settings)]
+            if unknown := sorted(set(overrides) - set(known)):
+                raise EvaluationError(f"{name}: no {type(settings).__name__} setting {', '.join(unknown)}; settings are {', '.join(known)}")
+            if isinstance(pipeline, OneStepPipeline):
+                pipeline.tteo = replace(pipeline.tteo, **overrides)
+            else:
+                pipeline.sampler = replace(pipeline.sampler, **overrides)
+            name = f"{name} ({', '.join(f'{k} {v}' for k, v in overrides.items())})"
         if isinstance(pipeline, OneStepPipeline):
             add(f"{name} (1 step)", lambda: pipeline.generate_prompts(held_out, seeds))
             for k in tteo_steps:

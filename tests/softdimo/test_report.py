@@ -52,3 +52,17 @@ def test_eval_of_a_reward_reports_hard_negative_accuracy_per_kind(tmp_path, caps
     accuracy = json.loads(out.read_text())[0]["hard_negative_accuracy"]
     assert set(accuracy) == {"overall", "single", "sized", "pair", "count", "relation"}
     assert 0 <= min(accuracy.values()) and max(accuracy.values()) <= 1
+
+
+def test_eval_overrides_tteo_settings_and_names_an_unknown_one(tmp_path, capsys):
+    from tiny_bundles import write_all
+
+    bundles = write_all(tmp_path / "b")
+    features = str(_features(tmp_path / "features"))
+    out = tmp_path / "results.json"
+    args = ["eval", str(bundles["one-step"]), "--prompts", "5", "--tteo-steps", "1", "--features", features, "--device", "cpu"]
+    assert main([*args, "--tteo", "target=logits", "lr=0.5", "--json", str(out)]) == 0
+    names = [row["name"] for row in json.loads(out.read_text())[0]["rows"]]
+    assert names[:2] == ["tiny-one-step (target logits, lr 0.5) (1 step)", "tiny-one-step (target logits, lr 0.5) + TTEO 1"]
+    assert main([*args, "--tteo", "rate=0.5"]) == 2
+    assert "no TTEOSettings setting rate; settings are steps, lr, best_of, target" in capsys.readouterr().err

@@ -55,6 +55,20 @@ def save_bundle(
     return folder
 
 
+def seal_folder(path: str | os.PathLike, config: dict) -> Path:
+    """Make a bundle of a folder that keeps its weights in a layout of its own (e.g. the one diffusers writes):
+    write config.json, then a manifest with the sha256 of every file under the folder, subfolders included."""
+    folder = Path(path)
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    files = {}
+    for file in sorted(folder.rglob("*")):
+        name = file.relative_to(folder).as_posix()
+        if file.is_file() and name != MANIFEST and not any(part.startswith(".") for part in name.split("/")):
+            files[name] = sha256(file)
+    (folder / MANIFEST).write_text(json.dumps({"sha256": files}, indent=2) + "\n")
+    return folder
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A verified bundle on disk: its folder and parsed config."""

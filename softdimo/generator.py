@@ -33,6 +33,10 @@ class OneStepGenerator:
     def cfg(self):
         return self.model.cfg
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def initial_tokens(self, noise: ImageNoise) -> torch.Tensor:
         """Uniform random tokens with exactly round(N * r_init) positions set to the mask token: (B, N)."""
         n, k = self.cfg.tokens, self.cfg.codebook_size
@@ -44,7 +48,7 @@ class OneStepGenerator:
 
     def initial_embeddings(self, noise: ImageNoise) -> torch.Tensor:
         """The generator's input: embedded hybrid tokens plus Gaussian noise, (B, N, D) on the model's device."""
-        device = self.model.position.device
+        device = self.device
         tokens = self.initial_tokens(noise).to(device)
         eps = noise.randn(self.cfg.tokens, self.cfg.width).to(device)
         return perturb_embeddings(self.model.embed(tokens), self.settings.sigma, eps)
@@ -55,7 +59,7 @@ class OneStepGenerator:
 
     def token_noise(self, noise: ImageNoise) -> torch.Tensor:
         """The Gumbel noise (B, N, K) that turns logits into sampled tokens; drawn after the input noise."""
-        return noise.gumbel(self.cfg.tokens, self.cfg.codebook_size).to(self.model.position.device)
+        return noise.gumbel(self.cfg.tokens, self.cfg.codebook_size).to(self.device)
 
     def tokens_from(self, logits: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
         """Tokens drawn from softmax(logits / temperature) with given Gumbel noise; argmax at temperature 0."""
@@ -66,5 +70,5 @@ class OneStepGenerator:
     @torch.inference_mode()
     def generate_tokens(self, condition: torch.Tensor, noise: ImageNoise) -> torch.Tensor:
         """One forward pass: conditioning (B, ...) -> tokens (B, N)."""
-        logits = self.logits(self.initial_embeddings(noise), condition.to(self.model.position.device))
+        logits = self.logits(self.initial_embeddings(noise), condition.to(self.device))
         return self.tokens_from(logits, self.token_noise(noise))

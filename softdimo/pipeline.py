@@ -78,7 +78,7 @@ class OneStepPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.generator.model.position.device
+        return self.generator.device
 
     @property
     def default_reward(self) -> str | None:
@@ -115,9 +115,13 @@ def _generate_prompts(pipeline, prompts, seeds, steps, batch) -> list[np.ndarray
     return images
 
 
-def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> AlignmentReward:
+def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> Reward:
     if bundle.config.get("kind") != "reward":
         raise BundleError(f"{bundle.path}: not a reward bundle")
+    if bundle.config.get("architecture") == "transformers-clip":
+        from softdimo.clip_reward import load_clip_reward
+
+        return load_clip_reward(bundle, device)
     tokenizer = PromptTokenizer(tuple(bundle.config["vocabulary"]), bundle.config["length"])
     model = AlignmentModel(AlignmentConfig.from_dict(bundle.config["alignment"]), tokenizer)
     model.load_state_dict(bundle.weights("reward"), strict=True)
@@ -127,6 +131,10 @@ def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> Alignment
 def load_pipeline(path: str | os.PathLike, device: torch.device | str = "cpu") -> TeacherPipeline | OneStepPipeline:
     """Open a model bundle (verifying checksums) and build its pipeline on `device`."""
     bundle = read_bundle(path)
+    if bundle.config.get("architecture") == "diffusers-muse":
+        from softdimo import muse
+
+        return muse.load_pipeline(bundle, device)
     kind = bundle.config.get("kind")
     tokenizer = load_tokenizer(bundle.resolve(bundle.config["tokenizer"]), device)
     conditioner = Conditioner.from_dict(bundle.config["conditioner"])

@@ -9,6 +9,12 @@ import torch
 MAX_SEED = 2**63  # seeds are 0 <= seed < 2^63
 
 
+def seed_at(first: int, offset: int) -> int:
+    """The seed `offset` places after `first`, wrapping below MAX_SEED: image i of a request uses seed_at(seed, i),
+    so every first seed is usable whatever the request's size, and every image's seed is one a request can name."""
+    return (first + offset) % MAX_SEED
+
+
 class ImageNoise:
     """One torch.Generator per image; draws stack per-image tensors along a new batch dimension."""
 

@@ -74,12 +74,17 @@ def sample(model: MaskedTransformer, condition: torch.Tensor, noise: ImageNoise,
     return tokens
 
 
+def mask_counts(ratio: torch.Tensor, n: int) -> torch.Tensor:
+    """How many of n tokens `mask_tokens` masks at each ratio (B,): round(n * ratio), at least one."""
+    return (ratio * n).round().clamp(1, n).long()
+
+
 def mask_tokens(tokens: torch.Tensor, ratio: torch.Tensor, scores: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask exactly round(N * ratio_b) (at least one) tokens per row, chosen by the lowest `scores`.
 
     Returns (masked tokens, boolean mask)."""
     n = tokens.shape[1]
-    count = (ratio * n).round().clamp(1, n).long()  # (B,)
+    count = mask_counts(ratio, n)  # (B,)
     rank = scores.argsort(-1).argsort(-1)  # (B, N): rank of each position's score
     mask = rank < count[:, None]
     return torch.where(mask, mask_id, tokens), mask

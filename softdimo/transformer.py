@@ -36,6 +36,11 @@ class TransformerConfig:
         return self.codebook_size
 
     @property
+    def state_width(self) -> int:
+        """Width of the hidden states `hidden_states` returns (the discriminator heads' input)."""
+        return self.width
+
+    @property
     def conditioning(self) -> str:
         return "text" if self.text_vocab else "class"
 

@@ -9,7 +9,7 @@ import torch
 
 from softdimo.generator import OneStepGenerator
 from softdimo.reward import Reward
-from softdimo.seeding import ImageNoise
+from softdimo.seeding import ImageNoise, seed_at
 from softdimo.vq import VQTokenizer
 
 
@@ -37,12 +37,12 @@ class Refined:
 
 
 def candidate_seeds(seeds: Sequence[int], best_of: int) -> list[list[int]]:
-    """Image i of n draws candidates seed_i, seed_i + n, seed_i + 2n, … (best_of of them).
+    """Image i of n draws candidates seed_i, seed_i + n, seed_i + 2n, … (best_of of them, wrapping below 2^63).
 
     With best_of = 1 this is the image's own seed, so /refine starts from /generate's image; with more
     candidates, seeds of different images never collide as long as the request's seeds are consecutive."""
     n = len(seeds)
-    return [[seed + j * n for j in range(best_of)] for seed in seeds]
+    return [[seed_at(seed, j * n) for j in range(best_of)] for seed in seeds]
 
 
 StepHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -61,7 +61,7 @@ def refine(
     b, n_best = len(candidates), settings.best_of
     if any(len(row) != n_best for row in candidates):
         raise ValueError(f"each image needs best_of = {n_best} candidate seeds")
-    device = generator.model.position.device
+    device = generator.device
     candidates = [s for row in candidates for s in row]
     noise = ImageNoise(candidates, device)
     with torch.no_grad():

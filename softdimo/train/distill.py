@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,8 +18,8 @@ from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.reward import Reward
 from softdimo.seeding import ImageNoise
-from softdimo.teacher import guided_logits, mask_ratio, mask_tokens
-from softdimo.train import loop
+from softdimo.teacher import guided_logits, mask_counts, mask_ratio, mask_tokens
+from softdimo.train import distributed, loop
 from softdimo.transformer import MaskedTransformer
 from softdimo.vq import VQTokenizer, to_tensor
 
@@ -88,11 +89,17 @@ class DiscriminatorHeads(nn.Module):
         return sum(head(s).squeeze(-1).mean(-1) for head, s in zip(self.heads, states))  # (B,)
 
 
-def mask_replace(embeddings: torch.Tensor, mask_embedding: torch.Tensor, max_ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """Replace a random share (uniform in [0, max_ratio] per row) of positions by the mask token's embedding."""
+def mask_replace(
+    embeddings: torch.Tensor, mask_embedding: torch.Tensor, max_ratio: float, generator: torch.Generator,
+    world: distributed.World = distributed.World(),
+) -> torch.Tensor:  # fmt: skip
+    """Replace a random share (uniform in [0, max_ratio] per row) of positions by the mask token's embedding.
+
+    Under several processes `embeddings` are this rank's rows: the draws are the global batch's, sliced."""
     b, n, _ = embeddings.shape
-    ratio = torch.rand(b, generator=generator) * max_ratio
-    chosen = torch.rand(b, n, generator=generator) < ratio[:, None]
+    total, rows = b * world.size, world.rows(b * world.size)
+    ratio = torch.rand(total, generator=generator)[rows] * max_ratio
+    chosen = torch.rand(total, n, generator=generator)[rows] < ratio[:, None]
     return torch.where(chosen[..., None].to(embeddings.device), mask_embedding, embeddings)
 
 
@@ -113,11 +120,17 @@ def relaxed_tokens(logits: torch.Tensor, relaxation: str, gumbel: torch.Tensor) 
 
 @dataclass
 class DistillParts:
+    """What distillation reads. The teacher is a MaskedTransformer with a VQTokenizer, or any model and tokenizer
+    with the same methods (softdimo.muse adapts diffusers' MUSE models); the student copies the teacher."""
+
     teacher: MaskedTransformer
     tokenizer: VQTokenizer
     conditioner: Conditioner
     reward: Reward | None
     initial: MaskedTransformer | None = None  # the generator to continue from (a one-step model); the teacher when None
+    # Prompts to distil on, drawn uniformly each step; None draws Shapes prompts and images. Without Shapes images
+    # there are no real tokens for the discriminator, so own prompts leave the GAN out (Di[M]O and reward terms).
+    prompts: Sequence[str] | None = None
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -132,7 +145,12 @@ def train_distill(
     from softdimo.pipeline import OneStepPipeline
     from softdimo.tteo import TTEOSettings
 
+    if parts.prompts is not None and training.gan_weight:
+        raise ValueError("the GAN needs real images: distil on Shapes samples (no prompts of your own) or set gan_weight = 0")
+    if parts.prompts is not None and not parts.prompts:
+        raise ValueError("no prompts to distil on")
     torch.manual_seed(training.seed)
+    world = distributed.current()
     teacher = _freeze(parts.teacher.to(device))
     tokenizer = _freeze(parts.tokenizer.to(device))
     student = copy.deepcopy(parts.initial or teacher).to(device).train()
@@ -147,7 +165,9 @@ def train_distill(
     generator = OneStepGenerator(student, generator_settings)
     depth = teacher.cfg.depth
     layers = tuple(sorted({layer % depth for layer in training.gan_layers}))
-    disc = DiscriminatorHeads(teacher.cfg.width, len(layers)).to(device)
+    disc = DiscriminatorHeads(teacher.cfg.state_width, len(layers)).to(device)
+    # What each process calls: DDP wrappers (gradients averaged over ranks) under torchrun, the modules themselves alone.
+    student_forward, aux_forward, disc_forward = (distributed.wrap(m) for m in (EmbeddingForward(student), aux, disc))
 
     trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
     opt_g = torch.optim.Adam(trainable(student), lr=training.lr, betas=(0.9, 0.999))
@@ -161,20 +181,26 @@ def train_distill(
             loop.set_lr(opt, loop.cosine_lr(step, training.steps, peak, training.warmup))
         rng = np.random.default_rng([training.seed, step])
         g = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
-        images, prompts, labels = shapes.batch(rng, training.batch_size, kinds=parts.conditioner.kinds, placement=training.placement)
-        condition = parts.conditioner.from_samples(prompts, labels).to(device)
-        b, n = training.batch_size, teacher.cfg.tokens
-        noise = ImageNoise(rng.integers(0, 2**62, size=b).tolist(), device)
+        # Every rank draws the whole global batch and its randomness, and keeps its own rows of them.
+        b, n, rows = training.batch_size, teacher.cfg.tokens, world.rows(training.batch_size)
+        if parts.prompts is None:
+            images, prompts, labels = shapes.batch(rng, b, kinds=parts.conditioner.kinds, placement=training.placement)
+        else:
+            images, labels = None, np.zeros(b, dtype=np.int64)
+            prompts = [parts.prompts[i] for i in rng.integers(0, len(parts.prompts), size=b)]
+        condition = parts.conditioner.from_samples(prompts, labels)[rows].to(device)
+        noise = ImageNoise(rng.integers(0, 2**62, size=b).tolist()[rows], device)
+        images, prompts, labels = None if images is None else images[rows], prompts[rows], labels[rows]
 
         # -- generator: Di[M]O surrogate at re-masked positions of its own samples
-        logits = generator.logits(generator.initial_embeddings(noise), condition)  # (B, N, K)
+        logits = student_forward(generator.initial_embeddings(noise), condition)  # (B, N, K)
         gumbel = generator.token_noise(noise)
         with torch.no_grad():
             tokens = generator.tokens_from(logits, gumbel)
-            ratio = mask_ratio(torch.rand(b, generator=g), training.schedule).clamp(0.02, 0.98).to(device)
-            noisy, mask = mask_tokens(tokens, ratio, torch.rand(b, n, generator=g).to(device), mask_id)
+            ratio = mask_ratio(torch.rand(b, generator=g), training.schedule).clamp(0.02, 0.98)[rows].to(device)
+            noisy, mask = mask_tokens(tokens, ratio, torch.rand(b, n, generator=g)[rows].to(device), mask_id)
             teacher_logits = guided_logits(teacher, noisy, condition, training.guidance)
-            aux_logits = aux(noisy, condition)
+            aux_logits = aux_forward(noisy, condition)
             grad = jeffreys_logit_gradient(aux_logits, teacher_logits, training.beta)
         loss_dimo = surrogate_loss(logits.float(), grad, mask.float())
         metrics = {"dimo": loss_dimo.item()}
@@ -182,8 +208,8 @@ def train_distill(
         if training.gan_weight or training.reward_weight:
             relaxed = relaxed_tokens(logits, training.relaxation, gumbel)
         if training.gan_weight:
-            fake = mask_replace(teacher.soft_embed(relaxed), teacher.mask_embedding(), training.gan_mask_max, g)
-            loss_gan = F.softplus(-disc(teacher.hidden_states(fake, condition, layers))).mean()
+            fake = mask_replace(teacher.soft_embed(relaxed), teacher.mask_embedding(), training.gan_mask_max, g, world)
+            loss_gan = F.softplus(-disc_forward(teacher.hidden_states(fake, condition, layers))).mean()
             loss_g = loss_g + training.gan_weight * loss_gan
             metrics["gan_g"] = loss_gan.item()
         if training.reward_weight:
@@ -197,10 +223,14 @@ def train_distill(
         opt_g.step()
 
         # -- auxiliary model: cross-entropy on a fresh re-masking of the generator's samples
-        ratio = mask_ratio(torch.rand(b, generator=g), training.schedule).clamp(0.02, 0.98).to(device)
-        noisy, mask = mask_tokens(tokens, ratio, torch.rand(b, n, generator=g).to(device), mask_id)
-        aux_out = aux(noisy, condition)
-        loss_aux = F.cross_entropy(aux_out[mask], tokens[mask], label_smoothing=training.aux_label_smoothing)
+        ratios = mask_ratio(torch.rand(b, generator=g), training.schedule).clamp(0.02, 0.98)
+        noisy, mask = mask_tokens(tokens, ratios[rows].to(device), torch.rand(b, n, generator=g)[rows].to(device), mask_id)
+        aux_out = aux_forward(noisy, condition)
+        if world.size == 1:
+            loss_aux = F.cross_entropy(aux_out[mask], tokens[mask], label_smoothing=training.aux_label_smoothing)
+        else:  # this rank's share of the mean over the global batch's masked tokens
+            summed = F.cross_entropy(aux_out[mask], tokens[mask], label_smoothing=training.aux_label_smoothing, reduction="sum")
+            loss_aux = summed * world.size / mask_counts(ratios, n).sum()
         opt_aux.zero_grad(set_to_none=True)
         loss_aux.backward()
         torch.nn.utils.clip_grad_norm_(trainable(aux), 1.0)
@@ -212,10 +242,10 @@ def train_distill(
             with torch.no_grad():
                 real_tokens = tokenizer.encode(to_tensor(images).to(device))
                 mask_embedding = teacher.mask_embedding()
-                real = mask_replace(teacher.embed(real_tokens), mask_embedding, training.gan_mask_max, g)
-                fake = mask_replace(teacher.soft_embed(relaxed.detach()), mask_embedding, training.gan_mask_max, g)
-            d_real = disc(teacher.hidden_states(real, condition, layers))
-            d_fake = disc(teacher.hidden_states(fake, condition, layers))
+                real = mask_replace(teacher.embed(real_tokens), mask_embedding, training.gan_mask_max, g, world)
+                fake = mask_replace(teacher.soft_embed(relaxed.detach()), mask_embedding, training.gan_mask_max, g, world)
+            d_real = disc_forward(teacher.hidden_states(real, condition, layers))
+            d_fake = disc_forward(teacher.hidden_states(fake, condition, layers))
             loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
@@ -242,11 +272,22 @@ def train_distill(
         optimizers={"student": opt_g, "aux": opt_aux, "disc": opt_d},
         step_fn=step_fn,
         steps=training.steps,
-        eval_fn=eval_fn,
+        eval_fn=eval_fn if isinstance(parts.conditioner, Conditioner) else None,  # the Shapes judge reads Shapes models
         eval_every=training.eval_every,
         description="distill",
     )
     return OneStepGenerator(ema, generator_settings)
+
+
+class EmbeddingForward(nn.Module):
+    """A model's forward from input embeddings as a module's `forward`, the one call DDP synchronises."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_embeddings(embeddings, condition)
 
 
 def export_generator(

@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from softdimo.train import distributed
+
 CHECKPOINT = "checkpoint.safetensors"
 
 
@@ -115,22 +117,27 @@ def run(
     eval_every: int = 0,
     description: str = "train",
 ) -> None:
-    """Run `step_fn(step)` from the last checkpoint up to `steps`, checkpointing and logging metrics as JSON lines."""
+    """Run `step_fn(step)` from the last checkpoint up to `steps`, checkpointing and logging metrics as JSON lines.
+
+    Under several processes every rank runs the steps from the same checkpoint; only the first evaluates,
+    logs and writes checkpoints."""
+    main = distributed.current().is_main
     checkpointer = Checkpointer(run_dir, modules, optimizers)
     start = checkpointer.restore()
+    distributed.barrier()  # no rank may write the checkpoint before every rank has read it
     log_path = Path(run_dir) / "metrics.jsonl"
     spent = _time_spent(log_path, start)
-    log = open(log_path, "a")
-    if start:
+    log = open(log_path, "a") if main else open(os.devnull, "w")
+    if start and main:
         print(f"resuming {description} from step {start} ({checkpointer.path})")
     began = time.monotonic() - spent  # elapsed_s counts training time across resumes
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=description, mininterval=5, dynamic_ncols=True)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=description, mininterval=5, dynamic_ncols=True, disable=not main)
     for step in bar:
         for mod in modules.values():
             mod.train()
         metrics = step_fn(step)
         done = step + 1
-        if eval_fn is not None and eval_every and (done % eval_every == 0 or done == steps):
+        if main and eval_fn is not None and eval_every and (done % eval_every == 0 or done == steps):
             for mod in modules.values():
                 mod.eval()
             with torch.no_grad():
@@ -139,6 +146,6 @@ def run(
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
         log.write(json.dumps({"step": done, "elapsed_s": round(time.monotonic() - began, 1), **metrics}) + "\n")
         log.flush()
-        if done % checkpoint_every == 0 or done == steps:
+        if main and (done % checkpoint_every == 0 or done == steps):
             checkpointer.save(done)
     log.close()

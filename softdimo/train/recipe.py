@@ -12,17 +12,20 @@ import json
 import os
 import time
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from softdimo.train import distributed
 
 STAGES = ("tokenizer", "features", "reward", "teacher", "distill")
 INPUTS = ("tokenizer", "teacher", "init", "reward")  # the bundles a stage may read, each perhaps another recipe's `out`
 DONE = "done.json"
 EXPORT_ONLY = ("sampler", "tteo")  # tables that shape only the written bundle: changing one re-exports without retraining
 LENGTH_ONLY = ("steps", "eval_every")  # [training] keys a run may change and go on: more steps continue it
+DISTRIBUTED = ("teacher", "distill")  # stages that train on every rank under torchrun; the others run on the first
 
 
 class RecipeError(ValueError):
@@ -146,34 +149,50 @@ def is_done(recipe: Recipe) -> bool:
 
 
 def run_recipe(recipe: Recipe, device: torch.device) -> float:
-    """Train one stage (resuming its run) and write its bundle; returns the seconds it took."""
+    """Train one stage (resuming its run) and write its bundle; returns the seconds it took.
+
+    Under torchrun, teacher and distillation stages train on every rank (each its share of the batch) and the
+    first rank writes the run's files and the bundle; other stages run on the first rank while the rest wait."""
+    world = distributed.current()
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp = run_dir / "recipe.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("run") != recipe.run_digest():
         raise RecipeError(f"{run_dir} holds a run of another version of {recipe.path}; remove it to start again")
-    stamp.write_text(json.dumps({"run": recipe.run_digest(), "data": recipe.data}, indent=2) + "\n")
+    distributed.barrier()  # every rank has read the stamp before the first writes it
+    if world.is_main:
+        stamp.write_text(json.dumps({"run": recipe.run_digest(), "data": recipe.data}, indent=2) + "\n")
     began = time.monotonic()
-    out = RUNNERS[recipe.stage](recipe, device)
+    out = recipe.out
+    if world.is_main or recipe.stage in DISTRIBUTED:
+        out = RUNNERS[recipe.stage](recipe, device)
+    distributed.barrier()  # the bundle is written before any rank goes on to a stage that reads it
     seconds = max(time.monotonic() - began, _logged_training_seconds(run_dir))  # a resumed stage counts all its time
-    (run_dir / DONE).write_text(json.dumps({"recipe": recipe.digest(), "bundle": str(out), "seconds": round(seconds, 1)}) + "\n")
+    if world.is_main:
+        (run_dir / DONE).write_text(json.dumps({"recipe": recipe.digest(), "bundle": str(out), "seconds": round(seconds, 1)}) + "\n")
+    distributed.barrier()
     return seconds
 
 
 def run_all(paths: Sequence[str | os.PathLike], device: torch.device, overrides: Sequence[str] = (), force: bool = False) -> None:
-    """Run recipes in dependency order, skipping stages already done; prints each stage's time."""
+    """Run recipes in dependency order, skipping stages already done; prints each stage's time.
+
+    Under torchrun (`torchrun --nproc_per_node N -m server.cli train ...`) the processes train together."""
+    world = distributed.init(device)
+    device = distributed.local_device(device)
     recipes = order([load_recipe(p, overrides) for p in paths])
+    say = print if world.is_main else (lambda *args: None)  # one voice for N processes
     total = 0.0
     for recipe in recipes:
         if is_done(recipe) and not force:
             seconds = json.loads((recipe.run_dir / DONE).read_text())["seconds"]
-            print(f"== {recipe.path}: done ({seconds / 60:.1f} min), {recipe.out}")
+            say(f"== {recipe.path}: done ({seconds / 60:.1f} min), {recipe.out}")
         else:
-            print(f"== {recipe.path}: training {recipe.stage} -> {recipe.out}")
+            say(f"== {recipe.path}: training {recipe.stage} -> {recipe.out}")
             seconds = run_recipe(recipe, device)
-            print(f"== {recipe.path}: {seconds / 60:.1f} min")
+            say(f"== {recipe.path}: {seconds / 60:.1f} min")
         total += seconds
-    print(f"== all stages: {total / 60:.1f} min")
+    say(f"== all stages: {total / 60:.1f} min")
 
 
 def _logged_training_seconds(run_dir: Path) -> float:
@@ -257,6 +276,8 @@ def _teacher(recipe: Recipe, device: torch.device) -> Path:
     model = train_teacher(
         run_dir=recipe.run_dir, tokenizer=tokenizer, conditioner=conditioner, cfg=cfg, training=training, sampler=sampler, device=device,
     )  # fmt: skip
+    if not distributed.current().is_main:
+        return recipe.out
     return export_teacher(
         model=model.cpu(), conditioner=conditioner, sampler=sampler, training=training, path=recipe.out, name=recipe.out.name,
         tokenizer_reference=_relative(recipe.inputs["tokenizer"], recipe.out),
@@ -282,17 +303,32 @@ def _distill(recipe: Recipe, device: torch.device) -> Path:
         if not hasattr(start, "generator") or start.generator.cfg != teacher.model.cfg:
             raise RecipeError(f"{recipe.path}: init {inputs['init']} is not a one-step model of the teacher's architecture")
         initial = start.generator.model
-    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward, initial=initial)
+    prompts = None
+    if "prompts" in recipe.data:  # a text file of prompts, one a line, relative to the recipe
+        lines = (recipe.path.parent / recipe.data["prompts"]).read_text().splitlines()
+        prompts = [line.strip() for line in lines if line.strip()]
+    parts = DistillParts(
+        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward, initial=initial, prompts=prompts,
+    )  # fmt: skip
     settings = build(GeneratorSettings, recipe.table("generator"))
     generator = train_distill(run_dir=recipe.run_dir, parts=parts, generator_settings=settings, training=training, device=device)
+    if not distributed.current().is_main:
+        return recipe.out
     generator.model.cpu()
     teacher_bundle = read_bundle(inputs["teacher"])
+    reward_references = [_relative(inputs["reward"], recipe.out)] if reward is not None else []
+    tteo = build(TTEOSettings, recipe.table("tteo")).to_dict()
+    if teacher_bundle.config.get("architecture") == "diffusers-muse":
+        from softdimo import muse
+
+        return muse.export_generator(
+            generator=generator, teacher=teacher_bundle, path=recipe.out, name=recipe.out.name, reward_references=reward_references,
+            tteo=tteo, training=asdict(training), teacher_reference=_relative(inputs["teacher"], recipe.out),
+        )  # fmt: skip
     return export_generator(
         generator=generator, conditioner=teacher.conditioner, path=recipe.out, name=recipe.out.name,
         tokenizer_reference=_relative(teacher_bundle.path / teacher_bundle.config["tokenizer"], recipe.out),
-        reward_references=[_relative(inputs["reward"], recipe.out)] if reward is not None else [],
-        tteo=build(TTEOSettings, recipe.table("tteo")).to_dict(), training=training,
-        teacher_reference=_relative(inputs["teacher"], recipe.out),
+        reward_references=reward_references, tteo=tteo, training=training, teacher_reference=_relative(inputs["teacher"], recipe.out),
     )  # fmt: skip
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from softdimo import evaluate, shapes
 from softdimo.bundle import save_bundle
 from softdimo.conditioning import Conditioner
-from softdimo.teacher import SamplerSettings, mask_ratio, mask_tokens
-from softdimo.train import loop
+from softdimo.teacher import SamplerSettings, mask_counts, mask_ratio, mask_tokens
+from softdimo.train import distributed, loop
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.vq import VQTokenizer, to_tensor
 
@@ -36,29 +37,38 @@ class TeacherTraining:
 
 def training_batch(
     *, rng: np.random.Generator, size: int, conditioner: Conditioner, tokenizer: VQTokenizer, device: torch.device,
-    placement: str = "grid",
+    placement: str = "grid", rows: slice = slice(None),
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(image tokens (B, N), conditioning) for a fresh batch of Shapes samples."""
+    """(image tokens (B, N), conditioning) for a fresh batch of Shapes samples; `rows` of it under several processes."""
     images, prompts, labels = shapes.batch(rng, size, kinds=conditioner.kinds, placement=placement)
     with torch.no_grad():
-        tokens = tokenizer.encode(to_tensor(images).to(device))
-    return tokens, conditioner.from_samples(prompts, labels).to(device)
+        tokens = tokenizer.encode(to_tensor(images[rows]).to(device))
+    return tokens, conditioner.from_samples(prompts, labels)[rows].to(device)
 
 
 def masked_prediction_loss(
     model: MaskedTransformer, tokens: torch.Tensor, condition: torch.Tensor, *, generator: torch.Generator,
-    training: TeacherTraining,
+    training: TeacherTraining, world: distributed.World = distributed.World(), forward: nn.Module | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """MaskGIT's objective: mask a schedule-drawn share of tokens, predict them."""
+    """MaskGIT's objective: mask a schedule-drawn share of tokens, predict them.
+
+    Under several processes `tokens` and `condition` are this rank's rows of the global batch: the random draws
+    are made for the whole batch and sliced, and the loss is this rank's share of the global mean, so that the
+    gradients DDP averages (`forward` is the DDP-wrapped model) are those of one process on the whole batch."""
     b, n = tokens.shape
+    total, rows = b * world.size, world.rows(b * world.size)
     device = tokens.device
-    drop = torch.rand(b, generator=generator).to(device) < training.condition_dropout
+    drop = torch.rand(total, generator=generator)[rows].to(device) < training.condition_dropout
     null = model.null_condition(b, device)
     condition = torch.where(drop.view(-1, *([1] * (condition.dim() - 1))), null, condition)
-    ratio = mask_ratio(torch.rand(b, generator=generator), training.schedule).to(device)
-    masked, mask = mask_tokens(tokens, ratio, torch.rand(b, n, generator=generator).to(device), model.cfg.mask_id)
-    logits = model(masked, condition)
-    return F.cross_entropy(logits[mask], tokens[mask], label_smoothing=training.label_smoothing)
+    ratios = mask_ratio(torch.rand(total, generator=generator), training.schedule)
+    ratio = ratios[rows].to(device)
+    masked, mask = mask_tokens(tokens, ratio, torch.rand(total, n, generator=generator)[rows].to(device), model.cfg.mask_id)
+    logits = (forward or model)(masked, condition)
+    if world.size == 1:
+        return F.cross_entropy(logits[mask], tokens[mask], label_smoothing=training.label_smoothing)
+    summed = F.cross_entropy(logits[mask], tokens[mask], label_smoothing=training.label_smoothing, reduction="sum")
+    return summed * world.size / mask_counts(ratios, n).sum()
 
 
 def train_teacher(
@@ -68,23 +78,27 @@ def train_teacher(
     from softdimo.pipeline import TeacherPipeline
 
     torch.manual_seed(training.seed)
+    world = distributed.current()
     model = MaskedTransformer(cfg)
     if cfg.code_dim:
         model.set_code_vectors(tokenizer.codebook.cpu())
     model = model.to(device)
+    forward = distributed.wrap(model)  # the model itself in one process
     tokenizer = tokenizer.to(device).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
     eval_prompts = evaluate.held_out_prompts(training.eval_prompts, seed=20_000, kinds=conditioner.kinds)
-    print(f"teacher: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.conditioning}-conditional")
+    if world.is_main:
+        print(f"teacher: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.conditioning}-conditional")
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
         rng = np.random.default_rng([training.seed, step])
         tokens, condition = training_batch(
-            rng=rng, size=training.batch_size, conditioner=conditioner, tokenizer=tokenizer, device=device, placement=training.placement
-        )
+            rng=rng, size=training.batch_size, conditioner=conditioner, tokenizer=tokenizer, device=device, placement=training.placement,
+            rows=world.rows(training.batch_size),
+        )  # fmt: skip
         generator = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
-        loss = masked_prediction_loss(model, tokens, condition, generator=generator, training=training)
+        loss = masked_prediction_loss(model, tokens, condition, generator=generator, training=training, world=world, forward=forward)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

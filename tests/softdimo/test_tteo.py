@@ -52,6 +52,7 @@ def test_an_image_does_not_depend_on_its_batch_mates(tiny_text_transformer, tiny
     alone = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, prompts[1:2], [21], steps=4, lr=5.0, best_of=2)
     # best_of draws seed_i + j * (images in the request); alone, candidates of seed 21 are 21, 22 instead of 21, 24
     assert candidate_seeds([20, 21, 22], 2) == [[20, 23], [21, 24], [22, 25]]
+    assert candidate_seeds([2**63 - 1, 0], 2) == [[2**63 - 1, 1], [0, 2]]  # wrapping below 2^63, as request seeds do
     assert together.seeds[1] in (21, 24) and alone.seeds[0] in (21, 22)
     if together.seeds[1] == alone.seeds[0] == 21:
         assert torch.equal(together.tokens[1], alone.tokens[0])

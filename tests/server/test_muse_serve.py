@@ -1,0 +1,84 @@
+"""A diffusers MUSE model end to end: a tiny aMUSEd on disk is loaded, distilled a few steps, and both teacher and
+one-step student are served over a real socket, /generate (with steps) and /refine, with bad input refused."""
+
+import base64
+import os
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from live_server import live_server  # noqa: E402
+from tiny_muse import write_clip_reward, write_teacher  # noqa: E402
+
+from server.settings import Settings  # noqa: E402
+from softdimo.images import decode_image  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    import torch
+
+    from softdimo import muse
+    from softdimo.bundle import read_bundle
+    from softdimo.generator import GeneratorSettings
+    from softdimo.pipeline import load_pipeline, load_reward
+    from softdimo.train.distill import DistillParts, DistillTraining, train_distill
+
+    root = tmp_path_factory.mktemp("muse-serve")
+    teacher_path, clip_path = write_teacher(root / "teacher"), write_clip_reward(root / "clip")
+    teacher = load_pipeline(teacher_path)
+    parts = DistillParts(
+        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=load_reward(read_bundle(clip_path)),
+    )  # fmt: skip
+    training = DistillTraining(steps=2, batch_size=4, warmup=1, guidance=1.0, reward_weight=0.5, eval_every=0)
+    with torch.random.fork_rng():
+        student = train_distill(run_dir=root / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu")
+    student_path = muse.export_generator(
+        generator=student, teacher=read_bundle(teacher_path), path=root / "student", name="tiny-amused-one-step",
+        reward_references=[os.path.relpath(clip_path, root / "student")], tteo={"steps": 2, "lr": 1.0}, training={},
+        teacher_reference=os.path.relpath(teacher_path, root / "student"),
+    )  # fmt: skip
+    settings = Settings(weights=[str(student_path), str(teacher_path)], device="cpu", max_batch_size=4, max_wait_ms=5)
+    with live_server(settings) as base:
+        yield base
+
+
+def _images(response) -> list[np.ndarray]:
+    return [decode_image(base64.b64decode(d["b64_json"])) for d in response.json()["data"]]
+
+
+def test_models_are_listed_with_their_kinds(url):
+    models = {m["name"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    student, teacher = models["tiny-amused-one-step"], models["tiny-amused"]
+    assert student["kind"] == "one-step" and student["rewards"] == ["tiny-clip-vit"] and student["image_size"] == 16
+    assert teacher["kind"] == "masked-diffusion" and teacher["conditioning"] == "text" and teacher["default"]["steps"] == 4
+
+
+def test_generate_and_refine_serve_free_text_prompts(url):
+    teacher = httpx.post(f"{url}/generate", json={"model": "tiny-amused", "prompt": "A lighthouse at dusk", "n": 2, "seed": 5, "steps": 3})
+    assert teacher.status_code == 200, teacher.text
+    assert [image.shape for image in _images(teacher)] == [(16, 16, 3)] * 2
+    again = httpx.post(f"{url}/generate", json={"model": "tiny-amused", "prompt": "A lighthouse at dusk", "seed": 6, "steps": 3})
+    assert np.array_equal(_images(again)[0], _images(teacher)[1])  # image i uses seed + i, whatever its batch
+
+    one_step = httpx.post(f"{url}/generate", json={"prompt": "a red circle", "seed": 1})
+    assert one_step.status_code == 200 and one_step.json()["model"] == "tiny-amused-one-step"
+    refined = httpx.post(f"{url}/refine", json={"prompt": "a red circle", "seed": 1, "steps": 2}, timeout=60)
+    assert refined.status_code == 200, refined.text
+    item = refined.json()["data"][0]
+    assert item["reward_after"] >= item["reward_before"] and _images(refined)[0].shape == (16, 16, 3)
+
+
+def test_bad_input_is_a_clear_4xx(url):
+    too_long = httpx.post(f"{url}/generate", json={"prompt": "and " * 40, "seed": 1})
+    assert too_long.status_code == 422 and "CLIP tokens long" in too_long.json()["detail"]
+    label = httpx.post(f"{url}/generate", json={"class_label": 3})
+    assert label.status_code == 422 and "text-conditional" in label.json()["detail"]
+    steps = httpx.post(f"{url}/generate", json={"prompt": "a red circle", "steps": 4})
+    assert steps.status_code == 422 and "one-step" in steps.json()["detail"]
+    assert httpx.post(f"{url}/refine", json={"model": "tiny-amused", "prompt": "a red circle"}).status_code == 422
+    assert httpx.get(f"{url}/openapi.json").status_code == 200

@@ -42,6 +42,9 @@ ENV TORCH_INDEX_URL=${TORCH_CPU_INDEX_URL} \
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS app
 ARG TORCH_VERSION=2.13.0
+# Optional dependency groups of pyproject.toml to install too, comma-separated: e.g. --build-arg EXTRAS=diffusers
+# for serving diffusers MUSE-family checkpoints mounted under /models.
+ARG EXTRAS=""
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -63,7 +66,7 @@ WORKDIR /app
 #    editing code does not reinstall them. torch is already satisfied above.
 #    README* is optional (the glob may match nothing); pyproject may name it.
 COPY pyproject.toml README* ./
-RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"].get("dependencies", [])))' > /tmp/requirements.txt \
+RUN python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p.get("dependencies", []) + [d for e in filter(None, sys.argv[1].split(",")) for d in p["optional-dependencies"][e]]))' "${EXTRAS}" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 

@@ -18,6 +18,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server import openapi
 from server.engine import Engine, verify_bundles
 from server.errors import error_response
 from server.guard import ApiKeyGuard, BodyLimit, BodyTooLarge
@@ -71,7 +72,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             ApiKeyGuard, api_key=settings.api_key, exempt=settings.auth_exempt_paths,
             on_refused=lambda path: count_refusal(path, 401),
         )  # fmt: skip
-        app.openapi = lambda: _openapi_with_bearer(app, exempt=settings.auth_exempt_paths)
+
+    def served() -> openapi.Served | None:
+        engine = service.engine
+        return None if engine is None else (list(engine.models.values()), engine.default_model)
+
+    openapi.install(app, settings=settings, models=served)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
@@ -92,18 +98,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return error_response(request.url.path, exc.status_code, exc.detail, getattr(exc, "headers", None))
 
     return app
-
-
-def _openapi_with_bearer(app: FastAPI, *, exempt: list[str]) -> dict:
-    """The schema with a bearer scheme on every operation that needs the key, so /docs can send it."""
-    if app.openapi_schema is None:
-        schema = FastAPI.openapi(app)
-        schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        for path, operations in schema["paths"].items():
-            if path not in exempt:
-                for operation in operations.values():
-                    operation["security"] = [{"bearer": []}]
-    return app.openapi_schema
 
 
 class DrainingServer(uvicorn.Server):

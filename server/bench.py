@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import json
 import os
@@ -10,10 +12,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import statistics
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -26,20 +29,26 @@ from softdimo.bench import (
     EXAMPLE_PROMPT,
     WARMUP_CALLS,
     BenchError,
+    RuntimeOptions,
     check_options,
-    generate_call,
+    compare_rounds,
+    example_inputs,
+    interleaved,
     latency_summary,
     machine_header,
     machine_info,
     markdown_table,
     median_seconds,
     ratio,
+    ratio_range,
     refine_call,
     resolve_device,
+    runtime_words,
     tteo_step_cost,
 )
 from softdimo.bundle import read_bundle
 from softdimo.pipeline import load_pipeline
+from softdimo.runtime import Runtime, RuntimeSettings
 
 HOST = "127.0.0.1"  # the load generator only ever talks to a server it started on loopback
 LATENCY_TARGET_MS = 5.0  # p50 at concurrency 1 may exceed the offline forward time by at most this
@@ -55,6 +64,7 @@ class ServerSpec:
     max_batch_size: int
     max_wait_ms: float | None = None  # None: the server's default
     mode: str = "process"  # "process": `softdimo serve` in a child process; "thread": uvicorn in a thread here
+    runtime: RuntimeSettings = RuntimeSettings()  # precision, compiled buckets, pinned copies
 
 
 def free_port() -> int:
@@ -85,6 +95,9 @@ def _process_server(spec: ServerSpec, port: int):
     ]  # fmt: skip
     if spec.max_wait_ms is not None:
         command += ["--max-wait-ms", str(spec.max_wait_ms)]
+    runtime = spec.runtime
+    command += ["--precision", runtime.precision, "--compile" if runtime.compile else "--no-compile"]
+    command += ["--pin-memory" if runtime.pin_memory else "--no-pin-memory"]
     # SOFTDIMO_* settings of the calling shell (an API key, a smaller queue) would change what is measured.
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTDIMO_")}
     with tempfile.TemporaryFile() as log:
@@ -118,7 +131,7 @@ def _thread_server(spec: ServerSpec, port: int):
     flags = {"max_wait_ms": spec.max_wait_ms} if spec.max_wait_ms is not None else {}
     settings = Settings(
         weights=list(spec.weights), device=spec.device, max_batch_size=spec.max_batch_size, host=HOST, port=port,
-        api_key=None, log_level="warning", **flags,
+        api_key=None, log_level="warning", **flags, **spec.runtime.to_dict(),
     )  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=HOST, port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True, name="bench-server")
@@ -296,7 +309,7 @@ def summarize(samples: Sequence[Sample], walls: Sequence[float], *, concurrency:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServerBench:
+class ServerBench(RuntimeOptions):
     device: str = "auto"
     max_batch_size: int = 16  # the batched server's --max-batch-size
     max_wait_ms: float | None = None  # None: the server's default
@@ -308,17 +321,26 @@ class ServerBench:
     server: str = "process"  # "process" or "thread"
 
     def __post_init__(self):
+        super().__post_init__()
         positive = {
             "max_batch_size": self.max_batch_size, "duration_s": self.duration_s, "max_requests": self.max_requests,
             "timeout_s": self.timeout_s, "repeats": self.repeats, "max_wait_ms": self.max_wait_ms,
         }  # fmt: skip
         check_options(positive=positive, non_negative={"warmup_s": self.warmup_s})
 
-    def spec(self, weights: Sequence[str], max_batch_size: int) -> ServerSpec:
+    def runtime(self) -> RuntimeSettings:
+        """The one runtime of a suite that compares nothing but what it names (bench steps, bench refine)."""
+        arms = self.arms({})
+        if len(arms) > 1:
+            raise BenchError("two runtime settings are compared by bench serve or bench offline; give one value here")
+        return arms[0]["runtime"]
+
+    def spec(self, weights: Sequence[str], max_batch_size: int, runtime: RuntimeSettings = RuntimeSettings()) -> ServerSpec:
         absolute = tuple(str(Path(w).resolve()) for w in weights)
         return ServerSpec(
-            weights=absolute, device=self.device, max_batch_size=max_batch_size, max_wait_ms=self.max_wait_ms, mode=self.server
-        )
+            weights=absolute, device=self.device, max_batch_size=max_batch_size, max_wait_ms=self.max_wait_ms, mode=self.server,
+            runtime=runtime,
+        )  # fmt: skip
 
     def load(self, concurrency: int) -> Load:
         return Load(
@@ -334,15 +356,25 @@ def _model_info(path: str) -> dict:
 
 def _offline_seconds(
     model: str, device, *, endpoint: str, batch_sizes: Sequence[int], tteo_steps: int | None, repeats: int,
+    runtime: RuntimeSettings = RuntimeSettings(),
 ) -> tuple[dict[int, float], int | None]:  # fmt: skip
     """Median seconds of one batch at each size, run in this process as the server's batch function runs it."""
     pipeline = load_pipeline(model, device)
+    run = Runtime(runtime, max_batch_size=max(batch_sizes))
     steps = None
     if endpoint == "refine":
         steps = tteo_steps or pipeline.tteo.steps
     seconds = {}
     for b in batch_sizes:
-        call = refine_call(pipeline, b, steps) if endpoint == "refine" else generate_call(pipeline, b)
+        if endpoint == "refine":
+            refine = refine_call(pipeline, b, steps)
+
+            def call(refine=refine):
+                with run.running(pipeline):
+                    return refine()
+        else:
+            condition, _ = example_inputs(pipeline, b)
+            call = functools.partial(run.generate, pipeline, condition, list(range(b)))
         seconds[b] = median_seconds(call, repeats=repeats, warmup=WARMUP_CALLS, device=device)
     del pipeline
     if device.type == "cuda":
@@ -372,38 +404,79 @@ LEVEL_COLUMNS = [
 
 @dataclass(frozen=True, kw_only=True)
 class ServeBench(ServerBench):
-    model: str
+    model: tuple[str, ...]  # one bundle folder, or two to compare
     concurrency: tuple[int, ...] = DEFAULT_BATCH_SIZES
     compare_batch_size: int = 1  # the other server's --max-batch-size
     endpoint: str = "generate"  # "generate" or "refine"
     tteo_steps: int | None = None  # /refine: TTEO steps per request; None: the bundle's
 
     def __post_init__(self):
+        if isinstance(self.model, str):  # one folder may be given as a string
+            object.__setattr__(self, "model", (self.model,))
         super().__post_init__()
         positive = {"concurrency": self.concurrency, "compare_batch_size": self.compare_batch_size, "tteo_steps": self.tteo_steps}
         check_options(positive=positive)
         if self.endpoint not in ("generate", "refine"):
             raise BenchError("--endpoint is generate or refine")
+        self.serve_arms()  # one value or two for each option
+
+    def serve_arms(self) -> list[dict]:
+        return self.arms({"model": self.model})
 
 
 def run_serve(config: ServeBench, command: str) -> dict:
-    """The concurrency sweep against a batched and an unbatched server, and how both compare with offline."""
+    """One arm: the concurrency sweep against a batched and an unbatched server, and how both compare with offline.
+    Two arms (two models, or two runtime settings): both servers up at once, and at each level interleaved rounds."""
+    arms = config.serve_arms()
+    if len(arms) == 2:
+        return run_serve_comparison(config, command, arms)
     device = resolve_device(config.device)
-    model = _model_info(config.model)
+    model_path, runtime = arms[0]["model"], arms[0]["runtime"]
+    model = _model_info(model_path)
     offline, steps = _offline_seconds(
-        config.model, device, endpoint=config.endpoint, batch_sizes=sorted({1, config.max_batch_size}),
-        tteo_steps=config.tteo_steps, repeats=config.repeats,
+        model_path, device, endpoint=config.endpoint, batch_sizes=sorted({1, config.max_batch_size}),
+        tteo_steps=config.tteo_steps, repeats=config.repeats, runtime=runtime,
     )  # fmt: skip
     path = f"/{config.endpoint}"
     runs = {}
     for label, batch_size in (("batched", config.max_batch_size), ("unbatched", config.compare_batch_size)):
-        with running_server(config.spec([config.model], batch_size)) as url:
+        with running_server(config.spec([model_path], batch_size, runtime)) as url:
             target = target_for(model_cards(url)[model["name"]], path, steps)
             levels = [asyncio.run(run_load(url, target, config.load(c))) for c in config.concurrency]
         runs[label] = {"max_batch_size": batch_size, "levels": levels}
     return {
         "bench": "serve", "machine": machine_info(device, command), "config": asdict(config), "model": model,
-        "endpoint": path, "tteo_steps": steps, **serve_comparisons(runs, offline, config.max_batch_size),
+        "runtime": runtime.to_dict(), "endpoint": path, "tteo_steps": steps,
+        **serve_comparisons(runs, offline, config.max_batch_size),
+    }  # fmt: skip
+
+
+def run_serve_comparison(config: ServeBench, command: str, arms: list[dict]) -> dict:
+    """Two servers, A and B, each with its model and runtime and --max-batch-size, up at the same time. At each
+    concurrency level both are warmed up, then measured in `rounds` interleaved rounds of duration_s / rounds each
+    (A, B, B, A, …), so both see the same machine within seconds of each other."""
+    device = resolve_device(config.device)
+    path = f"/{config.endpoint}"
+    models = [_model_info(arm["model"]) for arm in arms]
+    round_load = replace(config.load(1), duration_s=config.duration_s / config.rounds, warmup_s=0.0)
+    levels = []
+    with contextlib.ExitStack() as stack:
+        specs = [config.spec([arm["model"]], config.max_batch_size, arm["runtime"]) for arm in arms]
+        urls = [stack.enter_context(running_server(spec)) for spec in specs]
+        targets = [target_for(model_cards(url)[model["name"]], path, config.tteo_steps) for url, model in zip(urls, models)]
+        for concurrency in config.concurrency:
+            if config.warmup_s > 0:
+                for url, target in zip(urls, targets):
+                    asyncio.run(run_load(url, target, replace(round_load, concurrency=concurrency, duration_s=config.warmup_s)))
+            load = replace(round_load, concurrency=concurrency)
+            measures = [lambda u=url, t=target: asyncio.run(run_load(u, t, load)) for url, target in zip(urls, targets)]
+            a, b = interleaved(measures, rounds=config.rounds)
+            stats = compare_rounds([r["images_per_s"] for r in a], [r["images_per_s"] for r in b])
+            levels.append({"concurrency": concurrency, **stats, "rounds_measured": {"A": a, "B": b}})
+    return {
+        "bench": "serve", "machine": machine_info(device, command), "config": asdict(config), "endpoint": path,
+        "arms": [{"label": label, **model, "runtime": arm["runtime"].to_dict()} for label, model, arm in zip("AB", models, arms)],
+        "comparison": levels,
     }  # fmt: skip
 
 
@@ -438,11 +511,43 @@ def serve_comparisons(runs: dict, offline: dict[int, float], max_batch_size: int
     }  # fmt: skip
 
 
+def serve_comparison_table(result: dict) -> str:
+    a, b = result["arms"]
+    cfg = result["config"]
+
+    def median(rounds: list[dict], key) -> float | None:
+        values = [key(r) for r in rounds if key(r) is not None]
+        return statistics.median(values) if values else None
+
+    rows = []
+    for level in result["comparison"]:
+        ra, rb = level["rounds_measured"]["A"], level["rounds_measured"]["B"]
+        p50 = lambda r: r["latency_ms"]["p50"]  # noqa: E731
+        failed = lambda rounds: sum(r["requests"] - r["ok"] for r in rounds)  # noqa: E731
+        rows.append([
+            level["concurrency"], level["a"], level["b"], level["ratio"], ratio_range(level), median(ra, p50), median(rb, p50),
+            failed(ra), failed(rb),
+        ])  # fmt: skip
+    table = markdown_table(
+        ["concurrency", "A images/s", "B images/s", "B / A", "B / A range", "A p50 ms", "B p50 ms", "A failed", "B failed"], rows
+    )
+    arm = lambda x: f"`{x['name']}` from `{x['path']}` ({x['kind']}; {runtime_words(x['runtime'])})"  # noqa: E731
+    return (
+        f"{machine_header(result['machine'])}\n\n`{result['endpoint']}`, A: {arm(a)}, B: {arm(b)}; both servers up at once "
+        f"(--max-batch-size {cfg['max_batch_size']}), closed loop. Each level: {cfg['warmup_s']:g} s warm-up on each, then "
+        f"{cfg['rounds']} rounds of {cfg['duration_s'] / cfg['rounds']:g} s per server interleaved A, B, B, A, …; images/s is "
+        f"each server's median round, B / A the median of the rounds' ratios and its range their least and greatest, p50 "
+        f"the median round's.\n\n{table}\n"
+    )
+
+
 def serve_table(result: dict) -> str:
+    if "arms" in result:  # two servers compared
+        return serve_comparison_table(result)
     model, offline = result["model"], result["offline"]
     parts = [
         machine_header(result["machine"]),
-        f"`{result['endpoint']}` on `{model['name']}` ({model['kind']}), closed loop, "
+        f"`{result['endpoint']}` on `{model['name']}` ({model['kind']}; {runtime_words(result['runtime'])}), closed loop, "
         f"{result['config']['duration_s']:g} s per level after {result['config']['warmup_s']:g} s warm-up.",
     ]
     for label, run in result["runs"].items():
@@ -532,7 +637,7 @@ def run_steps(config: StepsBench, command: str) -> dict:
     one_step, teacher = _model_info(config.one_step), _model_info(config.teacher)
     if teacher["kind"] != "masked-diffusion":
         raise BenchError(f"--teacher {config.teacher} is {teacher['kind']}, not a masked-diffusion bundle")
-    with running_server(config.spec([config.one_step, config.teacher], config.max_batch_size)) as url:
+    with running_server(config.spec([config.one_step, config.teacher], config.max_batch_size, config.runtime())) as url:
         cards = model_cards(url)
         load = config.load(config.concurrency)
         fast = asyncio.run(run_load(url, target_for(cards[one_step["name"]], "/generate"), load))
@@ -589,6 +694,7 @@ class RefineBench(ServerBench):
 def run_refine(config: RefineBench, command: str) -> dict:
     """One TTEO step against one forward, and a burst of /refine requests batched against run one at a time."""
     device = resolve_device(config.device)
+    runtime = config.runtime()  # for the servers; the offline step cost runs the plain path
     model = _model_info(config.model)
     pipeline = load_pipeline(config.model, device)
     steps = config.tteo_steps or pipeline.tteo.steps
@@ -600,7 +706,7 @@ def run_refine(config: RefineBench, command: str) -> dict:
     )  # each round is exactly one burst: bounded by count, the duration only a backstop  # fmt: skip
     runs = {}
     for label, batch_size in (("batched", config.max_batch_size), ("serial", 1)):
-        with running_server(config.spec([config.model], batch_size)) as url:
+        with running_server(config.spec([config.model], batch_size, runtime)) as url:
             target = target_for(model_cards(url)[model["name"]], "/refine", steps)
             runs[label] = {"max_batch_size": batch_size, **asyncio.run(run_load(url, target, burst))}
     return {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Literal, get_args, get_origin
 
 from softdimo import cli
 
@@ -50,8 +51,8 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         elif name in ("weights", "auth_exempt_paths"):
             parser.add_argument(flag, nargs="*" if name == "auth_exempt_paths" else "+", help=help)
-        elif name == "device":
-            parser.add_argument(flag, choices=["auto", "cpu", "cuda"], help=help)
+        elif get_origin(field.annotation) is Literal:
+            parser.add_argument(flag, choices=get_args(field.annotation), help=help)
         else:
             kind = field.annotation if field.annotation in (int, float) else str
             parser.add_argument(flag, type=kind, help=help)
@@ -91,13 +92,15 @@ def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
         (("--repeats",), {"type": int, "help": "timed calls per offline measurement (median)"}),
         (("--server",), {"choices": ["process", "thread"],
                          "help": "run `softdimo serve` as a child process, or uvicorn in a thread of this one"}),
+        *cli.RUNTIME_OPTIONS,
     ]  # fmt: skip
-    add_bench_suite("serve", "concurrency sweep through the server, batched against --compare-batch-size", [
-        (("--model",), {"required": True, "help": "bundle folder"}),
+    add_bench_suite("serve", "concurrency sweep, batched against --compare-batch-size; or two models or settings side by side", [
+        (("--model",), {"required": True, "nargs": "+", "help": "bundle folder; two to compare them"}),
         (("--concurrency",), {"type": int, "nargs": "+", "help": "closed-loop clients per load level (default 1 2 4 … 64)"}),
         (("--compare-batch-size",), {"type": int, "help": "the other server's --max-batch-size"}),
         (("--endpoint",), {"choices": ["generate", "refine"]}),
         (("--tteo-steps",), {"type": int, "help": "/refine: TTEO steps per request (default: the bundle's)"}),
+        (("--rounds",), {"type": int, "help": "comparisons: interleaved rounds per server and level, sharing --duration-s"}),
         *options,
     ], run=bench.run_serve, table=bench.serve_table, config=bench.ServeBench, after=plot,
         extra=[(("--plot",), {"help": "folder for throughput.png and latency.png (needs matplotlib)"})])  # fmt: skip

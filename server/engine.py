@@ -19,6 +19,8 @@ from softdimo.conditioning import Conditioner
 from softdimo.device import resolve_device
 from softdimo import shapes
 from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
+from softdimo.runtime import Runtime, RuntimeSettings
+from softdimo.seeding import seed_at
 from softdimo.tteo import TTEOSettings, candidate_seeds
 from softdimo.vq import to_uint8
 
@@ -36,7 +38,7 @@ class GenerateJob:
 
     @property
     def seeds(self) -> list[int]:
-        return [self.seed + i for i in range(self.n)]
+        return [seed_at(self.seed, i) for i in range(self.n)]
 
     @property
     def key(self) -> int | None:
@@ -44,7 +46,7 @@ class GenerateJob:
 
     def split(self, k: int) -> tuple[GenerateJob, GenerateJob]:
         """The first k images and the rest, each keeping its own seed."""
-        return replace(self, n=k), replace(self, seed=self.seed + k, n=self.n - k)
+        return replace(self, n=k), replace(self, seed=seed_at(self.seed, k), n=self.n - k)
 
 
 @dataclass(eq=False)
@@ -80,7 +82,7 @@ class RefineJob:
         cls, *, condition: torch.Tensor, text: str, seed: int, n: int, settings: TTEOSettings, reward: str,
         progress: RefineProgress | None = None,
     ) -> RefineJob:  # fmt: skip
-        rows = candidate_seeds([seed + i for i in range(n)], settings.best_of)
+        rows = candidate_seeds([seed_at(seed, i) for i in range(n)], settings.best_of)
         return cls(
             condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, candidates=tuple(map(tuple, rows)),
             progress=progress,
@@ -88,7 +90,7 @@ class RefineJob:
 
     @property
     def seeds(self) -> list[int]:
-        return [self.seed + i for i in range(self.n)]
+        return [seed_at(self.seed, i) for i in range(self.n)]
 
     @property
     def key(self) -> tuple:
@@ -97,7 +99,7 @@ class RefineJob:
     def split(self, k: int) -> tuple[RefineJob, RefineJob]:
         """The first k images and the rest, each keeping its own seed and candidates."""
         first = replace(self, n=k, candidates=self.candidates[:k])
-        return first, replace(self, seed=self.seed + k, n=self.n - k, candidates=self.candidates[k:])
+        return first, replace(self, seed=seed_at(self.seed, k), n=self.n - k, candidates=self.candidates[k:])
 
 
 @dataclass
@@ -118,6 +120,7 @@ class ServedModel:
     image_size: int
     defaults: dict = field(default_factory=dict)
     rewards: list[str] = field(default_factory=list)
+    runtime: Runtime = field(default_factory=Runtime)  # precision, compiled buckets, pinned copies: all off by default
 
     @property
     def conditioner(self) -> Conditioner:
@@ -137,7 +140,7 @@ class ServedModel:
         """All jobs of one batch in one pass (they share `steps`); returns each job's images."""
         condition = torch.cat([job.condition.expand(job.n, *job.condition.shape[1:]) for job in jobs])
         seeds = [s for job in jobs for s in job.seeds]
-        images = self.pipeline.generate(condition, seeds, steps=jobs[0].steps)
+        images = self.runtime.generate(self.pipeline, condition, seeds, steps=jobs[0].steps)
         return _split(list(images), [job.n for job in jobs])
 
     def reward_text(self, prompt: str | None, class_label: int | None) -> str:
@@ -149,8 +152,9 @@ class ServedModel:
         texts = [job.text for job in jobs for _ in range(job.n)]
         candidates = [list(row) for job in jobs for row in job.candidates]  # drawn per request, not per batch
         on_step = _step_reports(jobs) if any(job.progress is not None for job in jobs) else None
-        refined = self.pipeline.refine(condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward, on_step=on_step)
-        images = to_uint8(refined.images)
+        with self.runtime.running(self.pipeline):  # eager: TTEO takes gradients through the network
+            refined = self.pipeline.refine(condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward, on_step=on_step)
+            images = to_uint8(refined.images)
         before, after = refined.reward_before.tolist(), refined.reward_after.tolist()
         items = [RefinedImage(images[i], before[i], after[i], refined.seeds[i]) for i in range(len(candidates))]
         return _split(items, [job.n for job in jobs])
@@ -260,7 +264,7 @@ def _split(items: list, counts: list[int]) -> list[list]:
     return out
 
 
-def load_model(path: str | Path, device: torch.device) -> ServedModel:
+def load_model(path: str | Path, device: torch.device, runtime: Runtime | None = None) -> ServedModel:
     bundle = read_bundle(path)
     pipeline = load_pipeline(path, device)
     kind = bundle.config["kind"]
@@ -272,7 +276,7 @@ def load_model(path: str | Path, device: torch.device) -> ServedModel:
         rewards = list(pipeline.rewards)
     return ServedModel(
         name=bundle.config["name"], kind=kind, pipeline=pipeline, image_size=pipeline.tokenizer.cfg.image_size,
-        defaults=defaults, rewards=rewards,
+        defaults=defaults, rewards=rewards, runtime=runtime or Runtime(),
     )  # fmt: skip
 
 
@@ -290,22 +294,28 @@ class Engine:
         self.device = device
 
     @classmethod
-    def load(cls, paths: Sequence[str], device_name: str) -> Engine:
+    def load(
+        cls, paths: Sequence[str], device_name: str, *, runtime: RuntimeSettings = RuntimeSettings(), max_batch_size: int = 1,
+    ) -> Engine:  # fmt: skip
+        """The bundles at `paths` on the device, run with `runtime` in batches of at most `max_batch_size` images."""
         device = resolve_device(device_name)
         torch.set_grad_enabled(False)
+        shared = Runtime(runtime, max_batch_size=max_batch_size)
         models = []
         for path in paths:
             began = time.perf_counter()
-            models.append(load_model(path, device))
+            models.append(load_model(path, device, shared))
             log.info("loaded %s from %s on %s in %.2fs", models[-1].name, path, device, time.perf_counter() - began)
         return cls(models, device)
 
     def warm_up(self, max_batch_size: int) -> None:
-        """Run every model once at the largest batch, so the first real request pays no first-call costs."""
+        """Run every model at the largest batch (and, compiled, at every bucket: each compiles once, here), so the
+        first real request pays no first-call costs."""
         for model in self.models.values():
             began = time.perf_counter()
             condition = self._example_condition(model)
-            model.generate_batch([GenerateJob(condition=condition, seed=0, n=max_batch_size)])
+            for size in model.runtime.buckets or (max_batch_size,):
+                model.generate_batch([GenerateJob(condition=condition, seed=0, n=size)])
             if model.rewards:
                 settings = TTEOSettings(steps=1)
                 text = "a red circle"

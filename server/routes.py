@@ -92,7 +92,7 @@ def _model_label(service: Service, name: str | None) -> str:
     """The `model` label: a loaded model's name; anything else folds into one value to bound cardinality."""
     if service.engine is None:
         return "none"
-    name = name or service.engine.default_model
+    name = service.engine.default_model if name is None else name
     return name if name in service.engine.models else "unknown"
 
 
@@ -136,7 +136,7 @@ async def _generate(request: Request, body: GenerateRequest, endpoint: str) -> G
     service = _service(request)
     model = service.model(body.model, endpoint=endpoint)
     condition = service.condition(model, body.prompt, body.class_label)
-    seed = service.seeds_for(body.seed, body.n)
+    seed = service.first_seed(body.seed)
     return await _unless_disconnected(
         request, service.generate(model=model, condition=condition, seed=seed, n=body.n, steps=body.steps)
     )
@@ -200,7 +200,7 @@ def _refine_job(service: Service, body: RefineRequest, progress: RefineProgress 
     condition = service.condition(model, body.prompt, body.class_label)
     defaults = model.pipeline.tteo if model.kind == "one-step" else TTEOSettings()
     settings = replace(defaults, steps=body.steps or defaults.steps, lr=body.lr or defaults.lr, best_of=body.best_of)
-    seed = service.seeds_for(body.seed, body.n * body.best_of)
+    seed = service.first_seed(body.seed)
     text = model.reward_text(body.prompt, body.class_label)
     job = service.refine_job(model=model, condition=condition, text=text, seed=seed, n=body.n, settings=settings, reward=body.reward,
                              progress=progress)  # fmt: skip

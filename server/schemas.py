@@ -2,23 +2,60 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-MAX_SEED = 2**63 - 1
+from softdimo import seeding, shapes
+
+MAX_SEED = seeding.MAX_SEED - 1
 ImageFormat = Literal["png", "jpeg", "webp"]
 
 
-class GenerateRequest(BaseModel):
+class _GrammarPattern:
+    """The Shapes grammar as the prompt's `pattern`, in the schema only: the model's conditioner checks prompts
+    and answers 422 with a message naming the vocabulary, which a pattern mismatch could not."""
+
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        schema = handler(core_schema)
+        schema["pattern"] = shapes.prompt_pattern()
+        return schema
+
+
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=512), _GrammarPattern()]
+
+# What `_one_condition` checks, said in the schema: exactly one of prompt and class_label is given and not null.
+ONE_CONDITION = [
+    {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+    {"required": ["class_label"], "properties": {"class_label": {"type": "integer"}}},
+]
+
+
+class StrictRequest(BaseModel):
+    """A request body read strictly (true is not 1 and "3" is not 3), where a whole number written 3.0 is still
+    the integer 3, as JSON Schema reads `"type": "integer"`; 3.5 stays refused."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers(cls, data):
+        if not isinstance(data, dict):
+            return data
+        integers = {name for name, field in cls.model_fields.items() if int in (field.annotation, *get_args(field.annotation))}
+        return {k: int(v) if k in integers and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
+
+
+class GenerateRequest(StrictRequest):
     model_config = ConfigDict(
         extra="forbid", protected_namespaces=(), strict=True,  # strict: true is not 1 and "3" is not 3
-        json_schema_extra={"examples": [{"prompt": "two blue squares", "n": 2, "seed": 7}, {"prompt": "a red circle", "format": "webp"}]},
+        json_schema_extra={
+            "examples": [{"prompt": "two blue squares", "n": 2, "seed": 7}, {"prompt": "a red circle", "format": "webp"}],
+            "oneOf": ONE_CONDITION,
+        },
     )  # fmt: skip
 
-    prompt: str | None = Field(None, min_length=1, max_length=512, description="for text-conditional models")
+    prompt: Prompt | None = Field(None, description="for text-conditional models: a prompt of the model's grammar (Shapes)")
     class_label: int | None = Field(None, ge=0, description="for class-conditional models")
-    n: int = Field(1, ge=1, le=16, description="number of images; image i uses seed + i")
+    n: int = Field(1, ge=1, le=16, description="number of images; image i uses seed + i (modulo 2^63)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; returned per image")
     model: str | None = Field(None, description="a name from /v1/models; the server's default model when absent")
     format: ImageFormat = "png"
@@ -32,7 +69,9 @@ class GenerateRequest(BaseModel):
 
 
 class RefineRequest(GenerateRequest):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "a red circle", "seed": 3, "steps": 2, "lr": 0.5}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"prompt": "a red circle", "seed": 3, "steps": 2, "lr": 0.5}], "oneOf": ONE_CONDITION}
+    )
 
     steps: int | None = Field(None, ge=1, le=200, description="TTEO gradient steps")
     lr: float | None = Field(None, gt=0, le=100, description="TTEO learning rate")
@@ -68,7 +107,7 @@ class ImageResponse(BaseModel):
     timing: Timing
 
 
-class OpenAIImageRequest(BaseModel):
+class OpenAIImageRequest(StrictRequest):
     """The OpenAI Images API request shape; fields it has that mean nothing here are accepted and ignored."""
 
     model_config = ConfigDict(
@@ -76,7 +115,7 @@ class OpenAIImageRequest(BaseModel):
         json_schema_extra={"examples": [{"prompt": "a green triangle", "n": 2, "response_format": "b64_json", "size": "auto"}]},
     )  # fmt: skip
 
-    prompt: str = Field(..., min_length=1, max_length=512)
+    prompt: Prompt = Field(..., description="a prompt of the model's grammar (Shapes)")
     n: int = Field(1, ge=1, le=16)
     model: str | None = None
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: there is no image storage")

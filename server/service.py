@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import functools
 import logging
 import math
 import secrets
@@ -21,6 +22,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from softdimo.conditioning import ConditionError
 from softdimo.images import encode_image
+from softdimo.seeding import MAX_SEED
 from softdimo.tteo import TTEOSettings
 
 log = logging.getLogger("softdimo.service")
@@ -29,7 +31,6 @@ GENERATE = "/generate"
 REFINE = "/refine"
 OPENAI = "/v1/images/generations"
 ENDPOINTS = (GENERATE, REFINE, OPENAI)
-MAX_SEED = 2**63
 MODEL_THREAD = "softdimo-model"  # name prefix of the one thread that runs batches
 
 
@@ -109,7 +110,12 @@ class Service:
         loop = asyncio.get_running_loop()
         try:
             if engine is None:
-                engine = await loop.run_in_executor(self._executor, Engine.load, self.settings.weights, self.settings.device)
+                settings = self.settings
+                load = functools.partial(
+                    Engine.load, settings.weights, settings.device, runtime=settings.runtime(),
+                    max_batch_size=settings.max_batch_size,
+                )  # fmt: skip
+                engine = await loop.run_in_executor(self._executor, load)
             await loop.run_in_executor(self._executor, engine.warm_up, self.settings.max_batch_size)
         except Exception as exc:  # the process stays alive and unready, saying why on /readyz
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -174,7 +180,7 @@ class Service:
             raise ServiceError(503, "the server is draining for shutdown", {"Retry-After": "1"})
         if not self.ready or self.engine is None:
             raise ServiceError(503, "the server is not ready yet: models are loading", {"Retry-After": "5"})
-        name = name or self.engine.default_model
+        name = self.engine.default_model if name is None else name
         if name not in self.engine.models:
             raise ServiceError(404, f"unknown model {name!r}; loaded models: {', '.join(self.engine.models)}")
         return self.engine.models[name]
@@ -193,13 +199,9 @@ class Service:
             raise ServiceError(422, str(exc)) from exc
 
     @staticmethod
-    def seeds_for(seed: int | None, count: int) -> int:
-        """The first seed; a random one leaves room for `count` consecutive seeds below 2^63."""
-        if seed is None:
-            return secrets.randbelow(MAX_SEED - count)
-        if seed + count > MAX_SEED:
-            raise ServiceError(422, f"seed + {count} must stay below 2^63")
-        return seed
+    def first_seed(seed: int | None) -> int:
+        """The request's first seed, or a random one; the images' seeds follow it, wrapping below 2^63."""
+        return secrets.randbelow(MAX_SEED) if seed is None else seed
 
     async def generate(
         self, *, model: ServedModel, condition: torch.Tensor, seed: int, n: int, steps: int | None,
@@ -210,7 +212,7 @@ class Service:
         self._check_cost(model, job)
         results, queue_s, compute_s = await self._run(GENERATE, model, self._chunks(job))
         images = [image for result in results for image in result]
-        return GeneratedImages(model=model.name, images=images, seeds=[seed + i for i in range(n)], queue_s=queue_s, compute_s=compute_s)
+        return GeneratedImages(model=model.name, images=images, seeds=job.seeds, queue_s=queue_s, compute_s=compute_s)
 
     def refine_job(
         self, *, model: ServedModel, condition: torch.Tensor, text: str, seed: int, n: int, settings: TTEOSettings,
@@ -219,7 +221,7 @@ class Service:
         """A /refine request's work, checked before anything is queued (or streamed): 4xx here, not later."""
         if not model.rewards:
             raise ServiceError(422, f"model {model.name!r} is {model.kind} without a reward: /refine needs a one-step model with one")
-        reward = reward or model.rewards[0]
+        reward = model.rewards[0] if reward is None else reward
         if reward not in model.rewards:
             raise ServiceError(404, f"unknown reward {reward!r}; model {model.name!r} has: {', '.join(model.rewards)}")
         job = RefineJob.for_request(condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, progress=progress)
@@ -227,14 +229,14 @@ class Service:
         return job
 
     async def refine(self, *, model: ServedModel, job: RefineJob) -> GeneratedImages:
-        seed, n = job.seed, job.n
+        n = job.n
         results, queue_s, compute_s = await self._run(REFINE, model, self._chunks(job))
         refined = [item for result in results for item in result]
         self.metrics.tteo_steps.labels(model.name).inc(job.settings.steps * n)
         for item in refined:
             self.metrics.reward_gain.labels(model.name).observe(item.reward_after - item.reward_before)
         return GeneratedImages(
-            model=model.name, images=[r.image for r in refined], seeds=[seed + i for i in range(n)], queue_s=queue_s,
+            model=model.name, images=[r.image for r in refined], seeds=job.seeds, queue_s=queue_s,
             compute_s=compute_s, refined=refined,
         )  # fmt: skip
 

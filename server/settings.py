@@ -9,6 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from softdimo.runtime import RuntimeSettings
+
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_BUNDLES = ("shapes-softdimo-text", "shapes-softdimo-class", "shapes-teacher-text", "shapes-teacher-class")
 
@@ -28,6 +30,12 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch_size: int = Field(16, ge=1, le=1024, description="images per executed batch")
+    # How models run (softdimo/runtime.py, where the defaults are stated): all off unless asked.
+    precision: Literal["fp32", "bf16"] = Field(RuntimeSettings.precision, description="bf16: models run under bfloat16 autocast")
+    compile: bool = Field(
+        RuntimeSettings.compile, description="torch.compile each model, batches padded to power-of-two sizes (CUDA graphs)"
+    )
+    pin_memory: bool = Field(RuntimeSettings.pin_memory, description="copy images back to the host through pinned memory (CUDA)")
     max_wait_ms: float = Field(
         5.0, ge=0, description="the longest a batch waits for company after its first request (not at all when arrivals are sparse)"
     )
@@ -52,6 +60,9 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(65536, ge=1024, description="request bodies above this get 413 before any JSON is parsed")
     log_level: str = "info"
+
+    def runtime(self) -> RuntimeSettings:
+        return RuntimeSettings(precision=self.precision, compile=self.compile, pin_memory=self.pin_memory)
 
     @field_validator("weights", "auth_exempt_paths", mode="before")
     @classmethod

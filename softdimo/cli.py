@@ -186,19 +186,30 @@ def _add_bench_parser(commands) -> SuiteAdder:
 
     from softdimo import bench as offline
 
-    suite("offline", "images/s, FLOPs and share of the matmul peak of one bundle, per batch size", [
-        (("--model",), {"required": True, "help": "bundle folder"}),
+    suite("offline", "images/s, FLOPs and share of the peak per batch size; two models or settings side by side", [
+        (("--model",), {"nargs": "+", "help": "bundle folder; two to compare them"}),
+        (("--config",), {"nargs": "+", "choices": list(offline.SCALES),
+                         "help": "instead of --model: a network the size of a published model, random weights, no decoder"}),
         DEVICE_OPTION,
         (("--batch-sizes",), {"type": int, "nargs": "+", "help": "images per batch, one row each (default 1 2 4 … 64)"}),
         (("--steps",), {"type": int, "nargs": "+", "help": "sampling steps (masked-diffusion bundles; default: the bundle's)"}),
-        (("--repeats",), {"type": int, "help": "timed calls per batch size (median)"}),
+        (("--repeats",), {"type": int, "help": "timed calls per measurement (median)"}),
         (("--warmup",), {"type": int, "help": "untimed calls per batch size first"}),
         (("--matmul-size",), {"type": int, "help": "side of the matmuls timed for the peak (default 2048 CPU, 8192 CUDA)"}),
+        *RUNTIME_OPTIONS,
+        (("--rounds",), {"type": int, "help": "comparisons: interleaved timed rounds per arm and batch size"}),
+        (("--peak-tflops",), {"type": float, "help": "the device's dense bf16 peak (default: the datasheet's for a known GPU)"}),
     ], run=offline.run_offline, table=offline.offline_table, config=offline.OfflineBench)  # fmt: skip
     return suite
 
 
 DEVICE_OPTION = (("--device",), {"choices": ["auto", "cpu", "cuda"]})
+# How the models run (softdimo.runtime), one value or two to compare: e.g. --precision fp32 bf16.
+RUNTIME_OPTIONS = [
+    (("--precision",), {"nargs": "+", "choices": ["fp32", "bf16"], "help": "bf16: under bfloat16 autocast"}),
+    (("--compile",), {"nargs": "+", "choices": ["off", "on"], "help": "torch.compile, batches padded to power-of-two buckets"}),
+    (("--pin-memory",), {"nargs": "+", "choices": ["off", "on"], "help": "images back to the host through pinned memory"}),
+]
 Extension = Callable[[Any, SuiteAdder], None]
 
 

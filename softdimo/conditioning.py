@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,6 +49,16 @@ class Conditioner:
     @property
     def class_names(self) -> list[str]:
         return [shapes.class_name(i) for i in range(self.num_classes)] if self.grammar == "shapes" else []
+
+    def prompt_pattern(self) -> str | None:
+        """An anchored regular expression (ECMA-262 and Python alike) matching exactly the prompts check_prompt
+        accepts; None for a class-conditional model, which takes no prompt."""
+        if self.conditioning != "text":
+            return None
+        if self.grammar == "shapes":
+            return shapes.prompt_pattern()
+        word = "(?:" + "|".join(re.escape(w) for w in self.prompt_tokenizer.vocabulary) + ")"
+        return f"^{word}(?: {word}){{0,{self.prompt_tokenizer.length - 1}}}$"
 
     def check_prompt(self, prompt: str) -> None:
         if self.grammar == "shapes":

@@ -240,6 +240,19 @@ def sample_prompt(rng: np.random.Generator, kinds: Sequence[str] = KINDS) -> Pro
     raise ValueError(f"unknown prompt kind {kind!r}; kinds are {', '.join(KINDS)}")
 
 
+def every_prompt() -> list[Prompt]:
+    """The grammar's whole language, 1,620 prompts: every kind with every choice of words."""
+    objects = [ObjectSpec(c, s) for c in range(len(COLORS)) for s in range(len(SHAPES))]
+    pairs = [(a, b) for a in objects for b in objects if a != b]
+    return [
+        *(Prompt("single", (o,)) for o in objects),
+        *(Prompt("sized", (ObjectSpec(o.color, o.shape, side),)) for o in objects for side in SIZES.values()),
+        *(Prompt("count", (o,), count=k) for o in objects for k in COUNT_WORDS.values()),
+        *(Prompt("pair", pair) for pair in pairs),
+        *(Prompt("relation", pair, relation=r) for pair in pairs for r in RELATIONS),
+    ]
+
+
 _COLOR = "|".join(COLORS)
 _SHAPE = "|".join(SHAPES)
 _OBJ = rf"(?:(small|large) )?({_COLOR}) ({_SHAPE})"
@@ -248,6 +261,30 @@ _PATTERNS = {
     "count": re.compile(rf"({'|'.join(COUNT_WORDS)}) ({_COLOR}) ({'|'.join(PLURALS)})"),
     "two": re.compile(rf"a ({_COLOR}) ({_SHAPE}) ({'and|' + '|'.join(RELATIONS)}) a ({_COLOR}) ({_SHAPE})"),
 }
+
+
+def _either(words) -> str:
+    return "(?:" + "|".join(words) + ")"
+
+
+@lru_cache(maxsize=None)
+def prompt_pattern() -> str:
+    """The grammar as one anchored regular expression that ECMA-262 (JSON Schema) and Python read alike: it
+    matches exactly the prompts parse_prompt accepts, built from the same words.
+
+    The two objects of a pair or relation must differ, which a regular expression can only say by listing, for
+    each first object, the second objects allowed after it: its colour with another shape, or another colour."""
+    color, shape = _either(COLORS), _either(SHAPES)
+    one = f"a (?:{_either(SIZES)} )?{color} {shape}"
+    count = f"{_either(COUNT_WORDS)} {color} {_either(PLURALS)}"
+    joiner = _either(("and", *RELATIONS))
+    firsts = []
+    for c in COLORS:
+        for s in SHAPES:
+            other_shapes = _either(x for x in SHAPES if x != s)
+            other_colors = _either(x for x in COLORS if x != c)
+            firsts.append(f"{c} {s} {joiner} a (?:{c} {other_shapes}|{other_colors} {shape})")
+    return f"^(?:{one}|{count}|a {_either(firsts)})$"
 
 
 def parse_prompt(text: str) -> Prompt:

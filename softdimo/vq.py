@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -240,6 +242,10 @@ def to_tensor(images) -> torch.Tensor:
     return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
 
 
+# How uint8 images reach host memory; softdimo.runtime routes the copy through pinned memory when asked.
+HOST_COPY: ContextVar[Callable[[torch.Tensor], torch.Tensor]] = ContextVar("HOST_COPY", default=torch.Tensor.cpu)
+
+
 def to_uint8(images: torch.Tensor):
     """float (B, 3, H, W) in [0, 1] -> uint8 numpy (B, H, W, 3)."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return HOST_COPY.get()((images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)).numpy()

@@ -101,15 +101,15 @@ def test_accept_image_wildcard_uses_the_format_field(url):
         ({"prompt": "a red circle", "n": 0}, 422, "greater than or equal to 1"),
         ({"prompt": "a red circle", "seed": -1}, 422, "greater than or equal to 0"),
         ({"prompt": "a red circle", "seed": 2**63}, 422, "less than or equal to"),
-        ({"prompt": "a red circle", "seed": 2**63 - 2, "n": 3}, 422, "below 2^63"),
         ({"prompt": "a red circle", "steps": 65}, 422, "less than or equal to 64"),
         ({"prompt": "a red circle", "format": "gif"}, 422, "png"),
         ({"prompt": "x" * 513}, 422, "at most 512"),
         ({"prompt": "a red circle", "model": "nope"}, 404, "unknown model"),
+        ({"prompt": "a red circle", "model": ""}, 404, "unknown model ''"),  # a name, not a way to say "the default"
         ({"prompt": "a red circle", "colour": "red"}, 422, "Extra inputs"),
         ({"prompt": "a red circle", "seed": False}, 422, "valid integer"),
         ({"prompt": "a red circle", "n": True}, 422, "valid integer"),
-        ({"prompt": "a red circle", "seed": 3.0}, 422, "valid integer"),
+        ({"prompt": "a red circle", "seed": 3.5}, 422, "valid integer"),
         ({"prompt": "a red circle", "seed": "3"}, 422, "valid integer"),
         ({"class_label": True, "model": "tiny-class"}, 422, "valid integer"),
     ],
@@ -118,6 +118,13 @@ def test_bad_requests_get_clear_client_errors(url, body, status, fragment):
     r = httpx.post(f"{url}/generate", json=body)
     assert r.status_code == status, r.text
     assert fragment in r.text
+
+
+def test_seeds_wrap_below_2_63_and_a_whole_number_written_3_0_is_3(url):
+    top = httpx.post(f"{url}/generate", json={"prompt": "a red circle", "seed": 2**63 - 2, "n": 3}).json()["data"]
+    assert [d["seed"] for d in top] == [2**63 - 2, 2**63 - 1, 0]
+    zero = httpx.post(f"{url}/generate", json={"prompt": "a red circle", "seed": 0.0, "n": 1.0}).json()["data"]
+    assert zero[0]["seed"] == 0 and (_image(zero[0]) == _image(top[2])).all()  # the third image is seed 0's
 
 
 def test_malformed_json_is_422_not_500(url):

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import statistics
 
 import pytest
 
@@ -139,3 +140,28 @@ def test_refine_burst_batched_against_serial(tiny_bundles):
     assert result["runs"]["serial"]["mean_batch_size"] == 1
     assert result["ratio"] == pytest.approx(result["runs"]["batched"]["images_per_s"] / result["runs"]["serial"]["images_per_s"])
     assert "| server | images/s |" in bench.refine_table(result)
+
+
+def test_serve_compares_two_models_side_by_side_in_interleaved_rounds(tiny_bundles):
+    config = bench.ServeBench(
+        model=(str(tiny_bundles["one-step"]), str(tiny_bundles["one-step-class"])), concurrency=(1, 2), max_batch_size=2,
+        rounds=2, **{**FAST, "duration_s": 0.6},
+    )  # fmt: skip
+    result = bench.run_serve(config, "softdimo bench serve")
+    assert [(arm["label"], arm["name"]) for arm in result["arms"]] == [("A", "tiny-one-step"), ("B", "tiny-one-step-class")]
+    for level, concurrency in zip(result["comparison"], (1, 2), strict=True):
+        a, b = level["rounds_measured"]["A"], level["rounds_measured"]["B"]
+        assert len(a) == len(b) == 2
+        for measured in a + b:
+            _check_level(measured, concurrency)  # every round of both servers answered every request
+        ratios = [y["images_per_s"] / x["images_per_s"] for x, y in zip(a, b)]
+        assert level["ratio"] == pytest.approx(statistics.median(ratios)) and level["ratio_min"] == min(ratios)
+    table = bench.serve_table(result)
+    assert "A: `tiny-one-step`" in table and "B: `tiny-one-step-class`" in table
+    assert "| concurrency | A images/s | B images/s | B / A |" in table
+
+
+def test_two_runtime_settings_are_refused_where_nothing_is_compared(tiny_bundles):
+    config = bench.RefineBench(model=str(tiny_bundles["one-step"]), precision=("fp32", "bf16"), **FAST)
+    with pytest.raises(bench.BenchError, match="bench serve or bench offline"):
+        bench.run_refine(config, "")

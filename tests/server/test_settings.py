@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -26,3 +27,25 @@ def test_invalid_settings_exit_with_one_line(args, env, fragment):
     )
     assert run.returncode != 0
     assert "invalid settings" in run.stderr and fragment in run.stderr and "Traceback" not in run.stderr
+
+
+def test_runtime_options_reach_every_served_model_and_bf16_serves(tiny_bundles, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from softdimo.runtime import RuntimeSettings
+
+    monkeypatch.setenv("SOFTDIMO_PRECISION", "bf16")
+    monkeypatch.setenv("SOFTDIMO_PIN_MEMORY", "true")
+    settings = Settings(weights=[str(tiny_bundles["one-step"]), str(tiny_bundles["text"])], device="cpu", max_batch_size=2)
+    assert settings.runtime() == RuntimeSettings(precision="bf16", pin_memory=True) and Settings().compile is False
+    with TestClient(create_app(settings)) as client:  # runs the lifespan: load, warm up, serve
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine = client.app.state.service.engine
+        assert {model.runtime.settings for model in engine.models.values()} == {settings.runtime()}
+        for model in ("tiny-one-step", "tiny-text"):
+            assert client.post("/generate", json={"prompt": "a red circle", "model": model, "n": 3}).status_code == 200
+    with pytest.raises(ValueError, match="precision"):
+        Settings(precision="fp16")

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,103 @@ def test_cli_prints_the_table_and_writes_json(tiny_bundles, tmp_path, capsys):
     assert result["config"]["batch_sizes"] == [1] and result["config"]["repeats"] == 1
     assert printed.startswith("**machine**") and result["machine"]["command"] in printed
     assert "| steps | batch |" in printed and "tiny-one-step" in printed
+
+
+# ---------------------------------------------------------------- comparisons and runtime options
+
+
+def test_one_value_holds_for_both_arms_and_two_values_compare():
+    assert bench.arm_values({"model": ("a",), "precision": ("fp32",)}) == [{"model": "a", "precision": "fp32"}]
+    assert bench.arm_values({"model": ("a",), "precision": ("fp32", "bf16")}) == [
+        {"model": "a", "precision": "fp32"}, {"model": "a", "precision": "bf16"},
+    ]  # fmt: skip
+    with pytest.raises(bench.BenchError, match="--model takes one value, or two"):
+        bench.arm_values({"model": ("a", "b", "c"), "precision": ("fp32",)})
+    with pytest.raises(bench.BenchError, match="--precision must be one of"):
+        bench.OfflineBench(model="unused", precision=("fp32", "fp16"))
+    with pytest.raises(bench.BenchError, match="--compile takes on or off"):
+        bench.OfflineBench(model="unused", compile=("yes",))
+    with pytest.raises(bench.BenchError, match="--model .* or --config"):
+        bench.OfflineBench(model="unused", config="maskgen-l")
+
+
+def test_rounds_interleave_so_each_arm_runs_first_in_half_of_them():
+    order = []
+    values = bench.interleaved([lambda: order.append("A") or 1.0, lambda: order.append("B") or 2.0], rounds=4)
+    assert order == ["A", "B", "B", "A", "A", "B", "B", "A"] and values == [[1.0] * 4, [2.0] * 4]
+    stats = bench.compare_rounds([10.0, 20.0, 10.0], [15.0, 20.0, 30.0])
+    assert stats == {"a": 10.0, "b": 20.0, "ratio": 1.5, "ratio_min": 1.0, "ratio_max": 3.0, "rounds": 3}
+    assert bench.compare_rounds([0.0], [1.0])["ratio"] is None  # A did nothing: no ratio rather than a division by zero
+
+
+def _check_comparison(result: dict, batch_sizes: list, rounds: int) -> None:
+    assert [row["batch_size"] for row in result["comparison"]] == batch_sizes
+    for row in result["comparison"]:
+        a, b = row["rounds_images_per_s"]["A"], row["rounds_images_per_s"]["B"]
+        assert len(a) == len(b) == rounds and min(a + b) > 0
+        assert row["a"] == pytest.approx(np.median(a)) and row["b"] == pytest.approx(np.median(b))
+        assert row["ratio"] == pytest.approx(np.median(np.array(b) / np.array(a)))
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+        for label, rate in (("A", row["a"]), ("B", row["b"])):
+            assert row["arms"][label]["images_per_s"] == pytest.approx(rate) and row["arms"][label]["flops_per_image"] > 0
+
+
+def test_offline_compares_two_bundles_and_two_settings_of_one(tiny_bundles, capsys):
+    tiny = {"batch_sizes": (1, 2), "repeats": 1, "warmup": 1, "matmul_size": 128, "device": "cpu", "rounds": 3}
+    one_step, teacher = str(tiny_bundles["one-step"]), str(tiny_bundles["text"])
+    two = bench.run_offline(bench.OfflineBench(model=(one_step, teacher), **tiny), "softdimo bench offline")
+    assert [(arm["label"], arm["name"], arm["kind"]) for arm in two["arms"]] == [
+        ("A", "tiny-one-step", "one-step"), ("B", "tiny-text", "masked-diffusion"),
+    ]  # fmt: skip
+    _check_comparison(two, [1, 2], 3)
+    row = two["comparison"][0]["arms"]
+    assert row["B"]["flops_per_image"] > row["A"]["flops_per_image"]  # 4 guided sampling steps against one pass
+    table = bench.offline_table(two)
+    assert "A: `tiny-one-step`" in table and "B: `tiny-text`" in table and "| batch | A images/s | B images/s | B / A |" in table
+
+    settings = bench.run_offline(bench.OfflineBench(model=one_step, precision=("fp32", "bf16"), **tiny), "softdimo bench offline")
+    assert [arm["runtime"]["precision"] for arm in settings["arms"]] == ["fp32", "bf16"]
+    assert settings["matmul"]["peak_flops"]["bf16"] > 0  # a bf16 arm is held against the bf16 matmul rate
+    _check_comparison(settings, [1, 2], 3)
+    assert "(one-step; bf16)" in bench.offline_table(settings)
+
+
+def test_offline_at_scale_runs_a_random_network_and_holds_it_against_a_stated_peak(monkeypatch):
+    from softdimo.transformer import TransformerConfig
+
+    tiny = TransformerConfig(codebook_size=64, tokens=16, width=32, depth=1, heads=2, text_vocab=30, text_length=5)
+    monkeypatch.setitem(bench.SCALES, "tiny", tiny)
+    config = bench.OfflineBench(
+        config="tiny", batch_sizes=(1, 2), repeats=1, warmup=1, matmul_size=128, device="cpu", peak_tflops=2.0
+    )
+    result = bench.run_offline(config, "softdimo bench offline")
+    assert result["model"] == {"path": "tiny", "name": "tiny", "kind": "network"}
+    assert result["matmul"]["stated_bf16_peak_flops"] == 2.0e12
+    for row in result["rows"]:
+        assert row["flops_per_image"] > 2 * 16 * 32 * 64  # at least the output head's matmul over 16 tokens
+        assert row["fraction_of_stated_bf16_peak"] == pytest.approx(row["achieved_flops"] / 2.0e12)
+    assert "% of stated bf16 peak" in bench.offline_table(result) and "no decoder" in bench.offline_table(result)
+    with pytest.raises(bench.BenchError, match="unknown --config"):
+        bench.run_offline(bench.OfflineBench(config="nope", batch_sizes=(1,), device="cpu"), "")
+
+
+def test_the_stated_bf16_peak_comes_from_the_device_name_unless_given(monkeypatch):
+    cuda = torch.device("cuda")
+    for name, peak in (("NVIDIA H200", 989.4e12), ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756.0e12),
+                       ("NVIDIA A100-SXM4-80GB", 312.0e12), ("NVIDIA GeForce GTX 1080", None)):  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert bench.stated_bf16_peak(cuda) == peak
+    assert bench.stated_bf16_peak(torch.device("cpu")) is None and bench.stated_bf16_peak(cuda, 100.0) == 100.0e12
+
+
+def test_cli_compares_two_bundles(tiny_bundles, tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    argv = ["bench", "offline", "--model", str(tiny_bundles["one-step"]), str(tiny_bundles["one-step-class"]), "--device", "cpu",
+            "--batch-sizes", "1", "--repeats", "1", "--warmup", "1", "--matmul-size", "128", "--rounds", "2",
+            "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert [arm["name"] for arm in result["arms"]] == ["tiny-one-step", "tiny-one-step-class"]
+    assert result["config"]["model"] == [str(tiny_bundles["one-step"]), str(tiny_bundles["one-step-class"])]
+    assert "B / A" in printed and f"{result['comparison'][0]['ratio']:.3g}" in printed

@@ -1,5 +1,7 @@
 """The Shapes world: pixel rules, placement rules, grammar round trip and bad prompts."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -125,6 +127,33 @@ def test_prompts_outside_the_grammar_are_refused_with_the_vocabulary(text):
         shapes.parse_prompt(text)
     assert repr(text) in str(info.value)  # the message quotes the prompt
     assert "colors: red, green" in str(info.value) or "must differ" in str(info.value)
+
+
+def _parses(text: str) -> bool:
+    try:
+        shapes.parse_prompt(text)
+    except shapes.PromptError:
+        return False
+    return True
+
+
+def test_the_prompt_pattern_matches_exactly_what_the_parser_accepts():
+    pattern = re.compile(shapes.prompt_pattern())
+    language = [prompt.text() for prompt in shapes.every_prompt()]  # built from the grammar's parts, not the pattern
+    assert len(set(language)) == 18 + 36 + 36 + 306 + 1224
+    assert all(pattern.fullmatch(text) and _parses(text) for text in language)
+    # Near misses: each prompt with one word replaced, dropped or doubled, and the identical pairs the grammar refuses.
+    rng = np.random.default_rng(0)
+    words = list(shapes.VOCABULARY) + ["purple", "A", ""]
+    misses = [f"a {o} and a {o}" for o in ("red circle", "cyan triangle")] + ["a red circle left of a red circle"]
+    for text in language:
+        w = text.split(" ")
+        i = int(rng.integers(len(w)))
+        misses += [" ".join(w[:i] + [words[rng.integers(len(words))]] + w[i + 1 :]), " ".join(w[:i] + w[i + 1 :]),
+                   " ".join(w[: i + 1] + w[i:]), text + "\n", " " + text]  # fmt: skip
+    for text in misses:
+        assert bool(pattern.fullmatch(text)) == _parses(text), text
+    assert sum(map(_parses, misses)) > 100  # some replacements land on other prompts: both sides were tested
 
 
 def test_unknown_words_are_named():

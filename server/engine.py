@@ -17,7 +17,6 @@ import torch
 from softdimo.bundle import BundleError, read_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.device import resolve_device
-from softdimo import shapes
 from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
 from softdimo.runtime import Runtime, RuntimeSettings
 from softdimo.seeding import seed_at
@@ -144,7 +143,7 @@ class ServedModel:
         return _split(list(images), [job.n for job in jobs])
 
     def reward_text(self, prompt: str | None, class_label: int | None) -> str:
-        return prompt if prompt is not None else shapes.class_prompt(class_label).text()
+        return self.conditioner.reward_text(prompt, class_label)
 
     def refine_batch(self, jobs: Sequence[RefineJob]) -> list[list[RefinedImage]]:
         """TTEO for all jobs of one batch at once (they share settings and reward); each image on its own."""
@@ -313,18 +312,13 @@ class Engine:
         first real request pays no first-call costs."""
         for model in self.models.values():
             began = time.perf_counter()
-            condition = self._example_condition(model)
+            prompt, label = ("a red circle", None) if model.conditioning == "text" else (None, 0)
+            condition = model.conditioner.request(prompt, label)
             for size in model.runtime.buckets or (max_batch_size,):
                 model.generate_batch([GenerateJob(condition=condition, seed=0, n=size)])
             if model.rewards:
                 settings = TTEOSettings(steps=1)
-                text = "a red circle"
+                text = model.reward_text(prompt, label)
                 job = RefineJob.for_request(condition=condition, text=text, seed=0, n=max_batch_size, settings=settings, reward=model.rewards[0])
                 model.refine_batch([job])
             log.info("warmed %s at batch %d in %.2fs", model.name, max_batch_size, time.perf_counter() - began)
-
-    @staticmethod
-    def _example_condition(model: ServedModel) -> torch.Tensor:
-        if model.conditioning == "text":
-            return model.conditioner.encode_prompts(["a red circle"])
-        return model.conditioner.encode_labels([0])

@@ -188,15 +188,9 @@ class Service:
     @staticmethod
     def condition(model: ServedModel, prompt: str | None, class_label: int | None) -> torch.Tensor:
         try:
-            if model.conditioning == "text":
-                if prompt is None:
-                    raise ConditionError(f"model {model.name!r} is text-conditional: give prompt, not class_label")
-                return model.conditioner.encode_prompts([prompt])
-            if class_label is None:
-                raise ConditionError(f"model {model.name!r} is class-conditional: give class_label, not prompt")
-            return model.conditioner.encode_labels([class_label])
+            return model.conditioner.request(prompt, class_label)
         except ConditionError as exc:
-            raise ServiceError(422, str(exc)) from exc
+            raise ServiceError(422, f"model {model.name!r}: {exc}") from exc
 
     @staticmethod
     def first_seed(seed: int | None) -> int:

@@ -17,7 +17,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from softdimo import shapes
 from softdimo.bundle import read_bundle
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
@@ -166,9 +165,9 @@ def write_json(result: dict, path: str | os.PathLike) -> None:
 def example_inputs(pipeline: TeacherPipeline | OneStepPipeline, batch_size: int) -> tuple[torch.Tensor, list[str]]:
     """A batch of one fixed request: conditioning (B, ...) and the text a reward reads. Cost does not depend on content."""
     conditioner = pipeline.conditioner
-    if conditioner.conditioning == "text":
-        return conditioner.encode_prompts([EXAMPLE_PROMPT] * batch_size), [EXAMPLE_PROMPT] * batch_size
-    return conditioner.encode_labels([0] * batch_size), [shapes.class_prompt(0).text()] * batch_size
+    prompt, label = (EXAMPLE_PROMPT, None) if conditioner.conditioning == "text" else (None, 0)
+    condition = conditioner.request(prompt, label)
+    return condition.expand(batch_size, *condition.shape[1:]), [conditioner.reward_text(prompt, label)] * batch_size
 
 
 def generate_call(pipeline, batch_size: int, steps: int | None = None) -> Callable[[], np.ndarray]:

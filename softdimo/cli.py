@@ -86,10 +86,7 @@ def _generate(args: argparse.Namespace) -> None:
     from softdimo.pipeline import load_pipeline
 
     pipeline = load_pipeline(args.model, _device(args))
-    if args.class_label is not None:
-        condition = pipeline.conditioner.encode_labels([args.class_label] * args.n)
-    else:
-        condition = pipeline.conditioner.encode_prompts([args.prompt] * args.n)
+    condition = pipeline.conditioner.request(args.prompt, args.class_label).repeat_interleave(args.n, 0)
     seeds = [args.seed + i for i in range(args.n)]
     images = pipeline.generate(condition, seeds, steps=args.steps)
     out = Path(args.out)
@@ -101,7 +98,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _refine(args: argparse.Namespace) -> None:
-    from softdimo import shapes
     from softdimo.images import encode_image
     from softdimo.pipeline import load_pipeline
     from softdimo.tteo import TTEOSettings, candidate_seeds
@@ -110,12 +106,8 @@ def _refine(args: argparse.Namespace) -> None:
     pipeline = load_pipeline(args.model, _device(args))
     if not hasattr(pipeline, "refine"):
         raise SystemExit("softdimo: refine needs a one-step model")
-    if args.class_label is not None:
-        condition = pipeline.conditioner.encode_labels([args.class_label] * args.n)
-        text = shapes.class_prompt(args.class_label).text()
-    else:
-        condition = pipeline.conditioner.encode_prompts([args.prompt] * args.n)
-        text = args.prompt
+    condition = pipeline.conditioner.request(args.prompt, args.class_label).repeat_interleave(args.n, 0)
+    text = pipeline.conditioner.reward_text(args.prompt, args.class_label)
     seeds = [args.seed + i for i in range(args.n)]
     settings = TTEOSettings(steps=args.steps, lr=args.lr, best_of=args.best_of, target=args.target)
     refined = pipeline.refine(condition, [text] * args.n, candidate_seeds(seeds, args.best_of), settings, reward=args.reward)

@@ -110,7 +110,7 @@ def _generate_prompts(pipeline, prompts, seeds, steps, batch) -> list[np.ndarray
     seeds = list(seeds)
     images: list[np.ndarray] = []
     for i in range(0, len(prompts), batch):
-        condition = torch.cat([pipeline.conditioner.for_prompt(p) for p in prompts[i : i + batch]])
+        condition = torch.cat([pipeline.conditioner.for_prompt(p)[0] for p in prompts[i : i + batch]])
         images.extend(pipeline.generate(condition, seeds[i : i + batch], steps))
     return images
 

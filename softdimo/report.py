@@ -189,16 +189,11 @@ def refined_images(pipeline, prompts: Sequence[shapes.Prompt], seeds: Sequence[i
     out: list[np.ndarray] = []
     for i in range(0, len(prompts), batch):
         part = prompts[i : i + batch]
-        condition = torch.cat([pipeline.conditioner.for_prompt(p) for p in part])
-        texts = [p.text() if pipeline.conditioner.conditioning == "text" else class_text(p) for p in part]
-        refined = pipeline.refine(condition, texts, candidate_seeds(list(seeds[i : i + batch]), best_of), settings)
+        conditions, texts = zip(*(pipeline.conditioner.for_prompt(p) for p in part))
+        condition = torch.cat(conditions)
+        refined = pipeline.refine(condition, list(texts), candidate_seeds(list(seeds[i : i + batch]), best_of), settings)
         out.extend(to_uint8(refined.images))
     return out
-
-
-def class_text(prompt: shapes.Prompt) -> str:
-    spec = prompt.objects[0]
-    return shapes.class_prompt(shapes.class_label(spec.color, spec.shape)).text()
 
 
 def markdown_table(rows: Sequence[Row], real_spread: float) -> str:

@@ -213,7 +213,7 @@ def train_distill(
             loss_g = loss_g + training.gan_weight * loss_gan
             metrics["gan_g"] = loss_gan.item()
         if training.reward_weight:
-            texts = prompts if parts.conditioner.conditioning == "text" else [shapes.class_prompt(int(x)).text() for x in labels]
+            texts = parts.conditioner.sample_texts(prompts, labels)
             score = parts.reward.score(tokenizer.decode_soft(relaxed), texts)
             loss_g = loss_g - training.reward_weight * score.mean()
             metrics["reward"] = score.mean().item()

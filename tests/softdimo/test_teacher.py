@@ -53,3 +53,8 @@ def test_teacher_bundle_and_cli_generate_png_files(tmp_path):
     assert decode_image((out / "5.png").read_bytes()).shape == (64, 64, 3)
     assert main(["generate", "--model", str(bundles["text"]), "--prompt", "a purple circle", "--out", str(out), "--device", "cpu"]) == 2
     assert main(["generate", "--model", str(bundles["class"]), "--class-label", "17", "-n", "1", "--out", str(out), "--device", "cpu"]) == 0
+    # refine reads the class of a class-conditional model as the reward's prompt
+    refine = ["refine", "--model", str(bundles["one-step-class"]), "--class-label", "3", "-n", "2", "--steps", "2", "--out", str(out), "--device", "cpu"]
+    assert main(refine) == 0
+    assert {"0-refined.png", "1-refined.png"} <= {p.name for p in out.iterdir()}
+    assert main(["refine", "--model", str(bundles["one-step"]), "--class-label", "3", "--out", str(out), "--device", "cpu"]) == 2

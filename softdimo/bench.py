@@ -362,13 +362,33 @@ class OfflineArm:
         runtime = runtime or self.runtime
         return lambda: runtime.generate(self.pipeline, condition, seeds, steps)
 
+    @property
+    def decode_chunk(self) -> int:
+        """Images the decoder runs at once: it pads a smaller batch to this (so a seed's pixels never depend on it)."""
+        return getattr(getattr(self.pipeline, "tokenizer", None), "decode_chunk", None) or 1
+
     def flops(self, steps: int | None) -> int:
-        """FLOPs of one image: the network's, whatever precision or compiler runs them, so counted on the plain path."""
-        return count_flops(self.call(1, steps, Runtime()))
+        """FLOPs of one image: the network's, whatever precision or compiler runs them, so counted on the plain path,
+        over one decode chunk of images, so that the decoder's padding of a smaller batch is not counted as work."""
+        n = self.decode_chunk
+        return count_flops(self.call(n, steps, Runtime())) // n
+
+    def decoder_flops(self) -> int | None:
+        """FLOPs of decoding one image's tokens, the tokenizer decoder's share of `flops`; None without a decoder."""
+        grid = getattr(getattr(getattr(self.pipeline, "tokenizer", None), "cfg", None), "grid", None)
+        if self.kind == "network" or grid is None:
+            return None
+        n = self.decode_chunk
+        tokens = torch.zeros(n, grid * grid, dtype=torch.long, device=self.pipeline.device)
+        with torch.inference_mode():
+            return count_flops(lambda: self.pipeline.tokenizer.decode_indices(tokens)) // n
 
     def describe(self) -> dict:
         runtime = self.runtime.settings.to_dict()
-        return {"label": self.label, "name": self.name, "kind": self.kind, "source": self.source, "runtime": runtime}
+        return {
+            "label": self.label, "name": self.name, "kind": self.kind, "source": self.source, "runtime": runtime,
+            "decoder_flops_per_image": self.decoder_flops(),
+        }  # fmt: skip
 
 
 def load_arm(label: str, *, model: str | None, config: str | None, runtime: RuntimeSettings, device: torch.device,
@@ -557,9 +577,14 @@ def offline_table(result: dict) -> str:
     table = markdown_table(
         ["steps", "batch", "ms / batch", "images/s", "MFLOP / image", "GFLOP/s", f"% of {precision} peak", *stated_column], rows
     )
+    decoder = arm.get("decoder_flops_per_image")
+    share = ""
+    if decoder:
+        total = result["rows"][0]["flops_per_image"]
+        share = f" Of one image's {total / 1e6:,.0f} MFLOP, the tokenizer decoder's are {decoder / 1e6:,.1f} ({100 * decoder / total:.1f} %)."
     return (
         f"{header}\n\nOffline {'forward' if arm['kind'] == 'network' else 'forward + decode'} of {_arm_line(arm)}, "
-        f"median of {cfg['repeats']} after {cfg['warmup']} warm-up calls.\n\n{table}\n"
+        f"median of {cfg['repeats']} after {cfg['warmup']} warm-up calls.{share}\n\n{table}\n"
     )
 
 

@@ -70,6 +70,11 @@ def test_offline_one_step_and_teacher(tiny_bundles):
     flops = {r["steps"]: r["flops_per_image"] for r in teacher["rows"]}
     # Each sampling step is one guided transformer pass; the decoder runs once: more steps, more FLOPs.
     assert flops[3] > flops[1] > one_step["rows"][0]["flops_per_image"] / 2
+    # The decoder runs once per image whatever the steps: its share is the same FLOPs in both tables.
+    decoder = one_step["arms"][0]["decoder_flops_per_image"]
+    assert 0 < decoder < one_step["rows"][0]["flops_per_image"]
+    assert teacher["arms"][0]["decoder_flops_per_image"] == decoder
+    assert f"the tokenizer decoder's are {decoder / 1e6:,.1f}" in bench.offline_table(one_step)
 
     with pytest.raises(ValueError, match="masked-diffusion"):
         bench.run_offline(bench.OfflineBench(model=str(tiny_bundles["one-step"]), steps=(4,), **tiny), "")

@@ -19,7 +19,7 @@ from softdimo.conditioning import Conditioner
 from softdimo.device import resolve_device
 from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
 from softdimo.runtime import Runtime, RuntimeSettings
-from softdimo.seeding import seed_at
+from softdimo.seeding import request_seeds, seed_at
 from softdimo.tteo import TTEOSettings, candidate_seeds
 from softdimo.vq import to_uint8
 
@@ -37,7 +37,7 @@ class GenerateJob:
 
     @property
     def seeds(self) -> list[int]:
-        return [seed_at(self.seed, i) for i in range(self.n)]
+        return request_seeds(self.seed, self.n)
 
     @property
     def key(self) -> int | None:
@@ -81,7 +81,7 @@ class RefineJob:
         cls, *, condition: torch.Tensor, text: str, seed: int, n: int, settings: TTEOSettings, reward: str,
         progress: RefineProgress | None = None,
     ) -> RefineJob:  # fmt: skip
-        rows = candidate_seeds([seed_at(seed, i) for i in range(n)], settings.best_of)
+        rows = candidate_seeds(request_seeds(seed, n), settings.best_of)
         return cls(
             condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, candidates=tuple(map(tuple, rows)),
             progress=progress,
@@ -89,7 +89,7 @@ class RefineJob:
 
     @property
     def seeds(self) -> list[int]:
-        return [seed_at(self.seed, i) for i in range(self.n)]
+        return request_seeds(self.seed, self.n)
 
     @property
     def key(self) -> tuple:

@@ -84,10 +84,11 @@ def _curve(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from softdimo.images import encode_image
     from softdimo.pipeline import load_pipeline
+    from softdimo.seeding import request_seeds
 
     pipeline = load_pipeline(args.model, _device(args))
     condition = pipeline.conditioner.request(args.prompt, args.class_label).repeat_interleave(args.n, 0)
-    seeds = [args.seed + i for i in range(args.n)]
+    seeds = request_seeds(args.seed, args.n)
     images = pipeline.generate(condition, seeds, steps=args.steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _refine(args: argparse.Namespace) -> None:
     from softdimo.images import encode_image
     from softdimo.pipeline import load_pipeline
+    from softdimo.seeding import request_seeds
     from softdimo.tteo import TTEOSettings, candidate_seeds
     from softdimo.vq import to_uint8
 
@@ -108,7 +110,7 @@ def _refine(args: argparse.Namespace) -> None:
         raise SystemExit("softdimo: refine needs a one-step model")
     condition = pipeline.conditioner.request(args.prompt, args.class_label).repeat_interleave(args.n, 0)
     text = pipeline.conditioner.reward_text(args.prompt, args.class_label)
-    seeds = [args.seed + i for i in range(args.n)]
+    seeds = request_seeds(args.seed, args.n)
     settings = TTEOSettings(steps=args.steps, lr=args.lr, best_of=args.best_of, target=args.target)
     refined = pipeline.refine(condition, [text] * args.n, candidate_seeds(seeds, args.best_of), settings, reward=args.reward)
     out = Path(args.out)

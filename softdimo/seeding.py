@@ -15,6 +15,11 @@ def seed_at(first: int, offset: int) -> int:
     return (first + offset) % MAX_SEED
 
 
+def request_seeds(first: int, n: int) -> list[int]:
+    """The seeds of a request's n images: first, and the n - 1 after it (wrapping below MAX_SEED)."""
+    return [seed_at(first, i) for i in range(n)]
+
+
 class ImageNoise:
     """One torch.Generator per image; draws stack per-image tensors along a new batch dimension."""
 

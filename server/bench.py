@@ -24,6 +24,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.load_client import Connection, LoadClientError
+from softdimo.device import resolve_device
 from softdimo.bench import (
     DEFAULT_BATCH_SIZES,
     EXAMPLE_PROMPT,
@@ -42,7 +43,6 @@ from softdimo.bench import (
     ratio,
     ratio_range,
     refine_call,
-    resolve_device,
     runtime_words,
     tteo_step_cost,
 )
@@ -199,7 +199,7 @@ def target_for(card: dict, path: str, steps: int | None = None) -> Target:
 
 
 @dataclass
-class Sample:
+class RequestResult:
     latency_s: float  # client-side, send to full body received
     status: int  # HTTP status; 0 when the request failed without one (connection error, client timeout)
     images: int = 0
@@ -225,12 +225,12 @@ class Load:
 async def closed_loop(
     url: str, target: Target, *, concurrency: int, duration_s: float, max_requests: int, seeds: Iterator[int],
     timeout_s: float,
-) -> tuple[list[Sample], float]:  # fmt: skip
+) -> tuple[list[RequestResult], float]:  # fmt: skip
     """One round; returns every request's sample and the round's wall time. Each worker keeps its own connection."""
     began = time.perf_counter()
     deadline = began + duration_s
     issued = itertools.count()
-    samples: list[Sample] = []
+    samples: list[RequestResult] = []
 
     async def worker() -> None:
         connection = Connection(url)
@@ -240,13 +240,13 @@ async def closed_loop(
                 sent = time.perf_counter()
                 try:
                     status, content = await connection.post_json(target.path, body, timeout_s=timeout_s)
-                    sample = Sample(time.perf_counter() - sent, status)
+                    sample = RequestResult(time.perf_counter() - sent, status)
                     if status == 200:
                         payload = json.loads(content)
                         sample.images = len(payload["data"])
                         sample.queue_s, sample.compute_s = payload["timing"]["queue_s"], payload["timing"]["compute_s"]
                 except (LoadClientError, TimeoutError, ValueError, KeyError):  # no answer, or a 200 without the contract's body
-                    sample = Sample(time.perf_counter() - sent, 0)
+                    sample = RequestResult(time.perf_counter() - sent, 0)
                 samples.append(sample)
         finally:
             connection.close()
@@ -286,7 +286,7 @@ async def run_load(url: str, target: Target, load: Load) -> dict:
     return summarize(samples, walls, concurrency=load.concurrency, batches=(after[0] - before[0], after[1] - before[1]))
 
 
-def summarize(samples: Sequence[Sample], walls: Sequence[float], *, concurrency: int, batches: tuple[float, float]) -> dict:
+def summarize(samples: Sequence[RequestResult], walls: Sequence[float], *, concurrency: int, batches: tuple[float, float]) -> dict:
     """Throughput over the measured wall time, client-side latency percentiles of answered requests, error counts."""
     ok = [s for s in samples if s.status == 200]
     images = sum(s.images for s in ok)

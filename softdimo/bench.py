@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from softdimo.device import resolve_device
 from softdimo.bundle import read_bundle
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
@@ -43,16 +44,6 @@ def check_options(*, positive: dict, non_negative: dict | None = None) -> None:
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if v is not None and v <= bound:
                     raise BenchError(f"--{name.replace('_', '-')} must be {'positive' if bound == 0 else '0 or more'}, got {v}")
-
-
-def resolve_device(name: str) -> torch.device:
-    from softdimo.device import DeviceError
-    from softdimo.device import resolve_device as resolve
-
-    try:
-        return resolve(name)
-    except DeviceError as exc:
-        raise BenchError(str(exc)) from exc
 
 
 def synchronize(device: torch.device) -> None:

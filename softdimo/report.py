@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from softdimo import evaluate, shapes
+from softdimo.bench import markdown_table
 from softdimo.features import FeatureNet
 from softdimo.vq import to_tensor
 
@@ -89,7 +90,7 @@ class Table:
     notes: list[str] = field(default_factory=list)  # lines printed under the table
 
     def markdown(self) -> str:
-        return "\n\n".join([markdown_table(self.rows, self.real_spread), *self.notes])
+        return "\n\n".join([results_table(self.rows, self.real_spread), *self.notes])
 
     def as_dict(self) -> dict:
         return {"model": self.model, "real_spread": round(self.real_spread, 2), "rows": [r.as_dict() for r in self.rows], "notes": self.notes}
@@ -196,15 +197,15 @@ def refined_images(pipeline, prompts: Sequence[shapes.Prompt], seeds: Sequence[i
     return out
 
 
-def markdown_table(rows: Sequence[Row], real_spread: float) -> str:
+def results_table(rows: Sequence[Row], real_spread: float) -> str:
+    """The evaluation's table: pass rate per kind and overall, Fréchet distance, spread against the data's, time."""
     kinds = list(rows[0].rates.per_kind)
-    header = ["model", *kinds, "overall", "Fréchet", "spread", "ms / image"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [r.name, *(f"{r.rates.per_kind[k]:.3f}" for k in kinds), f"**{r.rates.overall:.3f}**", f"{r.frechet:.2f}",
-                 f"{r.spread:.1f} ({r.spread / real_spread:.0%})", f"{1000 * r.seconds / r.rates_total:.1f}" if r.seconds else "–"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [
+        [r.name, *(f"{r.rates.per_kind[k]:.3f}" for k in kinds), f"**{r.rates.overall:.3f}**", f"{r.frechet:.2f}",
+         f"{r.spread:.1f} ({r.spread / real_spread:.0%})", f"{1000 * r.seconds / r.rates_total:.1f}" if r.seconds else None]
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(["model", *kinds, "overall", "Fréchet", "spread", "ms / image"], cells)
 
 
 def timed(fn: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], float]:

@@ -29,9 +29,9 @@ def _check_level(level: dict, concurrency: int) -> None:
 
 def test_summarize_counts_every_outcome():
     samples = [
-        bench.Sample(0.010, 200, images=2, queue_s=0.001, compute_s=0.008),
-        bench.Sample(0.030, 200, images=2, queue_s=0.003, compute_s=0.020),
-        bench.Sample(0.001, 429), bench.Sample(0.002, 503), bench.Sample(5.0, 0), bench.Sample(0.001, 422),
+        bench.RequestResult(0.010, 200, images=2, queue_s=0.001, compute_s=0.008),
+        bench.RequestResult(0.030, 200, images=2, queue_s=0.003, compute_s=0.020),
+        bench.RequestResult(0.001, 429), bench.RequestResult(0.002, 503), bench.RequestResult(5.0, 0), bench.RequestResult(0.001, 422),
     ]  # fmt: skip
     level = bench.summarize(samples, [0.5, 0.5], concurrency=3, batches=(6.0, 4.0))
     assert (level["requests"], level["ok"], level["images"]) == (6, 2, 4)

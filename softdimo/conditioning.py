@@ -17,9 +17,47 @@ class ConditionError(ValueError):
     """A prompt or class label this model cannot take."""
 
 
-@dataclass(frozen=True)
-class Conditioner:
+class Requests:
+    """What every conditioner answers from its `conditioning`, `encode_prompts` and `encode_labels`: a request's
+    conditioning, the text a reward reads, and both for dataset samples and Shapes prompts."""
+
     conditioning: str  # "text" or "class"
+
+    def request(self, prompt: str | None, class_label: int | None) -> torch.Tensor:
+        """Conditioning (1, ...) for one request, which gives exactly the one of prompt and class_label this model takes."""
+        if self.conditioning == "text":
+            if prompt is None:
+                raise ConditionError("this model is text-conditional: give prompt, not class_label")
+            return self.encode_prompts([prompt])
+        if class_label is None:
+            raise ConditionError("this model is class-conditional: give class_label, not prompt")
+        return self.encode_labels([class_label])
+
+    @staticmethod
+    def reward_text(prompt: str | None, class_label: int | None) -> str:
+        """The text a reward model reads for a request: its prompt, or its class's prompt ("a red circle")."""
+        return prompt if prompt is not None else shapes.class_prompt(int(class_label)).text()
+
+    def from_samples(self, prompts: Sequence[str], labels: np.ndarray) -> torch.Tensor:
+        """Conditioning for dataset samples: their prompts or their labels."""
+        return self.encode_prompts(prompts) if self.conditioning == "text" else self.encode_labels(labels)
+
+    def sample_texts(self, prompts: Sequence[str], labels: np.ndarray) -> list[str]:
+        """What a reward model reads for dataset samples: their prompts, or their classes' prompts."""
+        return list(prompts) if self.conditioning == "text" else [self.reward_text(None, label) for label in labels]
+
+    def for_prompt(self, prompt: shapes.Prompt) -> tuple[torch.Tensor, str]:
+        """Conditioning (1, ...) and reward text for a Shapes prompt: its text, or its class for a class model."""
+        if self.conditioning == "text":
+            return self.encode_prompts([prompt.text()]), prompt.text()
+        spec = prompt.objects[0]
+        label = shapes.class_label(spec.color, spec.shape)
+        return self.encode_labels([label]), self.reward_text(None, label)
+
+
+@dataclass(frozen=True)
+class Conditioner(Requests):
+    conditioning: str
     kinds: tuple[str, ...] = shapes.KINDS  # the prompt kinds the model was trained on
     prompt_tokenizer: PromptTokenizer | None = None
     num_classes: int = 0
@@ -88,37 +126,6 @@ class Conditioner:
         for label in labels:
             self.check_label(int(label))
         return torch.tensor([int(x) for x in labels], dtype=torch.long)
-
-    def request(self, prompt: str | None, class_label: int | None) -> torch.Tensor:
-        """Conditioning (1, ...) for one request, which gives exactly the one of prompt and class_label this model takes."""
-        if self.conditioning == "text":
-            if prompt is None:
-                raise ConditionError("this model is text-conditional: give prompt, not class_label")
-            return self.encode_prompts([prompt])
-        if class_label is None:
-            raise ConditionError("this model is class-conditional: give class_label, not prompt")
-        return self.encode_labels([class_label])
-
-    @staticmethod
-    def reward_text(prompt: str | None, class_label: int | None) -> str:
-        """The text a reward model reads for a request: its prompt, or its class's prompt ("a red circle")."""
-        return prompt if prompt is not None else shapes.class_prompt(int(class_label)).text()
-
-    def from_samples(self, prompts: Sequence[str], labels: np.ndarray) -> torch.Tensor:
-        """Conditioning for dataset samples: their prompts or their labels."""
-        return self.encode_prompts(prompts) if self.conditioning == "text" else self.encode_labels(labels)
-
-    def sample_texts(self, prompts: Sequence[str], labels: np.ndarray) -> list[str]:
-        """What a reward model reads for dataset samples: their prompts, or their classes' prompts."""
-        return list(prompts) if self.conditioning == "text" else [self.reward_text(None, label) for label in labels]
-
-    def for_prompt(self, prompt: shapes.Prompt) -> tuple[torch.Tensor, str]:
-        """Conditioning (1, ...) and reward text for a Shapes prompt: its text, or its class for a class model."""
-        if self.conditioning == "text":
-            return self.encode_prompts([prompt.text()]), prompt.text()
-        spec = prompt.objects[0]
-        label = shapes.class_label(spec.color, spec.shape)
-        return self.encode_labels([label]), self.reward_text(None, label)
 
     def to_dict(self) -> dict:
         d = {"conditioning": self.conditioning, "kinds": list(self.kinds), "grammar": self.grammar}

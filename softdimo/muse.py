@@ -20,7 +20,7 @@ from torch import nn
 
 from softdimo import shapes
 from softdimo.bundle import CONFIG, MANIFEST, Bundle, BundleError, seal_folder
-from softdimo.conditioning import ConditionError
+from softdimo.conditioning import ConditionError, Requests
 from softdimo.seeding import ImageNoise
 from softdimo.vq import to_uint8
 
@@ -252,7 +252,7 @@ class MuseTokenizer(nn.Module):
 
 
 @dataclass(frozen=True)
-class TextConditioner:
+class TextConditioner(Requests):
     """Free-text prompts through the model's CLIP tokenizer: any text that fits its `length` ids."""
 
     tokenizer: Any  # a transformers CLIPTokenizer
@@ -284,11 +284,6 @@ class TextConditioner:
     def encode_labels(self, labels: Sequence[int]) -> torch.Tensor:
         raise ConditionError("this model is text-conditional: give prompt, not class_label")
 
-    def from_samples(self, prompts: Sequence[str], labels: np.ndarray) -> torch.Tensor:
-        return self.encode_prompts(prompts)
-
-    def for_prompt(self, prompt: shapes.Prompt) -> torch.Tensor:
-        return self.encode_prompts([prompt.text()])
 
 
 # ------------------------------------------------------------------ sampling

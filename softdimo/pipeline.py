@@ -17,7 +17,7 @@ from softdimo.reward import AlignmentConfig, AlignmentModel, AlignmentReward, Re
 from softdimo.seeding import ImageNoise
 from softdimo.text import PromptTokenizer
 from softdimo.tteo import Refined, StepHook, TTEOSettings, refine
-from softdimo.teacher import SamplerSettings, sample
+from softdimo.sampler import SamplerSettings, sample
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.vq import TokenizerConfig, VQTokenizer, to_uint8
 

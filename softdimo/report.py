@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from softdimo import evaluate, shapes
+from softdimo import judge, shapes
 from softdimo.bench import markdown_table
 from softdimo.features import FeatureNet
 from softdimo.vq import to_tensor
@@ -23,7 +23,7 @@ class Row:
     """One line of an evaluation table."""
 
     name: str
-    rates: evaluate.PassRates
+    rates: judge.PassRates
     frechet: float
     spread: float
     seconds: float = 0.0
@@ -64,14 +64,14 @@ class Evaluator:
         self.placement = placement
         reference = real_images(self.prompts, placement=placement)
         self.real_features = feature_vectors(features, reference)
-        self.real_spread = evaluate.placement_spread(reference)
+        self.real_spread = judge.placement_spread(reference)
 
     def row(self, name: str, images: Sequence[np.ndarray], seconds: float = 0.0, **extra) -> Row:
         return Row(
             name=name,
-            rates=evaluate.pass_rates(images, self.prompts),
-            frechet=evaluate.frechet_distance(feature_vectors(self.features, images), self.real_features),
-            spread=evaluate.placement_spread(images),
+            rates=judge.pass_rates(images, self.prompts),
+            frechet=judge.frechet_distance(feature_vectors(self.features, images), self.real_features),
+            spread=judge.placement_spread(images),
             seconds=seconds,
             extra=extra,
         )
@@ -127,7 +127,7 @@ def evaluate_bundle(
             save_grid(images[:50], grid_dir / f"{slug}.png", columns=10)
 
     if bundle.config["kind"] == "tokenizer":
-        held_out = evaluate.held_out_prompts(prompts, seed=HELD_OUT_SEED)
+        held_out = judge.held_out_prompts(prompts, seed=HELD_OUT_SEED)
         evaluator = Evaluator(held_out, features, placement)
         tokenizer = load_tokenizer(bundle, device)
         originals = real_images(held_out, placement=placement)
@@ -137,7 +137,7 @@ def evaluate_bundle(
         notes.append(f"Codes used by the {len(originals)} held-out images: {used} of {tokenizer.cfg.codebook_size}.")
     else:
         pipeline = load_pipeline(path, device)
-        held_out = evaluate.held_out_prompts(prompts, seed=HELD_OUT_SEED, kinds=pipeline.conditioner.kinds)
+        held_out = judge.held_out_prompts(prompts, seed=HELD_OUT_SEED, kinds=pipeline.conditioner.kinds)
         evaluator = Evaluator(held_out, features, placement)
         seeds = list(range(len(held_out)))
         overrides = tteo if isinstance(pipeline, OneStepPipeline) else sampler

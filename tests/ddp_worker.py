@@ -17,7 +17,7 @@ from softdimo.bundle import read_bundle  # noqa: E402
 from softdimo.conditioning import Conditioner  # noqa: E402
 from softdimo.generator import GeneratorSettings  # noqa: E402
 from softdimo.pipeline import load_pipeline, load_reward  # noqa: E402
-from softdimo.teacher import SamplerSettings  # noqa: E402
+from softdimo.sampler import SamplerSettings  # noqa: E402
 from softdimo.train import distributed  # noqa: E402
 from softdimo.train.distill import DistillParts, DistillTraining, train_distill  # noqa: E402
 from softdimo.train.teacher import TeacherTraining, train_teacher  # noqa: E402

@@ -14,7 +14,7 @@ from softdimo import shapes
 from softdimo.bundle import save_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings
-from softdimo.teacher import SamplerSettings
+from softdimo.sampler import SamplerSettings
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.tteo import TTEOSettings
 from softdimo.vq import TokenizerConfig, VQTokenizer, to_tensor

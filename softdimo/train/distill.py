@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softdimo import evaluate, shapes
+from softdimo import judge, shapes
 from softdimo.bundle import save_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.reward import Reward
 from softdimo.seeding import ImageNoise
-from softdimo.teacher import guided_logits, mask_counts, mask_ratio, mask_tokens
+from softdimo.sampler import guided_logits, mask_counts, mask_ratio, mask_tokens
 from softdimo.train import distributed, loop
 from softdimo.transformer import MaskedTransformer
 from softdimo.vq import VQTokenizer, to_tensor
@@ -173,7 +173,7 @@ def train_distill(
     opt_g = torch.optim.Adam(trainable(student), lr=training.lr, betas=(0.9, 0.999))
     opt_aux = torch.optim.Adam(trainable(aux), lr=training.aux_lr, betas=(0.9, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=training.disc_lr, betas=(0.5, 0.999))
-    eval_prompts = evaluate.held_out_prompts(training.eval_prompts, seed=20_000, kinds=parts.conditioner.kinds)
+    eval_prompts = judge.held_out_prompts(training.eval_prompts, seed=20_000, kinds=parts.conditioner.kinds)
     mask_id = teacher.cfg.mask_id
 
     def step_fn(step: int) -> dict[str, float]:
@@ -263,7 +263,7 @@ def train_distill(
             generator=OneStepGenerator(ema, generator_settings), tokenizer=tokenizer, conditioner=parts.conditioner,
             rewards={}, tteo=TTEOSettings(),
         )  # fmt: skip
-        rates = evaluate.pass_rates(pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts))), eval_prompts)
+        rates = judge.pass_rates(pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts))), eval_prompts)
         return {"pass": rates.overall, **{f"pass_{k}": v for k, v in rates.per_kind.items()}}
 
     loop.run(

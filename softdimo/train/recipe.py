@@ -267,7 +267,7 @@ def profile_recipe(recipe: Recipe, device: torch.device, steps: int) -> dict[str
 
 
 def _teacher(recipe: Recipe, device: torch.device) -> Path:
-    from softdimo.teacher import SamplerSettings
+    from softdimo.sampler import SamplerSettings
     from softdimo.train.teacher import export_teacher, train_teacher
 
     parts = _teacher_parts(recipe, device)

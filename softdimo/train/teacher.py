@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softdimo import evaluate, shapes
+from softdimo import judge, shapes
 from softdimo.bundle import save_bundle
 from softdimo.conditioning import Conditioner
-from softdimo.teacher import SamplerSettings, mask_counts, mask_ratio, mask_tokens
+from softdimo.sampler import SamplerSettings, mask_counts, mask_ratio, mask_tokens
 from softdimo.train import distributed, loop
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.vq import VQTokenizer, to_tensor
@@ -86,7 +86,7 @@ def train_teacher(
     forward = distributed.wrap(model)  # the model itself in one process
     tokenizer = tokenizer.to(device).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
-    eval_prompts = evaluate.held_out_prompts(training.eval_prompts, seed=20_000, kinds=conditioner.kinds)
+    eval_prompts = judge.held_out_prompts(training.eval_prompts, seed=20_000, kinds=conditioner.kinds)
     if world.is_main:
         print(f"teacher: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.conditioning}-conditional")
 
@@ -108,7 +108,7 @@ def train_teacher(
     def eval_fn(step: int) -> dict[str, float]:
         pipeline = TeacherPipeline(model=model, tokenizer=tokenizer, conditioner=conditioner, sampler=sampler)
         images = pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts)))
-        rates = evaluate.pass_rates(images, eval_prompts)
+        rates = judge.pass_rates(images, eval_prompts)
         return {"pass": rates.overall, **{f"pass_{k}": v for k, v in rates.per_kind.items()}}
 
     loop.run(

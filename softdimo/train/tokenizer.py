@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softdimo import evaluate, shapes
+from softdimo import judge, shapes
 from softdimo.bundle import save_bundle
 from softdimo.train import loop
 from softdimo.vq import TokenizerConfig, VQTokenizer, to_tensor, to_uint8
@@ -30,7 +30,7 @@ class TokenizerTraining:
 
 def palette_targets(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, H, W) class index over background + palette."""
-    return torch.as_tensor(evaluate.palette_indices(images))
+    return torch.as_tensor(judge.palette_indices(images))
 
 
 def reconstruction_pass_rate(tokenizer: VQTokenizer, images: np.ndarray, prompts: list[shapes.Prompt], device: torch.device) -> float:
@@ -38,11 +38,11 @@ def reconstruction_pass_rate(tokenizer: VQTokenizer, images: np.ndarray, prompts
     for i in range(0, len(images), 64):
         x = to_tensor(images[i : i + 64]).to(device)
         recon.extend(to_uint8(tokenizer.decode_indices(tokenizer.encode(x))))
-    return evaluate.pass_rates(recon, prompts).overall
+    return judge.pass_rates(recon, prompts).overall
 
 
 def held_out_images(count: int, seed: int, placement: str = "grid") -> tuple[np.ndarray, list[shapes.Prompt]]:
-    prompts = evaluate.held_out_prompts(count, seed=seed)
+    prompts = judge.held_out_prompts(count, seed=seed)
     rng = np.random.default_rng(seed)
     return np.stack([shapes.render(shapes.sample_scene(p, rng, placement)) for p in prompts]), prompts
 

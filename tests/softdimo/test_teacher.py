@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softdimo.seeding import ImageNoise
-from softdimo.teacher import SamplerSettings, mask_ratio, mask_tokens, sample
+from softdimo.sampler import SamplerSettings, mask_ratio, mask_tokens, sample
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "arccos", "linear"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from softdimo import evaluate, shapes
+from softdimo import judge, shapes
 
 
 def _scene(prompt: str, seed: int = 0):
@@ -13,23 +13,23 @@ def _scene(prompt: str, seed: int = 0):
 
 
 def test_rendered_images_pass():
-    prompts = evaluate.held_out_prompts(200, seed=3)
+    prompts = judge.held_out_prompts(200, seed=3)
     rng = np.random.default_rng(3)
     images = [shapes.render(shapes.sample_scene(p, rng)) for p in prompts]
-    rates = evaluate.pass_rates(images, prompts)
+    rates = judge.pass_rates(images, prompts)
     assert rates.overall == 1.0 and set(rates.per_kind) == set(shapes.KINDS)
 
 
 def test_detect_reads_objects_exactly():
     objects = [shapes.ShapeObject(2, 2, 24, 5, 30), shapes.ShapeObject(4, 0, 12, 40, 6)]
-    found, stray = evaluate.detect(shapes.render(objects))
+    found, stray = judge.detect(shapes.render(objects))
     assert stray == 0
     assert sorted((o.color, o.shape, o.size, o.x0, o.y0) for o in found) == [(2, 2, 24, 5, 30), (4, 0, 12, 40, 6)]
 
 
 def test_missing_object_fails():
     prompt, objects = _scene("a red circle and a blue square")
-    verdict = evaluate.judge(shapes.render(objects[:1]), prompt)
+    verdict = judge.judge(shapes.render(objects[:1]), prompt)
     assert not verdict.passed and verdict.reason.startswith("count")
 
 
@@ -39,14 +39,14 @@ def test_extra_object_fails():
         shapes.ShapeObject(0, 1, 12, x, y) for x in range(2, 50) for y in range(2, 50)
         if all(shapes.box_gap(shapes.ShapeObject(0, 1, 12, x, y), o) >= 2 for o in objects)
     )  # fmt: skip
-    verdict = evaluate.judge(shapes.render([*objects, placed]), prompt)
+    verdict = judge.judge(shapes.render([*objects, placed]), prompt)
     assert not verdict.passed and verdict.reason.startswith("count")
 
 
 def test_recoloured_object_fails():
     prompt, objects = _scene("a large yellow square")
     o = objects[0]
-    verdict = evaluate.judge(shapes.render([shapes.ShapeObject(1, o.shape, o.size, o.x0, o.y0)]), prompt)
+    verdict = judge.judge(shapes.render([shapes.ShapeObject(1, o.shape, o.size, o.x0, o.y0)]), prompt)
     assert not verdict.passed and verdict.reason.startswith("colour")
 
 
@@ -54,7 +54,7 @@ def test_reshaped_object_fails():
     prompt, objects = _scene("a magenta circle and a cyan triangle")
     o = objects[0]
     reshaped = [shapes.ShapeObject(o.color, 1, o.size, o.x0, o.y0), objects[1]]
-    verdict = evaluate.judge(shapes.render(reshaped), prompt)
+    verdict = judge.judge(shapes.render(reshaped), prompt)
     assert not verdict.passed and verdict.reason.startswith("shape")
 
 
@@ -67,7 +67,7 @@ def test_misplaced_object_fails_the_relation():
             shapes.ShapeObject(a.color, a.shape, a.size, int(b.center[0] - a.size / 2), int(b.center[1] - a.size / 2)),
             shapes.ShapeObject(b.color, b.shape, b.size, int(a.center[0] - b.size / 2), int(a.center[1] - b.size / 2)),
         ]
-    verdict = evaluate.judge(shapes.render(swapped), prompt)
+    verdict = judge.judge(shapes.render(swapped), prompt)
     assert not verdict.passed and verdict.reason.startswith("relation")
 
 
@@ -75,7 +75,7 @@ def test_wrong_size_fails_sized_and_count_prompts():
     prompt, objects = _scene("a small blue circle")
     o = objects[0]
     big = shapes.ShapeObject(o.color, o.shape, 24, min(o.x0, 38), min(o.y0, 38))
-    assert evaluate.judge(shapes.render([big]), prompt).reason.startswith("size")
+    assert judge.judge(shapes.render([big]), prompt).reason.startswith("size")
 
 
 def test_small_colour_and_edge_errors_are_tolerated_but_blobs_are_not():
@@ -84,15 +84,15 @@ def test_small_colour_and_edge_errors_are_tolerated_but_blobs_are_not():
     rng = np.random.default_rng(0)
     noisy = np.clip(image + rng.integers(-60, 61, image.shape), 0, 255).astype(np.uint8)
     noisy[0, 0] = (255, 0, 0)  # a stray pixel
-    assert evaluate.judge(noisy, prompt).passed
+    assert judge.judge(noisy, prompt).passed
     stretched = np.zeros((64, 64, 3), dtype=np.uint8)
     stretched[10:34, 10:22] = shapes.PALETTE[1]  # a green 12 x 24 rectangle is no square of either size
-    verdict = evaluate.judge(stretched, prompt)
+    verdict = judge.judge(stretched, prompt)
     assert not verdict.passed and verdict.reason.startswith("shape")
 
 
 def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 8))
-    assert evaluate.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
-    assert evaluate.frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=1e-3)
+    assert judge.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert judge.frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=1e-3)

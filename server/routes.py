@@ -132,6 +132,25 @@ def _wanted_image_format(request: Request, body_format: str) -> str | None:
     return None
 
 
+def _image_body_format(request: Request, body: GenerateRequest | RefineRequest) -> str | None:
+    """The image format an `Accept: image/...` header asks for (None: JSON); 406 when it would hold several images."""
+    image_format = _wanted_image_format(request, body.format)
+    if image_format is not None and body.n != 1:
+        raise ServiceError(406, "an image body holds one image: use n = 1, or Accept: application/json")
+    return image_format
+
+
+async def _encoded(service: Service, endpoint: str, result: GeneratedImages, image_format: str) -> list[bytes]:
+    """The images in `image_format`, counted as served."""
+    encoded = await service.encode(result.images, image_format)
+    service.metrics.images.labels(endpoint, result.model).inc(len(encoded))
+    return encoded
+
+
+def _timing(result: GeneratedImages, began: float) -> Timing:
+    return Timing(queue_s=round(result.queue_s, 6), compute_s=round(result.compute_s, 6), total_s=round(time.perf_counter() - began, 6))
+
+
 async def _generate(request: Request, body: GenerateRequest, endpoint: str) -> GeneratedImages:
     service = _service(request)
     model = service.model(body.model, endpoint=endpoint)
@@ -147,19 +166,15 @@ async def generate(request: Request, body: GenerateRequest):
     service = _service(request)
     began = time.perf_counter()
     async with _counted(service, GENERATE, body.model):
-        image_format = _wanted_image_format(request, body.format)
-        if image_format is not None and body.n != 1:
-            raise ServiceError(406, "an image body holds one image: use n = 1, or Accept: application/json")
+        image_format = _image_body_format(request, body)
         result = await _generate(request, body, GENERATE)
-        encoded = await service.encode(result.images, image_format or body.format)
-        service.metrics.images.labels(GENERATE, result.model).inc(len(encoded))
+        encoded = await _encoded(service, GENERATE, result, image_format or body.format)
         if image_format is not None:
             return Response(encoded[0], media_type=MEDIA_TYPES[image_format], headers={"X-Seed": str(result.seeds[0])})
         return ImageResponse(
             id=service.new_id("gen"), model=result.model, created=int(time.time()),
             data=[ImageData(b64_json=service.b64(data), seed=seed) for data, seed in zip(encoded, result.seeds)],
-            timing=Timing(queue_s=round(result.queue_s, 6), compute_s=round(result.compute_s, 6),
-                          total_s=round(time.perf_counter() - began, 6)),
+            timing=_timing(result, began),
         )  # fmt: skip
 
 
@@ -181,13 +196,10 @@ async def refine(request: Request, body: RefineRequest):
         events = _refine_events(service, model, job, body, began)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     async with _counted(service, REFINE, body.model):
-        image_format = _wanted_image_format(request, body.format)
-        if image_format is not None and body.n != 1:
-            raise ServiceError(406, "an image body holds one image: use n = 1, or Accept: application/json")
+        image_format = _image_body_format(request, body)
         model, job = _refine_job(service, body)
         result = await _unless_disconnected(request, service.refine(model=model, job=job))
-        encoded = await service.encode(result.images, image_format or body.format)
-        service.metrics.images.labels(REFINE, result.model).inc(len(encoded))
+        encoded = await _encoded(service, REFINE, result, image_format or body.format)
         if image_format is not None:
             item = result.refined[0]
             headers = {"X-Seed": str(result.seeds[0]), "X-Reward-Before": f"{item.reward_before:.6f}", "X-Reward-After": f"{item.reward_after:.6f}"}
@@ -215,8 +227,7 @@ def _refine_response(service: Service, result: GeneratedImages, encoded: list[by
                       reward_after=round(item.reward_after, 6), candidate_seed=item.candidate_seed)
             for data, seed, item in zip(encoded, result.seeds, result.refined)
         ],
-        timing=Timing(queue_s=round(result.queue_s, 6), compute_s=round(result.compute_s, 6),
-                      total_s=round(time.perf_counter() - began, 6)),
+        timing=_timing(result, began),
     )  # fmt: skip
 
 
@@ -240,8 +251,7 @@ async def _refine_events(service: Service, model: ServedModel, job: RefineJob, b
                 step, seeds, rewards = report.result()
                 yield _event("step", {"step": step, "images": [{"seed": s, "reward": round(r, 6)} for s, r in zip(seeds, rewards)]})
             result = work.result()
-            encoded = await service.encode(result.images, body.format)
-            service.metrics.images.labels(REFINE, result.model).inc(len(encoded))
+            encoded = await _encoded(service, REFINE, result, body.format)
             yield _event("result", _refine_response(service, result, encoded, began).model_dump(mode="json"))
     except ServiceError as exc:
         yield _event("error", {"status": exc.status, "detail": exc.detail})
@@ -260,8 +270,7 @@ async def openai_generations(request: Request, body: OpenAIImageRequest):
             raise ServiceError(422, f"size {body.size!r} is not available: model {model.name!r} draws {side}")
         request_body = GenerateRequest(prompt=body.prompt, n=body.n, seed=body.seed, model=body.model, format=body.output_format)
         result = await _generate(request, request_body, OPENAI)
-        encoded = await service.encode(result.images, body.output_format)
-        service.metrics.images.labels(OPENAI, result.model).inc(len(encoded))
+        encoded = await _encoded(service, OPENAI, result, body.output_format)
         return OpenAIImageResponse(created=int(time.time()), data=[OpenAIImage(b64_json=service.b64(d)) for d in encoded])
 
 

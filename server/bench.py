@@ -8,12 +8,8 @@ import functools
 import itertools
 import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import statistics
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +20,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.load_client import Connection, LoadClientError
+from server.running import ServerStartError, server_process, server_thread
+from server.settings import Settings
 from softdimo.device import resolve_device
 from softdimo.bench import (
     DEFAULT_BATCH_SIZES,
@@ -50,7 +48,6 @@ from softdimo.bundle import read_bundle
 from softdimo.pipeline import load_pipeline
 from softdimo.runtime import Runtime, RuntimeSettings
 
-HOST = "127.0.0.1"  # the load generator only ever talks to a server it started on loopback
 LATENCY_TARGET_MS = 5.0  # p50 at concurrency 1 may exceed the offline forward time by at most this
 
 
@@ -67,106 +64,40 @@ class ServerSpec:
     runtime: RuntimeSettings = RuntimeSettings()  # precision, compiled buckets, pinned copies
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running_server(spec: ServerSpec, ready_timeout_s: float = 300.0) -> Iterator[str]:
-    """Start a server for `spec` on a free loopback port, wait until it is ready, yield its URL, stop it."""
+    """Start a server for `spec` on a free loopback port, wait until it is ready, yield its URL, stop it.
+
+    "process" runs `softdimo serve` in a child process, so the server's event loop never shares a GIL with the
+    load generator; "thread" runs uvicorn in a thread here, quicker to start."""
     if spec.mode not in ("process", "thread"):
         raise BenchError(f"unknown server mode {spec.mode!r}; use process or thread")
-    port = free_port()
-    url = f"http://{HOST}:{port}"
-    starter = _process_server if spec.mode == "process" else _thread_server
-    with starter(spec, port) as alive:
-        _wait_ready(url, alive, ready_timeout_s)
-        yield url
-
-
-@contextmanager
-def _process_server(spec: ServerSpec, port: int):
-    """`softdimo serve` as a child process: the server's event loop never shares a GIL with the load generator."""
-    command = [
-        sys.executable, "-m", "server.cli", "serve", "--weights", *spec.weights, "--host", HOST, "--port", str(port),
-        "--device", spec.device, "--max-batch-size", str(spec.max_batch_size), "--log-level", "warning",
-    ]  # fmt: skip
-    if spec.max_wait_ms is not None:
-        command += ["--max-wait-ms", str(spec.max_wait_ms)]
-    runtime = spec.runtime
-    command += ["--precision", runtime.precision, "--compile" if runtime.compile else "--no-compile"]
-    command += ["--pin-memory" if runtime.pin_memory else "--no-pin-memory"]
-    # SOFTDIMO_* settings of the calling shell (an API key, a smaller queue) would change what is measured.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTDIMO_")}
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-        def alive() -> bool:
-            if process.poll() is None:
-                return True
-            log.seek(0)
-            raise BenchError(f"the server exited with {process.returncode}:\n{log.read().decode(errors='replace')[-2000:]}")
-
-        try:
-            yield alive
-        finally:
-            process.terminate()  # SIGTERM: the server drains and exits
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-@contextmanager
-def _thread_server(spec: ServerSpec, port: int):
-    """uvicorn in a thread of this process: quicker to start, but it shares the GIL with the load generator."""
-    import uvicorn
-
-    from server.app import create_app
-    from server.settings import Settings
-
     flags = {"max_wait_ms": spec.max_wait_ms} if spec.max_wait_ms is not None else {}
     settings = Settings(
-        weights=list(spec.weights), device=spec.device, max_batch_size=spec.max_batch_size, host=HOST, port=port,
-        api_key=None, log_level="warning", **flags, **spec.runtime.to_dict(),
+        weights=list(spec.weights), device=spec.device, max_batch_size=spec.max_batch_size, api_key=None,
+        log_level="warning", **flags, **spec.runtime.to_dict(),
     )  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=HOST, port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True, name="bench-server")
-    thread.start()
-
-    def alive() -> bool:
-        if not thread.is_alive():
-            raise BenchError("the in-process server stopped before it was ready")
-        return True
-
     try:
-        yield alive
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
+        if spec.mode == "thread":
+            with server_thread(settings, ready_timeout_s=ready_timeout_s) as url:
+                yield url
+            return
+        # SOFTDIMO_* settings of the calling shell (an API key, a smaller queue) would change what is measured.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTDIMO_")}
+        with server_process(serve_arguments(settings), env=env, ready_timeout_s=ready_timeout_s, graceful_stop=True) as (_, url):
+            yield url
+    except ServerStartError as exc:
+        raise BenchError(str(exc)) from exc
 
 
-def _wait_ready(url: str, alive, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    status = "no answer"
-    with httpx.Client(base_url=url, timeout=2, trust_env=False) as client:
-        while alive():
-            try:
-                response = client.get("/readyz")
-                if response.status_code == 200:
-                    return
-                status = response.json().get("status", response.text)
-                if status.startswith("failed"):
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-    raise BenchError(f"the server at {url} did not become ready: {status}")
+def serve_arguments(settings: Settings) -> list[str]:
+    """The `softdimo serve` flags that reproduce `settings`' weights, device, batching and runtime."""
+    runtime = settings.runtime()
+    return [
+        "--weights", *settings.weights, "--device", settings.device, "--max-batch-size", str(settings.max_batch_size),
+        "--max-wait-ms", str(settings.max_wait_ms), "--log-level", settings.log_level, "--precision", runtime.precision,
+        "--compile" if runtime.compile else "--no-compile", "--pin-memory" if runtime.pin_memory else "--no-pin-memory",
+    ]  # fmt: skip
 
 
 def model_cards(url: str) -> dict[str, dict]:

@@ -10,7 +10,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import httpx
-import numpy as np
+
+from softdimo.bench import latency_summary
 
 PROMPTS = (
     "a red circle", "two blue squares", "a green triangle", "three cyan triangles", "a large yellow circle",
@@ -28,7 +29,7 @@ class SoakReport:
     by_status: dict[str, int]  # HTTP status -> responses
     by_endpoint: dict[str, dict[str, int]]  # endpoint -> HTTP status -> responses
     errors: dict[str, int]  # transport errors (no HTTP answer), by exception type
-    latency_s: dict[str, dict[str, float]]  # endpoint -> p50, p90, p99, max of the 200 answers
+    latency_ms: dict[str, dict[str, float]]  # endpoint -> p50, p95, p99, mean of the 200 answers (bench.latency_summary)
     rss_start_bytes: float | None  # the server's process_resident_memory_bytes before and after the traffic
     rss_end_bytes: float | None
     models: list[str] = field(default_factory=list)
@@ -54,8 +55,8 @@ class SoakReport:
             f"server errors (5xx): {self.server_errors}; transport errors: "
             + (", ".join(f"{name} x{count}" for name, count in sorted(self.errors.items())) or "none"),
         ]
-        for endpoint, stats in sorted(self.latency_s.items()):
-            lines.append(f"{endpoint} latency of 200s: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in stats.items()))
+        for endpoint, stats in sorted(self.latency_ms.items()):
+            lines.append(f"{endpoint} latency of 200s: " + ", ".join(f"{k} {v:.0f} ms" for k, v in stats.items()))
         if self.rss_growth_bytes is not None:
             lines.append(
                 f"server resident memory: {self.rss_start_bytes / 2**20:.1f} MiB -> {self.rss_end_bytes / 2**20:.1f} MiB "
@@ -141,14 +142,9 @@ async def soak(
     return SoakReport(
         url=url, duration_s=elapsed, concurrency=concurrency, requests=sum(by_status.values()) + sum(errors.values()),
         by_status=dict(by_status), by_endpoint={e: dict(c) for e, c in statuses.items()}, errors=dict(errors),
-        latency_s={e: _percentiles(v) for e, v in latencies.items()}, rss_start_bytes=rss_start, rss_end_bytes=rss_end,
+        latency_ms={e: latency_summary(v) for e, v in latencies.items()}, rss_start_bytes=rss_start, rss_end_bytes=rss_end,
         models=[m["name"] for m in models],
     )  # fmt: skip
-
-
-def _percentiles(seconds: list[float]) -> dict[str, float]:
-    p50, p90, p99 = np.percentile(seconds, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(max(seconds))}
 
 
 def run_soak(url: str, *, minutes: float, concurrency: int, api_key: str | None = None, seed: int = 0) -> SoakReport:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from live_server import free_port, live_server
+from server.running import free_port, server_thread
 from tiny_bundles import write_all
 
 from server.settings import Settings
@@ -40,7 +40,7 @@ def _wait_for(prom: str, expr: str, timeout_s: float = 40.0) -> list:
 def test_scrape_counters_and_recording_rules(tmp_path):
     bundles = write_all(tmp_path / "bundles")
     settings = Settings(weights=[str(bundles["one-step"])], device="cpu", max_batch_size=4)
-    with live_server(settings) as url:
+    with server_thread(settings) as url:
         config = yaml.safe_load((RULES.parent / "prometheus.yml").read_text())
         config["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
         config["rule_files"] = [str(RULES / "recording.yml"), str(RULES / "alerts.yml")]

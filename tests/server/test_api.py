@@ -6,7 +6,7 @@ import base64
 import httpx
 import numpy as np
 import pytest
-from live_server import live_server
+from server.running import server_thread
 from conftest import metric
 
 from server.settings import Settings
@@ -17,7 +17,7 @@ from softdimo.images import decode_image
 @pytest.fixture(scope="module")
 def url(tiny_bundles):
     settings = Settings(weights=[str(tiny_bundles["text"]), str(tiny_bundles["class"])], device="cpu", max_batch_size=8, max_wait_ms=5)
-    with live_server(settings) as base:
+    with server_thread(settings) as base:
         yield base
 
 
@@ -190,7 +190,7 @@ def test_metrics_move(url):
 
 def test_full_queue_answers_429_with_retry_after_and_nothing_else_fails(tiny_bundles):
     settings = Settings(weights=[str(tiny_bundles["text"])], device="cpu", max_batch_size=1, max_queue=1, max_wait_ms=0)
-    with live_server(settings) as base:
+    with server_thread(settings) as base:
 
         responses = post_concurrently(base, "/generate", [{"prompt": "a red circle", "seed": i} for i in range(40)])
         statuses = [r.status_code for r in responses]
@@ -204,7 +204,7 @@ def test_full_queue_answers_429_with_retry_after_and_nothing_else_fails(tiny_bun
 
 def test_deadline_answers_504(tiny_bundles):
     settings = Settings(weights=[str(tiny_bundles["text"])], device="cpu", request_timeout_s=0.0005)
-    with live_server(settings) as base:
+    with server_thread(settings) as base:
         r = httpx.post(f"{base}/generate", json={"prompt": "a red circle", "n": 16})
         assert r.status_code == 504 and "not served within" in r.text
 
@@ -212,7 +212,7 @@ def test_deadline_answers_504(tiny_bundles):
 @pytest.fixture(scope="module")
 def one_step_url(tiny_bundles):
     weights = [str(tiny_bundles["one-step"]), str(tiny_bundles["one-step-class"]), str(tiny_bundles["text"])]
-    with live_server(Settings(weights=weights, device="cpu", max_batch_size=8, max_wait_ms=5)) as base:
+    with server_thread(Settings(weights=weights, device="cpu", max_batch_size=8, max_wait_ms=5)) as base:
         yield base
 
 

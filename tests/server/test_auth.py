@@ -3,7 +3,7 @@
 import httpx
 import pytest
 from conftest import error_message, metric
-from live_server import live_server
+from server.running import server_thread
 from pydantic import ValidationError
 
 from server.settings import Settings
@@ -14,7 +14,7 @@ KEY = "k3y-with-enough-entropy"
 @pytest.fixture(scope="module")
 def url(tiny_bundles):
     settings = Settings(weights=[str(tiny_bundles["text"])], device="cpu", max_batch_size=2, api_key=KEY)
-    with live_server(settings) as base:
+    with server_thread(settings) as base:
         yield base
 
 
@@ -75,14 +75,14 @@ def test_exempt_paths_are_configurable_through_the_environment(tiny_bundles, mon
     monkeypatch.setenv("SOFTDIMO_AUTH_EXEMPT_PATHS", "/healthz, /readyz")
     settings = Settings(weights=[str(tiny_bundles["text"])], device="cpu", max_batch_size=1, api_key=KEY)
     assert settings.auth_exempt_paths == ["/healthz", "/readyz"]
-    with live_server(settings) as base:
+    with server_thread(settings) as base:
         assert httpx.get(f"{base}/metrics").status_code == 401
         assert httpx.get(f"{base}/metrics", headers=_bearer(KEY)).status_code == 200
         assert httpx.get(f"{base}/openapi.json").status_code == 401
 
 
 def test_without_a_key_configured_nothing_is_guarded(tiny_bundles):
-    with live_server(Settings(weights=[str(tiny_bundles["text"])], device="cpu", max_batch_size=1)) as base:
+    with server_thread(Settings(weights=[str(tiny_bundles["text"])], device="cpu", max_batch_size=1)) as base:
         assert httpx.post(f"{base}/generate", json={"prompt": "a red circle"}).status_code == 200
         assert "securitySchemes" not in httpx.get(f"{base}/openapi.json").json().get("components", {})
 

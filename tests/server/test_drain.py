@@ -7,7 +7,7 @@ import time
 
 import httpx
 from conftest import metric
-from live_server import server_process
+from server.running import server_process
 
 PROMPT = "a red circle"
 SLOW = {"prompt": PROMPT, "n": 2, "steps": 32}  # a batch of its own (max batch 2 images), long enough to queue behind
@@ -35,7 +35,7 @@ async def _until_queued(client: httpx.AsyncClient, requests: int, timeout_s: flo
 
 def test_sigterm_drains_queued_and_running_work_then_exits_0(tiny_bundles, tmp_path):
     log = tmp_path / "server.log"
-    with server_process(_args(tiny_bundles, drain_timeout_s=120), log) as (process, url):
+    with server_process(_args(tiny_bundles, drain_timeout_s=120), log_path=log) as (process, url):
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=180) as client:
@@ -66,7 +66,7 @@ def test_sigterm_drains_queued_and_running_work_then_exits_0(tiny_bundles, tmp_p
 
 def test_a_second_signal_stops_at_once(tiny_bundles, tmp_path):
     log = tmp_path / "server.log"
-    with server_process(_args(tiny_bundles, drain_timeout_s=300), log) as (process, url):
+    with server_process(_args(tiny_bundles, drain_timeout_s=300), log_path=log) as (process, url):
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=180) as client:
@@ -98,7 +98,7 @@ def test_a_batch_still_waiting_for_company_runs_at_once_on_sigterm(tiny_bundles,
         "--weights", str(tiny_bundles["one-step"]), "--device", "cpu", "--max-batch-size", "8", "--max-wait-ms", "5000",
         "--refine-max-wait-ms", "5000", "--drain-timeout-s", "60", "--log-level", "info",
     ]  # fmt: skip
-    with server_process(args, log) as (process, url):
+    with server_process(args, log_path=log) as (process, url):
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import metric
-from live_server import live_server
+from server.running import server_thread
 
 from server.engine import Engine, GenerateJob, RefineJob, ServedModel, is_out_of_memory, load_model, run_splitting_on_oom
 from server.settings import Settings
@@ -50,7 +50,7 @@ def model(tiny_bundles) -> FaultyModel:
 @pytest.fixture(scope="module")
 def url(model):
     settings = Settings(weights=[], device="cpu", max_batch_size=8, max_wait_ms=300)
-    with live_server(settings, engine=Engine([model], torch.device("cpu"))) as base:
+    with server_thread(settings, engine=Engine([model], torch.device("cpu"))) as base:
         yield base
 
 

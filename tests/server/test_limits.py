@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 from conftest import error_message, metric
-from live_server import live_server
+from server.running import server_thread
 
 from server.settings import Settings
 
@@ -20,7 +20,7 @@ def url(tiny_bundles):
         weights=[str(tiny_bundles["text"]), str(tiny_bundles["one-step"])], device="cpu", max_batch_size=2,
         max_request_cost=12, max_queue_cost=64, max_body_bytes=1024,
     )  # fmt: skip
-    with live_server(settings) as base:
+    with server_thread(settings) as base:
         yield base
 
 
@@ -58,7 +58,7 @@ def test_a_flood_beyond_the_queued_cost_gets_only_200_and_429_and_the_server_sta
         weights=[str(tiny_bundles["text"])], device="cpu", max_batch_size=1, max_queue=64, max_wait_ms=0,
         max_request_cost=8, max_queue_cost=8,
     )  # fmt: skip
-    with live_server(settings) as base:
+    with server_thread(settings) as base:
 
         async def flood():
             async with httpx.AsyncClient(base_url=base, timeout=60) as client:

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from live_server import live_server  # noqa: E402
+from server.running import server_thread  # noqa: E402
 from tiny_muse import write_clip_reward, write_teacher  # noqa: E402
 
 from server.settings import Settings  # noqa: E402
@@ -43,7 +43,7 @@ def url(tmp_path_factory):
         teacher_reference=os.path.relpath(teacher_path, root / "student"),
     )  # fmt: skip
     settings = Settings(weights=[str(student_path), str(teacher_path)], device="cpu", max_batch_size=4, max_wait_ms=5)
-    with live_server(settings) as base:
+    with server_thread(settings) as base:
         yield base
 
 

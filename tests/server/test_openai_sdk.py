@@ -4,7 +4,7 @@ import base64
 
 import openai
 import pytest
-from live_server import live_server
+from server.running import server_thread
 
 from server.settings import Settings
 
@@ -14,7 +14,7 @@ KEY = "sdk-test-key"
 @pytest.fixture(scope="module")
 def client(tiny_bundles):
     settings = Settings(weights=[str(tiny_bundles["one-step"])], device="cpu", max_batch_size=4, api_key=KEY)
-    with live_server(settings) as base:
+    with server_thread(settings) as base:
         yield openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=30)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import server_process
+from server.running import server_process
 
 KEY = "playground-key"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -23,7 +23,7 @@ def served(tiny_bundles, tmp_path_factory):
     weights = [str(tiny_bundles["one-step"]), str(tiny_bundles["text"])]
     args = ["--weights", *weights, "--device", "cpu", "--max-batch-size", "4", "--refine-max-wait-ms", "10"]
     log = tmp_path_factory.mktemp("playground") / "server.log"
-    with server_process(args, log, env={"SOFTDIMO_API_KEY": KEY}) as (_, url):
+    with server_process(args, log_path=log, env={**os.environ, "SOFTDIMO_API_KEY": KEY}) as (_, url):
         yield url
 
 
@@ -58,7 +58,7 @@ def test_the_page_is_served_offline_and_can_be_turned_off(served, tiny_bundles, 
     page = httpx.get(served + "/")  # no key needed for the page itself
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
-    with server_process(["--weights", str(tiny_bundles["one-step"]), "--device", "cpu", "--no-playground"], tmp_path / "log") as (_, url):
+    with server_process(["--weights", str(tiny_bundles["one-step"]), "--device", "cpu", "--no-playground"], log_path=tmp_path / "log") as (_, url):
         assert httpx.get(url + "/").status_code == 404
 
 

@@ -4,7 +4,7 @@ import asyncio
 import threading
 
 import httpx
-from live_server import free_port
+from server.running import free_port
 import uvicorn
 
 from server.app import create_app

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 from conftest import metric
-from live_server import live_server
+from server.running import server_thread
 
 from server.settings import Settings
 
@@ -18,7 +18,7 @@ PROMPT = "a red circle"
 @pytest.fixture(scope="module")
 def url(tiny_bundles):
     settings = Settings(weights=[str(tiny_bundles["one-step"])], device="cpu", max_batch_size=8, refine_max_wait_ms=400)
-    with live_server(settings) as base:
+    with server_thread(settings) as base:
         yield base
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
-from live_server import live_server
+from server.running import server_thread
 
 from server.schemas import RefineRequest
 from server.settings import Settings
@@ -42,7 +42,7 @@ def url(tiny_bundles):
         weights=[str(tiny_bundles[name]) for name in MODELS], device="cpu", max_batch_size=16, max_wait_ms=0,
         max_request_cost=cost, max_queue_cost=cost,
     )  # fmt: skip
-    with live_server(config) as base:
+    with server_thread(config) as base:
         yield base
 
 

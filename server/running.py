@@ -1,0 +1,108 @@
+"""A softdimo server on a free loopback port, in a child process or in a thread of this one, stopped at the end:
+the one way tests, benchmarks and the soak command start a server of their own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+
+HOST = "127.0.0.1"
+
+
+class ServerStartError(RuntimeError):
+    """The server exited, or did not answer /readyz with 200 in time."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(url: str, *, alive: Callable[[], bool], timeout_s: float, describe: Callable[[], str] = str) -> None:
+    """Poll /readyz until it answers 200; ServerStartError when the server dies, reports a failed load, or time runs
+    out. `describe` adds what the server printed to the error."""
+    deadline = time.monotonic() + timeout_s
+    status = "no answer"
+    with httpx.Client(base_url=url, timeout=2, trust_env=False) as client:
+        while alive() and time.monotonic() < deadline:
+            try:
+                response = client.get("/readyz")
+                if response.status_code == 200:
+                    return
+                status = response.json().get("status", response.text)
+                if status.startswith("failed"):
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    gone = "" if alive() else " (it exited)"
+    raise ServerStartError(f"the server at {url} did not become ready{gone}: {status}\n{describe()}".rstrip())
+
+
+@contextmanager
+def server_thread(settings, engine=None, ready_timeout_s: float = 60.0) -> Iterator[str]:
+    """`create_app(settings, engine)` under uvicorn in a thread of this process; yields its URL once ready.
+
+    Quick to start, but it shares the GIL with the caller. With `engine`, the app serves those models instead of
+    loading `settings.weights`."""
+    import uvicorn
+
+    from server.app import create_app
+
+    port = free_port()
+    settings = settings.model_copy(update={"host": HOST, "port": port})
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, engine), host=HOST, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True, name="softdimo-server")
+    thread.start()
+    url = f"http://{HOST}:{port}"
+    try:
+        wait_until_ready(url, alive=thread.is_alive, timeout_s=ready_timeout_s)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+@contextmanager
+def server_process(
+    args: list[str], *, log_path: Path | None = None, env: dict[str, str] | None = None, ready_timeout_s: float = 90.0,
+    graceful_stop: bool = False,
+) -> Iterator[tuple[subprocess.Popen, str]]:  # fmt: skip
+    """`softdimo serve ARGS --host 127.0.0.1 --port FREE` as a child process; yields (process, URL) once ready.
+
+    Its output goes to `log_path` (a temporary file when None). `env` is the whole environment when given. At the
+    end a process still running is stopped: with SIGTERM and a wait for its drain when `graceful_stop`, else killed."""
+    port = free_port()
+    command = [sys.executable, "-m", "server.cli", "serve", *args, "--host", HOST, "--port", str(port)]
+    url = f"http://{HOST}:{port}"
+    with open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile() as log:
+
+        def printed() -> str:
+            log.flush()
+            log.seek(0)
+            return log.read().decode(errors="replace")[-3000:]
+
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy() if env is None else env)
+        try:
+            wait_until_ready(url, alive=lambda: process.poll() is None, timeout_s=ready_timeout_s, describe=printed)
+            yield process, url
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM if graceful_stop else signal.SIGKILL)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from softdimo import shapes
-from softdimo.bundle import Bundle, BundleError, read_bundle
+from softdimo.bundle import Bundle, BundleError, read_bundle, save_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.reward import AlignmentConfig, AlignmentModel, AlignmentReward, Reward
@@ -163,3 +163,56 @@ def load_features(path: str | os.PathLike, device: torch.device | str = "cpu"):
     net = FeatureNet(FeatureNetConfig.from_dict(bundle.config["features"]))
     net.load_state_dict(bundle.weights("features"), strict=True)
     return net.to(device).eval()
+
+
+# ---------------------------------------------------------------- writing: each kind's config.json, beside its loader
+# `training` is the training settings a bundle records (asdict of the stage's dataclass); references are paths to
+# other bundles relative to this one. Weights are stored in fp16 unless `dtype` says otherwise (None: as they are).
+
+
+def _save(path, config: dict, training: dict | None, weights: dict, dtype: torch.dtype | None) -> Path:
+    return save_bundle(path, config | ({"training": training} if training is not None else {}), weights, dtype=dtype)
+
+
+def save_tokenizer(tokenizer: VQTokenizer, path, *, name: str, training: dict | None = None, dtype=torch.float16) -> Path:
+    config = {"name": name, "kind": "tokenizer", "tokenizer": tokenizer.cfg.to_dict()}
+    return _save(path, config, training, {"tokenizer": tokenizer.state_dict()}, dtype)
+
+
+def save_features(net, path, *, name: str, training: dict | None = None, dtype=torch.float16) -> Path:
+    config = {"name": name, "kind": "features", "features": net.cfg.to_dict()}
+    return _save(path, config, training, {"features": net.state_dict()}, dtype)
+
+
+def save_reward(model: AlignmentModel, path, *, name: str, training: dict | None = None, dtype=torch.float16) -> Path:
+    config = {
+        "name": name, "kind": "reward", "alignment": model.cfg.to_dict(),
+        "vocabulary": list(model.prompt_tokenizer.vocabulary), "length": model.prompt_tokenizer.length,
+    }  # fmt: skip
+    return _save(path, config, training, {"reward": model.state_dict()}, dtype)
+
+
+def save_teacher(
+    model: MaskedTransformer, path, *, name: str, conditioner: Conditioner, sampler: SamplerSettings, tokenizer_reference: str,
+    training: dict | None = None, dtype=torch.float16,
+) -> Path:  # fmt: skip
+    config = {
+        "name": name, "kind": "masked-diffusion", "conditioning": model.cfg.conditioning, "transformer": model.cfg.to_dict(),
+        "conditioner": conditioner.to_dict(), "sampler": sampler.to_dict(), "tokenizer": tokenizer_reference,
+    }  # fmt: skip
+    return _save(path, config, training, {"transformer": model.state_dict()}, dtype)
+
+
+def save_one_step(
+    generator: OneStepGenerator, path, *, name: str, conditioner: Conditioner, tokenizer_reference: str,
+    reward_references: Sequence[str], tteo: TTEOSettings, teacher_reference: str | None = None, training: dict | None = None,
+    dtype=torch.float16,
+) -> Path:  # fmt: skip
+    config = {
+        "name": name, "kind": "one-step", "conditioning": generator.cfg.conditioning, "transformer": generator.cfg.to_dict(),
+        "generator": generator.settings.to_dict(), "conditioner": conditioner.to_dict(), "tokenizer": tokenizer_reference,
+        "rewards": list(reward_references), "tteo": tteo.to_dict(),
+    }  # fmt: skip
+    if teacher_reference is not None:
+        config["teacher"] = teacher_reference
+    return _save(path, config, training, {"transformer": generator.model.state_dict()}, dtype)

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from softdimo import shapes
-from softdimo.bundle import save_bundle
 from softdimo.conditioning import Conditioner
-from softdimo.generator import GeneratorSettings
+from softdimo.generator import GeneratorSettings, OneStepGenerator
+from softdimo.pipeline import save_one_step, save_reward, save_teacher, save_tokenizer
 from softdimo.sampler import SamplerSettings
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.tteo import TTEOSettings
@@ -52,20 +52,15 @@ def tiny_transformer(conditioner: Conditioner) -> MaskedTransformer:
 
 
 def write_tokenizer(folder: Path, seed: int = 0) -> Path:
-    tokenizer = tiny_tokenizer(seed)
-    config = {"name": "tiny-tokenizer", "kind": "tokenizer", "tokenizer": tokenizer.cfg.to_dict()}
-    return save_bundle(folder, config, {"tokenizer": tokenizer.state_dict()}, dtype=None)
+    return save_tokenizer(tiny_tokenizer(seed), folder, name="tiny-tokenizer", dtype=None)
 
 
 def write_teacher(folder: Path, tokenizer: Path, conditioner: Conditioner, name: str, steps: int = 4, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = tiny_transformer(conditioner)
-    config = {
-        "name": name, "kind": "masked-diffusion", "conditioning": conditioner.conditioning,
-        "transformer": model.cfg.to_dict(), "conditioner": conditioner.to_dict(),
-        "sampler": SamplerSettings(steps=steps).to_dict(), "tokenizer": os.path.relpath(tokenizer, folder),
-    }  # fmt: skip
-    return save_bundle(folder, config, {"transformer": model.state_dict()}, dtype=None)
+    return save_teacher(
+        tiny_transformer(conditioner), folder, name=name, conditioner=conditioner, sampler=SamplerSettings(steps=steps),
+        tokenizer_reference=os.path.relpath(tokenizer, folder), dtype=None,
+    )  # fmt: skip
 
 
 def write_reward(folder: Path, seed: int = 0) -> Path:
@@ -75,20 +70,16 @@ def write_reward(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = AlignmentModel(AlignmentConfig(width=16, channels=(8, 8), text_layers=1, text_heads=2, grounding=True), PromptTokenizer(shapes.VOCABULARY, 12))
-    config = {"name": "tiny-clip", "kind": "reward", "alignment": model.cfg.to_dict(), "vocabulary": list(shapes.VOCABULARY), "length": 12}
-    return save_bundle(folder, config, {"reward": model.state_dict()}, dtype=None)
+    return save_reward(model, folder, name="tiny-clip", dtype=None)
 
 
 def write_one_step(folder: Path, tokenizer: Path, reward: Path, conditioner: Conditioner, name: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = tiny_transformer(conditioner)
-    config = {
-        "name": name, "kind": "one-step", "conditioning": conditioner.conditioning,
-        "transformer": model.cfg.to_dict(), "generator": GeneratorSettings().to_dict(), "conditioner": conditioner.to_dict(),
-        "tokenizer": os.path.relpath(tokenizer, folder), "rewards": [os.path.relpath(reward, folder)],
-        "tteo": TTEOSettings(steps=3, lr=1.0).to_dict(),
-    }  # fmt: skip
-    return save_bundle(folder, config, {"transformer": model.state_dict()}, dtype=None)
+    return save_one_step(
+        OneStepGenerator(tiny_transformer(conditioner), GeneratorSettings()), folder, name=name, conditioner=conditioner,
+        tokenizer_reference=os.path.relpath(tokenizer, folder), reward_references=[os.path.relpath(reward, folder)],
+        tteo=TTEOSettings(steps=3, lr=1.0), dtype=None,
+    )  # fmt: skip
 
 
 def write_all(root: Path) -> dict[str, Path]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from softdimo import judge, shapes
-from softdimo.bundle import save_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.reward import Reward
@@ -288,23 +287,3 @@ class EmbeddingForward(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         return self.model.forward_embeddings(embeddings, condition)
-
-
-def export_generator(
-    *, generator: OneStepGenerator, conditioner: Conditioner, path: Path, name: str, tokenizer_reference: str,
-    reward_references: list[str], tteo: dict, training: DistillTraining, teacher_reference: str,
-) -> Path:  # fmt: skip
-    config = {
-        "name": name,
-        "kind": "one-step",
-        "conditioning": generator.cfg.conditioning,
-        "transformer": generator.cfg.to_dict(),
-        "generator": generator.settings.to_dict(),
-        "conditioner": conditioner.to_dict(),
-        "tokenizer": tokenizer_reference,
-        "rewards": reward_references,
-        "tteo": tteo,
-        "teacher": teacher_reference,
-        "training": asdict(training),
-    }
-    return save_bundle(path, config, {"transformer": generator.model.state_dict()})

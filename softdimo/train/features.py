@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from softdimo import shapes
-from softdimo.bundle import save_bundle
 from softdimo.features import FeatureNet, FeatureNetConfig, count_targets
 from softdimo.train import loop
 from softdimo.vq import to_tensor
@@ -46,8 +45,3 @@ def train_features(run_dir: Path, cfg: FeatureNetConfig, training: FeatureTraini
     loop.run(run_dir=run_dir, modules={"features": net}, optimizers={"features": optimizer}, step_fn=step_fn,
              steps=training.steps, description="feature net")  # fmt: skip
     return net.eval()
-
-
-def export_features(net: FeatureNet, path: Path, training: FeatureTraining, name: str = "shapes-features") -> Path:
-    config = {"name": name, "kind": "features", "features": net.cfg.to_dict(), "training": asdict(training)}
-    return save_bundle(path, config, {"features": net.state_dict()})

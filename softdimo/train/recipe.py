@@ -212,30 +212,33 @@ def _relative(target: Path, out: Path) -> str:
 
 
 def _tokenizer(recipe: Recipe, device: torch.device) -> Path:
-    from softdimo.train.tokenizer import TokenizerTraining, export_tokenizer, train_tokenizer
+    from softdimo.pipeline import save_tokenizer
+    from softdimo.train.tokenizer import TokenizerTraining, train_tokenizer
     from softdimo.vq import TokenizerConfig
 
     training = build(TokenizerTraining, recipe.table("training"))
     tokenizer = train_tokenizer(recipe.run_dir, build(TokenizerConfig, recipe.table("tokenizer")), training, device)
-    return export_tokenizer(tokenizer.cpu(), recipe.out, training, name=recipe.out.name)
+    return save_tokenizer(tokenizer.cpu(), recipe.out, name=recipe.out.name, training=asdict(training))
 
 
 def _features(recipe: Recipe, device: torch.device) -> Path:
     from softdimo.features import FeatureNetConfig
-    from softdimo.train.features import FeatureTraining, export_features, train_features
+    from softdimo.pipeline import save_features
+    from softdimo.train.features import FeatureTraining, train_features
 
     training = build(FeatureTraining, recipe.table("training"))
     net = train_features(recipe.run_dir, build(FeatureNetConfig, recipe.table("features")), training, device)
-    return export_features(net.cpu(), recipe.out, training, name=recipe.out.name)
+    return save_features(net.cpu(), recipe.out, name=recipe.out.name, training=asdict(training))
 
 
 def _reward(recipe: Recipe, device: torch.device) -> Path:
     from softdimo.reward import AlignmentConfig
-    from softdimo.train.reward import RewardTraining, export_reward, train_reward
+    from softdimo.pipeline import save_reward
+    from softdimo.train.reward import RewardTraining, train_reward
 
     training = build(RewardTraining, recipe.table("training"))
     model = train_reward(recipe.run_dir, build(AlignmentConfig, recipe.table("alignment")), training, device)
-    return export_reward(model.cpu(), recipe.out, training, name=recipe.out.name)
+    return save_reward(model.cpu(), recipe.out, name=recipe.out.name, training=asdict(training))
 
 
 def _teacher_parts(recipe: Recipe, device: torch.device) -> dict:
@@ -268,7 +271,8 @@ def profile_recipe(recipe: Recipe, device: torch.device, steps: int) -> dict[str
 
 def _teacher(recipe: Recipe, device: torch.device) -> Path:
     from softdimo.sampler import SamplerSettings
-    from softdimo.train.teacher import export_teacher, train_teacher
+    from softdimo.pipeline import save_teacher
+    from softdimo.train.teacher import train_teacher
 
     parts = _teacher_parts(recipe, device)
     tokenizer, conditioner, cfg, training = parts["tokenizer"], parts["conditioner"], parts["cfg"], parts["training"]
@@ -278,17 +282,17 @@ def _teacher(recipe: Recipe, device: torch.device) -> Path:
     )  # fmt: skip
     if not distributed.current().is_main:
         return recipe.out
-    return export_teacher(
-        model=model.cpu(), conditioner=conditioner, sampler=sampler, training=training, path=recipe.out, name=recipe.out.name,
-        tokenizer_reference=_relative(recipe.inputs["tokenizer"], recipe.out),
+    return save_teacher(
+        model.cpu(), recipe.out, name=recipe.out.name, conditioner=conditioner, sampler=sampler,
+        tokenizer_reference=_relative(recipe.inputs["tokenizer"], recipe.out), training=asdict(training),
     )  # fmt: skip
 
 
 def _distill(recipe: Recipe, device: torch.device) -> Path:
     from softdimo.bundle import read_bundle
     from softdimo.generator import GeneratorSettings
-    from softdimo.pipeline import load_pipeline, load_reward
-    from softdimo.train.distill import DistillParts, DistillTraining, export_generator, train_distill
+    from softdimo.pipeline import load_pipeline, load_reward, save_one_step
+    from softdimo.train.distill import DistillParts, DistillTraining, train_distill
     from softdimo.tteo import TTEOSettings
 
     inputs = recipe.inputs
@@ -317,18 +321,18 @@ def _distill(recipe: Recipe, device: torch.device) -> Path:
     generator.model.cpu()
     teacher_bundle = read_bundle(inputs["teacher"])
     reward_references = [_relative(inputs["reward"], recipe.out)] if reward is not None else []
-    tteo = build(TTEOSettings, recipe.table("tteo")).to_dict()
+    tteo = build(TTEOSettings, recipe.table("tteo"))
     if teacher_bundle.config.get("architecture") == "diffusers-muse":
         from softdimo import muse
 
         return muse.export_generator(
             generator=generator, teacher=teacher_bundle, path=recipe.out, name=recipe.out.name, reward_references=reward_references,
-            tteo=tteo, training=asdict(training), teacher_reference=_relative(inputs["teacher"], recipe.out),
+            tteo=tteo.to_dict(), training=asdict(training), teacher_reference=_relative(inputs["teacher"], recipe.out),
         )  # fmt: skip
-    return export_generator(
-        generator=generator, conditioner=teacher.conditioner, path=recipe.out, name=recipe.out.name,
+    return save_one_step(
+        generator, recipe.out, name=recipe.out.name, conditioner=teacher.conditioner,
         tokenizer_reference=_relative(teacher_bundle.path / teacher_bundle.config["tokenizer"], recipe.out),
-        reward_references=reward_references, tteo=tteo, training=training, teacher_reference=_relative(inputs["teacher"], recipe.out),
+        reward_references=reward_references, tteo=tteo, teacher_reference=_relative(inputs["teacher"], recipe.out), training=asdict(training),
     )  # fmt: skip
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from softdimo import shapes
-from softdimo.bundle import save_bundle
 from softdimo.reward import AlignmentConfig, AlignmentModel, relation_rows
 from softdimo.text import PromptTokenizer
 from softdimo.train import loop
@@ -160,12 +159,3 @@ def hard_negative_wins(model: AlignmentModel, count: int, seed: int, placement: 
 def hard_negative_accuracy(model: AlignmentModel, count: int, seed: int, placement: str = "grid") -> float:
     """Share of held-out images whose true prompt scores above every one of 4 hard negatives."""
     return hard_negative_wins(model, count, seed, placement)[1].float().mean().item()
-
-
-def export_reward(model: AlignmentModel, path: Path, training: RewardTraining, name: str = "shapes-clip") -> Path:
-    config = {
-        "name": name, "kind": "reward", "alignment": model.cfg.to_dict(),
-        "vocabulary": list(model.prompt_tokenizer.vocabulary), "length": model.prompt_tokenizer.length,
-        "training": asdict(training),
-    }  # fmt: skip
-    return save_bundle(path, config, {"reward": model.state_dict()})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from softdimo import judge, shapes
-from softdimo.bundle import save_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.sampler import SamplerSettings, mask_counts, mask_ratio, mask_tokens
 from softdimo.train import distributed, loop
@@ -154,20 +153,3 @@ def profile_steps(
             for key, seconds in zip(totals, (drawn - began, tokenized - drawn, done - tokenized)):
                 totals[key] += 1000 * seconds / steps
     return totals | {"steps_per_s": 1000 / sum(totals.values())}
-
-
-def export_teacher(
-    *, model: MaskedTransformer, conditioner: Conditioner, sampler: SamplerSettings, training: TeacherTraining,
-    path: Path, name: str, tokenizer_reference: str,
-) -> Path:  # fmt: skip
-    config = {
-        "name": name,
-        "kind": "masked-diffusion",
-        "conditioning": model.cfg.conditioning,
-        "transformer": model.cfg.to_dict(),
-        "conditioner": conditioner.to_dict(),
-        "sampler": sampler.to_dict(),
-        "tokenizer": tokenizer_reference,
-        "training": asdict(training),
-    }
-    return save_bundle(path, config, {"transformer": model.state_dict()})

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from softdimo import judge, shapes
-from softdimo.bundle import save_bundle
 from softdimo.train import loop
 from softdimo.vq import TokenizerConfig, VQTokenizer, to_tensor, to_uint8
 
@@ -129,8 +128,3 @@ def train_tokenizer(run_dir: Path, cfg: TokenizerConfig, training: TokenizerTrai
     )
     tokenizer.eval()
     return tokenizer
-
-
-def export_tokenizer(tokenizer: VQTokenizer, path: Path, training: TokenizerTraining, name: str = "shapes-tokenizer") -> Path:
-    config = {"name": name, "kind": "tokenizer", "tokenizer": tokenizer.cfg.to_dict(), "training": asdict(training)}
-    return save_bundle(path, config, {"tokenizer": tokenizer.state_dict()})

@@ -1,5 +1,7 @@
 """Di[M]O's objective: the surrogate's gradient is the closed-form divergence gradient."""
 
+from dataclasses import asdict
+
 import torch
 
 from softdimo.train.distill import jeffreys_logit_gradient, relaxed_tokens, surrogate_loss
@@ -55,7 +57,8 @@ def test_distillation_runs_resumes_and_exports_a_loadable_one_step_bundle(tmp_pa
     from softdimo.bundle import read_bundle
     from softdimo.generator import GeneratorSettings
     from softdimo.pipeline import OneStepPipeline, load_pipeline, load_reward
-    from softdimo.train.distill import DistillParts, DistillTraining, export_generator, train_distill
+    from softdimo.pipeline import save_one_step
+    from softdimo.train.distill import DistillParts, DistillTraining, train_distill
     from softdimo.tteo import TTEOSettings
 
     bundles = write_all(tmp_path / "b")
@@ -79,9 +82,9 @@ def test_distillation_runs_resumes_and_exports_a_loadable_one_step_bundle(tmp_pa
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
 
     out = tmp_path / "b" / "one-step-trained"
-    export_generator(
-        generator=generator, conditioner=teacher.conditioner, path=out, name="trained", tokenizer_reference="../tokenizer",
-        reward_references=["../reward"], tteo=TTEOSettings().to_dict(), training=training, teacher_reference="../teacher-text",
+    save_one_step(
+        generator, out, name="trained", conditioner=teacher.conditioner, tokenizer_reference="../tokenizer",
+        reward_references=["../reward"], tteo=TTEOSettings(), teacher_reference="../teacher-text", training=asdict(training),
     )  # fmt: skip
     pipeline = load_pipeline(out)
     assert isinstance(pipeline, OneStepPipeline) and list(pipeline.rewards) == ["tiny-clip"]

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from softdimo.bundle import save_bundle
+from softdimo.pipeline import save_features
 from softdimo.cli import main
 from softdimo.features import FeatureNet, FeatureNetConfig
 
@@ -12,7 +12,7 @@ from softdimo.features import FeatureNet, FeatureNetConfig
 def _features(folder):
     torch.manual_seed(0)
     net = FeatureNet(FeatureNetConfig(channels=(8, 8, 8), features=16))
-    return save_bundle(folder, {"name": "tiny-features", "kind": "features", "features": net.cfg.to_dict()}, {"features": net.state_dict()})
+    return save_features(net, folder, name="tiny-features")
 
 
 def test_eval_writes_a_table_per_bundle(tmp_path, capsys):

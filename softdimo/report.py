@@ -153,6 +153,9 @@ def evaluate_bundle(
             name = f"{name} ({', '.join(f'{k} {v}' for k, v in overrides.items())})"
         if isinstance(pipeline, OneStepPipeline):
             add(f"{name} (1 step)", lambda: pipeline.generate_prompts(held_out, seeds))
+            if not pipeline.rewards and (tteo_steps or best_of):
+                notes.append(f"{name} names no reward model: no TTEO or best-of rows.")
+                tteo_steps, best_of = (), ()
             for k in tteo_steps:
                 add(f"{name} + TTEO {k}", lambda k=k: refined_images(pipeline, held_out, seeds, steps=k, best_of=1), tteo_steps=k)
             for n in best_of:

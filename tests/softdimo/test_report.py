@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from softdimo.pipeline import save_features
 from softdimo.cli import main
 from softdimo.features import FeatureNet, FeatureNetConfig
+from softdimo.pipeline import save_features
 
 
 def _features(folder):
@@ -66,3 +66,26 @@ def test_eval_overrides_tteo_settings_and_names_an_unknown_one(tmp_path, capsys)
     assert names[:2] == ["tiny-one-step (target logits, lr 0.5) (1 step)", "tiny-one-step (target logits, lr 0.5) + TTEO 1"]
     assert main([*args, "--tteo", "rate=0.5"]) == 2
     assert "no TTEOSettings setting rate; settings are steps, lr, best_of, target" in capsys.readouterr().err
+
+
+def test_eval_of_a_one_step_model_without_a_reward_says_so_instead_of_tteo_rows(tmp_path, capsys):
+    from tiny_bundles import tiny_transformer, write_all
+
+    from softdimo.conditioning import Conditioner
+    from softdimo.generator import GeneratorSettings, OneStepGenerator
+    from softdimo.pipeline import save_one_step
+    from softdimo.tteo import TTEOSettings
+
+    bundles = write_all(tmp_path / "b")
+    conditioner = Conditioner.shapes_class()
+    plain = save_one_step(
+        OneStepGenerator(tiny_transformer(conditioner), GeneratorSettings()), tmp_path / "b" / "plain", name="plain",
+        conditioner=conditioner, tokenizer_reference="../tokenizer", reward_references=[], tteo=TTEOSettings(), dtype=None,
+    )  # fmt: skip
+    assert bundles["tokenizer"] == tmp_path / "b" / "tokenizer"
+    features = str(_features(tmp_path / "features"))
+    args = ["eval", str(plain), "--prompts", "4", "--tteo-steps", "1", "--best-of", "2", "--features", features, "--device", "cpu"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "plain names no reward model: no TTEO or best-of rows." in printed
+    assert "plain (1 step)" in printed and "TTEO" not in printed.replace("no TTEO", "")

@@ -27,7 +27,8 @@ from server.schemas import (
     Timing,
     ValidationErrorResponse,
 )
-from server.engine import RefineJob, RefineProgress, ServedModel
+from server.engine import ServedModel
+from server.jobs import RefineJob, RefineProgress
 from server.service import GENERATE, OPENAI, REFINE, GeneratedImages, Service, ServiceError
 from softdimo.images import MEDIA_TYPES
 from softdimo.tteo import TTEOSettings

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, NullObserver, QueueFull
-from server.engine import Engine, GenerateJob, RefinedImage, RefineJob, RefineProgress, ServedModel, run_splitting_on_oom
+from server.engine import Engine, ServedModel
+from server.jobs import GenerateJob, RefinedImage, RefineJob, RefineProgress, run_splitting_on_oom
 from server.metrics import Metrics
 from server.settings import Settings
 from softdimo.conditioning import ConditionError

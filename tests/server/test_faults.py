@@ -12,7 +12,8 @@ import torch
 from conftest import metric
 from server.running import server_thread
 
-from server.engine import Engine, GenerateJob, RefineJob, ServedModel, is_out_of_memory, load_model, run_splitting_on_oom
+from server.engine import Engine, ServedModel, load_model
+from server.jobs import GenerateJob, RefineJob, is_out_of_memory, run_splitting_on_oom
 from server.settings import Settings
 from softdimo.images import decode_image
 from softdimo.tteo import TTEOSettings

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from softdimo.shipped import SERVED, SHIPPED_WEIGHTS
 from softdimo.runtime import RuntimeSettings
-
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-DEFAULT_BUNDLES = ("shapes-softdimo-text", "shapes-softdimo-class", "shapes-teacher-text", "shapes-teacher-class")
 
 
 def default_weights() -> list[str]:
     """The shipped default bundles: the one-step models once trained, and the teachers."""
-    return [str(SHIPPED_WEIGHTS / name) for name in DEFAULT_BUNDLES if (SHIPPED_WEIGHTS / name).is_dir()]
+    return [str(SHIPPED_WEIGHTS / name) for name in SERVED if (SHIPPED_WEIGHTS / name).is_dir()]
 
 
 class Settings(BaseSettings):

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from softdimo.shipped import DEFAULT_FEATURES, DEFAULT_MODEL
 
-DEFAULT_FEATURES = "weights/shapes-features"
+
 
 
 def _device(args: argparse.Namespace):
@@ -99,10 +100,12 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _refine(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from softdimo.images import encode_image
     from softdimo.pipeline import load_pipeline
     from softdimo.seeding import request_seeds
-    from softdimo.tteo import TTEOSettings, candidate_seeds
+    from softdimo.tteo import candidate_seeds
     from softdimo.vq import to_uint8
 
     pipeline = load_pipeline(args.model, _device(args))
@@ -111,8 +114,9 @@ def _refine(args: argparse.Namespace) -> None:
     condition = pipeline.conditioner.request(args.prompt, args.class_label).repeat_interleave(args.n, 0)
     text = pipeline.conditioner.reward_text(args.prompt, args.class_label)
     seeds = request_seeds(args.seed, args.n)
-    settings = TTEOSettings(steps=args.steps, lr=args.lr, best_of=args.best_of, target=args.target)
-    refined = pipeline.refine(condition, [text] * args.n, candidate_seeds(seeds, args.best_of), settings, reward=args.reward)
+    given = {"steps": args.steps, "lr": args.lr, "best_of": args.best_of, "target": args.target}
+    settings = replace(pipeline.tteo, **{k: v for k, v in given.items() if v is not None})
+    refined = pipeline.refine(condition, [text] * args.n, candidate_seeds(seeds, settings.best_of), settings, reward=args.reward)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (seed, image) in enumerate(zip(seeds, to_uint8(refined.images))):
@@ -226,7 +230,7 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     ev.add_argument("models", nargs="+", help="bundle folders (tokenizers are judged on reconstructions, rewards on hard negatives)")
     ev.add_argument("--prompts", type=int, default=300)
     ev.add_argument("--steps", type=int, nargs="*", help="sampling steps to evaluate masked-diffusion models at")
-    ev.add_argument("--features", default=DEFAULT_FEATURES)
+    ev.add_argument("--features", default=str(DEFAULT_FEATURES))
     ev.add_argument("--json", help="also write the results here")
     ev.add_argument("--tteo-steps", type=int, nargs="*", default=[], help="one-step models: also refine with TTEO for these steps")
     ev.add_argument("--best-of", type=int, nargs="*", default=[], help="one-step models: also best-of-N, alone and with TTEO")
@@ -242,7 +246,7 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     curve.set_defaults(func=_curve)
 
     gen = commands.add_parser("generate", help="write PNG files for a prompt or class label")
-    gen.add_argument("--model", default="weights/shapes-softdimo-text")
+    gen.add_argument("--model", default=str(DEFAULT_MODEL))
     target = gen.add_mutually_exclusive_group(required=True)
     target.add_argument("--prompt")
     target.add_argument("--class-label", type=int)
@@ -254,16 +258,16 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     ref = commands.add_parser("refine", help="TTEO: optimise a one-step model's input against its reward, write PNG files")
-    ref.add_argument("--model", default="weights/shapes-softdimo-text")
+    ref.add_argument("--model", default=str(DEFAULT_MODEL))
     target = ref.add_mutually_exclusive_group(required=True)
     target.add_argument("--prompt")
     target.add_argument("--class-label", type=int)
     ref.add_argument("-n", type=int, default=4)
     ref.add_argument("--seed", type=int, default=0)
-    ref.add_argument("--steps", type=int, default=20)
-    ref.add_argument("--lr", type=float, default=0.2)
-    ref.add_argument("--best-of", type=int, default=1)
-    ref.add_argument("--target", choices=["input", "logits"], default="input")
+    ref.add_argument("--steps", type=int, help="TTEO steps (default: the model's)")
+    ref.add_argument("--lr", type=float, help="TTEO learning rate (default: the model's)")
+    ref.add_argument("--best-of", type=int, help="candidates per image (default: the model's)")
+    ref.add_argument("--target", choices=["input", "logits"], help="what TTEO optimises (default: the model's)")
     ref.add_argument("--reward", help="reward name (default: the model's first)")
     ref.add_argument("--out", default="out")
     ref.add_argument("--device", default="auto")

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from softdimo import seeding, shapes
 
-MAX_SEED = seeding.MAX_SEED - 1
+LARGEST_SEED = seeding.MAX_SEED - 1  # seeds are 0 <= seed < seeding.MAX_SEED
 ImageFormat = Literal["png", "jpeg", "webp"]
 
 
@@ -56,7 +56,7 @@ class GenerateRequest(StrictRequest):
     prompt: Prompt | None = Field(None, description="for text-conditional models: a prompt of the model's grammar (Shapes)")
     class_label: int | None = Field(None, ge=0, description="for class-conditional models")
     n: int = Field(1, ge=1, le=16, description="number of images; image i uses seed + i (modulo 2^63)")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; returned per image")
+    seed: int | None = Field(None, ge=0, le=LARGEST_SEED, description="random when absent; returned per image")
     model: str | None = Field(None, description="a name from /v1/models; the server's default model when absent")
     format: ImageFormat = "png"
     steps: int | None = Field(None, ge=1, le=64, description="sampling steps, masked-diffusion models only")
@@ -121,7 +121,7 @@ class OpenAIImageRequest(StrictRequest):
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: there is no image storage")
     output_format: ImageFormat = "png"
     size: str | None = Field(None, description="accepted when it is the model's size or 'auto'")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=0, le=LARGEST_SEED)
 
 
 class OpenAIImage(BaseModel):

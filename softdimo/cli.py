@@ -52,6 +52,7 @@ def _eval(args: argparse.Namespace) -> None:
     from softdimo import report
     from softdimo.bundle import read_bundle
     from softdimo.pipeline import load_features
+    from softdimo.runtime import RuntimeSettings
 
     device = _device(args)
     features = load_features(args.features, device)
@@ -68,6 +69,7 @@ def _eval(args: argparse.Namespace) -> None:
             model_path, features=features, prompts=args.prompts, steps=args.steps, tteo_steps=args.tteo_steps,
             best_of=args.best_of, device=device, grid_dir=Path(args.grid) if args.grid else None, placement=args.placement,
             sampler=_settings(args.sampler), tteo=_settings(args.tteo),
+            runtime=RuntimeSettings(**{k: v for k, v in {"precision": args.precision, "compile": args.compile or None}.items() if v is not None}),
         )  # fmt: skip
         print(f"\n{table.markdown()}\n")
         results.append(table.as_dict())
@@ -238,6 +240,8 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--placement", choices=["grid", "free"], default="grid", help="where the reference images' objects sit")
     ev.add_argument("--sampler", nargs="*", metavar="KEY=VALUE", help="teachers: override sampler settings, e.g. guidance=3")
+    ev.add_argument("--precision", choices=["fp32", "bf16"], help="sample as the server would with this precision (default fp32)")
+    ev.add_argument("--compile", action="store_true", help="sample through the compiled network, as the server would with --compile")
     ev.add_argument("--tteo", nargs="*", metavar="KEY=VALUE", help="one-step models: override TTEO settings, e.g. target=logits lr=0.05")
     ev.set_defaults(func=_eval)
 

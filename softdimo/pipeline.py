@@ -62,8 +62,10 @@ class TeacherPipeline:
         tokens = sample(self.model, condition.to(self.device), noise, settings)
         return to_uint8(self.tokenizer.decode_indices(tokens))
 
-    def generate_prompts(self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50) -> list[np.ndarray]:
-        return _generate_prompts(self, prompts, seeds, steps, batch)
+    def generate_prompts(
+        self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50, runtime=None,
+    ) -> list[np.ndarray]:  # fmt: skip
+        return _generate_prompts(self, prompts, seeds, steps, batch, runtime)
 
 
 @dataclass
@@ -92,8 +94,10 @@ class OneStepPipeline:
         tokens = self.generator.generate_tokens(condition.to(self.device), ImageNoise(seeds, self.device))
         return to_uint8(self.tokenizer.decode_indices(tokens))
 
-    def generate_prompts(self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50) -> list[np.ndarray]:
-        return _generate_prompts(self, prompts, seeds, steps, batch)
+    def generate_prompts(
+        self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50, runtime=None,
+    ) -> list[np.ndarray]:  # fmt: skip
+        return _generate_prompts(self, prompts, seeds, steps, batch, runtime)
 
     def refine(
         self, condition: torch.Tensor, texts: Sequence[str], candidates: Sequence[Sequence[int]], settings: TTEOSettings,
@@ -106,12 +110,14 @@ class OneStepPipeline:
         )  # fmt: skip
 
 
-def _generate_prompts(pipeline, prompts, seeds, steps, batch) -> list[np.ndarray]:
+def _generate_prompts(pipeline, prompts, seeds, steps, batch, runtime=None) -> list[np.ndarray]:
+    """Images for Shapes prompts in batches, run plainly or through a softdimo.runtime.Runtime (bf16, compiled)."""
     seeds = list(seeds)
     images: list[np.ndarray] = []
     for i in range(0, len(prompts), batch):
         condition = torch.cat([pipeline.conditioner.for_prompt(p)[0] for p in prompts[i : i + batch]])
-        images.extend(pipeline.generate(condition, seeds[i : i + batch], steps))
+        part = seeds[i : i + batch]
+        images.extend(pipeline.generate(condition, part, steps) if runtime is None else runtime.generate(pipeline, condition, part, steps))
     return images
 
 

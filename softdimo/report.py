@@ -103,16 +103,21 @@ class EvaluationError(ValueError):
 def evaluate_bundle(
     path, *, features: FeatureNet, prompts: int, steps: Sequence[int] | None, tteo_steps: Sequence[int],
     best_of: Sequence[int], device, grid_dir=None, placement: str = "grid", sampler: dict | None = None,
-    tteo: dict | None = None,
+    tteo: dict | None = None, runtime=None,
 ) -> Table:  # fmt: skip
     """Every row for one bundle: reconstructions for a tokenizer; samples at each step count for a teacher;
     one step, TTEO at each step count and best-of-N (alone and with TTEO) for a one-step model.
-    `sampler` overrides a teacher's sampler settings and `tteo` a one-step model's TTEO settings (target, lr)."""
+    `sampler` overrides a teacher's sampler settings and `tteo` a one-step model's TTEO settings (target, lr);
+    `runtime` (softdimo.runtime.RuntimeSettings) runs the sampled rows as the server would with it (bf16, compiled)."""
     from dataclasses import fields, replace
 
     from softdimo.bundle import read_bundle
     from softdimo.images import save_grid
     from softdimo.pipeline import OneStepPipeline, load_pipeline, load_tokenizer
+    from softdimo.runtime import Runtime, RuntimeSettings
+
+    runtime = runtime or RuntimeSettings()
+    run = Runtime(runtime, max_batch_size=50) if runtime != RuntimeSettings() else None
 
     bundle = read_bundle(path)
     name = bundle.config["name"]
@@ -151,8 +156,10 @@ def evaluate_bundle(
             else:
                 pipeline.sampler = replace(pipeline.sampler, **overrides)
             name = f"{name} ({', '.join(f'{k} {v}' for k, v in overrides.items())})"
+        if run is not None:
+            name = f"{name} ({', '.join(f'{k} {v}' for k, v in runtime.to_dict().items() if v != getattr(RuntimeSettings(), k))})"
         if isinstance(pipeline, OneStepPipeline):
-            add(f"{name} (1 step)", lambda: pipeline.generate_prompts(held_out, seeds))
+            add(f"{name} (1 step)", lambda: pipeline.generate_prompts(held_out, seeds, runtime=run))
             if not pipeline.rewards and (tteo_steps or best_of):
                 notes.append(f"{name} names no reward model: no TTEO or best-of rows.")
                 tteo_steps, best_of = (), ()
@@ -165,7 +172,7 @@ def evaluate_bundle(
                         best_of=n, tteo_steps=k)  # fmt: skip
         else:
             for k in steps or [pipeline.sampler.steps]:
-                add(f"{name} ({k} steps)", lambda k=k: pipeline.generate_prompts(held_out, seeds, steps=k), steps=k)
+                add(f"{name} ({k} steps)", lambda k=k: pipeline.generate_prompts(held_out, seeds, steps=k, runtime=run), steps=k)
     rows.append(evaluator.reference_row())
     return Table(model=name, rows=rows, real_spread=evaluator.real_spread, notes=notes)
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 
 from softdimo.cli import main
@@ -89,3 +91,19 @@ def test_eval_of_a_one_step_model_without_a_reward_says_so_instead_of_tteo_rows(
     printed = capsys.readouterr().out
     assert "plain names no reward model: no TTEO or best-of rows." in printed
     assert "plain (1 step)" in printed and "TTEO" not in printed.replace("no TTEO", "")
+
+
+def test_eval_samples_through_a_runtime_as_the_server_would(tmp_path, capsys):
+    from tiny_bundles import write_all
+
+    bundles = write_all(tmp_path / "b")
+    features = str(_features(tmp_path / "features"))
+    out = tmp_path / "results.json"
+    base = ["eval", str(bundles["one-step"]), "--prompts", "4", "--features", features, "--device", "cpu"]
+    assert main([*base, "--json", str(out)]) == 0
+    plain = json.loads(out.read_text())[0]["rows"][0]
+    assert main([*base, "--compile", "--json", str(out)]) == 0
+    compiled = json.loads(out.read_text())[0]["rows"][0]
+    # the compiled network draws the same images: the same judgement and features
+    assert compiled["name"] == "tiny-one-step (compile True) (1 step)"
+    assert (compiled["overall"], compiled["frechet"]) == (plain["overall"], pytest.approx(plain["frechet"], abs=1e-3))

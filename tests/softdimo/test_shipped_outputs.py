@@ -1,0 +1,36 @@
+"""What the shipped default models draw for fixed requests, pinned: a change to the code that alters a served image
+fails here. Retraining a bundle changes its pins in the same commit (print them with `python -m pytest … -s`)."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from softdimo import judge
+from softdimo.pipeline import load_pipeline
+from softdimo.seeding import request_seeds
+from softdimo.shipped import SHIPPED_WEIGHTS
+
+# bundle -> (prompt or class label, sha256 of the four images' palette-index maps for seeds 0..3)
+PINS = {
+    "shapes-softdimo-text": ("a red circle left of a blue square", "PIN"),
+    "shapes-softdimo-class": (7, "PIN"),
+    "shapes-teacher-text": ("two green triangles", "PIN"),
+    "shapes-teacher-class": (3, "PIN"),
+}
+
+
+def _signature(images: np.ndarray) -> str:
+    """Each pixel's nearest palette colour, hashed: what the judge reads, untouched by last-bit float noise."""
+    return hashlib.sha256(np.stack([judge.palette_indices(image) for image in images]).astype(np.uint8).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(PINS))
+def test_a_shipped_model_draws_what_it_drew(name):
+    request, pin = PINS[name]
+    pipeline = load_pipeline(SHIPPED_WEIGHTS / name, "cpu")
+    prompt, label = (request, None) if isinstance(request, str) else (None, request)
+    condition = pipeline.conditioner.request(prompt, label).repeat_interleave(4, 0)
+    signature = _signature(pipeline.generate(condition, request_seeds(0, 4)))
+    print(f"{name}: {signature}")
+    assert signature == pin

@@ -29,9 +29,11 @@ test: setup tools
 serve: setup
 	$(VENV)/bin/softdimo serve
 
-# Retrains every shipped bundle from its recipe, in dependency order; rerun to resume (finished stages are skipped).
+# Retrains every shipped bundle from its recipe, in dependency order, JOBS stages at a time (each with its share of
+# the CPU threads); rerun to resume (finished stages are skipped).
+JOBS ?= 2
 models: setup
-	$(VENV)/bin/softdimo train recipes/*.toml
+	$(VENV)/bin/softdimo train recipes/*.toml --jobs $(JOBS)
 
 check: setup
 	PYTHON=$(PY) bash deploy/check.sh

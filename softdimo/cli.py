@@ -20,12 +20,16 @@ def _device(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> None:
-    from softdimo.train.recipe import load_recipe, profile_recipe, run_all
+    from softdimo.train.recipe import load_recipe, profile_recipe, run_all, run_parallel
 
     if args.profile:
         for path in args.recipes:
             phases = profile_recipe(load_recipe(path, args.set or ()), _device(args), args.profile)
             print(f"{path}: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + f" (torch threads {_threads()})")
+        return
+    if args.jobs > 1:
+        _device(args)  # a device that is not there is refused here, not in every child
+        run_parallel(args.recipes, args.device, args.jobs, overrides=args.set or (), force=args.force)
         return
     run_all(args.recipes, _device(args), overrides=args.set or (), force=args.force)
 
@@ -226,6 +230,9 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="train stages again even when done")
     train.add_argument("--profile", type=int, metavar="STEPS", help="teacher recipes: time this many steps by phase, train nothing")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.add_argument(
+        "--jobs", type=int, default=1, help="stages trained at once, each a process with its share of the CPU threads (a CPU-only machine)"
+    )
     train.set_defaults(func=_train)
 
     ev = commands.add_parser("eval", help="judge models on held-out prompts: pass rates, Fréchet distance, spread")

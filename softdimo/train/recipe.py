@@ -106,6 +106,9 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
     unknown = sorted(set(data.get("inputs", {})) - set(INPUTS))
     if unknown:
         raise RecipeError(f"{path}: unknown inputs {', '.join(unknown)}; inputs are {', '.join(INPUTS)}")
+    steps = data.get("training", {}).get("steps", 1)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise RecipeError(f"{path}: training.steps must be a whole number of at least 1, got {steps!r}")
     return Recipe(path, data)
 
 
@@ -193,6 +196,59 @@ def run_all(paths: Sequence[str | os.PathLike], device: torch.device, overrides:
             say(f"== {recipe.path}: {seconds / 60:.1f} min")
         total += seconds
     say(f"== all stages: {total / 60:.1f} min")
+
+
+def run_parallel(paths: Sequence[str | os.PathLike], device: str, jobs: int, overrides: Sequence[str] = (), force: bool = False) -> None:
+    """Run recipes as `jobs` stages at a time, each a `softdimo train` child process of its own with an equal share of
+    the CPU threads, a stage starting once every bundle it reads is written; prints each stage's time and the wall
+    time. A child's output goes to its run folder's train.log; a failed stage stops new ones and names its log."""
+    import subprocess
+    import sys
+
+    recipes = order([load_recipe(p, overrides) for p in paths])
+    writers = {r.out.resolve(): r for r in recipes}
+    needs = {r.path: {writers[d.resolve()].path for d in r.inputs.values() if d.resolve() in writers} for r in recipes}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending, running, finished, failed = list(recipes), {}, set(), []
+    began = time.monotonic()
+    while pending or running:
+        while pending and len(running) < jobs and not failed:
+            ready = next((r for r in pending if needs[r.path] <= finished), None)
+            if ready is None:
+                break
+            pending.remove(ready)
+            if is_done(ready) and not force:
+                seconds = json.loads((ready.run_dir / DONE).read_text())["seconds"]
+                print(f"== {ready.path}: done ({seconds / 60:.1f} min), {ready.out}")
+                finished.add(ready.path)
+                continue
+            ready.run_dir.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "softdimo.cli", "train", str(ready.path), "--device", device]
+            command += [f"--set={item}" for item in overrides] + (["--force"] if force else [])
+            log = open(ready.run_dir / "train.log", "ab")
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            running[ready.path] = (ready, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            print(f"== {ready.path}: training {ready.stage} -> {ready.out} ({threads} threads, log {ready.run_dir / 'train.log'})")
+        if not running:
+            if failed or not pending:
+                break
+            raise RecipeError(f"{pending[0].path}: reads a bundle no finished recipe wrote")
+        time.sleep(0.5)
+        for path, (recipe, process, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[path]
+            if process.returncode:
+                failed.append(recipe)
+                print(f"== {recipe.path}: failed (exit {process.returncode}), see {recipe.run_dir / 'train.log'}")
+                continue
+            finished.add(path)
+            seconds = json.loads((recipe.run_dir / DONE).read_text())["seconds"]
+            print(f"== {recipe.path}: {seconds / 60:.1f} min")
+    if failed:
+        raise RecipeError(f"{len(failed)} stage(s) failed: " + ", ".join(str(r.path) for r in failed))
+    print(f"== all stages: {(time.monotonic() - began) / 60:.1f} min wall time, {jobs} at a time")
 
 
 def _logged_training_seconds(run_dir: Path) -> float:

@@ -1,5 +1,6 @@
 """Recipes: the one source of a bundle's hyper-parameters, ordered by what they read, resumable stage by stage."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,31 @@ def test_ablation_recipes_differ_from_the_shipped_recipe_only_where_they_say():
         assert variant.inputs == shipped.inputs and variant.table("generator") == shipped.table("generator")
         changed = {k for k, v in variant.table("training").items() if shipped.table("training").get(k) != v}
         assert changed and changed <= {"gan_weight", "reward_weight", "relaxation"}, path
+
+
+def test_independent_stages_train_side_by_side_and_a_failed_one_names_its_log(tmp_path, capsys):
+    from softdimo.train.recipe import run_parallel
+
+    paths = []
+    for name in ("a", "b"):
+        paths.append(tmp_path / f"{name}.toml")
+        paths[-1].write_text(TINY_TOKENIZER_RECIPE.format(out=tmp_path / name / "bundle", run=tmp_path / name / "run"))
+    run_parallel(paths, "cpu", jobs=2)
+    printed = capsys.readouterr().out
+    assert (tmp_path / "a" / "bundle" / "manifest.json").exists() and (tmp_path / "b" / "bundle" / "manifest.json").exists()
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert printed.count("training tokenizer") == 2 and f"({threads} threads" in printed and "2 at a time" in printed
+    run_parallel(paths, "cpu", jobs=2)  # done stages are skipped, as by run_all
+    assert capsys.readouterr().out.count(": done (") == 2
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text(TINY_TOKENIZER_RECIPE.format(out=tmp_path / "c" / "bundle", run=tmp_path / "c" / "run").replace("steps = 3", "steps = 0"))
+    with pytest.raises(RecipeError, match="training.steps must be a whole number of at least 1"):
+        load_recipe(broken)
+    child = tmp_path / "teacher.toml"  # a well-formed recipe whose stage fails: the bundle it reads is not there
+    child.write_text(f'stage = "teacher"\nout = "{tmp_path / "c" / "bundle"}"\nrun_dir = "{tmp_path / "c" / "run"}"\n'
+                     f'conditioning = "class"\n[inputs]\ntokenizer = "{tmp_path / "missing"}"\n')  # fmt: skip
+    with pytest.raises(RecipeError, match="1 stage"):
+        run_parallel([child], "cpu", jobs=2)
+    assert "see " + str(tmp_path / "c" / "run" / "train.log") in capsys.readouterr().out
+    assert "missing" in (tmp_path / "c" / "run" / "train.log").read_text()

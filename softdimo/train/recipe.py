@@ -201,21 +201,29 @@ def run_all(paths: Sequence[str | os.PathLike], device: torch.device, overrides:
 def run_parallel(paths: Sequence[str | os.PathLike], device: str, jobs: int, overrides: Sequence[str] = (), force: bool = False) -> None:
     """Run recipes as `jobs` stages at a time, each a `softdimo train` child process of its own with an equal share of
     the CPU threads, a stage starting once every bundle it reads is written; prints each stage's time and the wall
-    time. A child's output goes to its run folder's train.log; a failed stage stops new ones and names its log."""
+    time. A child's output goes to its run folder's train.log; a failed stage stops new ones and names its log.
+
+    Of the stages ready, the one with the longest chain of stages waiting on it starts first, then the one that trains
+    on more examples (steps × batch size): the longest path through the pipeline sets its wall time."""
     import subprocess
     import sys
 
     recipes = order([load_recipe(p, overrides) for p in paths])
     writers = {r.out.resolve(): r for r in recipes}
     needs = {r.path: {writers[d.resolve()].path for d in r.inputs.values() if d.resolve() in writers} for r in recipes}
+    chain: dict[Path, int] = {}  # stages on the longest path that waits on each recipe
+    for recipe in reversed(recipes):
+        chain[recipe.path] = max((1 + chain[r.path] for r in recipes if recipe.path in needs[r.path]), default=0)
+    examples = {r.path: r.table("training").get("steps", 0) * r.table("training").get("batch_size", 1) for r in recipes}
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pending, running, finished, failed = list(recipes), {}, set(), []
     began = time.monotonic()
     while pending or running:
         while pending and len(running) < jobs and not failed:
-            ready = next((r for r in pending if needs[r.path] <= finished), None)
-            if ready is None:
+            ready = [r for r in pending if needs[r.path] <= finished]
+            if not ready:
                 break
+            ready = max(ready, key=lambda r: (chain[r.path], examples[r.path]))
             pending.remove(ready)
             if is_done(ready) and not force:
                 seconds = json.loads((ready.run_dir / DONE).read_text())["seconds"]

@@ -21,19 +21,10 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
-class DetectedObject:
-    """An object read from pixels: palette colour, best-fitting shape and side, box corner and fit quality."""
+class DetectedObject(shapes.ShapeObject):
+    """An object read from pixels: palette colour, best-fitting shape and side, box corner, and its fit quality."""
 
-    color: int
-    shape: int
-    size: int
-    x0: int
-    y0: int
     iou: float
-
-    @property
-    def center(self) -> tuple[float, float]:
-        return (self.x0 + self.size / 2, self.y0 + self.size / 2)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -136,6 +136,8 @@ class RequestResult:
     images: int = 0
     queue_s: float | None = None  # the server's own split, from the response's `timing`
     compute_s: float | None = None
+    path: str = ""  # the endpoint asked
+    error: str | None = None  # why there is no status: the exception's type
 
 
 @dataclass(frozen=True)
@@ -153,37 +155,51 @@ class Load:
     timeout_s: float = 120.0
 
 
+Requests = Callable[[int], Callable[[], tuple[str, dict]]]  # worker index -> that worker's next (path, body)
+
+
 async def closed_loop(
-    url: str, target: Target, *, concurrency: int, duration_s: float, max_requests: int, seeds: Iterator[int],
-    timeout_s: float,
+    url: str, requests: Requests, *, concurrency: int, duration_s: float, max_requests: int, timeout_s: float,
+    headers: dict[str, str] | None = None, backoff_max_s: float = 0.0,
 ) -> tuple[list[RequestResult], float]:  # fmt: skip
-    """One round; returns every request's sample and the round's wall time. Each worker keeps its own connection."""
+    """One round of `concurrency` workers, each sending its next request and waiting for the answer; returns every
+    request's result and the round's wall time. Each worker keeps its own connection. With `backoff_max_s`, a worker
+    answered 429 or 503 pauses for Retry-After (1 s without one), at most that long, as a polite client would."""
     began = time.perf_counter()
     deadline = began + duration_s
     issued = itertools.count()
-    samples: list[RequestResult] = []
+    results: list[RequestResult] = []
 
-    async def worker() -> None:
-        connection = Connection(url)
+    async def worker(index: int) -> None:
+        connection = Connection(url, headers)
+        next_request = requests(index)
         try:
             while time.perf_counter() < deadline and next(issued) < max_requests:
-                body = target.request(next(seeds))
+                path, body = next_request()
                 sent = time.perf_counter()
                 try:
-                    status, content = await connection.post_json(target.path, body, timeout_s=timeout_s)
-                    sample = RequestResult(time.perf_counter() - sent, status)
+                    status, content = await connection.post_json(path, body, timeout_s=timeout_s)
+                    result = RequestResult(time.perf_counter() - sent, status, path=path)
                     if status == 200:
                         payload = json.loads(content)
-                        sample.images = len(payload["data"])
-                        sample.queue_s, sample.compute_s = payload["timing"]["queue_s"], payload["timing"]["compute_s"]
-                except (LoadClientError, TimeoutError, ValueError, KeyError):  # no answer, or a 200 without the contract's body
-                    sample = RequestResult(time.perf_counter() - sent, 0)
-                samples.append(sample)
+                        result.images = len(payload["data"])
+                        result.queue_s, result.compute_s = payload["timing"]["queue_s"], payload["timing"]["compute_s"]
+                except (LoadClientError, TimeoutError, ValueError, KeyError) as exc:  # no answer, or a 200 without the contract's body
+                    result = RequestResult(time.perf_counter() - sent, 0, path=path, error=type(exc).__name__)
+                results.append(result)
+                if backoff_max_s and result.status in (429, 503):
+                    pause = connection.retry_after if connection.retry_after is not None else 1.0
+                    await asyncio.sleep(min(pause, backoff_max_s, max(0.0, deadline - time.perf_counter())))
         finally:
             connection.close()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return samples, time.perf_counter() - began
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return results, time.perf_counter() - began
+
+
+def fixed_requests(target: Target, seeds: Iterator[int]) -> Requests:
+    """Every worker sends the target's request, each with the next seed."""
+    return lambda worker: lambda: (target.path, target.request(next(seeds)))
 
 
 async def batch_counters(client: httpx.AsyncClient, target: Target) -> tuple[float, float]:
@@ -204,13 +220,13 @@ async def run_load(url: str, target: Target, load: Load) -> dict:
     """Warm up, then run `load.rounds` measured rounds; the summary covers the measured rounds only."""
     seeds = itertools.count()
     async with httpx.AsyncClient(base_url=url, timeout=load.timeout_s, trust_env=False) as client:
-        bound = {"concurrency": load.concurrency, "max_requests": load.max_requests, "seeds": seeds, "timeout_s": load.timeout_s}
+        bound = {"concurrency": load.concurrency, "max_requests": load.max_requests, "timeout_s": load.timeout_s}
         if load.warmup_s > 0:
-            await closed_loop(url, target, duration_s=load.warmup_s, **bound)
+            await closed_loop(url, fixed_requests(target, seeds), duration_s=load.warmup_s, **bound)
         before = await batch_counters(client, target)
         samples, walls = [], []
         for _ in range(load.rounds):
-            round_samples, wall = await closed_loop(url, target, duration_s=load.duration_s, **bound)
+            round_samples, wall = await closed_loop(url, fixed_requests(target, seeds), duration_s=load.duration_s, **bound)
             samples += round_samples
             walls.append(wall)
         after = await batch_counters(client, target)

@@ -19,20 +19,22 @@ class LoadClientError(Exception):
 class Connection:
     """One keep-alive connection to `url`'s host; reconnects on the next request after any failure."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, headers: dict[str, str] | None = None):
         parts = urlsplit(url)
         if parts.scheme != "http" or parts.hostname is None:
             raise ValueError(f"{url}: the load client speaks plain http://host:port only")
         self.host, self.port = parts.hostname, parts.port or 80
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())  # e.g. Authorization
+        self.retry_after: float | None = None  # the last response's Retry-After, in seconds
 
     async def post_json(self, path: str, body: dict, *, timeout_s: float) -> tuple[int, bytes]:
         """(status, body bytes) of one POST; raises LoadClientError or TimeoutError without an answer."""
         payload = json.dumps(body).encode()
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n"
+            f"Content-Length: {len(payload)}\r\n{self._extra}\r\n"
         ).encode()
         try:
             async with asyncio.timeout(timeout_s):
@@ -54,6 +56,7 @@ class Connection:
             raise ValueError(f"not an HTTP/1.1 response: {status_line[:40]!r}")
         status = int(status_line.split()[1])
         length, chunked, keep_alive = None, False, True
+        self.retry_after = None
         while (line := await reader.readline()) != b"\r\n":
             if not line:
                 raise ValueError("the connection closed in the middle of the headers")
@@ -65,6 +68,8 @@ class Connection:
                 chunked = "chunked" in value
             elif name == "connection":
                 keep_alive = value != "close"
+            elif name == "retry-after" and value.replace(".", "", 1).isdigit():
+                self.retry_after = float(value)
         if chunked:
             body = await self._read_chunks()
         elif length is not None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import httpx
 
+from server.bench import closed_loop
 from softdimo.bench import latency_summary
 
 PROMPTS = (
@@ -73,6 +74,7 @@ def _routes(models: list[dict]) -> list[tuple[str, dict]]:
 
 
 def _pick(routes: list[tuple[str, dict]], rng: random.Random) -> tuple[str, dict]:
+    """One request of the mix: an endpoint and its body."""
     endpoint, model = rng.choice(routes)
     if model["conditioning"] == "class":
         condition = {"class_label": rng.randrange(len(model["classes"]))}
@@ -98,10 +100,10 @@ async def _resident_memory(client: httpx.AsyncClient) -> float | None:
 async def soak(
     url: str, *, duration_s: float, concurrency: int, api_key: str | None = None, seed: int = 0, timeout_s: float = 300.0,
 ) -> SoakReport:  # fmt: skip
-    """Keep `concurrency` requests in flight for `duration_s` seconds (each worker waits for its answer)."""
+    """Keep `concurrency` requests in flight for `duration_s` seconds (the benchmarks' closed loop: each worker waits
+    for its answer, and backs off on 429 and 503), each worker drawing its own mix of routes from `seed`."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency + 2)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s) as client:
         response = await client.get("/v1/models")
         response.raise_for_status()
         models = response.json()["data"]
@@ -109,39 +111,28 @@ async def soak(
             raise RuntimeError(f"{url} serves no models")
         routes = _routes(models)
         rss_start = await _resident_memory(client)
-        statuses: dict[str, Counter] = {}
-        errors: Counter = Counter()
-        latencies: dict[str, list[float]] = {}
-        began = time.monotonic()
-        deadline = began + duration_s
-
-        async def worker(index: int) -> None:
-            rng = random.Random(seed * 1000 + index)
-            while time.monotonic() < deadline:
-                endpoint, body = _pick(routes, rng)
-                start = time.perf_counter()
-                try:
-                    answer = await client.post(endpoint, json=body)
-                except httpx.HTTPError as exc:
-                    errors[type(exc).__name__] += 1
-                    continue
-                statuses.setdefault(endpoint, Counter())[str(answer.status_code)] += 1
-                if answer.status_code == 200:
-                    latencies.setdefault(endpoint, []).append(time.perf_counter() - start)
-                elif answer.status_code in (429, 503):
-                    pause = float(answer.headers.get("retry-after", "1"))
-                    await asyncio.sleep(min(pause, MAX_BACKOFF_S, max(0.0, deadline - time.monotonic())))
-
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        elapsed = time.monotonic() - began
+        requests = lambda worker: functools.partial(_pick, routes, random.Random(seed * 1000 + worker))  # noqa: E731
+        results, elapsed = await closed_loop(
+            url, requests, concurrency=concurrency, duration_s=duration_s, max_requests=2**62, timeout_s=timeout_s,
+            headers=headers, backoff_max_s=MAX_BACKOFF_S,
+        )  # fmt: skip
         rss_end = await _resident_memory(client)
 
+    statuses: dict[str, Counter] = {}
+    for r in results:
+        if r.status:
+            statuses.setdefault(r.path, Counter())[str(r.status)] += 1
     by_status: Counter = Counter()
     for counts in statuses.values():
         by_status.update(counts)
+    errors = Counter(r.error for r in results if not r.status)
+    latencies: dict[str, list[float]] = {}
+    for r in results:
+        if r.status == 200:
+            latencies.setdefault(r.path, []).append(r.latency_s)
     return SoakReport(
-        url=url, duration_s=elapsed, concurrency=concurrency, requests=sum(by_status.values()) + sum(errors.values()),
-        by_status=dict(by_status), by_endpoint={e: dict(c) for e, c in statuses.items()}, errors=dict(errors),
+        url=url, duration_s=elapsed, concurrency=concurrency, requests=len(results), by_status=dict(by_status),
+        by_endpoint={e: dict(c) for e, c in statuses.items()}, errors=dict(errors),
         latency_ms={e: latency_summary(v) for e, v in latencies.items()}, rss_start_bytes=rss_start, rss_end_bytes=rss_end,
         models=[m["name"] for m in models],
     )  # fmt: skip

@@ -63,3 +63,29 @@ def test_no_server_is_a_load_client_error():
 def test_only_plain_http_urls():
     with pytest.raises(ValueError):
         Connection("https://example.com")
+
+
+def test_extra_headers_are_sent_and_retry_after_is_read():
+    heads = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 2\r\n\r\nno")
+        await writer.drain()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = Connection(f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer k"})
+        answer = await client.post_json("/refine", {"n": 1}, timeout_s=5)
+        retry_after = client.retry_after
+        client.close()
+        server.close()
+        return answer, retry_after
+
+    (status, body), retry_after = asyncio.run(main())
+    assert (status, body, retry_after) == (429, b"no", 2.0)
+    assert b"\r\nAuthorization: Bearer k\r\n" in heads[0]

@@ -74,7 +74,7 @@ def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
     soak.add_argument("--json", help="also write the report here")
     soak.set_defaults(func=_soak)
 
-    from server import bench
+    from server import serving_bench as bench
 
     def plot(result: dict, args: argparse.Namespace) -> None:
         if args.plot:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from server.bench import closed_loop
+from server.serving_bench import closed_loop
 from softdimo.bench import latency_summary
 
 PROMPTS = (

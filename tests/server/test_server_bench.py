@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from server import bench
+from server import serving_bench as bench
 from server.cli import main
 
 FAST = {"device": "cpu", "duration_s": 0.5, "warmup_s": 0.1, "repeats": 1, "timeout_s": 30.0, "server": "thread"}

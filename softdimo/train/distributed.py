@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -74,5 +75,9 @@ def barrier() -> None:
 
 
 def close() -> None:
+    """Leave the process group together: every rank waits for the others (one may still be writing files) and drops
+    its DDP wrappers before the group is destroyed, so no rank tears gloo down under another's feet."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from softdimo.bench import example_inputs
 from softdimo.bundle import BundleError, read_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.device import resolve_device
@@ -156,13 +157,11 @@ class Engine:
         first real request pays no first-call costs."""
         for model in self.models.values():
             began = time.perf_counter()
-            prompt, label = ("a red circle", None) if model.conditioning == "text" else (None, 0)
-            condition = model.conditioner.request(prompt, label)
+            condition, (text,) = example_inputs(model.pipeline, 1)
             for size in model.runtime.buckets or (max_batch_size,):
                 model.generate_batch([GenerateJob(condition=condition, seed=0, n=size)])
             if model.rewards:
                 settings = TTEOSettings(steps=1)
-                text = model.reward_text(prompt, label)
                 job = RefineJob.for_request(condition=condition, text=text, seed=0, n=max_batch_size, settings=settings, reward=model.rewards[0])
                 model.refine_batch([job])
             log.info("warmed %s at batch %d in %.2fs", model.name, max_batch_size, time.perf_counter() - began)

@@ -11,8 +11,6 @@ from typing import Any, Callable
 from softdimo.shipped import DEFAULT_FEATURES, DEFAULT_MODEL
 
 
-
-
 def _device(args: argparse.Namespace):
     from softdimo.device import resolve_device
 

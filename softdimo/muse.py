@@ -285,7 +285,6 @@ class TextConditioner(Requests):
         raise ConditionError("this model is text-conditional: give prompt, not class_label")
 
 
-
 # ------------------------------------------------------------------ sampling
 
 

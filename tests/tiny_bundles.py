@@ -36,12 +36,9 @@ def tiny_tokenizer(seed: int = 0) -> VQTokenizer:
 
 
 def tiny_transformer_config(conditioner: Conditioner, codebook_size: int = 64) -> TransformerConfig:
-    sizes = (
-        {"text_vocab": conditioner.prompt_tokenizer.size, "text_length": conditioner.prompt_tokenizer.length}
-        if conditioner.conditioning == "text"
-        else {"num_classes": conditioner.num_classes}
+    return TransformerConfig(
+        codebook_size=codebook_size, tokens=64, width=32, depth=2, heads=4, code_dim=TINY_TOKENIZER.code_dim, **conditioner.model_sizes()
     )
-    return TransformerConfig(codebook_size=codebook_size, tokens=64, width=32, depth=2, heads=4, code_dim=TINY_TOKENIZER.code_dim, **sizes)
 
 
 def tiny_transformer(conditioner: Conditioner) -> MaskedTransformer:

@@ -101,6 +101,7 @@ def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
         (("--endpoint",), {"choices": ["generate", "refine"]}),
         (("--tteo-steps",), {"type": int, "help": "/refine: TTEO steps per request (default: the bundle's)"}),
         (("--rounds",), {"type": int, "help": "comparisons: interleaved rounds per server and level, sharing --duration-s"}),
+        (("--peer",), {"choices": list(bench.PEERS), "help": "compare with the model behind this general-purpose server"}),
         *options,
     ], run=bench.run_serve, table=bench.serve_table, config=bench.ServeBench, after=plot,
         extra=[(("--plot",), {"help": "folder for throughput.png and latency.png (needs matplotlib)"})])  # fmt: skip

@@ -30,18 +30,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_ready(url: str, *, alive: Callable[[], bool], timeout_s: float, describe: Callable[[], str] = str) -> None:
-    """Poll /readyz until it answers 200; ServerStartError when the server dies, reports a failed load, or time runs
+def wait_until_ready(
+    url: str, *, alive: Callable[[], bool], timeout_s: float, describe: Callable[[], str] = str, path: str = "/readyz",
+) -> None:  # fmt: skip
+    """Poll `path` until it answers 200; ServerStartError when the server dies, reports a failed load, or time runs
     out. `describe` adds what the server printed to the error."""
     deadline = time.monotonic() + timeout_s
     status = "no answer"
     with httpx.Client(base_url=url, timeout=2, trust_env=False) as client:
         while alive() and time.monotonic() < deadline:
             try:
-                response = client.get("/readyz")
+                response = client.get(path)
                 if response.status_code == 200:
                     return
-                status = response.json().get("status", response.text)
+                is_json = response.headers.get("content-type", "").startswith("application/json")
+                status = response.json().get("status", response.text) if is_json else response.text[:200]
                 if status.startswith("failed"):
                     break
             except httpx.TransportError:
@@ -84,8 +87,19 @@ def server_process(
 
     Its output goes to `log_path` (a temporary file when None). `env` is the whole environment when given. At the
     end a process still running is stopped: with SIGTERM and a wait for its drain when `graceful_stop`, else killed."""
+    command = lambda port: [sys.executable, "-m", "server.cli", "serve", *args, "--host", HOST, "--port", str(port)]  # noqa: E731
+    with child_server(command, log_path=log_path, env=env, ready_timeout_s=ready_timeout_s, graceful_stop=graceful_stop) as started:
+        yield started
+
+
+@contextmanager
+def child_server(
+    command: Callable[[int], list[str]], *, ready_path: str = "/readyz", log_path: Path | None = None,
+    env: dict[str, str] | None = None, ready_timeout_s: float = 90.0, graceful_stop: bool = False,
+) -> Iterator[tuple[subprocess.Popen, str]]:  # fmt: skip
+    """Any HTTP server as a child process: `command(port)` on a free loopback port, ready when `ready_path` answers
+    200; yields (process, URL), and stops it at the end as server_process does."""
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", *args, "--host", HOST, "--port", str(port)]
     url = f"http://{HOST}:{port}"
     with open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile() as log:
 
@@ -94,9 +108,9 @@ def server_process(
             log.seek(0)
             return log.read().decode(errors="replace")[-3000:]
 
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy() if env is None else env)
+        process = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy() if env is None else env)
         try:
-            wait_until_ready(url, alive=lambda: process.poll() is None, timeout_s=ready_timeout_s, describe=printed)
+            wait_until_ready(url, alive=lambda: process.poll() is None, timeout_s=ready_timeout_s, describe=printed, path=ready_path)
             yield process, url
         finally:
             if process.poll() is None:

@@ -20,7 +20,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.load_client import Connection, LoadClientError
-from server.running import ServerStartError, server_process, server_thread
+from server.running import ServerStartError, child_server, server_process, server_thread
 from server.settings import Settings
 from softdimo.device import resolve_device
 from softdimo.bench import (
@@ -183,7 +183,8 @@ async def closed_loop(
                     if status == 200:
                         payload = json.loads(content)
                         result.images = len(payload["data"])
-                        result.queue_s, result.compute_s = payload["timing"]["queue_s"], payload["timing"]["compute_s"]
+                        if "timing" in payload:  # a peer server answers without the contract's timing
+                            result.queue_s, result.compute_s = payload["timing"]["queue_s"], payload["timing"]["compute_s"]
                 except (LoadClientError, TimeoutError, ValueError, KeyError) as exc:  # no answer, or a 200 without the contract's body
                     result = RequestResult(time.perf_counter() - sent, 0, path=path, error=type(exc).__name__)
                 results.append(result)
@@ -216,21 +217,27 @@ async def batch_counters(client: httpx.AsyncClient, target: Target) -> tuple[flo
     return found["softdimo_batch_size_sum"], found["softdimo_batch_size_count"]
 
 
-async def run_load(url: str, target: Target, load: Load) -> dict:
-    """Warm up, then run `load.rounds` measured rounds; the summary covers the measured rounds only."""
+async def run_load(url: str, target: Target, load: Load, server_metrics: bool = True) -> dict:
+    """Warm up, then run `load.rounds` measured rounds; the summary covers the measured rounds only. Batch sizes come
+    from the server's /metrics (`server_metrics`; a peer server has none)."""
     seeds = itertools.count()
     async with httpx.AsyncClient(base_url=url, timeout=load.timeout_s, trust_env=False) as client:
+        counters = (lambda: batch_counters(client, target)) if server_metrics else _no_counters
         bound = {"concurrency": load.concurrency, "max_requests": load.max_requests, "timeout_s": load.timeout_s}
         if load.warmup_s > 0:
             await closed_loop(url, fixed_requests(target, seeds), duration_s=load.warmup_s, **bound)
-        before = await batch_counters(client, target)
+        before = await counters()
         samples, walls = [], []
         for _ in range(load.rounds):
             round_samples, wall = await closed_loop(url, fixed_requests(target, seeds), duration_s=load.duration_s, **bound)
             samples += round_samples
             walls.append(wall)
-        after = await batch_counters(client, target)
+        after = await counters()
     return summarize(samples, walls, concurrency=load.concurrency, batches=(after[0] - before[0], after[1] - before[1]))
+
+
+async def _no_counters() -> tuple[float, float]:
+    return 0.0, 0.0
 
 
 def summarize(samples: Sequence[RequestResult], walls: Sequence[float], *, concurrency: int, batches: tuple[float, float]) -> dict:
@@ -356,6 +363,7 @@ class ServeBench(ServerBench):
     compare_batch_size: int = 1  # the other server's --max-batch-size
     endpoint: str = "generate"  # "generate" or "refine"
     tteo_steps: int | None = None  # /refine: TTEO steps per request; None: the bundle's
+    peer: str | None = None  # "litserve": the model behind LitServe (server/litserve_peer.py) is arm B
 
     def __post_init__(self):
         if isinstance(self.model, str):  # one folder may be given as a string
@@ -365,7 +373,12 @@ class ServeBench(ServerBench):
         check_options(positive=positive)
         if self.endpoint not in ("generate", "refine"):
             raise BenchError("--endpoint is generate or refine")
-        self.serve_arms()  # one value or two for each option
+        arms = self.serve_arms()  # one value or two for each option
+        if self.peer is not None:
+            if self.peer not in PEERS:
+                raise BenchError(f"--peer is one of {', '.join(PEERS)}")
+            if len(arms) != 1 or self.endpoint != "generate":
+                raise BenchError("--peer serves one model's /generate: give one --model and one runtime setting")
 
     def serve_arms(self) -> list[dict]:
         return self.arms({"model": self.model})
@@ -375,7 +388,7 @@ def run_serve(config: ServeBench, command: str) -> dict:
     """One arm: the concurrency sweep against a batched and an unbatched server, and how both compare with offline.
     Two arms (two models, or two runtime settings): both servers up at once, and at each level interleaved rounds."""
     arms = config.serve_arms()
-    if len(arms) == 2:
+    if len(arms) == 2 or config.peer is not None:
         return run_serve_comparison(config, command, arms)
     device = resolve_device(config.device)
     model_path, runtime = arms[0]["model"], arms[0]["runtime"]
@@ -401,7 +414,8 @@ def run_serve(config: ServeBench, command: str) -> dict:
 def run_serve_comparison(config: ServeBench, command: str, arms: list[dict]) -> dict:
     """Two servers, A and B, each with its model and runtime and --max-batch-size, up at the same time. At each
     concurrency level both are warmed up, then measured in `rounds` interleaved rounds of duration_s / rounds each
-    (A, B, B, A, …), so both see the same machine within seconds of each other."""
+    (A, B, B, A, …), so both see the same machine within seconds of each other. With `config.peer`, B is the one
+    model behind the peer server, batching as A does (the same largest batch and wait for company)."""
     device = resolve_device(config.device)
     path = f"/{config.endpoint}"
     models = [_model_info(arm["model"]) for arm in arms]
@@ -411,20 +425,61 @@ def run_serve_comparison(config: ServeBench, command: str, arms: list[dict]) -> 
         specs = [config.spec([arm["model"]], config.max_batch_size, arm["runtime"]) for arm in arms]
         urls = [stack.enter_context(running_server(spec)) for spec in specs]
         targets = [target_for(model_cards(url)[model["name"]], path, config.tteo_steps) for url, model in zip(urls, models)]
+        server_metrics = [True, True]
+        if config.peer is not None:  # A: the peer, B: softdimo, so that B / A is what softdimo gains
+            urls.insert(0, stack.enter_context(peer_server(config, arms[0]["model"])))
+            targets.insert(0, targets[0])
+            models.insert(0, models[0])
+            server_metrics[0] = False
         for concurrency in config.concurrency:
             if config.warmup_s > 0:
-                for url, target in zip(urls, targets):
-                    asyncio.run(run_load(url, target, replace(round_load, concurrency=concurrency, duration_s=config.warmup_s)))
+                for url, target, metrics in zip(urls, targets, server_metrics):
+                    asyncio.run(run_load(url, target, replace(round_load, concurrency=concurrency, duration_s=config.warmup_s), metrics))
             load = replace(round_load, concurrency=concurrency)
-            measures = [lambda u=url, t=target: asyncio.run(run_load(u, t, load)) for url, target in zip(urls, targets)]
+            measures = [
+                lambda u=url, t=target, m=metrics: asyncio.run(run_load(u, t, load, m))
+                for url, target, metrics in zip(urls, targets, server_metrics)
+            ]  # fmt: skip
             a, b = interleaved(measures, rounds=config.rounds)
             stats = compare_rounds([r["images_per_s"] for r in a], [r["images_per_s"] for r in b])
             levels.append({"concurrency": concurrency, **stats, "rounds_measured": {"A": a, "B": b}})
+    runtimes = [arm["runtime"].to_dict() for arm in arms] * (2 if config.peer else 1)
+    described = [{"label": label, **model, "runtime": runtime} for label, model, runtime in zip("AB", models, runtimes)]
+    if config.peer is not None:
+        described[0]["server"] = PEERS[config.peer]()
     return {
-        "bench": "serve", "machine": machine_info(device, command), "config": asdict(config), "endpoint": path,
-        "arms": [{"label": label, **model, "runtime": arm["runtime"].to_dict()} for label, model, arm in zip("AB", models, arms)],
+        "bench": "serve", "machine": machine_info(device, command), "config": asdict(config), "endpoint": path, "arms": described,
         "comparison": levels,
     }  # fmt: skip
+
+
+def _litserve_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"LitServe {version('litserve')}"
+    except PackageNotFoundError as exc:
+        raise BenchError("--peer litserve needs LitServe: pip install litserve") from exc
+
+
+PEERS = {"litserve": _litserve_version}  # peer server -> what it is, by its installed version
+
+
+@contextmanager
+def peer_server(config: ServeBench, model: str) -> Iterator[str]:
+    """The model behind the peer server in a child process (server/litserve_peer.py), batching as `config`'s server
+    does: the same largest batch and the same wait for company (the server's default when not given)."""
+    PEERS[config.peer]()
+    wait_ms = config.max_wait_ms if config.max_wait_ms is not None else Settings.model_fields["max_wait_ms"].default
+    command = lambda port: [  # noqa: E731
+        sys.executable, "-m", "server.litserve_peer", "--model", str(Path(model).resolve()), "--port", str(port),
+        "--device", config.device, "--max-batch-size", str(config.max_batch_size), "--batch-timeout-ms", str(wait_ms),
+    ]  # fmt: skip
+    try:
+        with child_server(command, ready_path="/health", ready_timeout_s=300) as (_, url):
+            yield url
+    except ServerStartError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 def serve_comparisons(runs: dict, offline: dict[int, float], max_batch_size: int) -> dict:
@@ -470,21 +525,24 @@ def serve_comparison_table(result: dict) -> str:
     for level in result["comparison"]:
         ra, rb = level["rounds_measured"]["A"], level["rounds_measured"]["B"]
         p50 = lambda r: r["latency_ms"]["p50"]  # noqa: E731
+        p99 = lambda r: r["latency_ms"]["p99"]  # noqa: E731
         failed = lambda rounds: sum(r["requests"] - r["ok"] for r in rounds)  # noqa: E731
         rows.append([
             level["concurrency"], level["a"], level["b"], level["ratio"], ratio_range(level), median(ra, p50), median(rb, p50),
-            failed(ra), failed(rb),
+            median(ra, p99), median(rb, p99), failed(ra), failed(rb),
         ])  # fmt: skip
     table = markdown_table(
-        ["concurrency", "A images/s", "B images/s", "B / A", "B / A range", "A p50 ms", "B p50 ms", "A failed", "B failed"], rows
-    )
+        ["concurrency", "A images/s", "B images/s", "B / A", "B / A range", "A p50 ms", "B p50 ms", "A p99 ms", "B p99 ms",
+         "A failed", "B failed"], rows,
+    )  # fmt: skip
     arm = lambda x: f"`{x['name']}` from `{x['path']}` ({x['kind']}; {runtime_words(x['runtime'])})"  # noqa: E731
+    server = lambda x: x.get("server", "softdimo")  # noqa: E731
     return (
-        f"{machine_header(result['machine'])}\n\n`{result['endpoint']}`, A: {arm(a)}, B: {arm(b)}; both servers up at once "
-        f"(--max-batch-size {cfg['max_batch_size']}), closed loop. Each level: {cfg['warmup_s']:g} s warm-up on each, then "
-        f"{cfg['rounds']} rounds of {cfg['duration_s'] / cfg['rounds']:g} s per server interleaved A, B, B, A, …; images/s is "
-        f"each server's median round, B / A the median of the rounds' ratios and its range their least and greatest, p50 "
-        f"the median round's.\n\n{table}\n"
+        f"{machine_header(result['machine'])}\n\n`{result['endpoint']}`, A: {server(a)} serving {arm(a)}, B: {server(b)} serving "
+        f"{arm(b)}; both servers up at once (largest batch {cfg['max_batch_size']}), closed loop. Each level: "
+        f"{cfg['warmup_s']:g} s warm-up on each, then {cfg['rounds']} rounds of {cfg['duration_s'] / cfg['rounds']:g} s per "
+        f"server interleaved A, B, B, A, …; images/s is each server's median round, B / A the median of the rounds' ratios "
+        f"and its range their least and greatest, p50 and p99 the median round's.\n\n{table}\n"
     )
 
 

@@ -46,12 +46,17 @@ class OneStepGenerator:
         masked = torch.zeros_like(tokens, dtype=torch.bool).scatter(1, order[:, :masked_count], True)
         return torch.where(masked, self.cfg.mask_id, tokens)
 
-    def initial_embeddings(self, noise: ImageNoise) -> torch.Tensor:
-        """The generator's input: embedded hybrid tokens plus Gaussian noise, (B, N, D) on the model's device."""
+    def initial_embeddings(self, noise: ImageNoise, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """The generator's input: embedded hybrid tokens plus Gaussian noise, (B, N, D) on the model's device,
+        plus the layout latent's embeddings for a model with one (drawn from `noise` unless `latent` is given)."""
         device = self.device
         tokens = self.initial_tokens(noise).to(device)
         eps = noise.randn(self.cfg.tokens, self.cfg.width).to(device)
-        return perturb_embeddings(self.model.embed(tokens), self.settings.sigma, eps)
+        embeddings = perturb_embeddings(self.model.embed(tokens), self.settings.sigma, eps)
+        if not self.cfg.latent_dim:
+            return embeddings
+        drawn = noise.randn(self.cfg.latent_dim).to(device)
+        return embeddings + self.model.latent_embeddings(drawn if latent is None else latent)
 
     def logits(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Input embeddings (B, N, D) -> output logits (B, N, K); differentiable in both weights and input."""

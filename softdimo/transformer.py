@@ -26,6 +26,9 @@ class TransformerConfig:
     # input embedding and output logit get a learned function of its code vector, so tokens whose codes lie
     # close share what is learned about them instead of each being learned from its own occurrences alone.
     code_dim: int = 0
+    # > 0: a one-step generator's layout latent, a Gaussian vector of this size that `latent_input` maps to an
+    # embedding at every image position, added to the input: one draw the whole image can read its layout from.
+    latent_dim: int = 0
 
     def __post_init__(self):
         if (self.text_vocab > 0) == (self.num_classes > 0):
@@ -125,6 +128,8 @@ class MaskedTransformer(nn.Module):
             self.register_buffer("code_vectors", torch.zeros(cfg.codebook_size, cfg.code_dim))
             self.code_in = _code_features(cfg)
             self.code_out = _code_features(cfg)
+        if cfg.latent_dim:
+            self.latent_input = nn.Linear(cfg.latent_dim, cfg.tokens * cfg.width)
         self.apply(self._init)
         nn.init.normal_(self.position, std=0.02)
 
@@ -162,6 +167,10 @@ class MaskedTransformer(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, N), mask id allowed -> input embeddings (B, N, D)."""
         return F.embedding(tokens, self.input_table())
+
+    def latent_embeddings(self, latent: torch.Tensor) -> torch.Tensor:
+        """Layout latents (B, latent_dim) -> what they add to the input embeddings, (B, N, D)."""
+        return self.latent_input(latent).view(latent.shape[0], self.cfg.tokens, self.cfg.width)
 
     def soft_embed(self, probs: torch.Tensor) -> torch.Tensor:
         """Distributions over the codebook (B, N, K) -> expected input embeddings (B, N, D)."""

@@ -12,7 +12,7 @@ import json
 import os
 import time
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,7 +20,7 @@ import torch
 
 from softdimo.train import distributed
 
-STAGES = ("tokenizer", "features", "reward", "teacher", "distill")
+STAGES = ("tokenizer", "features", "reward", "teacher", "latent", "distill")
 INPUTS = ("tokenizer", "teacher", "init", "reward")  # the bundles a stage may read, each perhaps another recipe's `out`
 DONE = "done.json"
 EXPORT_ONLY = ("sampler", "tteo")  # tables that shape only the written bundle: changing one re-exports without retraining
@@ -355,9 +355,8 @@ def _teacher(recipe: Recipe, device: torch.device) -> Path:
 def _distill(recipe: Recipe, device: torch.device) -> Path:
     from softdimo.bundle import read_bundle
     from softdimo.generator import GeneratorSettings
-    from softdimo.pipeline import load_pipeline, load_reward, save_one_step
+    from softdimo.pipeline import load_pipeline, load_reward
     from softdimo.train.distill import DistillParts, DistillTraining, train_distill
-    from softdimo.tteo import TTEOSettings
 
     inputs = recipe.inputs
     teacher = load_pipeline(inputs["teacher"], device)
@@ -368,7 +367,7 @@ def _distill(recipe: Recipe, device: torch.device) -> Path:
     initial = None
     if "init" in inputs:
         start = load_pipeline(inputs["init"], device)
-        if not hasattr(start, "generator") or start.generator.cfg != teacher.model.cfg:
+        if not hasattr(start, "generator") or replace(start.generator.cfg, latent_dim=0) != teacher.model.cfg:
             raise RecipeError(f"{recipe.path}: init {inputs['init']} is not a one-step model of the teacher's architecture")
         initial = start.generator.model
     prompts = None
@@ -382,24 +381,49 @@ def _distill(recipe: Recipe, device: torch.device) -> Path:
     generator = train_distill(run_dir=recipe.run_dir, parts=parts, generator_settings=settings, training=training, device=device)
     if not distributed.current().is_main:
         return recipe.out
+    return _save_generator(recipe, generator, teacher.conditioner, training=asdict(training))
+
+
+def _latent(recipe: Recipe, device: torch.device) -> Path:
+    from softdimo.generator import GeneratorSettings
+    from softdimo.pipeline import load_pipeline
+    from softdimo.train.latent import LatentTraining, train_latent
+
+    teacher = load_pipeline(recipe.inputs["teacher"], device)
+    training = build(LatentTraining, recipe.table("training"))
+    latent_dim = recipe.table("transformer").get("latent_dim", 0)
+    generator = train_latent(
+        run_dir=recipe.run_dir, teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner,
+        latent_dim=latent_dim, generator_settings=build(GeneratorSettings, recipe.table("generator")), training=training, device=device,
+    )  # fmt: skip
+    return _save_generator(recipe, generator, teacher.conditioner, training=asdict(training))
+
+
+def _save_generator(recipe: Recipe, generator, conditioner, training: dict) -> Path:
+    """Write a one-step stage's bundle: its teacher's tokenizer, the recipe's reward (if any) and TTEO settings."""
+    from softdimo.bundle import read_bundle
+    from softdimo.pipeline import save_one_step
+    from softdimo.tteo import TTEOSettings
+
+    inputs = recipe.inputs
     generator.model.cpu()
     teacher_bundle = read_bundle(inputs["teacher"])
-    reward_references = [_relative(inputs["reward"], recipe.out)] if reward is not None else []
+    reward_references = [_relative(inputs["reward"], recipe.out)] if "reward" in inputs else []
     tteo = build(TTEOSettings, recipe.table("tteo"))
     if teacher_bundle.config.get("architecture") == "diffusers-muse":
         from softdimo import muse
 
         return muse.export_generator(
             generator=generator, teacher=teacher_bundle, path=recipe.out, name=recipe.out.name, reward_references=reward_references,
-            tteo=tteo.to_dict(), training=asdict(training), teacher_reference=_relative(inputs["teacher"], recipe.out),
+            tteo=tteo.to_dict(), training=training, teacher_reference=_relative(inputs["teacher"], recipe.out),
         )  # fmt: skip
     return save_one_step(
-        generator, recipe.out, name=recipe.out.name, conditioner=teacher.conditioner,
+        generator, recipe.out, name=recipe.out.name, conditioner=conditioner,
         tokenizer_reference=_relative(teacher_bundle.path / teacher_bundle.config["tokenizer"], recipe.out),
-        reward_references=reward_references, tteo=tteo, teacher_reference=_relative(inputs["teacher"], recipe.out), training=asdict(training),
+        reward_references=reward_references, tteo=tteo, teacher_reference=_relative(inputs["teacher"], recipe.out), training=training,
     )  # fmt: skip
 
 
 RUNNERS: dict[str, Callable[[Recipe, torch.device], Path]] = {
-    "tokenizer": _tokenizer, "features": _features, "reward": _reward, "teacher": _teacher, "distill": _distill,
+    "tokenizer": _tokenizer, "features": _features, "reward": _reward, "teacher": _teacher, "latent": _latent, "distill": _distill,
 }  # fmt: skip

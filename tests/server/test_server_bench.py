@@ -157,8 +157,28 @@ def test_serve_compares_two_models_side_by_side_in_interleaved_rounds(tiny_bundl
         ratios = [y["images_per_s"] / x["images_per_s"] for x, y in zip(a, b)]
         assert level["ratio"] == pytest.approx(statistics.median(ratios)) and level["ratio_min"] == min(ratios)
     table = bench.serve_table(result)
-    assert "A: `tiny-one-step`" in table and "B: `tiny-one-step-class`" in table
+    assert "A: softdimo serving `tiny-one-step`" in table and "B: softdimo serving `tiny-one-step-class`" in table
     assert "| concurrency | A images/s | B images/s | B / A |" in table
+
+
+def test_serve_measures_softdimo_against_litserve_serving_the_same_pipeline(tiny_bundles):
+    from importlib.metadata import version
+
+    config = bench.ServeBench(model=str(tiny_bundles["one-step"]), concurrency=(2,), max_batch_size=2, rounds=2, peer="litserve", **FAST)
+    result = bench.run_serve(config, "softdimo bench serve --peer litserve")
+    peer, ours = result["arms"]
+    assert peer["server"] == f"LitServe {version('litserve')}" and "server" not in ours
+    assert peer["name"] == ours["name"] == "tiny-one-step"
+    (level,) = result["comparison"]
+    for label in "AB":
+        for measured in level["rounds_measured"][label]:
+            assert measured["ok"] == measured["requests"] == measured["images"] > 0  # every request answered with its image
+    for measured in level["rounds_measured"]["B"]:
+        _check_level(measured, 2)  # softdimo's own split of the time and its batches, from its /metrics
+    assert level["ratio"] > 0
+    assert "A: LitServe" in bench.serve_table(result)
+    with pytest.raises(bench.BenchError, match="one model"):
+        bench.ServeBench(model=(str(tiny_bundles["one-step"]),) * 2, peer="litserve", **FAST)
 
 
 def test_two_runtime_settings_are_refused_where_nothing_is_compared(tiny_bundles):

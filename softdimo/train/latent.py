@@ -1,0 +1,130 @@
+"""Training stage: a one-step generator with a layout latent, fitted to the world's images as a conditional VAE.
+
+Di[M]O's input noise is independent per token, so a one-step generator must agree across 64 positions on one
+layout from 64 unrelated draws. Here the generator also reads one Gaussian vector (TransformerConfig.latent_dim):
+an encoder, used only in training, maps each training image to a posterior over that vector, the generator
+(initialised from the teacher) learns to draw the image back from a sample of it, and a KL term keeps the
+posteriors close to the standard normal the generator is sampled from. The result starts Di[M]O distillation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softdimo import judge
+from softdimo.conditioning import Conditioner
+from softdimo.generator import GeneratorSettings, OneStepGenerator
+from softdimo.seeding import ImageNoise
+from softdimo.train import loop
+from softdimo.train.teacher import training_batch
+from softdimo.transformer import MaskedTransformer
+from softdimo.vq import VQTokenizer
+
+
+@dataclass(frozen=True)
+class LatentTraining:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    kl_weight: float = 1.0  # 1 is the VAE's bound; the reconstruction term is summed over an image's tokens
+    encoder_width: int = 128
+    encoder_depth: int = 2
+    encoder_heads: int = 4
+    seed: int = 0
+    eval_every: int = 500
+    eval_prompts: int = 100
+    placement: str = "grid"  # where the world's objects sit (shapes.PLACEMENTS)
+
+
+class LayoutEncoder(nn.Module):
+    """Image tokens and conditioning -> the mean and log-variance of the layout latent, (B, L) each."""
+
+    def __init__(self, like: MaskedTransformer, latent_dim: int, training: LatentTraining):
+        super().__init__()
+        cfg = replace(
+            like.cfg, width=training.encoder_width, depth=training.encoder_depth, heads=training.encoder_heads, code_dim=0, latent_dim=0,
+        )  # fmt: skip
+        self.body = MaskedTransformer(cfg)
+        self.narrow = nn.Linear(cfg.width, 8)  # each position's few numbers keep where things are in the readout
+        self.readout = nn.Linear(cfg.tokens * 8, 2 * latent_dim)
+
+    def forward(self, tokens: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (states,) = self.body.hidden_states(self.body.embed(tokens), condition, (self.body.cfg.depth - 1,))
+        mean, log_var = self.readout(self.narrow(states).flatten(1)).chunk(2, dim=-1)
+        return mean, log_var.clamp(-10.0, 4.0)
+
+
+def latent_student(teacher: MaskedTransformer, latent_dim: int) -> MaskedTransformer:
+    """The teacher's network with a layout latent input; every weight but the latent's is the teacher's."""
+    student = MaskedTransformer(replace(teacher.cfg, latent_dim=latent_dim)).to(next(teacher.parameters()).device)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("latent_input.") for key in missing):
+        raise ValueError(f"the teacher's weights do not fit its own architecture: missing {missing}, unexpected {unexpected}")
+    return student
+
+
+def train_latent(
+    *, run_dir: Path, teacher: MaskedTransformer, tokenizer: VQTokenizer, conditioner: Conditioner, latent_dim: int,
+    generator_settings: GeneratorSettings, training: LatentTraining, device: torch.device,
+) -> OneStepGenerator:  # fmt: skip
+    from softdimo.pipeline import OneStepPipeline
+    from softdimo.tteo import TTEOSettings
+
+    if latent_dim < 1:
+        raise ValueError(f"a layout latent needs latent_dim >= 1, got {latent_dim}")
+    torch.manual_seed(training.seed)
+    student = latent_student(teacher.to(device), latent_dim).train()
+    for p in student.input_parameters():  # as in Di[M]O, the embedding tables and positions stay the teacher's
+        p.requires_grad_(False)
+    encoder = LayoutEncoder(student, latent_dim, training).to(device)
+    generator = OneStepGenerator(student, generator_settings)
+    trainable = [p for p in (*student.parameters(), *encoder.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
+    tokenizer = tokenizer.to(device).eval()
+    eval_prompts = judge.held_out_prompts(training.eval_prompts, seed=20_000, kinds=conditioner.kinds)
+
+    def step_fn(step: int) -> dict[str, float]:
+        loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
+        rng = np.random.default_rng([training.seed, step])
+        tokens, condition = training_batch(
+            rng=rng, size=training.batch_size, conditioner=conditioner, tokenizer=tokenizer, device=device, placement=training.placement,
+        )  # fmt: skip
+        b = tokens.shape[0]
+        g = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
+        mean, log_var = encoder(tokens, condition)
+        latent = mean + (0.5 * log_var).exp() * torch.randn(mean.shape, generator=g).to(device)
+        noise = ImageNoise(rng.integers(0, 2**62, size=b).tolist(), device)
+        logits = generator.logits(generator.initial_embeddings(noise, latent=latent), condition)
+        reconstruction = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="sum") / b
+        kl = 0.5 * (mean**2 + log_var.exp() - 1 - log_var).sum(-1).mean()
+        loss = reconstruction + training.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        return {"reconstruction": reconstruction.item(), "kl": kl.item()}
+
+    def eval_fn(step: int) -> dict[str, float]:
+        pipeline = OneStepPipeline(generator=generator, tokenizer=tokenizer, conditioner=conditioner, rewards={}, tteo=TTEOSettings())
+        rates = judge.pass_rates(pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts))), eval_prompts)
+        return {"pass": rates.overall, **{f"pass_{k}": v for k, v in rates.per_kind.items()}}
+
+    loop.run(
+        run_dir=run_dir,
+        modules={"student": student, "encoder": encoder},
+        optimizers={"latent": optimizer},
+        step_fn=step_fn,
+        steps=training.steps,
+        eval_fn=eval_fn,
+        eval_every=training.eval_every,
+        description="layout latent",
+    )
+    student.eval()
+    return generator

@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch_size: int = Field(16, ge=1, le=1024, description="images per executed batch")
     # How models run (softdimo/runtime.py, where the defaults are stated): all off unless asked.
-    precision: Literal["fp32", "bf16"] = Field(RuntimeSettings.precision, description="bf16: models run under bfloat16 autocast")
+    precision: Literal["fp32", "bf16", "int8"] = Field(
+        RuntimeSettings.precision, description="bf16: models run under bfloat16 autocast; int8: int8 Linear weights for /generate (CPU)"
+    )
     compile: bool = Field(
         RuntimeSettings.compile, description="torch.compile each model, batches padded to power-of-two sizes (CUDA graphs)"
     )

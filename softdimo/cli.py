@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from softdimo.runtime import PRECISIONS
 from softdimo.shipped import DEFAULT_FEATURES, DEFAULT_MODEL
 
 
@@ -208,7 +209,7 @@ def _add_bench_parser(commands) -> SuiteAdder:
 DEVICE_OPTION = (("--device",), {"choices": ["auto", "cpu", "cuda"]})
 # How the models run (softdimo.runtime), one value or two to compare: e.g. --precision fp32 bf16.
 RUNTIME_OPTIONS = [
-    (("--precision",), {"nargs": "+", "choices": ["fp32", "bf16"], "help": "bf16: under bfloat16 autocast"}),
+    (("--precision",), {"nargs": "+", "choices": list(PRECISIONS), "help": "bf16: under bfloat16 autocast; int8: int8 Linear weights (CPU)"}),
     (("--compile",), {"nargs": "+", "choices": ["off", "on"], "help": "torch.compile, batches padded to power-of-two buckets"}),
     (("--pin-memory",), {"nargs": "+", "choices": ["off", "on"], "help": "images back to the host through pinned memory"}),
 ]
@@ -245,7 +246,7 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--placement", choices=["grid", "free"], default="grid", help="where the reference images' objects sit")
     ev.add_argument("--sampler", nargs="*", metavar="KEY=VALUE", help="teachers: override sampler settings, e.g. guidance=3")
-    ev.add_argument("--precision", choices=["fp32", "bf16"], help="sample as the server would with this precision (default fp32)")
+    ev.add_argument("--precision", choices=list(PRECISIONS), help="sample as the server would with this precision (default fp32)")
     ev.add_argument("--compile", action="store_true", help="sample through the compiled network, as the server would with --compile")
     ev.add_argument("--tteo", nargs="*", metavar="KEY=VALUE", help="one-step models: override TTEO settings, e.g. target=logits lr=0.05")
     ev.set_defaults(func=_eval)

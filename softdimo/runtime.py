@@ -1,10 +1,12 @@
-"""How a pipeline's batches run on their device: bf16 autocast, a compiled network fed fixed batch buckets (CUDA
-graphs on CUDA), and images copied back through pinned host memory. Every option is off by default; each runs on
-CPU too, with the same outputs (bf16 within its rounding), except pinning, which needs an accelerator."""
+"""How a pipeline's batches run on their device: bf16 autocast or int8 weights, a compiled network fed fixed batch
+buckets (CUDA graphs on CUDA), and images copied back through pinned host memory. Every option is off by default;
+each runs on CPU too, with the same outputs (bf16 and int8 within their rounding), except pinning, which needs an
+accelerator, and int8, which runs on CPU only."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
@@ -13,12 +15,14 @@ import torch
 
 from softdimo.vq import HOST_COPY
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+# precision -> the autocast dtype it runs under (None: none). int8 quantises the network's Linear layers dynamically
+# (int8 weights, activations quantised per batch) for /generate; TTEO, which needs gradients, stays fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "int8": None}
 
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    precision: str = "fp32"  # "bf16": run under torch.autocast in bfloat16 (weights stay fp32, logits come out bf16)
+    precision: str = "fp32"  # "bf16": under torch.autocast in bfloat16 (weights stay fp32); "int8": see PRECISIONS
     # torch.compile the network's forward_embeddings for /generate batches, each padded to the next bucket size
     # (powers of two up to the largest batch) so that every compiled shape is reused; on CUDA as CUDA graphs.
     compile: bool = False
@@ -43,7 +47,7 @@ class Runtime:
     def __init__(self, settings: RuntimeSettings = RuntimeSettings(), *, max_batch_size: int = 1):
         self.settings = settings
         self.buckets = bucket_sizes(max_batch_size) if settings.compile else ()
-        self._compiled: dict[int, object] = {}  # id(network) -> its compiled forward_embeddings
+        self._swapped: dict[int, object] = {}  # id(network) -> its int8 and/or compiled forward_embeddings
 
     def bucket(self, n: int) -> int:
         """The batch size `n` images run at: the next bucket when compiled (past the largest, n itself), else n."""
@@ -57,8 +61,8 @@ class Runtime:
         if size > n:
             condition = torch.cat([condition, condition[-1:].expand(size - n, *condition.shape[1:])])
             seeds = [*seeds, *[seeds[-1]] * (size - n)]
-        compiled = self._compiled_network(pipeline) if self.settings.compile else contextlib.nullcontext()
-        with self.running(pipeline), compiled:
+        swapped = self._swapped_network(pipeline) if self.settings.compile or self.settings.precision == "int8" else contextlib.nullcontext()
+        with self.running(pipeline), swapped:
             images = pipeline.generate(self.to_device(condition, pipeline.device), seeds, steps)
         return images[:n]
 
@@ -91,15 +95,24 @@ class Runtime:
         return host
 
     @contextlib.contextmanager
-    def _compiled_network(self, pipeline) -> Iterator[None]:
+    def _swapped_network(self, pipeline) -> Iterator[None]:
         """The pipeline's network answers forward_embeddings (every forward pass of the project's networks goes through
-        it) with its compiled version for the call; TTEO, which needs gradients, keeps the eager one."""
+        it) with its int8 and/or compiled version for the call; TTEO, which needs gradients, keeps the eager one."""
         network = (pipeline.generator if hasattr(pipeline, "generator") else pipeline).model
-        compiled = self._compiled.get(id(network))
-        if compiled is None:
-            mode = "reduce-overhead" if pipeline.device.type == "cuda" else None  # reduce-overhead: CUDA graphs
-            compiled = self._compiled[id(network)] = torch.compile(network.forward_embeddings, dynamic=False, mode=mode)
-        network.forward_embeddings = compiled  # an instance attribute shadows the method
+        swapped = self._swapped.get(id(network))
+        if swapped is None:
+            forward = network.forward_embeddings
+            if self.settings.precision == "int8":
+                if pipeline.device.type != "cpu":
+                    raise ValueError("int8 precision runs on CPU: use fp32 or bf16 on an accelerator")
+                with warnings.catch_warnings():  # torch marks its quantised tensors for a future move; they work as stated
+                    warnings.simplefilter("ignore", UserWarning)
+                    forward = torch.ao.quantization.quantize_dynamic(network, {torch.nn.Linear}, dtype=torch.qint8).forward_embeddings
+            if self.settings.compile:
+                mode = "reduce-overhead" if pipeline.device.type == "cuda" else None  # reduce-overhead: CUDA graphs
+                forward = torch.compile(forward, dynamic=False, mode=mode)
+            swapped = self._swapped[id(network)] = forward
+        network.forward_embeddings = swapped  # an instance attribute shadows the method
         try:
             yield
         finally:

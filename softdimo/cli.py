@@ -71,7 +71,7 @@ def _eval(args: argparse.Namespace) -> None:
         table = report.evaluate_bundle(
             model_path, features=features, prompts=args.prompts, steps=args.steps, tteo_steps=args.tteo_steps,
             best_of=args.best_of, device=device, grid_dir=Path(args.grid) if args.grid else None, placement=args.placement,
-            sampler=_settings(args.sampler), tteo=_settings(args.tteo),
+            sampler=_settings(args.sampler), tteo=_settings(args.tteo), generator=_settings(args.generator),
             runtime=RuntimeSettings(**{k: v for k, v in {"precision": args.precision, "compile": args.compile or None}.items() if v is not None}),
         )  # fmt: skip
         print(f"\n{table.markdown()}\n")
@@ -248,6 +248,7 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--sampler", nargs="*", metavar="KEY=VALUE", help="teachers: override sampler settings, e.g. guidance=3")
     ev.add_argument("--precision", choices=list(PRECISIONS), help="sample as the server would with this precision (default fp32)")
     ev.add_argument("--compile", action="store_true", help="sample through the compiled network, as the server would with --compile")
+    ev.add_argument("--generator", nargs="*", metavar="KEY=VALUE", help="one-step models: override generator settings, e.g. latent_scale=0.8")
     ev.add_argument("--tteo", nargs="*", metavar="KEY=VALUE", help="one-step models: override TTEO settings, e.g. target=logits lr=0.05")
     ev.set_defaults(func=_eval)
 

@@ -15,6 +15,7 @@ class GeneratorSettings:
     r_init: float = 0.6  # share of input tokens replaced by the mask token (the rest are uniform random)
     sigma: float = 0.1  # Gaussian noise on the input embeddings: e <- sigma * eps + sqrt(1 - sigma^2) * e
     temperature: float = 1.0  # sampling temperature of output tokens; 0 takes the argmax
+    latent_scale: float = 1.0  # a model with a layout latent draws it from N(0, latent_scale^2): below 1, likelier layouts
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +56,7 @@ class OneStepGenerator:
         embeddings = perturb_embeddings(self.model.embed(tokens), self.settings.sigma, eps)
         if not self.cfg.latent_dim:
             return embeddings
-        drawn = noise.randn(self.cfg.latent_dim).to(device)
+        drawn = self.settings.latent_scale * noise.randn(self.cfg.latent_dim).to(device)
         return embeddings + self.model.latent_embeddings(drawn if latent is None else latent)
 
     def logits(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:

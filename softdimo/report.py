@@ -103,11 +103,12 @@ class EvaluationError(ValueError):
 def evaluate_bundle(
     path, *, features: FeatureNet, prompts: int, steps: Sequence[int] | None, tteo_steps: Sequence[int],
     best_of: Sequence[int], device, grid_dir=None, placement: str = "grid", sampler: dict | None = None,
-    tteo: dict | None = None, runtime=None,
+    tteo: dict | None = None, generator: dict | None = None, runtime=None,
 ) -> Table:  # fmt: skip
     """Every row for one bundle: reconstructions for a tokenizer; samples at each step count for a teacher;
     one step, TTEO at each step count and best-of-N (alone and with TTEO) for a one-step model.
-    `sampler` overrides a teacher's sampler settings and `tteo` a one-step model's TTEO settings (target, lr);
+    `sampler` overrides a teacher's sampler settings, `tteo` a one-step model's TTEO settings (target, lr) and
+    `generator` its generator settings (temperature, latent_scale);
     `runtime` (softdimo.runtime.RuntimeSettings) runs the sampled rows as the server would with it (bf16, compiled)."""
     from dataclasses import fields, replace
 
@@ -145,16 +146,18 @@ def evaluate_bundle(
         held_out = judge.held_out_prompts(prompts, seed=HELD_OUT_SEED, kinds=pipeline.conditioner.kinds)
         evaluator = Evaluator(held_out, features, placement)
         seeds = list(range(len(held_out)))
-        overrides = tteo if isinstance(pipeline, OneStepPipeline) else sampler
-        if overrides:
-            settings = pipeline.tteo if isinstance(pipeline, OneStepPipeline) else pipeline.sampler
+        if isinstance(pipeline, OneStepPipeline):
+            changes = [(pipeline, "tteo", tteo), (pipeline.generator, "settings", generator)]
+        else:
+            changes = [(pipeline, "sampler", sampler)]
+        for owner, attribute, overrides in changes:
+            if not overrides:
+                continue
+            settings = getattr(owner, attribute)
             known = [f.name for f in fields(settings)]
             if unknown := sorted(set(overrides) - set(known)):
                 raise EvaluationError(f"{name}: no {type(settings).__name__} setting {', '.join(unknown)}; settings are {', '.join(known)}")
-            if isinstance(pipeline, OneStepPipeline):
-                pipeline.tteo = replace(pipeline.tteo, **overrides)
-            else:
-                pipeline.sampler = replace(pipeline.sampler, **overrides)
+            setattr(owner, attribute, replace(settings, **overrides))
             name = f"{name} ({', '.join(f'{k} {v}' for k, v in overrides.items())})"
         if run is not None:
             name = f"{name} ({', '.join(f'{k} {v}' for k, v in runtime.to_dict().items() if v != getattr(RuntimeSettings(), k))})"

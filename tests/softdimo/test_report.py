@@ -67,6 +67,10 @@ def test_eval_overrides_tteo_settings_and_names_an_unknown_one(tmp_path, capsys)
     assert names[:2] == ["tiny-one-step (target logits, lr 0.5) (1 step)", "tiny-one-step (target logits, lr 0.5) + TTEO 1"]
     assert main([*args, "--tteo", "rate=0.5"]) == 2
     assert "no TTEOSettings setting rate; settings are steps, lr, best_of, target" in capsys.readouterr().err
+    assert main([*args, "--generator", "temperature=0", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["rows"][0]["name"] == "tiny-one-step (temperature 0) (1 step)"
+    assert main([*args, "--generator", "warmth=1"]) == 2
+    assert "no GeneratorSettings setting warmth" in capsys.readouterr().err
 
 
 def test_eval_of_a_one_step_model_without_a_reward_says_so_instead_of_tteo_rows(tmp_path, capsys):

@@ -31,6 +31,7 @@ class DistillTraining:
     aux_lr: float = 1e-4  # auxiliary model
     warmup: int = 100
     guidance: float = 2.0  # the teacher's classifier-free guidance while distilling
+    dimo_weight: float = 1.0  # 0 leaves Di[M]O's divergence (and its auxiliary model) out: the GAN and reward terms alone
     beta: float = 0.0  # generalised Jeffreys divergence: (1 - beta) forward KL + beta reverse KL
     schedule: str = "arccos"  # how many generator tokens are re-masked before teacher and auxiliary see them
     aux_label_smoothing: float = 0.1
@@ -198,12 +199,16 @@ def train_distill(
             tokens = generator.tokens_from(logits, gumbel)
             ratio = mask_ratio(torch.rand(b, generator=g), training.schedule).clamp(0.02, 0.98)[rows].to(device)
             noisy, mask = mask_tokens(tokens, ratio, torch.rand(b, n, generator=g)[rows].to(device), mask_id)
-            teacher_logits = guided_logits(teacher, noisy, condition, training.guidance)
-            aux_logits = aux_forward(noisy, condition)
-            grad = jeffreys_logit_gradient(aux_logits, teacher_logits, training.beta)
-        loss_dimo = surrogate_loss(logits.float(), grad, mask.float())
-        metrics = {"dimo": loss_dimo.item()}
-        loss_g = loss_dimo
+        metrics = {}
+        loss_g = logits.sum() * 0.0  # every term below adds to it; with none, the step changes nothing
+        if training.dimo_weight:
+            with torch.no_grad():
+                teacher_logits = guided_logits(teacher, noisy, condition, training.guidance)
+                aux_logits = aux_forward(noisy, condition)
+                grad = jeffreys_logit_gradient(aux_logits, teacher_logits, training.beta)
+            loss_dimo = surrogate_loss(logits.float(), grad, mask.float())
+            metrics["dimo"] = loss_dimo.item()
+            loss_g = loss_g + training.dimo_weight * loss_dimo
         if training.gan_weight or training.reward_weight:
             relaxed = relaxed_tokens(logits, training.relaxation, gumbel)
         if training.gan_weight:
@@ -224,17 +229,18 @@ def train_distill(
         # -- auxiliary model: cross-entropy on a fresh re-masking of the generator's samples
         ratios = mask_ratio(torch.rand(b, generator=g), training.schedule).clamp(0.02, 0.98)
         noisy, mask = mask_tokens(tokens, ratios[rows].to(device), torch.rand(b, n, generator=g)[rows].to(device), mask_id)
-        aux_out = aux_forward(noisy, condition)
-        if world.size == 1:
-            loss_aux = F.cross_entropy(aux_out[mask], tokens[mask], label_smoothing=training.aux_label_smoothing)
-        else:  # this rank's share of the mean over the global batch's masked tokens
-            summed = F.cross_entropy(aux_out[mask], tokens[mask], label_smoothing=training.aux_label_smoothing, reduction="sum")
-            loss_aux = summed * world.size / mask_counts(ratios, n).sum()
-        opt_aux.zero_grad(set_to_none=True)
-        loss_aux.backward()
-        torch.nn.utils.clip_grad_norm_(trainable(aux), 1.0)
-        opt_aux.step()
-        metrics["aux"] = loss_aux.item()
+        if training.dimo_weight:
+            aux_out = aux_forward(noisy, condition)
+            if world.size == 1:
+                loss_aux = F.cross_entropy(aux_out[mask], tokens[mask], label_smoothing=training.aux_label_smoothing)
+            else:  # this rank's share of the mean over the global batch's masked tokens
+                summed = F.cross_entropy(aux_out[mask], tokens[mask], label_smoothing=training.aux_label_smoothing, reduction="sum")
+                loss_aux = summed * world.size / mask_counts(ratios, n).sum()
+            opt_aux.zero_grad(set_to_none=True)
+            loss_aux.backward()
+            torch.nn.utils.clip_grad_norm_(trainable(aux), 1.0)
+            opt_aux.step()
+            metrics["aux"] = loss_aux.item()
 
         # -- discriminator heads: real = embeddings of data tokens, fake = the generator's relaxed embeddings
         if training.gan_weight:

@@ -111,3 +111,23 @@ def test_distillation_continues_from_a_one_step_model_and_leaves_it_untouched(tm
     # embeddings stay the starting model's; the blocks moved away from it (ema 0: the EMA is the student)
     assert torch.equal(trained["token_embedding.weight"], start_weights["token_embedding.weight"])
     assert any(not torch.equal(trained[k], start_weights[k]) for k in trained if k.startswith("blocks"))
+
+
+def test_without_dimo_only_the_gan_and_reward_terms_train_the_generator(tmp_path):
+    from tiny_bundles import write_all
+
+    from softdimo.bundle import read_bundle
+    from softdimo.generator import GeneratorSettings
+    from softdimo.pipeline import load_pipeline, load_reward
+    from softdimo.train.distill import DistillParts, DistillTraining, train_distill
+
+    bundles = write_all(tmp_path / "b")
+    teacher = load_pipeline(bundles["text"])
+    reward = load_reward(read_bundle(bundles["reward"]))
+    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward)
+    training = DistillTraining(steps=1, batch_size=2, dimo_weight=0.0, reward_weight=1.0, eval_every=1, eval_prompts=2, warmup=1, ema=0.0)
+    generator = train_distill(run_dir=tmp_path / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu")
+    (line,) = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert '"reward"' in line and '"dimo"' not in line and '"aux"' not in line  # no divergence, no auxiliary model trained
+    moved = [k for k, v in generator.model.state_dict().items() if not torch.equal(v, teacher.model.state_dict()[k])]
+    assert any(k.startswith("blocks") for k in moved)  # the reward alone moved the generator

@@ -108,7 +108,9 @@ def child_server(
             log.seek(0)
             return log.read().decode(errors="replace")[-3000:]
 
-        process = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy() if env is None else env)
+        # A session of its own: the server's own children (a peer's worker processes) are stopped with it.
+        environment = os.environ.copy() if env is None else env
+        process = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
         try:
             wait_until_ready(url, alive=lambda: process.poll() is None, timeout_s=ready_timeout_s, describe=printed, path=ready_path)
             yield process, url
@@ -120,3 +122,12 @@ def child_server(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+            _stop_group(process.pid)
+
+
+def _stop_group(group: int) -> None:
+    """Kill what is left of a stopped server's process group (children it started and did not stop)."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

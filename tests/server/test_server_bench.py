@@ -27,6 +27,22 @@ def _check_level(level: dict, concurrency: int) -> None:
     assert level["batches"] >= 1
 
 
+def _processes_running(*words: str) -> list[int]:
+    """Processes whose command line holds every one of `words`."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(word in command for word in words):
+            found.append(int(pid))
+    return found
+
+
 def test_summarize_counts_every_outcome():
     samples = [
         bench.RequestResult(0.010, 200, images=2, queue_s=0.001, compute_s=0.008),
@@ -177,6 +193,7 @@ def test_serve_measures_softdimo_against_litserve_serving_the_same_pipeline(tiny
         _check_level(measured, 2)  # softdimo's own split of the time and its batches, from its /metrics
     assert level["ratio"] > 0
     assert "A: LitServe" in bench.serve_table(result)
+    assert not _processes_running("server.litserve_peer", str(tiny_bundles["one-step"])), "the peer's worker processes outlived it"
     with pytest.raises(bench.BenchError, match="one model"):
         bench.ServeBench(model=(str(tiny_bundles["one-step"]),) * 2, peer="litserve", **FAST)
 

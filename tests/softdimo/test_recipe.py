@@ -99,7 +99,7 @@ def test_ablation_recipes_differ_from_the_shipped_recipe_only_where_they_say():
         variant = load_recipe(path)
         assert variant.inputs == shipped.inputs and variant.table("generator") == shipped.table("generator")
         changed = {k for k, v in variant.table("training").items() if shipped.table("training").get(k) != v}
-        assert changed and changed <= {"gan_weight", "reward_weight", "relaxation"}, path
+        assert changed and changed <= {"dimo_weight", "gan_weight", "reward_weight", "relaxation"}, path
 
 
 def test_independent_stages_train_side_by_side_and_a_failed_one_names_its_log(tmp_path, capsys):

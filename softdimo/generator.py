@@ -1,4 +1,5 @@
-"""One-step generator: Di[M]O's noisy hybrid input -> logits -> sampled tokens and soft embeddings."""
+"""One-step generator: Di[M]O's noisy hybrid input, plus a layout latent where the model has one -> logits ->
+sampled tokens and soft embeddings."""
 
 from __future__ import annotations
 

@@ -69,6 +69,7 @@ class MuseConfig:
     schedule: str  # the scheduler's masking schedule: cosine or linear
     micro: MicroConditioning = MicroConditioning()
     conditioning: str = "text"
+    latent_dim: int = 0  # a MUSE network reads no layout latent (TransformerConfig.latent_dim)
 
     @property
     def tokens(self) -> int:

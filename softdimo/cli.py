@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from softdimo.runtime import PRECISIONS
 from softdimo.shipped import DEFAULT_FEATURES, DEFAULT_MODEL
+from softdimo.tteo import TARGETS
 
 
 def _device(args: argparse.Namespace):
@@ -278,7 +279,7 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     ref.add_argument("--steps", type=int, help="TTEO steps (default: the model's)")
     ref.add_argument("--lr", type=float, help="TTEO learning rate (default: the model's)")
     ref.add_argument("--best-of", type=int, help="candidates per image (default: the model's)")
-    ref.add_argument("--target", choices=["input", "logits"], help="what TTEO optimises (default: the model's)")
+    ref.add_argument("--target", choices=list(TARGETS), help="what TTEO optimises (default: the model's)")
     ref.add_argument("--reward", help="reward name (default: the model's first)")
     ref.add_argument("--out", default="out")
     ref.add_argument("--device", default="auto")

@@ -48,17 +48,25 @@ class OneStepGenerator:
         masked = torch.zeros_like(tokens, dtype=torch.bool).scatter(1, order[:, :masked_count], True)
         return torch.where(masked, self.cfg.mask_id, tokens)
 
-    def initial_embeddings(self, noise: ImageNoise, latent: torch.Tensor | None = None) -> torch.Tensor:
-        """The generator's input: embedded hybrid tokens plus Gaussian noise, (B, N, D) on the model's device,
-        plus the layout latent's embeddings for a model with one (drawn from `noise` unless `latent` is given)."""
+    def input_parts(self, noise: ImageNoise) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The input's two parts: embedded hybrid tokens plus Gaussian noise (B, N, D), and the layout latent
+        (B, latent_dim), None for a model without one; both on the model's device."""
         device = self.device
         tokens = self.initial_tokens(noise).to(device)
         eps = noise.randn(self.cfg.tokens, self.cfg.width).to(device)
         embeddings = perturb_embeddings(self.model.embed(tokens), self.settings.sigma, eps)
         if not self.cfg.latent_dim:
-            return embeddings
-        drawn = self.settings.latent_scale * noise.randn(self.cfg.latent_dim).to(device)
-        return embeddings + self.model.latent_embeddings(drawn if latent is None else latent)
+            return embeddings, None
+        return embeddings, self.settings.latent_scale * noise.randn(self.cfg.latent_dim).to(device)
+
+    def with_latent(self, embeddings: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings from the parts `input_parts` gives (or a latent put in the drawn one's place)."""
+        return embeddings if latent is None else embeddings + self.model.latent_embeddings(latent)
+
+    def initial_embeddings(self, noise: ImageNoise, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """The generator's input (B, N, D): `input_parts` put together; `latent`, when given, replaces the drawn one."""
+        embeddings, drawn = self.input_parts(noise)
+        return self.with_latent(embeddings, drawn if latent is None else latent)
 
     def logits(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Input embeddings (B, N, D) -> output logits (B, N, K); differentiable in both weights and input."""

@@ -13,12 +13,21 @@ from softdimo.seeding import ImageNoise, seed_at
 from softdimo.vq import VQTokenizer
 
 
+TARGETS = ("input", "logits", "latent")
+
+
 @dataclass(frozen=True)
 class TTEOSettings:
     steps: int = 20
     lr: float = 0.2  # plain SGD, as in Soft-Di[M]O
     best_of: int = 1  # candidates drawn per image; the best by reward is optimised
-    target: str = "input"  # "input": the input embeddings (the paper); "logits": the output logits directly
+    # What is optimised: "input", the input embeddings (the paper); "logits", the output logits directly; "latent",
+    # the layout latent of a model with one (every step moves the whole layout the generator reads from it).
+    target: str = "input"
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"TTEO target must be one of {', '.join(TARGETS)}, got {self.target!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,18 +71,29 @@ def refine(
     if any(len(row) != n_best for row in candidates):
         raise ValueError(f"each image needs best_of = {n_best} candidate seeds")
     device = generator.device
+    if settings.target == "latent" and not generator.cfg.latent_dim:
+        raise ValueError("TTEO on the layout latent needs a model with one (latent_dim > 0)")
     candidates = [s for row in candidates for s in row]
     noise = ImageNoise(candidates, device)
     with torch.no_grad():
-        embeddings = generator.initial_embeddings(noise)  # (B*n, N, D)
+        base, latent = generator.input_parts(noise)  # (B*n, N, D), (B*n, latent_dim) or None
+        embeddings = generator.with_latent(base, latent)
         repeated = condition.to(device).repeat_interleave(n_best, dim=0)
         logits = generator.logits(embeddings, repeated)
         gumbel = generator.token_noise(noise)  # the same draw /generate samples its tokens with
         tokens = generator.tokens_from(logits, gumbel)
         scores = reward.score(tokenizer.decode_indices(tokens), [p for p in prompts for _ in range(n_best)])
         best = scores.view(b, n_best).argmax(-1) + torch.arange(b, device=device) * n_best  # (B,)
-    start = embeddings[best] if settings.target == "input" else logits[best]
+    start = {"input": embeddings, "logits": logits, "latent": latent}[settings.target][best]
     condition, gumbel, tokens_before, reward_before = repeated[best], gumbel[best], tokens[best], scores[best]
+    base = base[best]
+
+    def output_logits(variable: torch.Tensor) -> torch.Tensor:
+        if settings.target == "input":
+            return generator.logits(variable, condition)
+        if settings.target == "latent":
+            return generator.logits(generator.with_latent(base, variable), condition)
+        return variable
 
     variable = start.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([variable], lr=settings.lr)
@@ -81,7 +101,7 @@ def refine(
     wanted = torch.ones(b, dtype=torch.bool, device=device)
     with torch.enable_grad():
         for step in range(settings.steps):
-            z = generator.logits(variable, condition) if settings.target == "input" else variable
+            z = output_logits(variable)
             score = reward.score(tokenizer.decode_soft(z.float().softmax(-1)), prompts)
             optimizer.zero_grad(set_to_none=True)
             (-score.sum()).backward()
@@ -95,7 +115,7 @@ def refine(
                     if not wanted.any():
                         break
     with torch.no_grad():
-        z = generator.logits(variable, condition) if settings.target == "input" else variable
+        z = output_logits(variable)
         tokens_after = generator.tokens_from(z, gumbel)
         images_after = tokenizer.decode_indices(tokens_after)
         reward_after = reward.score(images_after, prompts)

@@ -38,6 +38,25 @@ def test_tteo_on_logits_also_raises_the_reward(tiny_text_transformer, tiny_token
     assert out.trace[-1, 0] > out.trace[0, 0] and out.reward_after[0] > out.reward_before[0]
 
 
+def test_tteo_on_the_layout_latent_raises_the_reward_and_needs_a_latent(tiny_text_transformer, tiny_tokenizer, text_conditioner):
+    import pytest
+
+    from softdimo.train.latent import latent_student
+
+    torch.manual_seed(0)
+    model = latent_student(tiny_text_transformer, 4)
+    torch.nn.init.normal_(model.latent_input.weight, std=1.0)  # a latent that moves the image, as a trained one does
+    out = _refine(model, tiny_tokenizer, text_conditioner, ["a red circle"], [3], steps=10, lr=50.0, target="latent", temperature=0.0)
+    assert out.trace[-1, 0] > out.trace[0, 0]
+    start = _refine(model, tiny_tokenizer, text_conditioner, ["a red circle"], [3], steps=0, target="latent", temperature=0.0)
+    assert torch.equal(start.tokens, OneStepGenerator(model, GeneratorSettings(temperature=0.0)).generate_tokens(
+        text_conditioner.encode_prompts(["a red circle"]), ImageNoise([3])))  # it starts from /generate's image
+    with pytest.raises(ValueError, match="layout latent"):
+        _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle"], [3], steps=1, target="latent")
+    with pytest.raises(ValueError, match="target must be one of"):
+        TTEOSettings(target="weights")
+
+
 def test_zero_steps_returns_the_generated_image(tiny_text_transformer, tiny_tokenizer, text_conditioner):
     out = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle", "two green squares"], [10, 11], steps=0)
     generator = OneStepGenerator(tiny_text_transformer, GeneratorSettings())

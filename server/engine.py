@@ -116,7 +116,8 @@ def load_model(path: str | Path, device: torch.device, runtime: Runtime | None =
         defaults, rewards = {"steps": pipeline.sampler.steps, "guidance": pipeline.sampler.guidance}, []
     else:
         tteo = pipeline.tteo
-        defaults = {"refine": {"steps": tteo.steps, "lr": tteo.lr, "best_of": tteo.best_of, "reward": pipeline.default_reward}}
+        refine = {"steps": tteo.steps, "lr": tteo.lr, "best_of": tteo.best_of, "target": tteo.target, "reward": pipeline.default_reward}
+        defaults = {"refine": refine}
         rewards = list(pipeline.rewards)
     return ServedModel(
         name=bundle.config["name"], kind=kind, pipeline=pipeline, image_size=pipeline.tokenizer.cfg.image_size,

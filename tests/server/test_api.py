@@ -220,7 +220,7 @@ def test_one_step_models_are_listed_with_rewards_and_refine_defaults(one_step_ur
     models = {m["name"]: m for m in httpx.get(f"{one_step_url}/v1/models").json()["data"]}
     card = models["tiny-one-step"]
     assert card["kind"] == "one-step" and card["rewards"] == ["tiny-clip"]
-    assert card["default"]["refine"] == {"steps": 3, "lr": 1.0, "best_of": 1, "reward": "tiny-clip"}
+    assert card["default"]["refine"] == {"steps": 3, "lr": 1.0, "best_of": 1, "target": "input", "reward": "tiny-clip"}
 
 
 def test_one_step_generate_refuses_steps(one_step_url):

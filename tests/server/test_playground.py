@@ -88,6 +88,7 @@ def test_the_playground_generates_refines_compares_and_explains_refusals(served,
     assert browser.execute_script("return getComputedStyle(document.querySelector('#gallery img')).imageRendering") == "pixelated"
     browser.save_screenshot(str(OUTPUT / "generate.png"))
 
+    assert [find(i).get_attribute("value") for i in ("steps", "lr", "best-of")] == ["3", "1", "1"]  # the model's TTEO settings
     find("steps").clear()
     find("steps").send_keys("8")
     find("refine").click()

@@ -119,6 +119,10 @@ class PassRates:
     overall: float
     failures: dict[str, int]  # failure category -> how many
 
+    def metrics(self) -> dict[str, float]:
+        """As a training run logs them: `pass` overall and `pass_KIND` for each kind."""
+        return {"pass": self.overall, **{f"pass_{kind}": rate for kind, rate in self.per_kind.items()}}
+
     def table(self) -> str:
         header = "| " + " | ".join([*self.per_kind, "overall"]) + " |"
         rule = "|" + "---|" * (len(self.per_kind) + 1)

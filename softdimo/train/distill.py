@@ -268,8 +268,7 @@ def train_distill(
             generator=OneStepGenerator(ema, generator_settings), tokenizer=tokenizer, conditioner=parts.conditioner,
             rewards={}, tteo=TTEOSettings(),
         )  # fmt: skip
-        rates = judge.pass_rates(pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts))), eval_prompts)
-        return {"pass": rates.overall, **{f"pass_{k}": v for k, v in rates.per_kind.items()}}
+        return judge.pass_rates(pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts))), eval_prompts).metrics()
 
     loop.run(
         run_dir=run_dir,

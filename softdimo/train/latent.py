@@ -113,8 +113,7 @@ def train_latent(
 
     def eval_fn(step: int) -> dict[str, float]:
         pipeline = OneStepPipeline(generator=generator, tokenizer=tokenizer, conditioner=conditioner, rewards={}, tteo=TTEOSettings())
-        rates = judge.pass_rates(pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts))), eval_prompts)
-        return {"pass": rates.overall, **{f"pass_{k}": v for k, v in rates.per_kind.items()}}
+        return judge.pass_rates(pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts))), eval_prompts).metrics()
 
     loop.run(
         run_dir=run_dir,

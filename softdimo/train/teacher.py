@@ -107,8 +107,7 @@ def train_teacher(
     def eval_fn(step: int) -> dict[str, float]:
         pipeline = TeacherPipeline(model=model, tokenizer=tokenizer, conditioner=conditioner, sampler=sampler)
         images = pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts)))
-        rates = judge.pass_rates(images, eval_prompts)
-        return {"pass": rates.overall, **{f"pass_{k}": v for k, v in rates.per_kind.items()}}
+        return judge.pass_rates(images, eval_prompts).metrics()
 
     loop.run(
         run_dir=run_dir,

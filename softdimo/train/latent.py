@@ -4,7 +4,7 @@ Di[M]O's input noise is independent per token, so a one-step generator must agre
 layout from 64 unrelated draws. Here the generator also reads one Gaussian vector (TransformerConfig.latent_dim):
 an encoder, used only in training, maps each training image to a posterior over that vector, the generator
 (initialised from the teacher) learns to draw the image back from a sample of it, and a KL term keeps the
-posteriors close to the standard normal the generator is sampled from. The result starts Di[M]O distillation."""
+posteriors close to the standard normal the generator is sampled from. A distillation stage goes on from it."""
 
 from __future__ import annotations
 

@@ -391,7 +391,10 @@ def _latent(recipe: Recipe, device: torch.device) -> Path:
 
     teacher = load_pipeline(recipe.inputs["teacher"], device)
     training = build(LatentTraining, recipe.table("training"))
-    latent_dim = recipe.table("transformer").get("latent_dim", 0)
+    table = recipe.table("transformer")
+    if set(table) - {"latent_dim"}:
+        raise RecipeError(f"{recipe.path}: a latent stage's network is its teacher's; [transformer] sets latent_dim only")
+    latent_dim = table.get("latent_dim", 0)
     generator = train_latent(
         run_dir=recipe.run_dir, teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner,
         latent_dim=latent_dim, generator_settings=build(GeneratorSettings, recipe.table("generator")), training=training, device=device,

@@ -414,42 +414,37 @@ def run_serve(config: ServeBench, command: str) -> dict:
 def run_serve_comparison(config: ServeBench, command: str, arms: list[dict]) -> dict:
     """Two servers, A and B, each with its model and runtime and --max-batch-size, up at the same time. At each
     concurrency level both are warmed up, then measured in `rounds` interleaved rounds of duration_s / rounds each
-    (A, B, B, A, …), so both see the same machine within seconds of each other. With `config.peer`, B is the one
-    model behind the peer server, batching as A does (the same largest batch and wait for company)."""
+    (A, B, B, A, …), so both see the same machine within seconds of each other. With `config.peer`, A is the one
+    model behind the peer server, batching as softdimo does (the same largest batch and wait for company), and B is
+    softdimo, so that B / A is what softdimo gains."""
     device = resolve_device(config.device)
     path = f"/{config.endpoint}"
-    models = [_model_info(arm["model"]) for arm in arms]
+    peer = PEERS[config.peer]() if config.peer is not None else None  # checked before any server starts
     round_load = replace(config.load(1), duration_s=config.duration_s / config.rounds, warmup_s=0.0)
     levels = []
     with contextlib.ExitStack() as stack:
-        specs = [config.spec([arm["model"]], config.max_batch_size, arm["runtime"]) for arm in arms]
-        urls = [stack.enter_context(running_server(spec)) for spec in specs]
-        targets = [target_for(model_cards(url)[model["name"]], path, config.tteo_steps) for url, model in zip(urls, models)]
-        server_metrics = [True, True]
-        if config.peer is not None:  # A: the peer, B: softdimo, so that B / A is what softdimo gains
-            urls.insert(0, stack.enter_context(peer_server(config, arms[0]["model"])))
-            targets.insert(0, targets[0])
-            models.insert(0, models[0])
-            server_metrics[0] = False
+        servers = []  # (url, target, whether it has softdimo's /metrics, how the table describes it)
+        for arm in arms:
+            model = _model_info(arm["model"])
+            url = stack.enter_context(running_server(config.spec([arm["model"]], config.max_batch_size, arm["runtime"])))
+            target = target_for(model_cards(url)[model["name"]], path, config.tteo_steps)
+            servers.append((url, target, True, {**model, "runtime": arm["runtime"].to_dict()}))
+        if peer is not None:
+            _, target, _, described = servers[0]
+            url = stack.enter_context(peer_server(config, arms[0]["model"]))
+            servers.insert(0, (url, target, False, {**described, "server": peer}))
         for concurrency in config.concurrency:
             if config.warmup_s > 0:
-                for url, target, metrics in zip(urls, targets, server_metrics):
+                for url, target, metrics, _ in servers:
                     asyncio.run(run_load(url, target, replace(round_load, concurrency=concurrency, duration_s=config.warmup_s), metrics))
             load = replace(round_load, concurrency=concurrency)
-            measures = [
-                lambda u=url, t=target, m=metrics: asyncio.run(run_load(u, t, load, m))
-                for url, target, metrics in zip(urls, targets, server_metrics)
-            ]  # fmt: skip
+            measures = [lambda u=url, t=target, m=metrics: asyncio.run(run_load(u, t, load, m)) for url, target, metrics, _ in servers]
             a, b = interleaved(measures, rounds=config.rounds)
             stats = compare_rounds([r["images_per_s"] for r in a], [r["images_per_s"] for r in b])
             levels.append({"concurrency": concurrency, **stats, "rounds_measured": {"A": a, "B": b}})
-    runtimes = [arm["runtime"].to_dict() for arm in arms] * (2 if config.peer else 1)
-    described = [{"label": label, **model, "runtime": runtime} for label, model, runtime in zip("AB", models, runtimes)]
-    if config.peer is not None:
-        described[0]["server"] = PEERS[config.peer]()
     return {
-        "bench": "serve", "machine": machine_info(device, command), "config": asdict(config), "endpoint": path, "arms": described,
-        "comparison": levels,
+        "bench": "serve", "machine": machine_info(device, command), "config": asdict(config), "endpoint": path,
+        "arms": [{"label": label, **described} for label, (*_, described) in zip("AB", servers)], "comparison": levels,
     }  # fmt: skip
 
 
@@ -469,7 +464,6 @@ PEERS = {"litserve": _litserve_version}  # peer server -> what it is, by its ins
 def peer_server(config: ServeBench, model: str) -> Iterator[str]:
     """The model behind the peer server in a child process (server/litserve_peer.py), batching as `config`'s server
     does: the same largest batch and the same wait for company (the server's default when not given)."""
-    PEERS[config.peer]()
     wait_ms = config.max_wait_ms if config.max_wait_ms is not None else Settings.model_fields["max_wait_ms"].default
     command = lambda port: [  # noqa: E731
         sys.executable, "-m", "server.litserve_peer", "--model", str(Path(model).resolve()), "--port", str(port),

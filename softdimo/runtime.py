@@ -61,8 +61,8 @@ class Runtime:
         if size > n:
             condition = torch.cat([condition, condition[-1:].expand(size - n, *condition.shape[1:])])
             seeds = [*seeds, *[seeds[-1]] * (size - n)]
-        swapped = self._swapped_network(pipeline) if self.settings.compile or self.settings.precision == "int8" else contextlib.nullcontext()
-        with self.running(pipeline), swapped:
+        swaps = self.settings.compile or self.settings.precision == "int8"  # the network /generate runs is another
+        with self.running(pipeline), self._swapped_network(pipeline) if swaps else contextlib.nullcontext():
             images = pipeline.generate(self.to_device(condition, pipeline.device), seeds, steps)
         return images[:n]
 

@@ -78,9 +78,10 @@ class Runtime:
             yield
 
     def to_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A host tensor on `device`; with pin_memory on CUDA, staged in pinned memory and copied asynchronously."""
+        """A host tensor on `device`; with pin_memory on CUDA, staged in pinned memory and copied asynchronously (an
+        expanded tensor, whose rows share memory, is laid out row by row first: pinning copies into fresh memory)."""
         if self.settings.pin_memory and device.type == "cuda":
-            return tensor.pin_memory().to(device, non_blocking=True)
+            return tensor.contiguous().pin_memory().to(device, non_blocking=True)
         return tensor.to(device)
 
     @staticmethod

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from softdimo.layout_prior import LayoutPrior
 from softdimo.seeding import ImageNoise
 from softdimo.transformer import MaskedTransformer, perturb_embeddings
 
@@ -16,7 +17,9 @@ class GeneratorSettings:
     r_init: float = 0.6  # share of input tokens replaced by the mask token (the rest are uniform random)
     sigma: float = 0.1  # Gaussian noise on the input embeddings: e <- sigma * eps + sqrt(1 - sigma^2) * e
     temperature: float = 1.0  # sampling temperature of output tokens; 0 takes the argmax
-    latent_scale: float = 1.0  # a model with a layout latent draws it from N(0, latent_scale^2): below 1, likelier layouts
+    # a model with a layout latent draws it from its layout prior, each component's spread times latent_scale (from
+    # N(0, latent_scale^2) without a prior): below 1, likelier layouts
+    latent_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -27,9 +30,12 @@ class OneStepGenerator:
 
     Every random draw is made per image from its own seed, so an image never depends on its batch-mates."""
 
-    def __init__(self, model: MaskedTransformer, settings: GeneratorSettings):
+    def __init__(self, model: MaskedTransformer, settings: GeneratorSettings, prior: LayoutPrior | None = None):
+        if prior is not None and prior.cfg.latent_dim != model.cfg.latent_dim:
+            raise ValueError(f"a layout prior of {prior.cfg.latent_dim} numbers for a latent of {model.cfg.latent_dim}")
         self.model = model
         self.settings = settings
+        self.prior = prior  # where the layout latent is drawn from; None: the standard normal
 
     @property
     def cfg(self):
@@ -48,24 +54,26 @@ class OneStepGenerator:
         masked = torch.zeros_like(tokens, dtype=torch.bool).scatter(1, order[:, :masked_count], True)
         return torch.where(masked, self.cfg.mask_id, tokens)
 
-    def input_parts(self, noise: ImageNoise) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def input_parts(self, noise: ImageNoise, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The input's two parts: embedded hybrid tokens plus Gaussian noise (B, N, D), and the layout latent
-        (B, latent_dim), None for a model without one; both on the model's device."""
+        (B, latent_dim) for the conditioning, None for a model without one; both on the model's device."""
         device = self.device
         tokens = self.initial_tokens(noise).to(device)
         eps = noise.randn(self.cfg.tokens, self.cfg.width).to(device)
         embeddings = perturb_embeddings(self.model.embed(tokens), self.settings.sigma, eps)
         if not self.cfg.latent_dim:
             return embeddings, None
-        return embeddings, self.settings.latent_scale * noise.randn(self.cfg.latent_dim).to(device)
+        if self.prior is None:
+            return embeddings, self.settings.latent_scale * noise.randn(self.cfg.latent_dim).to(device)
+        return embeddings, self.prior.sample(condition.to(device), noise, self.settings.latent_scale)
 
     def with_latent(self, embeddings: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
         """Input embeddings from the parts `input_parts` gives (or a latent put in the drawn one's place)."""
         return embeddings if latent is None else embeddings + self.model.latent_embeddings(latent)
 
-    def initial_embeddings(self, noise: ImageNoise, latent: torch.Tensor | None = None) -> torch.Tensor:
+    def initial_embeddings(self, noise: ImageNoise, condition: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
         """The generator's input (B, N, D): `input_parts` put together; `latent`, when given, replaces the drawn one."""
-        embeddings, drawn = self.input_parts(noise)
+        embeddings, drawn = self.input_parts(noise, condition)
         return self.with_latent(embeddings, drawn if latent is None else latent)
 
     def logits(self, embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
@@ -85,5 +93,6 @@ class OneStepGenerator:
     @torch.inference_mode()
     def generate_tokens(self, condition: torch.Tensor, noise: ImageNoise) -> torch.Tensor:
         """One forward pass: conditioning (B, ...) -> tokens (B, N)."""
-        logits = self.logits(self.initial_embeddings(noise), condition.to(self.device))
+        condition = condition.to(self.device)
+        logits = self.logits(self.initial_embeddings(noise, condition), condition)
         return self.tokens_from(logits, self.token_noise(noise))

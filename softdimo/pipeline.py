@@ -13,6 +13,7 @@ from softdimo import shapes
 from softdimo.bundle import Bundle, BundleError, read_bundle, save_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
+from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig
 from softdimo.reward import AlignmentConfig, AlignmentModel, AlignmentReward, Reward
 from softdimo.seeding import ImageNoise
 from softdimo.text import PromptTokenizer
@@ -151,12 +152,23 @@ def load_pipeline(path: str | os.PathLike, device: torch.device | str = "cpu") -
         )  # fmt: skip
     if kind == "one-step":
         rewards = [load_reward(bundle.resolve(ref), device) for ref in bundle.config.get("rewards", [])]
-        generator = OneStepGenerator(load_transformer(bundle, device=device), GeneratorSettings(**bundle.config["generator"]))
+        generator = OneStepGenerator(
+            load_transformer(bundle, device=device), GeneratorSettings(**bundle.config["generator"]), load_layout_prior(bundle, device),
+        )  # fmt: skip
         return OneStepPipeline(
             generator=generator, tokenizer=tokenizer, conditioner=conditioner, rewards={r.name: r for r in rewards},
             tteo=TTEOSettings(**bundle.config.get("tteo", {})),
         )  # fmt: skip
     raise BundleError(f"{bundle.path}: unknown model kind {kind!r}")
+
+
+def load_layout_prior(bundle: Bundle, device: torch.device | str = "cpu") -> LayoutPrior | None:
+    """A one-step bundle's layout prior, None where it has none (its latent is drawn from the standard normal)."""
+    if "prior" not in bundle.config:
+        return None
+    prior = LayoutPrior(LayoutPriorConfig.from_dict(bundle.config["prior"]))
+    prior.load_state_dict(bundle.weights("prior"), strict=True)
+    return prior.to(device).eval()
 
 
 def load_features(path: str | os.PathLike, device: torch.device | str = "cpu"):
@@ -212,8 +224,9 @@ def save_teacher(
 def save_one_step(
     generator: OneStepGenerator, path, *, name: str, conditioner: Conditioner, tokenizer_reference: str,
     reward_references: Sequence[str], tteo: TTEOSettings, teacher_reference: str | None = None, training: dict | None = None,
-    dtype=torch.float16,
+    encoder=None, dtype=torch.float16,
 ) -> Path:  # fmt: skip
+    """`encoder`: a latent stage's layout encoder (softdimo.train.latent), kept for fitting a layout prior to it."""
     config = {
         "name": name, "kind": "one-step", "conditioning": generator.cfg.conditioning, "transformer": generator.cfg.to_dict(),
         "generator": generator.settings.to_dict(), "conditioner": conditioner.to_dict(), "tokenizer": tokenizer_reference,
@@ -221,4 +234,11 @@ def save_one_step(
     }  # fmt: skip
     if teacher_reference is not None:
         config["teacher"] = teacher_reference
-    return _save(path, config, training, {"transformer": generator.model.state_dict()}, dtype)
+    weights = {"transformer": generator.model.state_dict()}
+    if generator.prior is not None:
+        config["prior"] = generator.prior.cfg.to_dict()
+        weights["prior"] = generator.prior.state_dict()
+    if encoder is not None:
+        config["encoder"] = encoder.config()
+        weights["encoder"] = encoder.state_dict()
+    return _save(path, config, training, weights, dtype)

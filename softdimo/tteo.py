@@ -76,9 +76,9 @@ def refine(
     candidates = [s for row in candidates for s in row]
     noise = ImageNoise(candidates, device)
     with torch.no_grad():
-        base, latent = generator.input_parts(noise)  # (B*n, N, D), (B*n, latent_dim) or None
-        embeddings = generator.with_latent(base, latent)
         repeated = condition.to(device).repeat_interleave(n_best, dim=0)
+        base, latent = generator.input_parts(noise, repeated)  # (B*n, N, D), (B*n, latent_dim) or None
+        embeddings = generator.with_latent(base, latent)
         logits = generator.logits(embeddings, repeated)
         gumbel = generator.token_noise(noise)  # the same draw /generate samples its tokens with
         tokens = generator.tokens_from(logits, gumbel)

@@ -15,6 +15,7 @@ from torch import nn
 from softdimo import judge, shapes
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
+from softdimo.layout_prior import LayoutPrior
 from softdimo.reward import Reward
 from softdimo.seeding import ImageNoise
 from softdimo.sampler import guided_logits, mask_counts, mask_ratio, mask_tokens
@@ -128,6 +129,7 @@ class DistillParts:
     conditioner: Conditioner
     reward: Reward | None
     initial: MaskedTransformer | None = None  # the generator to continue from (a one-step model); the teacher when None
+    prior: LayoutPrior | None = None  # the layout prior of `initial`, if it has one: its latents are drawn from it (kept as is)
     # Prompts to distil on, drawn uniformly each step; None draws Shapes prompts and images. Without Shapes images
     # there are no real tokens for the discriminator, so own prompts leave the GAN out (Di[M]O and reward terms).
     prompts: Sequence[str] | None = None
@@ -162,7 +164,8 @@ def train_distill(
         for p in model.input_parameters():
             p.requires_grad_(False)
     ema = _freeze(copy.deepcopy(student))
-    generator = OneStepGenerator(student, generator_settings)
+    prior = None if parts.prior is None else parts.prior.to(device).eval().requires_grad_(False)
+    generator = OneStepGenerator(student, generator_settings, prior)
     depth = teacher.cfg.depth
     layers = tuple(sorted({layer % depth for layer in training.gan_layers}))
     disc = DiscriminatorHeads(teacher.cfg.state_width, len(layers)).to(device)
@@ -193,7 +196,7 @@ def train_distill(
         images, prompts, labels = None if images is None else images[rows], prompts[rows], labels[rows]
 
         # -- generator: Di[M]O surrogate at re-masked positions of its own samples
-        logits = student_forward(generator.initial_embeddings(noise), condition)  # (B, N, K)
+        logits = student_forward(generator.initial_embeddings(noise, condition), condition)  # (B, N, K)
         gumbel = generator.token_noise(noise)
         with torch.no_grad():
             tokens = generator.tokens_from(logits, gumbel)
@@ -265,7 +268,7 @@ def train_distill(
 
     def eval_fn(step: int) -> dict[str, float]:
         pipeline = OneStepPipeline(
-            generator=OneStepGenerator(ema, generator_settings), tokenizer=tokenizer, conditioner=parts.conditioner,
+            generator=OneStepGenerator(ema, generator_settings, prior), tokenizer=tokenizer, conditioner=parts.conditioner,
             rewards={}, tteo=TTEOSettings(),
         )  # fmt: skip
         return judge.pass_rates(pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts))), eval_prompts).metrics()
@@ -280,7 +283,7 @@ def train_distill(
         eval_every=training.eval_every,
         description="distill",
     )
-    return OneStepGenerator(ema, generator_settings)
+    return OneStepGenerator(ema, generator_settings, prior)
 
 
 class EmbeddingForward(nn.Module):

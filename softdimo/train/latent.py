@@ -4,7 +4,8 @@ Di[M]O's input noise is independent per token, so a one-step generator must agre
 layout from 64 unrelated draws. Here the generator also reads one Gaussian vector (TransformerConfig.latent_dim):
 an encoder, used only in training, maps each training image to a posterior over that vector, the generator
 (initialised from the teacher) learns to draw the image back from a sample of it, and a KL term keeps the
-posteriors close to the standard normal the generator is sampled from. A distillation stage goes on from it."""
+posteriors close to a standard normal. The bundle keeps the encoder: the layout prior the generator is sampled
+from is fitted to it next (softdimo/train/prior.py), and a distillation stage goes on from there."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from softdimo import judge
+from softdimo.bundle import Bundle, BundleError
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.seeding import ImageNoise
 from softdimo.train import loop
 from softdimo.train.teacher import training_batch
-from softdimo.transformer import MaskedTransformer
+from softdimo.layout_prior import small_body
+from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.vq import VQTokenizer
 
 
@@ -46,19 +49,30 @@ class LatentTraining:
 class LayoutEncoder(nn.Module):
     """Image tokens and conditioning -> the mean and log-variance of the layout latent, (B, L) each."""
 
-    def __init__(self, like: MaskedTransformer, latent_dim: int, training: LatentTraining):
+    def __init__(self, body: TransformerConfig, latent_dim: int):
         super().__init__()
-        cfg = replace(
-            like.cfg, width=training.encoder_width, depth=training.encoder_depth, heads=training.encoder_heads, code_dim=0, latent_dim=0,
-        )  # fmt: skip
-        self.body = MaskedTransformer(cfg)
-        self.narrow = nn.Linear(cfg.width, 8)  # each position's few numbers keep where things are in the readout
-        self.readout = nn.Linear(cfg.tokens * 8, 2 * latent_dim)
+        self.latent_dim = latent_dim
+        self.body = MaskedTransformer(body)
+        self.narrow = nn.Linear(body.width, 8)  # each position's few numbers keep where things are in the readout
+        self.readout = nn.Linear(body.tokens * 8, 2 * latent_dim)
 
     def forward(self, tokens: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (states,) = self.body.hidden_states(self.body.embed(tokens), condition, (self.body.cfg.depth - 1,))
         mean, log_var = self.readout(self.narrow(states).flatten(1)).chunk(2, dim=-1)
         return mean, log_var.clamp(-10.0, 4.0)
+
+    def config(self) -> dict:
+        return {"body": self.body.cfg.to_dict(), "latent_dim": self.latent_dim}
+
+
+def load_layout_encoder(bundle: Bundle, device: torch.device | str = "cpu") -> LayoutEncoder:
+    """The layout encoder a latent stage's bundle keeps beside its generator (the layout prior is fitted to it)."""
+    if "encoder" not in bundle.config:
+        raise BundleError(f"{bundle.path}: no layout encoder (a bundle of a latent stage keeps one)")
+    config = bundle.config["encoder"]
+    encoder = LayoutEncoder(TransformerConfig.from_dict(config["body"]), config["latent_dim"])
+    encoder.load_state_dict(bundle.weights("encoder"), strict=True)
+    return encoder.to(device).eval()
 
 
 def latent_student(teacher: MaskedTransformer, latent_dim: int) -> MaskedTransformer:
@@ -73,7 +87,8 @@ def latent_student(teacher: MaskedTransformer, latent_dim: int) -> MaskedTransfo
 def train_latent(
     *, run_dir: Path, teacher: MaskedTransformer, tokenizer: VQTokenizer, conditioner: Conditioner, latent_dim: int,
     generator_settings: GeneratorSettings, training: LatentTraining, device: torch.device,
-) -> OneStepGenerator:  # fmt: skip
+) -> tuple[OneStepGenerator, LayoutEncoder]:  # fmt: skip
+    """The generator with its layout latent, and the encoder it was fitted with (a layout prior is fitted to it)."""
     from softdimo.pipeline import OneStepPipeline
     from softdimo.tteo import TTEOSettings
 
@@ -83,7 +98,8 @@ def train_latent(
     student = latent_student(teacher.to(device), latent_dim).train()
     for p in student.input_parameters():  # as in Di[M]O, the embedding tables and positions stay the teacher's
         p.requires_grad_(False)
-    encoder = LayoutEncoder(student, latent_dim, training).to(device)
+    body = small_body(student.cfg, width=training.encoder_width, depth=training.encoder_depth, heads=training.encoder_heads)
+    encoder = LayoutEncoder(body, latent_dim).to(device)
     generator = OneStepGenerator(student, generator_settings)
     trainable = [p for p in (*student.parameters(), *encoder.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
@@ -101,7 +117,7 @@ def train_latent(
         mean, log_var = encoder(tokens, condition)
         latent = mean + (0.5 * log_var).exp() * torch.randn(mean.shape, generator=g).to(device)
         noise = ImageNoise(rng.integers(0, 2**62, size=b).tolist(), device)
-        logits = generator.logits(generator.initial_embeddings(noise, latent=latent), condition)
+        logits = generator.logits(generator.initial_embeddings(noise, condition, latent=latent), condition)
         reconstruction = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="sum") / b
         kl = 0.5 * (mean**2 + log_var.exp() - 1 - log_var).sum(-1).mean()
         loss = reconstruction + training.kl_weight * kl
@@ -126,4 +142,4 @@ def train_latent(
         description="layout latent",
     )
     student.eval()
-    return generator
+    return generator, encoder.eval()

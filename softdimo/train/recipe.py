@@ -20,7 +20,7 @@ import torch
 
 from softdimo.train import distributed
 
-STAGES = ("tokenizer", "features", "reward", "teacher", "latent", "distill")
+STAGES = ("tokenizer", "features", "reward", "teacher", "latent", "prior", "distill")
 INPUTS = ("tokenizer", "teacher", "init", "reward")  # the bundles a stage may read, each perhaps another recipe's `out`
 DONE = "done.json"
 EXPORT_ONLY = ("sampler", "tteo")  # tables that shape only the written bundle: changing one re-exports without retraining
@@ -364,18 +364,18 @@ def _distill(recipe: Recipe, device: torch.device) -> Path:
     training = build(DistillTraining, recipe.table("training"))
     if training.reward_weight and reward is None:
         raise RecipeError(f"{recipe.path}: reward_weight needs a `reward` bundle")
-    initial = None
+    initial = prior = None
     if "init" in inputs:
         start = load_pipeline(inputs["init"], device)
         if not hasattr(start, "generator") or replace(start.generator.cfg, latent_dim=0) != teacher.model.cfg:
             raise RecipeError(f"{recipe.path}: init {inputs['init']} is not a one-step model of the teacher's architecture")
-        initial = start.generator.model
+        initial, prior = start.generator.model, start.generator.prior
     prompts = None
     if "prompts" in recipe.data:  # a text file of prompts, one a line, relative to the recipe
         lines = (recipe.path.parent / recipe.data["prompts"]).read_text().splitlines()
         prompts = [line.strip() for line in lines if line.strip()]
     parts = DistillParts(
-        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward, initial=initial, prompts=prompts,
+        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward, initial=initial, prior=prior, prompts=prompts,
     )  # fmt: skip
     settings = build(GeneratorSettings, recipe.table("generator"))
     generator = train_distill(run_dir=recipe.run_dir, parts=parts, generator_settings=settings, training=training, device=device)
@@ -395,21 +395,42 @@ def _latent(recipe: Recipe, device: torch.device) -> Path:
     if set(table) - {"latent_dim"}:
         raise RecipeError(f"{recipe.path}: a latent stage's network is its teacher's; [transformer] sets latent_dim only")
     latent_dim = table.get("latent_dim", 0)
-    generator = train_latent(
+    generator, encoder = train_latent(
         run_dir=recipe.run_dir, teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner,
         latent_dim=latent_dim, generator_settings=build(GeneratorSettings, recipe.table("generator")), training=training, device=device,
     )  # fmt: skip
-    return _save_generator(recipe, generator, teacher.conditioner, training=asdict(training))
+    return _save_generator(recipe, generator, teacher.conditioner, training=asdict(training), encoder=encoder.cpu())
 
 
-def _save_generator(recipe: Recipe, generator, conditioner, training: dict) -> Path:
-    """Write a one-step stage's bundle: its teacher's tokenizer, the recipe's reward (if any) and TTEO settings."""
+def _prior(recipe: Recipe, device: torch.device) -> Path:
+    from softdimo.bundle import read_bundle
+    from softdimo.pipeline import load_pipeline
+    from softdimo.train.latent import load_layout_encoder
+    from softdimo.train.prior import PriorNetwork, PriorTraining, train_prior
+
+    start = load_pipeline(recipe.inputs["init"], device)
+    if not getattr(start, "generator", None) or not start.generator.cfg.latent_dim:
+        raise RecipeError(f"{recipe.path}: init {recipe.inputs['init']} is not a one-step model with a layout latent")
+    training = build(PriorTraining, recipe.table("training"))
+    generator = train_prior(
+        run_dir=recipe.run_dir, generator=start.generator, encoder=load_layout_encoder(read_bundle(recipe.inputs["init"]), device),
+        tokenizer=start.tokenizer, conditioner=start.conditioner, network=build(PriorNetwork, recipe.table("prior")), training=training,
+        device=device,
+    )  # fmt: skip
+    return _save_generator(recipe, generator, start.conditioner, training=asdict(training))
+
+
+def _save_generator(recipe: Recipe, generator, conditioner, training: dict, encoder=None) -> Path:
+    """Write a one-step stage's bundle: its teacher's tokenizer, the recipe's reward (if any) and TTEO settings, and
+    a latent stage's layout encoder."""
     from softdimo.bundle import read_bundle
     from softdimo.pipeline import save_one_step
     from softdimo.tteo import TTEOSettings
 
     inputs = recipe.inputs
     generator.model.cpu()
+    if generator.prior is not None:
+        generator.prior.cpu()
     teacher_bundle = read_bundle(inputs["teacher"])
     reward_references = [_relative(inputs["reward"], recipe.out)] if "reward" in inputs else []
     tteo = build(TTEOSettings, recipe.table("tteo"))
@@ -424,9 +445,11 @@ def _save_generator(recipe: Recipe, generator, conditioner, training: dict) -> P
         generator, recipe.out, name=recipe.out.name, conditioner=conditioner,
         tokenizer_reference=_relative(teacher_bundle.path / teacher_bundle.config["tokenizer"], recipe.out),
         reward_references=reward_references, tteo=tteo, teacher_reference=_relative(inputs["teacher"], recipe.out), training=training,
+        encoder=encoder,
     )  # fmt: skip
 
 
 RUNNERS: dict[str, Callable[[Recipe, torch.device], Path]] = {
-    "tokenizer": _tokenizer, "features": _features, "reward": _reward, "teacher": _teacher, "latent": _latent, "distill": _distill,
+    "tokenizer": _tokenizer, "features": _features, "reward": _reward, "teacher": _teacher, "latent": _latent, "prior": _prior,
+    "distill": _distill,
 }  # fmt: skip

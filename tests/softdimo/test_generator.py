@@ -33,8 +33,9 @@ def test_same_seed_same_tokens_whatever_the_batch(tiny_text_transformer, text_co
 
 def test_gradients_reach_the_input_embeddings_through_decode_soft(tiny_text_transformer, tiny_tokenizer, text_conditioner):
     gen = _generator(tiny_text_transformer)
-    embeddings = gen.initial_embeddings(ImageNoise([3, 4])).detach().requires_grad_(True)
-    logits = gen.logits(embeddings, text_conditioner.encode_prompts(["a red circle", "a blue square"]))
+    condition = text_conditioner.encode_prompts(["a red circle", "a blue square"])
+    embeddings = gen.initial_embeddings(ImageNoise([3, 4]), condition).detach().requires_grad_(True)
+    logits = gen.logits(embeddings, condition)
     image = tiny_tokenizer.decode_soft(logits.softmax(-1))
     image[0, 0].mean().backward()  # a reward that likes red in the first image only
     assert embeddings.grad[0].abs().sum() > 0
@@ -42,8 +43,9 @@ def test_gradients_reach_the_input_embeddings_through_decode_soft(tiny_text_tran
 
 
 def test_sigma_perturbs_the_embeddings(tiny_text_transformer):
-    clean = _generator(tiny_text_transformer, sigma=0.0).initial_embeddings(ImageNoise([9]))
-    noisy = _generator(tiny_text_transformer, sigma=0.3).initial_embeddings(ImageNoise([9]))
+    condition = tiny_text_transformer.null_condition(1)
+    clean = _generator(tiny_text_transformer, sigma=0.0).initial_embeddings(ImageNoise([9]), condition)
+    noisy = _generator(tiny_text_transformer, sigma=0.3).initial_embeddings(ImageNoise([9]), condition)
     tokens = _generator(tiny_text_transformer).initial_tokens(ImageNoise([9]))
     assert torch.allclose(clean, tiny_text_transformer.embed(tokens))
     assert not torch.allclose(clean, noisy)

@@ -4,7 +4,8 @@ import torch
 
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.seeding import ImageNoise
-from softdimo.train.latent import LatentTraining, LayoutEncoder, latent_student
+from softdimo.layout_prior import small_body
+from softdimo.train.latent import LayoutEncoder, latent_student
 
 
 def _latent_generator(teacher, latent_dim=4, **settings) -> OneStepGenerator:
@@ -23,7 +24,8 @@ def test_a_latent_student_is_the_teacher_plus_a_latent_input(tiny_text_transform
 def test_the_latent_is_drawn_per_image_after_the_token_noise_and_can_be_given(tiny_text_transformer, text_conditioner):
     gen = _latent_generator(tiny_text_transformer, r_init=1.0, sigma=0.0)
     noise = ImageNoise([3, 4])
-    embeddings = gen.initial_embeddings(noise)
+    condition = text_conditioner.encode_prompts(["a red circle", "two blue squares"])
+    embeddings = gen.initial_embeddings(noise, condition)
     # the same stream by hand: hybrid tokens, embedding noise, then the latent
     replay = ImageNoise([3, 4])
     tokens = gen.initial_tokens(replay)
@@ -32,9 +34,9 @@ def test_the_latent_is_drawn_per_image_after_the_token_noise_and_can_be_given(ti
     expected = gen.model.embed(tokens) + gen.model.latent_embeddings(latent)
     assert torch.allclose(embeddings, expected)
     given = torch.zeros(2, 4)
-    assert torch.allclose(gen.initial_embeddings(ImageNoise([3, 4]), latent=given), gen.model.embed(tokens) + gen.model.latent_input.bias.view(1, 64, -1))
+    given_input = gen.initial_embeddings(ImageNoise([3, 4]), condition, latent=given)
+    assert torch.allclose(given_input, gen.model.embed(tokens) + gen.model.latent_input.bias.view(1, 64, -1))
     # an image never depends on its batch-mates, and different latents make different inputs
-    condition = text_conditioner.encode_prompts(["a red circle", "two blue squares"])
     together = gen.generate_tokens(condition, ImageNoise([3, 4]))
     assert torch.equal(gen.generate_tokens(condition[1:], ImageNoise([4]))[0], together[1])
     assert not torch.allclose(embeddings[0], embeddings[1])
@@ -42,7 +44,7 @@ def test_the_latent_is_drawn_per_image_after_the_token_noise_and_can_be_given(ti
 
 def test_the_encoder_reads_positions(tiny_text_transformer, text_conditioner):
     torch.manual_seed(0)
-    encoder = LayoutEncoder(tiny_text_transformer, 4, LatentTraining(encoder_width=16, encoder_depth=1, encoder_heads=2))
+    encoder = LayoutEncoder(small_body(tiny_text_transformer.cfg, width=16, depth=1, heads=2), 4)
     tokens = torch.zeros(2, 64, dtype=torch.long)
     tokens[0, 5], tokens[1, 40] = 7, 7  # the same content at two places
     mean, log_var = encoder(tokens, text_conditioner.encode_prompts(["a red circle", "a red circle"]))
@@ -50,9 +52,10 @@ def test_the_encoder_reads_positions(tiny_text_transformer, text_conditioner):
     assert not torch.allclose(mean[0], mean[1])
 
 
-def test_the_latent_stage_trains_resumes_and_starts_distillation(tmp_path, one_thread):
+def test_the_latent_prior_and_distillation_stages_train_in_a_chain(tmp_path, one_thread):
     from tiny_bundles import write_all
 
+    from softdimo.bundle import read_bundle
     from softdimo.pipeline import OneStepPipeline, load_pipeline
     from softdimo.train.recipe import run_all
 
@@ -76,15 +79,32 @@ def test_the_latent_stage_trains_resumes_and_starts_distillation(tmp_path, one_t
 
     run_all([latent_recipe], torch.device("cpu"), overrides=["training.steps=3"])  # more steps go on from the checkpoint
     assert len((tmp_path / "runs" / "latent" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert pipeline.generator.prior is None  # drawn from the standard normal until a prior is fitted
+
+    prior_recipe = tmp_path / "prior.toml"
+    prior_recipe.write_text(
+        f'stage = "prior"\nout = "{tmp_path / "prior"}"\nrun_dir = "{tmp_path / "runs" / "prior"}"\n'
+        f'[inputs]\nteacher = "{bundles["text"]}"\ninit = "{tmp_path / "latent"}"\n'
+        "[prior]\ncomponents = 3\nwidth = 16\ndepth = 1\nheads = 2\n"
+        "[training]\nsteps = 2\nbatch_size = 4\nwarmup = 1\neval_every = 2\neval_prompts = 3\n"
+    )
+    run_all([prior_recipe], torch.device("cpu"))
+    with_prior = load_pipeline(tmp_path / "prior")
+    assert with_prior.generator.prior.cfg.components == 3
+    assert "encoder" in read_bundle(tmp_path / "latent").config and "encoder" not in read_bundle(tmp_path / "prior").config
+    latent_weights = load_pipeline(tmp_path / "latent").generator.model.state_dict()
+    assert all(torch.equal(v, latent_weights[k]) for k, v in with_prior.generator.model.state_dict().items())  # the generator as it was
 
     distill_recipe = tmp_path / "distill.toml"
     distill_recipe.write_text(
         f'stage = "distill"\nout = "{tmp_path / "distilled"}"\nrun_dir = "{tmp_path / "runs" / "distilled"}"\n'
-        f'[inputs]\nteacher = "{bundles["text"]}"\ninit = "{tmp_path / "latent"}"\n'
+        f'[inputs]\nteacher = "{bundles["text"]}"\ninit = "{tmp_path / "prior"}"\n'
         "[generator]\nr_init = 1.0\nsigma = 0.0\n[training]\nsteps = 1\nbatch_size = 2\nwarmup = 1\neval_every = 1\neval_prompts = 2\n"
     )
     run_all([distill_recipe], torch.device("cpu"))
     distilled = load_pipeline(tmp_path / "distilled")
     assert distilled.generator.cfg.latent_dim == 4
+    prior_weights = with_prior.generator.prior.state_dict()
+    assert all(torch.equal(v, prior_weights[k]) for k, v in distilled.generator.prior.state_dict().items())  # carried, unchanged
     images = distilled.generate(distilled.conditioner.encode_prompts(["a red circle"]), [0])
     assert images.shape == (1, 64, 64, 3)

@@ -155,7 +155,7 @@ def test_a_distilled_student_is_read_by_softdimo_and_by_diffusers(bundles, teach
     text = served.generator.model.encode_text(condition)
     micro = torch.tensor([16.0, 16.0, 0, 0, 6.0])[None]
     theirs = uvit(hybrid.view(1, 8, 8), text.hidden, text.pooled, micro).flatten(2).transpose(1, 2)
-    assert torch.allclose(noiseless.logits(noiseless.initial_embeddings(ImageNoise([7])), condition), theirs, atol=1e-5)
+    assert torch.allclose(noiseless.logits(noiseless.initial_embeddings(ImageNoise([7]), condition), condition), theirs, atol=1e-5)
 
 
 def test_own_prompts_distil_without_a_gan(teacher, tmp_path):

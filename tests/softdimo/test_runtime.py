@@ -59,7 +59,7 @@ def test_bf16_logits_stay_within_bf16_rounding_and_images_come_out(pipelines):
     pipeline = pipelines["one-step"]
     condition, _ = example_inputs(pipeline, 3)
     generator = pipeline.generator
-    embeddings = generator.initial_embeddings(ImageNoise(SEEDS))
+    embeddings = generator.initial_embeddings(ImageNoise(SEEDS), condition)
     with torch.inference_mode():
         exact = generator.logits(embeddings, condition)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -76,7 +76,7 @@ def test_int8_weights_run_generate_only_and_stay_close(pipelines):
     pipeline = pipelines["one-step"]
     generator = pipeline.generator
     condition, _ = example_inputs(pipeline, 3)
-    embeddings = generator.initial_embeddings(ImageNoise(SEEDS))
+    embeddings = generator.initial_embeddings(ImageNoise(SEEDS), condition)
     run = rt.Runtime(rt.RuntimeSettings(precision="int8"))
     with torch.inference_mode():
         exact = generator.logits(embeddings, condition)

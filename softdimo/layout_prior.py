@@ -1,0 +1,83 @@
+"""The layout prior: where a one-step generator draws its layout latent from, given the conditioning.
+
+A layout latent fitted as a conditional VAE (softdimo/train/latent.py) is trained against a standard normal, but
+the encoder's posteriors for the world's images do not fill it: a draw from N(0, I) often lands between two
+layouts, and the generator then draws pieces of both (a square beside its own copy, a two-patch rectangle, three
+objects asked for and two drawn). This prior is a mixture of many narrow Gaussians, one per layout the encoder
+puts images at (the components are shared by every prompt, started at encoded images), whose weights a small
+transformer reads from the conditioning; it is fitted to where the encoder puts the images of each prompt
+(softdimo/train/prior.py), so its draws land on layouts the generator knows and the prompt fits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from softdimo.seeding import ImageNoise
+from softdimo.transformer import MaskedTransformer, TransformerConfig
+
+MIN_LOG_STD = -6.0  # a component's spread is at least e^-6 in every dimension
+MAX_LOG_STD = 2.0
+
+
+def small_body(like: TransformerConfig, *, width: int, depth: int, heads: int, tokens: int | None = None) -> TransformerConfig:
+    """A small transformer that reads the same image tokens (or `tokens` positions of them) and conditioning as
+    `like`: the layout encoder's body, and the layout prior's, which reads the conditioning and one masked slot."""
+    return replace(like, width=width, depth=depth, heads=heads, code_dim=0, latent_dim=0, tokens=tokens or like.tokens)
+
+
+@dataclass(frozen=True)
+class LayoutPriorConfig:
+    body: TransformerConfig
+    latent_dim: int
+    components: int = 1024
+
+    def to_dict(self) -> dict:
+        return {"body": self.body.to_dict(), "latent_dim": self.latent_dim, "components": self.components}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayoutPriorConfig:
+        return cls(body=TransformerConfig.from_dict(d["body"]), latent_dim=d["latent_dim"], components=d["components"])
+
+
+class LayoutPrior(nn.Module):
+    """p(latent | conditioning): a mixture of `components` diagonal Gaussians (K, L), the same for every prompt,
+    weighted per prompt. The body reads the conditioning and masked image positions (one is enough: nothing is
+    known of the image); the mean of their states gives the components' weights."""
+
+    def __init__(self, cfg: LayoutPriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.body = MaskedTransformer(cfg.body)
+        self.weights = nn.Linear(cfg.body.width, cfg.components)
+        self.means = nn.Parameter(torch.randn(cfg.components, cfg.latent_dim))
+        self.log_stds = nn.Parameter(torch.full((cfg.components, cfg.latent_dim), -1.0))
+
+    def mixture(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conditioning (B, ...) -> log weights (B, K), means (B, K, L), log spreads (B, K, L)."""
+        b, body = condition.shape[0], self.cfg.body
+        masked = torch.full((b, body.tokens), body.mask_id, dtype=torch.long, device=condition.device)
+        (states,) = self.body.hidden_states(self.body.embed(masked), condition, (body.depth - 1,))
+        log_weights = self.weights(states.mean(1)).float().log_softmax(-1)
+        log_stds = self.log_stds.float().clamp(MIN_LOG_STD, MAX_LOG_STD)
+        return log_weights, self.means.float().expand(b, -1, -1), log_stds.expand(b, -1, -1)
+
+    def log_likelihood(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """log p(latent | conditioning) for latents (B, L) -> (B,)."""
+        log_weights, means, log_stds = self.mixture(condition)
+        z = (latent.float()[:, None] - means) * (-log_stds).exp()
+        per_component = (-0.5 * z**2 - log_stds).sum(-1) - 0.5 * self.cfg.latent_dim * math.log(2 * math.pi)
+        return torch.logsumexp(log_weights + per_component, dim=-1)
+
+    def sample(self, condition: torch.Tensor, noise: ImageNoise, scale: float = 1.0) -> torch.Tensor:
+        """One latent (B, L) per image from its own seed: a component by its weight, then a point of it, the
+        spread times `scale`."""
+        log_weights, means, log_stds = self.mixture(condition)
+        device = means.device
+        k = (log_weights + noise.gumbel(self.cfg.components).to(device)).argmax(-1)
+        rows = torch.arange(len(k), device=device)
+        eps = noise.randn(self.cfg.latent_dim).to(device)
+        return means[rows, k] + scale * log_stds[rows, k].exp() * eps

@@ -1,0 +1,65 @@
+"""The layout prior: a mixture of Gaussians over a one-step generator's layout latent, read from the conditioning."""
+
+import math
+
+import torch
+
+from softdimo.generator import GeneratorSettings, OneStepGenerator
+from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig, small_body
+from softdimo.seeding import ImageNoise
+from softdimo.train.latent import latent_student
+
+
+def _prior(transformer, latent_dim=2, components=3) -> LayoutPrior:
+    torch.manual_seed(0)
+    body = small_body(transformer.cfg, width=16, depth=1, heads=2)
+    return LayoutPrior(LayoutPriorConfig(body=body, latent_dim=latent_dim, components=components)).eval()
+
+
+def test_the_likelihood_is_a_density_over_the_latent(tiny_text_transformer, text_conditioner):
+    prior = _prior(tiny_text_transformer, latent_dim=2)
+    condition = text_conditioner.encode_prompts(["two blue squares"])
+    axis = torch.linspace(-12, 12, 481)
+    grid = torch.cartesian_prod(axis, axis)  # (481^2, 2)
+    with torch.no_grad():
+        density = prior.log_likelihood(grid, condition.expand(len(grid), -1)).exp()
+    cell = (axis[1] - axis[0]) ** 2
+    assert math.isclose((density * cell).sum().item(), 1.0, rel_tol=1e-2)
+
+
+def test_draws_follow_the_mixture_per_image_and_its_spread_scales(tiny_text_transformer, text_conditioner):
+    prior = _prior(tiny_text_transformer)
+    condition = text_conditioner.encode_prompts(["a red circle", "a green square above a yellow circle"])
+    with torch.no_grad():
+        log_weights, means, log_stds = prior.mixture(condition)
+        together = prior.sample(condition, ImageNoise([5, 6]))
+        alone = prior.sample(condition[1:], ImageNoise([6]))
+        at_means = prior.sample(condition, ImageNoise([5, 6]), scale=0.0)
+    assert torch.allclose(together[1], alone[0])  # never depends on its batch-mates
+    assert not torch.allclose(log_weights[0], log_weights[1])  # the conditioning sets the mixture
+    # the component is the Gumbel-max choice of each image's own stream, the point its mean plus spread * normal draw
+    replay = ImageNoise([5, 6])
+    k = (log_weights + replay.gumbel(3)).argmax(-1)
+    eps = replay.randn(2)
+    rows = torch.arange(2)
+    assert torch.allclose(at_means, means[rows, k])
+    assert torch.allclose(together, means[rows, k] + log_stds[rows, k].exp() * eps)
+
+
+def test_a_generator_with_a_prior_draws_its_latent_from_it(tiny_text_transformer, text_conditioner):
+    torch.manual_seed(0)
+    generator = OneStepGenerator(latent_student(tiny_text_transformer, 2), GeneratorSettings(r_init=1.0, sigma=0.0), _prior(tiny_text_transformer))
+    condition = text_conditioner.encode_prompts(["a red circle", "three cyan triangles"])
+    with torch.no_grad():
+        embeddings, latent = generator.input_parts(ImageNoise([1, 2]), condition)
+        replay = ImageNoise([1, 2])  # the hybrid tokens and embedding noise come first, then the prior's draws
+        generator.initial_tokens(replay)
+        replay.randn(generator.cfg.tokens, generator.cfg.width)
+        assert torch.allclose(latent, generator.prior.sample(condition, replay))
+
+
+def test_a_prior_for_another_latent_size_is_refused(tiny_text_transformer):
+    import pytest
+
+    with pytest.raises(ValueError, match="layout prior of 2 numbers for a latent of 4"):
+        OneStepGenerator(latent_student(tiny_text_transformer, 4), GeneratorSettings(), _prior(tiny_text_transformer, latent_dim=2))

@@ -3,10 +3,10 @@
 A layout latent fitted as a conditional VAE (softdimo/train/latent.py) is trained against a standard normal, but
 the encoder's posteriors for the world's images do not fill it: a draw from N(0, I) often lands between two
 layouts, and the generator then draws pieces of both (a square beside its own copy, a two-patch rectangle, three
-objects asked for and two drawn). This prior is a mixture of many narrow Gaussians, one per layout the encoder
-puts images at (the components are shared by every prompt, started at encoded images), whose weights a small
-transformer reads from the conditioning; it is fitted to where the encoder puts the images of each prompt
-(softdimo/train/prior.py), so its draws land on layouts the generator knows and the prompt fits."""
+objects asked for and two drawn). This prior is a mixture of the encoder's posteriors for a fixed set of the
+world's images (its components, the same for every prompt), weighted by a small transformer that reads the
+conditioning. The weights are fitted to where the encoder puts the images of each prompt (softdimo/train/prior.py),
+so a draw is a layout the generator has learnt to draw, chosen for the prompt."""
 
 from __future__ import annotations
 
@@ -44,17 +44,23 @@ class LayoutPriorConfig:
 
 
 class LayoutPrior(nn.Module):
-    """p(latent | conditioning): a mixture of `components` diagonal Gaussians (K, L), the same for every prompt,
-    weighted per prompt. The body reads the conditioning and masked image positions (one is enough: nothing is
-    known of the image); the mean of their states gives the components' weights."""
+    """p(latent | conditioning): a mixture of `components` diagonal Gaussians (K, L), the same for every prompt
+    and fixed once placed (`place`), weighted per prompt. The body reads the conditioning and masked image
+    positions (one is enough: nothing is known of the image); the mean of their states gives the weights."""
 
     def __init__(self, cfg: LayoutPriorConfig):
         super().__init__()
         self.cfg = cfg
         self.body = MaskedTransformer(cfg.body)
         self.weights = nn.Linear(cfg.body.width, cfg.components)
-        self.means = nn.Parameter(torch.randn(cfg.components, cfg.latent_dim))
-        self.log_stds = nn.Parameter(torch.full((cfg.components, cfg.latent_dim), -1.0))
+        self.register_buffer("means", torch.zeros(cfg.components, cfg.latent_dim))
+        self.register_buffer("log_stds", torch.zeros(cfg.components, cfg.latent_dim))
+
+    @torch.no_grad()
+    def place(self, means: torch.Tensor, log_stds: torch.Tensor) -> None:
+        """Put the components at given Gaussians (K, L) each: the encoder's posteriors of K images."""
+        self.means.copy_(means)
+        self.log_stds.copy_(log_stds.clamp(MIN_LOG_STD, MAX_LOG_STD))
 
     def mixture(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Conditioning (B, ...) -> log weights (B, K), means (B, K, L), log spreads (B, K, L)."""
@@ -62,8 +68,7 @@ class LayoutPrior(nn.Module):
         masked = torch.full((b, body.tokens), body.mask_id, dtype=torch.long, device=condition.device)
         (states,) = self.body.hidden_states(self.body.embed(masked), condition, (body.depth - 1,))
         log_weights = self.weights(states.mean(1)).float().log_softmax(-1)
-        log_stds = self.log_stds.float().clamp(MIN_LOG_STD, MAX_LOG_STD)
-        return log_weights, self.means.float().expand(b, -1, -1), log_stds.expand(b, -1, -1)
+        return log_weights, self.means.float().expand(b, -1, -1), self.log_stds.float().expand(b, -1, -1)
 
     def log_likelihood(self, latent: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """log p(latent | conditioning) for latents (B, L) -> (B,)."""

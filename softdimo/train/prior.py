@@ -1,11 +1,11 @@
 """Training stage: the layout prior of a one-step generator with a layout latent (softdimo/layout_prior.py).
 
-The latent stage's encoder maps each of the world's images to a posterior over the latent; the prior, a mixture of
-Gaussians weighted by the conditioning, starts with one component at each of `components` encoded images and is
-fitted by maximum likelihood to the posterior means of fresh images of each prompt, the encoder and generator
-left as they are. Means rather than draws of the posteriors: with the
-generator of shapes-latent-text, latents taken from the encoded images of prompts of the same form passed 0.92 of
-prompts as means and 0.77 as draws (a posterior's spread also covers directions the generator does not read)."""
+The latent stage's encoder maps each of the world's images to a posterior over the latent. The prior's components
+are the posteriors of `components` images drawn once; their weights, read from the conditioning, are fitted by
+maximum likelihood to the posterior means of fresh images of each prompt, the encoder and generator left as they
+are. Means rather than draws of the posteriors: with the generator of shapes-latent-text, latents taken from the
+encoded images of prompts of the same form passed 0.92 of prompts as means and 0.77 as draws (a posterior's
+spread also covers directions the generator does not read)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class PriorTraining:
     batch_size: int = 256
     lr: float = 1e-3
     warmup: int = 100
-    weight_decay: float = 0.0  # decay would pull the components' means to the origin
+    weight_decay: float = 0.01
     seed: int = 0
     eval_every: int = 500
     eval_prompts: int = 100
@@ -60,12 +60,13 @@ def train_prior(
     generator = OneStepGenerator(generator.model.to(device).eval(), generator.settings, prior)
     encoder = encoder.to(device).eval().requires_grad_(False)
     tokenizer = tokenizer.to(device).eval()
-    with torch.no_grad():  # one component at each of as many encoded images (a run that resumes loads its own)
+    with torch.no_grad():  # the components: as many encoded images (a run that resumes loads its own)
         tokens, condition = training_batch(
             rng=np.random.default_rng([training.seed, 0, 0]), size=network.components, conditioner=conditioner, tokenizer=tokenizer,
             device=device, placement=training.placement,
         )  # fmt: skip
-        prior.means.copy_(encoder(tokens, condition)[0])
+        means, log_vars = encoder(tokens, condition)
+        prior.place(means, 0.5 * log_vars)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
     eval_prompts = judge.held_out_prompts(training.eval_prompts, seed=20_000, kinds=conditioner.kinds)
 

@@ -12,8 +12,10 @@ from softdimo.train.latent import latent_student
 
 def _prior(transformer, latent_dim=2, components=3) -> LayoutPrior:
     torch.manual_seed(0)
-    body = small_body(transformer.cfg, width=16, depth=1, heads=2)
-    return LayoutPrior(LayoutPriorConfig(body=body, latent_dim=latent_dim, components=components)).eval()
+    body = small_body(transformer.cfg, width=16, depth=1, heads=2, tokens=1)
+    prior = LayoutPrior(LayoutPriorConfig(body=body, latent_dim=latent_dim, components=components)).eval()
+    prior.place(torch.randn(components, latent_dim), 0.3 * torch.randn(components, latent_dim))
+    return prior
 
 
 def test_the_likelihood_is_a_density_over_the_latent(tiny_text_transformer, text_conditioner):

@@ -33,7 +33,7 @@ def small_body(like: TransformerConfig, *, width: int, depth: int, heads: int, t
 class LayoutPriorConfig:
     body: TransformerConfig
     latent_dim: int
-    components: int = 1024
+    components: int
 
     def to_dict(self) -> dict:
         return {"body": self.body.to_dict(), "latent_dim": self.latent_dim, "components": self.components}

@@ -13,9 +13,9 @@ from softdimo.shipped import SHIPPED_WEIGHTS
 
 # bundle -> (prompt or class label, sha256 of the four images' palette-index maps for seeds 0..3)
 PINS = {
-    "shapes-softdimo-text": ("a red circle left of a blue square", "91f29455e1234c7664c837e38382a2cdd7b4e5c6383c10f3a5a533fc37d764c3"),
-    "shapes-softdimo-class": (7, "527ce37dca4d9ea29e61fe04075a80a40877c7965453e474a82f21cba53f96e2"),
-    "shapes-teacher-text": ("two green triangles", "8e8169d4e732dc81b04dd5d2302fdcec4077fb01ea14880b994a8c0f28ab1d64"),
+    "shapes-softdimo-text": ("a red circle left of a blue square", "8ebd915f3e5e4de061a133f259f5d478dfd9fb46ae5961fd2d0ccfbd9228f463"),
+    "shapes-softdimo-class": (7, "84f775d681691b410057cb19fd79ee817faf7b72758ff68b596ac5df14897df6"),
+    "shapes-teacher-text": ("two green triangles", "d39390f9940bdc0bd41941bad78f0457380c727cb89a62556da041f2a89b7749"),
     "shapes-teacher-class": (3, "e7b3599e3a56b936275aced7facaa1562d05aaf07606c6ec64fa5550fe5681f6"),
 }
 

@@ -144,9 +144,6 @@ def _freeze(model: nn.Module) -> nn.Module:
 def train_distill(
     *, run_dir: Path, parts: DistillParts, generator_settings: GeneratorSettings, training: DistillTraining, device: torch.device,
 ) -> OneStepGenerator:  # fmt: skip
-    from softdimo.pipeline import OneStepPipeline
-    from softdimo.tteo import TTEOSettings
-
     if parts.prompts is not None and training.gan_weight:
         raise ValueError("the GAN needs real images: distil on Shapes samples (no prompts of your own) or set gan_weight = 0")
     if parts.prompts is not None and not parts.prompts:
@@ -267,11 +264,7 @@ def train_distill(
         return metrics
 
     def eval_fn(step: int) -> dict[str, float]:
-        pipeline = OneStepPipeline(
-            generator=OneStepGenerator(ema, generator_settings, prior), tokenizer=tokenizer, conditioner=parts.conditioner,
-            rewards={}, tteo=TTEOSettings(),
-        )  # fmt: skip
-        return judge.pass_rates(pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts))), eval_prompts).metrics()
+        return loop.one_step_metrics(OneStepGenerator(ema, generator_settings, prior), tokenizer, parts.conditioner, eval_prompts)
 
     loop.run(
         run_dir=run_dir,

@@ -89,9 +89,6 @@ def train_latent(
     generator_settings: GeneratorSettings, training: LatentTraining, device: torch.device,
 ) -> tuple[OneStepGenerator, LayoutEncoder]:  # fmt: skip
     """The generator with its layout latent, and the encoder it was fitted with (a layout prior is fitted to it)."""
-    from softdimo.pipeline import OneStepPipeline
-    from softdimo.tteo import TTEOSettings
-
     if latent_dim < 1:
         raise ValueError(f"a layout latent needs latent_dim >= 1, got {latent_dim}")
     torch.manual_seed(training.seed)
@@ -128,8 +125,7 @@ def train_latent(
         return {"reconstruction": reconstruction.item(), "kl": kl.item()}
 
     def eval_fn(step: int) -> dict[str, float]:
-        pipeline = OneStepPipeline(generator=generator, tokenizer=tokenizer, conditioner=conditioner, rewards={}, tteo=TTEOSettings())
-        return judge.pass_rates(pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts))), eval_prompts).metrics()
+        return loop.one_step_metrics(generator, tokenizer, conditioner, eval_prompts)
 
     loop.run(
         run_dir=run_dir,

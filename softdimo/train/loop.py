@@ -94,6 +94,22 @@ class Checkpointer:
         return int(metadata["step"])
 
 
+def held_out_metrics(pipeline, prompts) -> dict[str, float]:
+    """A pipeline's pass rates on held-out prompts, prompt i drawn with seed i: what stages evaluate in training."""
+    from softdimo import judge
+
+    return judge.pass_rates(pipeline.generate_prompts(prompts, seeds=range(len(prompts))), prompts).metrics()
+
+
+def one_step_metrics(generator, tokenizer, conditioner, prompts) -> dict[str, float]:
+    """`held_out_metrics` of a one-step generator in one forward pass."""
+    from softdimo.pipeline import OneStepPipeline
+    from softdimo.tteo import TTEOSettings
+
+    pipeline = OneStepPipeline(generator=generator, tokenizer=tokenizer, conditioner=conditioner, rewards={}, tteo=TTEOSettings())
+    return held_out_metrics(pipeline, prompts)
+
+
 def _time_spent(log_path: Path, step: int) -> float:
     """Seconds of training the log records up to `step` (0 for a new run)."""
     spent = 0.0

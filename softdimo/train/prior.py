@@ -51,9 +51,6 @@ def train_prior(
     network: PriorNetwork, training: PriorTraining, device: torch.device,
 ) -> OneStepGenerator:  # fmt: skip
     """The generator, unchanged, with a layout prior fitted to `encoder`'s posterior means."""
-    from softdimo.pipeline import OneStepPipeline
-    from softdimo.tteo import TTEOSettings
-
     torch.manual_seed(training.seed)
     body = small_body(generator.cfg, width=network.width, depth=network.depth, heads=network.heads, tokens=1)
     prior = LayoutPrior(LayoutPriorConfig(body=body, latent_dim=generator.cfg.latent_dim, components=network.components)).to(device)
@@ -86,11 +83,7 @@ def train_prior(
         return {"nll_per_dim": nll.item()}
 
     def eval_fn(step: int) -> dict[str, float]:
-        prior.eval()
-        pipeline = OneStepPipeline(generator=generator, tokenizer=tokenizer, conditioner=conditioner, rewards={}, tteo=TTEOSettings())
-        metrics = judge.pass_rates(pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts))), eval_prompts).metrics()
-        prior.train()
-        return metrics
+        return loop.one_step_metrics(generator, tokenizer, conditioner, eval_prompts)
 
     loop.run(
         run_dir=run_dir,

@@ -105,9 +105,7 @@ def train_teacher(
         return {"loss": loss.item()}
 
     def eval_fn(step: int) -> dict[str, float]:
-        pipeline = TeacherPipeline(model=model, tokenizer=tokenizer, conditioner=conditioner, sampler=sampler)
-        images = pipeline.generate_prompts(eval_prompts, seeds=range(len(eval_prompts)))
-        return judge.pass_rates(images, eval_prompts).metrics()
+        return loop.held_out_metrics(TeacherPipeline(model=model, tokenizer=tokenizer, conditioner=conditioner, sampler=sampler), eval_prompts)
 
     loop.run(
         run_dir=run_dir,

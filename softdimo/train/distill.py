@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softdimo import judge, shapes
+from softdimo import shapes
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.layout_prior import LayoutPrior
@@ -173,7 +173,7 @@ def train_distill(
     opt_g = torch.optim.Adam(trainable(student), lr=training.lr, betas=(0.9, 0.999))
     opt_aux = torch.optim.Adam(trainable(aux), lr=training.aux_lr, betas=(0.9, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=training.disc_lr, betas=(0.5, 0.999))
-    eval_prompts = judge.held_out_prompts(training.eval_prompts, seed=20_000, kinds=parts.conditioner.kinds)
+    eval_prompts = loop.training_eval_prompts(training.eval_prompts, parts.conditioner.kinds)
     mask_id = teacher.cfg.mask_id
 
     def step_fn(step: int) -> dict[str, float]:

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softdimo import judge
 from softdimo.bundle import Bundle, BundleError
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
@@ -101,7 +100,7 @@ def train_latent(
     trainable = [p for p in (*student.parameters(), *encoder.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
     tokenizer = tokenizer.to(device).eval()
-    eval_prompts = judge.held_out_prompts(training.eval_prompts, seed=20_000, kinds=conditioner.kinds)
+    eval_prompts = loop.training_eval_prompts(training.eval_prompts, conditioner.kinds)
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))

@@ -94,6 +94,16 @@ class Checkpointer:
         return int(metadata["step"])
 
 
+EVAL_SEED = 20_000  # the held-out prompts every stage evaluates on in training (softdimo eval uses judge's default)
+
+
+def training_eval_prompts(count: int, kinds) -> list:
+    """The `count` held-out prompts of `kinds` that training runs evaluate on."""
+    from softdimo import judge
+
+    return judge.held_out_prompts(count, seed=EVAL_SEED, kinds=kinds)
+
+
 def held_out_metrics(pipeline, prompts) -> dict[str, float]:
     """A pipeline's pass rates on held-out prompts, prompt i drawn with seed i: what stages evaluate in training."""
     from softdimo import judge

@@ -3,9 +3,8 @@
 The latent stage's encoder maps each of the world's images to a posterior over the latent. The prior's components
 are the posteriors of `components` images drawn once; their weights, read from the conditioning, are fitted by
 maximum likelihood to the posterior means of fresh images of each prompt, the encoder and generator left as they
-are. Means rather than draws of the posteriors: with the generator of shapes-latent-text, latents taken from the
-encoded images of prompts of the same form passed 0.92 of prompts as means and 0.77 as draws (a posterior's
-spread also covers directions the generator does not read)."""
+are. Means rather than draws of the posteriors: a posterior's spread also covers directions the generator does
+not read; how far a draw strays from a component's mean is `GeneratorSettings.latent_scale`."""
 
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softdimo import judge
 from softdimo.conditioning import Conditioner
 from softdimo.generator import OneStepGenerator
 from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig, small_body
@@ -65,7 +63,7 @@ def train_prior(
         means, log_vars = encoder(tokens, condition)
         prior.place(means, 0.5 * log_vars)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
-    eval_prompts = judge.held_out_prompts(training.eval_prompts, seed=20_000, kinds=conditioner.kinds)
+    eval_prompts = loop.training_eval_prompts(training.eval_prompts, conditioner.kinds)
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))

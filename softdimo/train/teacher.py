@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softdimo import judge, shapes
+from softdimo import shapes
 from softdimo.conditioning import Conditioner
 from softdimo.sampler import SamplerSettings, mask_counts, mask_ratio, mask_tokens
 from softdimo.train import distributed, loop
@@ -85,7 +85,7 @@ def train_teacher(
     forward = distributed.wrap(model)  # the model itself in one process
     tokenizer = tokenizer.to(device).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
-    eval_prompts = judge.held_out_prompts(training.eval_prompts, seed=20_000, kinds=conditioner.kinds)
+    eval_prompts = loop.training_eval_prompts(training.eval_prompts, conditioner.kinds)
     if world.is_main:
         print(f"teacher: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.conditioning}-conditional")
 

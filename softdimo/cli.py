@@ -64,9 +64,11 @@ def _eval(args: argparse.Namespace) -> None:
     for model_path in args.models:
         if read_bundle(model_path).config.get("kind") == "reward":
             accuracy = report.reward_accuracy(model_path, images=args.prompts, device=device, placement=args.placement)
-            kinds = ", ".join(f"{kind} {share:.1%}" for kind, share in accuracy.items() if kind != "overall")
-            print(f"\n{model_path}: the true prompt scores above all 4 hard negatives for {accuracy['overall']:.1%} of "
-                  f"{args.prompts} held-out images ({kinds})\n")  # fmt: skip
+            for side, what in (("prompts", "the true prompt scores above all 4 hard negative prompts for {share} of {n} held-out images"),
+                               ("images", "the true image scores above all 4 hard negative images for {share} of {n} held-out prompts")):  # fmt: skip
+                kinds = ", ".join(f"{kind} {share:.1%}" for kind, share in accuracy[side].items() if kind != "overall")
+                print(f"\n{model_path}: " + what.format(share=f"{accuracy[side]['overall']:.1%}", n=args.prompts) + f" ({kinds})")
+            print()
             results.append({"model": str(model_path), "hard_negative_accuracy": accuracy, "images": args.prompts})
             continue
         table = report.evaluate_bundle(

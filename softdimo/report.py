@@ -227,18 +227,23 @@ def timed(fn: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], float]:
     return images, time.perf_counter() - start
 
 
-def reward_accuracy(path, *, images: int, device, placement: str = "grid") -> dict[str, float]:
-    """A reward bundle's share of held-out images whose true prompt scores above all 4 hard negatives: overall
-    and per prompt kind."""
+def reward_accuracy(path, *, images: int, device, placement: str = "grid") -> dict[str, dict[str, float]]:
+    """A reward bundle's share of held-out images whose true prompt scores above all 4 hard negative prompts
+    ("prompts"), and of held-out prompts whose true image scores above all 4 hard negative images ("images"):
+    overall and per prompt kind."""
     from softdimo.bundle import read_bundle
     from softdimo.pipeline import load_reward
     from softdimo.train.reward import hard_negative_wins
 
     reward = load_reward(read_bundle(path), device)
-    prompts, wins = hard_negative_wins(reward.model, count=images, seed=HELD_OUT_SEED, placement=placement)
+    prompts, prompt_wins, image_wins = hard_negative_wins(reward.model, count=images, seed=HELD_OUT_SEED, placement=placement)
     kinds = [k for k in shapes.KINDS if any(p.kind == k for p in prompts)]
-    per_kind = {k: wins[[p.kind == k for p in prompts]].float().mean().item() for k in kinds}
-    return {"overall": wins.float().mean().item(), **per_kind}
+
+    def shares(wins: torch.Tensor) -> dict[str, float]:
+        per_kind = {k: wins[[p.kind == k for p in prompts]].float().mean().item() for k in kinds}
+        return {"overall": wins.float().mean().item(), **per_kind}
+
+    return {"prompts": shares(prompt_wins), "images": shares(image_wins)}
 
 
 def training_curve(run_dir, evaluated_only: bool = True) -> list[dict]:

@@ -1,22 +1,33 @@
-"""Training stage: the layout prior of a one-step generator with a layout latent (softdimo/layout_prior.py).
+"""Training stages: the layout prior of a one-step generator with a layout latent (softdimo/layout_prior.py).
 
-The latent stage's encoder maps each of the world's images to a posterior over the latent. The prior's components
-are the posteriors of `components` images drawn once; their weights, read from the conditioning, are fitted by
-maximum likelihood to the posterior means of fresh images of each prompt, the encoder and generator left as they
-are. Means rather than draws of the posteriors: a posterior's spread also covers directions the generator does
-not read; how far a draw strays from a component's mean is `GeneratorSettings.latent_scale`."""
+Fitting (`train_prior`): the latent stage's encoder maps each of the world's images to a posterior over the
+latent. The prior's components are the posteriors of `components` images drawn once; their weights, read from the
+conditioning, are fitted by maximum likelihood to the posterior means of fresh images of each prompt, the encoder
+and generator left as they are. Means rather than draws of the posteriors: a posterior's spread also covers
+directions the generator does not read; how far a draw strays from a component's mean is
+`GeneratorSettings.latent_scale`.
+
+Tuning (`tune_prior`): a latent is read relative to the prompt (the encoder reads both), so a component placed at
+an image of two objects sits among those of three-object images, and likelihood cannot tell the prompts it suits
+apart. Tuning asks the generator: each prompt's weights move towards the components whose images the reward
+scores highest for it (a policy gradient over the discrete choice of component), held near the fitted weights by
+a KL term. Components, generator and reward stay as they are."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from softdimo import shapes
 from softdimo.conditioning import Conditioner
 from softdimo.generator import OneStepGenerator
 from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig, small_body
+from softdimo.reward import Reward
+from softdimo.seeding import ImageNoise
 from softdimo.train import loop
 from softdimo.train.latent import LayoutEncoder
 from softdimo.train.teacher import training_batch
@@ -92,6 +103,90 @@ def train_prior(
         eval_fn=eval_fn,
         eval_every=training.eval_every,
         description="layout prior",
+    )
+    prior.eval()
+    return generator
+
+
+@dataclass(frozen=True)
+class PriorTuning:
+    steps: int = 300
+    prompts: int = 32  # prompts a step
+    samples: int = 8  # components drawn per prompt, each drawn into an image and scored
+    lr: float = 3e-4
+    warmup: int = 20
+    kl_weight: float = 0.1  # KL(tuned weights || fitted weights) per prompt
+    seed: int = 0
+    eval_every: int = 100
+    eval_prompts: int = 100
+
+
+def component_rewards(
+    generator: OneStepGenerator, tokenizer: VQTokenizer, reward: Reward, condition: torch.Tensor, texts: list[str],
+    chosen: torch.Tensor, noise: ImageNoise,
+) -> torch.Tensor:  # fmt: skip
+    """The reward of each prompt's image drawn from each chosen component (B, M) -> (B, M): a point of the component
+    as the generator draws one (`latent_scale`), one forward pass, the reward of the decoded tokens."""
+    prior, (b, m) = generator.prior, chosen.shape
+    eps = noise.randn(prior.cfg.latent_dim).to(chosen.device).view(b, m, -1)
+    latent = prior.means[chosen].float() + generator.settings.latent_scale * prior.log_stds[chosen].float().exp() * eps
+    condition = condition.repeat_interleave(m, 0)
+    embeddings, _ = generator.input_parts(noise, condition)
+    logits = generator.logits(generator.with_latent(embeddings, latent.flatten(0, 1)), condition)
+    tokens = generator.tokens_from(logits, generator.token_noise(noise))
+    return reward.score(tokenizer.decode_indices(tokens), [t for t in texts for _ in range(m)]).float().view(b, m)
+
+
+def tune_prior(
+    *, run_dir: Path, generator: OneStepGenerator, tokenizer: VQTokenizer, conditioner: Conditioner, reward: Reward,
+    training: PriorTuning, device: torch.device,
+) -> OneStepGenerator:  # fmt: skip
+    """The generator, unchanged, with its layout prior's weights tuned by `reward` (its components stay)."""
+    if generator.prior is None:
+        raise ValueError("tuning a layout prior needs a generator with one: fit it first (train_prior)")
+    torch.manual_seed(training.seed)
+    generator.model.to(device).eval().requires_grad_(False)
+    prior = generator.prior.to(device)
+    fitted = copy.deepcopy(prior).eval().requires_grad_(False)
+    tokenizer = tokenizer.to(device).eval()
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    eval_prompts = loop.training_eval_prompts(training.eval_prompts, conditioner.kinds)
+
+    def step_fn(step: int) -> dict[str, float]:
+        loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
+        rng = np.random.default_rng([training.seed, step])
+        drawn = [conditioner.for_prompt(shapes.sample_prompt(rng, conditioner.kinds)) for _ in range(training.prompts)]
+        condition = torch.cat([c for c, _ in drawn]).to(device)
+        log_weights, _, _ = prior.mixture(condition)
+        g = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
+        chosen = torch.multinomial(log_weights.detach().exp().cpu(), training.samples, replacement=True, generator=g).to(device)
+        noise = ImageNoise(rng.integers(0, 2**62, size=training.prompts * training.samples).tolist(), device)
+        with torch.no_grad():
+            scores = component_rewards(generator, tokenizer, reward, condition, [t for _, t in drawn], chosen, noise)
+        advantage = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-3)
+        policy = -(advantage * log_weights.gather(1, chosen)).mean()
+        with torch.no_grad():
+            reference, _, _ = fitted.mixture(condition)
+        kl = (log_weights.exp() * (log_weights - reference)).sum(-1).mean()
+        loss = policy + training.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
+        optimizer.step()
+        return {"reward": scores.mean().item(), "kl": kl.item()}
+
+    def eval_fn(step: int) -> dict[str, float]:
+        return loop.one_step_metrics(generator, tokenizer, conditioner, eval_prompts)
+
+    loop.run(
+        run_dir=run_dir,
+        modules={"prior": prior},
+        optimizers={"prior": optimizer},
+        step_fn=step_fn,
+        steps=training.steps,
+        eval_fn=eval_fn,
+        eval_every=training.eval_every,
+        description="layout prior tuning",
     )
     prior.eval()
     return generator

@@ -20,7 +20,7 @@ import torch
 
 from softdimo.train import distributed
 
-STAGES = ("tokenizer", "features", "reward", "teacher", "latent", "prior", "distill")
+STAGES = ("tokenizer", "features", "reward", "teacher", "latent", "prior", "prior-reward", "distill")
 INPUTS = ("tokenizer", "teacher", "init", "reward")  # the bundles a stage may read, each perhaps another recipe's `out`
 DONE = "done.json"
 EXPORT_ONLY = ("sampler", "tteo")  # tables that shape only the written bundle: changing one re-exports without retraining
@@ -420,6 +420,24 @@ def _prior(recipe: Recipe, device: torch.device) -> Path:
     return _save_generator(recipe, generator, start.conditioner, training=asdict(training))
 
 
+def _prior_reward(recipe: Recipe, device: torch.device) -> Path:
+    from softdimo.bundle import read_bundle
+    from softdimo.pipeline import load_pipeline, load_reward
+    from softdimo.train.prior import PriorTuning, tune_prior
+
+    start = load_pipeline(recipe.inputs["init"], device)
+    if getattr(start, "generator", None) is None or start.generator.prior is None:
+        raise RecipeError(f"{recipe.path}: init {recipe.inputs['init']} is not a one-step model with a layout prior")
+    if "reward" not in recipe.inputs:
+        raise RecipeError(f"{recipe.path}: tuning a layout prior needs a `reward` bundle")
+    training = build(PriorTuning, recipe.table("training"))
+    generator = tune_prior(
+        run_dir=recipe.run_dir, generator=start.generator, tokenizer=start.tokenizer, conditioner=start.conditioner,
+        reward=load_reward(read_bundle(recipe.inputs["reward"]), device), training=training, device=device,
+    )  # fmt: skip
+    return _save_generator(recipe, generator, start.conditioner, training=asdict(training))
+
+
 def _save_generator(recipe: Recipe, generator, conditioner, training: dict, encoder=None) -> Path:
     """Write a one-step stage's bundle: its teacher's tokenizer, the recipe's reward (if any) and TTEO settings, and
     a latent stage's layout encoder."""
@@ -451,5 +469,5 @@ def _save_generator(recipe: Recipe, generator, conditioner, training: dict, enco
 
 RUNNERS: dict[str, Callable[[Recipe, torch.device], Path]] = {
     "tokenizer": _tokenizer, "features": _features, "reward": _reward, "teacher": _teacher, "latent": _latent, "prior": _prior,
-    "distill": _distill,
+    "prior-reward": _prior_reward, "distill": _distill,
 }  # fmt: skip

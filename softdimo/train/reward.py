@@ -1,4 +1,4 @@
-"""Training stage: the CLIP-style Shapes reward, contrastive with hard negative prompts."""
+"""Training stage: the CLIP-style Shapes reward, contrastive with hard negative prompts and hard negative images."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from softdimo import shapes
 from softdimo.reward import AlignmentConfig, AlignmentModel, relation_rows
@@ -21,6 +22,7 @@ class RewardTraining:
     steps: int = 2000
     batch_size: int = 64
     negatives: int = 4  # hard negative prompts per image
+    image_negatives: int = 0  # hard negative images per prompt (negative_scene): an object too many, too few, or merged
     lr: float = 1e-3
     warmup: int = 100
     pixel_noise: float = 0.1  # std of Gaussian noise added to images, so decoded (imperfect) images score sensibly
@@ -63,9 +65,54 @@ def hard_negative(prompt: shapes.Prompt, rng: np.random.Generator) -> shapes.Pro
             return candidate
 
 
-def contrastive_loss(model: AlignmentModel, images: torch.Tensor, prompts: list[str], negatives: list[list[str]]) -> torch.Tensor:
-    """Image -> (all batch prompts + its own hard negatives) and prompt -> batch images cross-entropy, over the
-    model's scores (with grounding, each pair's relation score is part of its logit)."""
+def _merged(a: shapes.ShapeObject, b: shapes.ShapeObject) -> bool:
+    """Is `a`, drawn over `b`, drawn with it as a misshapen blob: of one colour, their pixels touch or overlap; of
+    two, `a` covers at least a quarter of `b`?"""
+    masks = []
+    for obj in (a, b):
+        mask = np.zeros((shapes.CANVAS, shapes.CANVAS), dtype=bool)
+        mask[obj.y0 : obj.y0 + obj.size, obj.x0 : obj.x0 + obj.size] = shapes.shape_mask(obj.shape, obj.size)
+        masks.append(mask)
+    if a.color != b.color:
+        return (masks[0] & masks[1]).sum() >= masks[1].sum() / 4
+    return bool((ndimage.binary_dilation(masks[0], structure=np.ones((3, 3), bool)) & masks[1]).any())
+
+
+def negative_scene(scene: list[shapes.ShapeObject], rng: np.random.Generator, placement: str = "grid") -> list[shapes.ShapeObject]:
+    """A scene one edit away that no longer shows its prompt, as a one-step generator fails: an object too many
+    (a copy of one of its own, or of any other class, apart from the rest), one too few, or two objects moved
+    together until their pixels meet."""
+    edits = ["extra_copy", "extra_other", "missing"] + (["merged"] * 2 if len(scene) > 1 else [])
+    while True:
+        edit = edits[rng.integers(len(edits))]
+        if edit == "missing":
+            i = int(rng.integers(len(scene)))
+            return scene[:i] + scene[i + 1 :]
+        if edit.startswith("extra"):
+            like = scene[rng.integers(len(scene))]
+            if edit == "extra_other":
+                like = replace(like, color=int(rng.integers(len(shapes.COLORS))), shape=int(rng.integers(len(shapes.SHAPES))))
+            x0, y0 = rng.choice(shapes.corner_positions(like.size, placement), size=2)
+            extra = replace(like, x0=int(x0), y0=int(y0))
+            if all(shapes.box_gap(extra, other) >= shapes.GAP for other in scene):
+                return [*scene, extra]
+            continue
+        i, j = rng.choice(len(scene), size=2, replace=False)
+        corners = shapes.corner_positions(scene[i].size, placement)
+        moved = [replace(scene[i], x0=int(x), y0=int(y)) for x in corners for y in corners]
+        meeting = [m for m in moved if _merged(m, scene[j]) and (m.x0, m.y0) != (scene[j].x0, scene[j].y0)]
+        if meeting:
+            rest = [obj for k, obj in enumerate(scene) if k != i]
+            return rest + [meeting[rng.integers(len(meeting))]]
+
+
+def contrastive_loss(
+    model: AlignmentModel, images: torch.Tensor, prompts: list[str], negatives: list[list[str]],
+    negative_images: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Image -> (all batch prompts + its own hard negatives) and prompt -> (batch images + its own hard negative
+    images (B, k', 3, H, W), if any) cross-entropy, over the model's scores (with grounding, each pair's relation
+    score is part of its logit)."""
     b, k = len(prompts), len(negatives[0])
     features = model.image.feature_map(images)
     image_emb = model.image.embed(features)  # (B, D)
@@ -81,10 +128,24 @@ def contrastive_loss(model: AlignmentModel, images: torch.Tensor, prompts: list[
         batch_logits = batch_logits + model.grounding.relation_scores(positions.repeat_interleave(b, 0), every_prompt).view(b, b)
         own = relation_rows(flat_negatives, images.device)
         own_negatives = own_negatives + model.grounding.relation_scores(positions.repeat_interleave(k, 0), own).view(b, k)
+    prompt_logits = batch_logits.T  # (B prompts, B images)
+    if negative_images is not None:
+        prompt_logits = torch.cat([prompt_logits, _negative_image_scores(model, negative_images, prompts, text_emb)], dim=1)
     target = torch.arange(b, device=images.device)
     image_to_text = F.cross_entropy(torch.cat([batch_logits, own_negatives], dim=1), target)
-    text_to_image = F.cross_entropy(batch_logits.T, target)
+    text_to_image = F.cross_entropy(prompt_logits, target)
     return (image_to_text + text_to_image) / 2
+
+
+def _negative_image_scores(model: AlignmentModel, images: torch.Tensor, prompts: list[str], text_emb: torch.Tensor) -> torch.Tensor:
+    """Each prompt's score on its own hard negative images (B, k', 3, H, W) -> (B, k')."""
+    b, k = images.shape[:2]
+    features = model.image.feature_map(images.flatten(0, 1))
+    scores = model.log_scale.exp() * torch.einsum("bkd,bd->bk", model.image.embed(features).view(b, k, -1), text_emb)
+    if model.cfg.grounding:
+        rows = relation_rows(prompts, images.device).repeat_interleave(k, 0)
+        scores = scores + model.grounding.relation_scores(model.grounding.positions(features), rows).view(b, k)
+    return scores
 
 
 def object_places(scenes: list[list[shapes.ShapeObject]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,14 +177,20 @@ def train_reward(run_dir: Path, cfg: AlignmentConfig, training: RewardTraining, 
         prompts = [shapes.sample_prompt(rng) for _ in range(training.batch_size)]
         scenes = [shapes.sample_scene(p, rng, training.placement) for p in prompts]
         negatives = [[hard_negative(p, rng).text() for _ in range(training.negatives)] for p in prompts]
-        x = to_tensor(np.stack([shapes.render(scene) for scene in scenes])).to(device)
-        x = (x + training.pixel_noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(step)).to(device)).clamp(0, 1)
-        return x, [p.text() for p in prompts], negatives, scenes
+        negative_scenes = [negative_scene(scene, rng, training.placement) for scene in scenes for _ in range(training.image_negatives)]
+        noise = torch.Generator().manual_seed(step)
+
+        def pixels(scene_list):
+            x = to_tensor(np.stack([shapes.render(scene) for scene in scene_list])).to(device)
+            return (x + training.pixel_noise * torch.randn(x.shape, generator=noise).to(device)).clamp(0, 1)
+
+        negative_images = pixels(negative_scenes).unflatten(0, (len(scenes), -1)) if negative_scenes else None
+        return pixels(scenes), [p.text() for p in prompts], negatives, negative_images, scenes
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
-        images, prompts, negatives, scenes = batch(step)
-        loss = contrastive_loss(model, images, prompts, negatives)
+        images, prompts, negatives, negative_images, scenes = batch(step)
+        loss = contrastive_loss(model, images, prompts, negatives, negative_images)
         metrics = {"loss": loss.item()}
         if cfg.grounding:
             places = grounding_loss(model, images, *object_places(scenes, device))
@@ -135,7 +202,7 @@ def train_reward(run_dir: Path, cfg: AlignmentConfig, training: RewardTraining, 
         return metrics
 
     def eval_fn(step: int) -> dict[str, float]:
-        return {"hard_negative_accuracy": hard_negative_accuracy(model, count=200, seed=30_000, placement=training.placement)}
+        return hard_negative_accuracy(model, count=200, seed=30_000, placement=training.placement)
 
     loop.run(run_dir=run_dir, modules={"reward": model}, optimizers={"reward": optimizer}, step_fn=step_fn,
              steps=training.steps, eval_fn=eval_fn, eval_every=training.eval_every, description="reward")  # fmt: skip
@@ -143,19 +210,32 @@ def train_reward(run_dir: Path, cfg: AlignmentConfig, training: RewardTraining, 
 
 
 @torch.no_grad()
-def hard_negative_wins(model: AlignmentModel, count: int, seed: int, placement: str = "grid") -> tuple[list[shapes.Prompt], torch.Tensor]:
-    """Held-out prompts and, per image, whether its true prompt scores above every one of 4 hard negatives."""
+def hard_negative_wins(
+    model: AlignmentModel, count: int, seed: int, placement: str = "grid"
+) -> tuple[list[shapes.Prompt], torch.Tensor, torch.Tensor]:
+    """Held-out prompts and, per prompt and its image, whether the true prompt scores above every one of 4 hard
+    negative prompts, and whether the true image scores above every one of 4 hard negative images."""
     rng = np.random.default_rng(seed)
     prompts = [shapes.sample_prompt(rng) for _ in range(count)]
-    images = to_tensor(np.stack([shapes.render(shapes.sample_scene(p, rng, placement)) for p in prompts])).to(model.log_scale.device)
-    true = model.similarity(images, [p.text() for p in prompts])
-    wins = torch.ones(count, dtype=torch.bool, device=images.device)
+    scenes = [shapes.sample_scene(p, rng, placement) for p in prompts]
+    device = model.log_scale.device
+    images = to_tensor(np.stack([shapes.render(scene) for scene in scenes])).to(device)
+    texts = [p.text() for p in prompts]
+    true = model.similarity(images, texts)
+    prompt_wins = torch.ones(count, dtype=torch.bool, device=device)
     for _ in range(4):
         negatives = [hard_negative(p, rng).text() for p in prompts]
-        wins &= true > model.similarity(images, negatives)
-    return prompts, wins.cpu()
+        prompt_wins &= true > model.similarity(images, negatives)
+    image_rng = np.random.default_rng([seed, 1])
+    image_wins = torch.ones(count, dtype=torch.bool, device=device)
+    for _ in range(4):
+        negatives = to_tensor(np.stack([shapes.render(negative_scene(s, image_rng, placement)) for s in scenes])).to(device)
+        image_wins &= true > model.similarity(negatives, texts)
+    return prompts, prompt_wins.cpu(), image_wins.cpu()
 
 
-def hard_negative_accuracy(model: AlignmentModel, count: int, seed: int, placement: str = "grid") -> float:
-    """Share of held-out images whose true prompt scores above every one of 4 hard negatives."""
-    return hard_negative_wins(model, count, seed, placement)[1].float().mean().item()
+def hard_negative_accuracy(model: AlignmentModel, count: int, seed: int, placement: str = "grid") -> dict[str, float]:
+    """Shares of held-out images whose true prompt scores above every one of 4 hard negative prompts, and of
+    held-out prompts whose true image scores above every one of 4 hard negative images."""
+    _, prompt_wins, image_wins = hard_negative_wins(model, count, seed, placement)
+    return {"hard_negative_accuracy": prompt_wins.float().mean().item(), "hard_image_accuracy": image_wins.float().mean().item()}

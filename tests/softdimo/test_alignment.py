@@ -71,3 +71,18 @@ def test_training_finds_the_objects_and_prefers_the_true_relation_to_the_swapped
         true = model.similarity(images, texts)
         swapped = model.similarity(images, [_swapped(p) for p in prompts])
     assert (true > swapped).all()
+
+
+def test_hard_negative_images_compete_with_each_prompts_own_image():
+    torch.manual_seed(0)
+    model = AlignmentModel(TINY_GROUNDED, PromptTokenizer(shapes.VOCABULARY, 12)).eval()
+    images, prompts, negatives, _ = _relation_batch(4, seed=3)
+    texts = [p.text() for p in prompts]
+    with torch.no_grad():
+        alone = contrastive_loss(model, images, texts, negatives)
+        twin = contrastive_loss(model, images, texts, negatives, negative_images=images[:, None])
+        scores = torch.stack([model.similarity(images, [t] * len(texts)) for t in texts])  # (prompt, image)
+    # a negative image identical to the prompt's own is a competitor as strong as the answer: the prompt -> image
+    # half of the loss rises by log(1 + p) per prompt, p the answer's probability among the batch's images
+    answer = scores.softmax(-1).diagonal()
+    assert torch.allclose(twin - alone, 0.5 * torch.log1p(answer).mean(), atol=1e-5)

@@ -52,7 +52,7 @@ def test_the_encoder_reads_positions(tiny_text_transformer, text_conditioner):
     assert not torch.allclose(mean[0], mean[1])
 
 
-def test_the_latent_prior_and_distillation_stages_train_in_a_chain(tmp_path, one_thread):
+def test_the_latent_prior_tuning_and_distillation_stages_train_in_a_chain(tmp_path, one_thread):
     from tiny_bundles import write_all
 
     from softdimo.bundle import read_bundle
@@ -95,16 +95,30 @@ def test_the_latent_prior_and_distillation_stages_train_in_a_chain(tmp_path, one
     latent_weights = load_pipeline(tmp_path / "latent").generator.model.state_dict()
     assert all(torch.equal(v, latent_weights[k]) for k, v in with_prior.generator.model.state_dict().items())  # the generator as it was
 
+    tuning_recipe = tmp_path / "prior-reward.toml"
+    tuning_recipe.write_text(
+        f'stage = "prior-reward"\nout = "{tmp_path / "tuned"}"\nrun_dir = "{tmp_path / "runs" / "tuned"}"\n'
+        f'[inputs]\nteacher = "{bundles["text"]}"\ninit = "{tmp_path / "prior"}"\nreward = "{bundles["reward"]}"\n'
+        "[training]\nsteps = 2\nprompts = 2\nsamples = 2\nwarmup = 1\neval_every = 2\neval_prompts = 3\n"
+    )
+    run_all([tuning_recipe], torch.device("cpu"))
+    metrics = (tmp_path / "runs" / "tuned" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 2 and '"reward"' in metrics[0] and '"kl"' in metrics[0] and '"pass"' in metrics[-1]
+    tuned = load_pipeline(tmp_path / "tuned")
+    assert torch.equal(tuned.generator.prior.means, with_prior.generator.prior.means)  # the same components
+    assert not torch.equal(tuned.generator.prior.weights.weight, with_prior.generator.prior.weights.weight)  # reweighted
+    assert all(torch.equal(v, latent_weights[k]) for k, v in tuned.generator.model.state_dict().items())  # the generator as it was
+
     distill_recipe = tmp_path / "distill.toml"
     distill_recipe.write_text(
         f'stage = "distill"\nout = "{tmp_path / "distilled"}"\nrun_dir = "{tmp_path / "runs" / "distilled"}"\n'
-        f'[inputs]\nteacher = "{bundles["text"]}"\ninit = "{tmp_path / "prior"}"\n'
+        f'[inputs]\nteacher = "{bundles["text"]}"\ninit = "{tmp_path / "tuned"}"\n'
         "[generator]\nr_init = 1.0\nsigma = 0.0\n[training]\nsteps = 1\nbatch_size = 2\nwarmup = 1\neval_every = 1\neval_prompts = 2\n"
     )
     run_all([distill_recipe], torch.device("cpu"))
     distilled = load_pipeline(tmp_path / "distilled")
     assert distilled.generator.cfg.latent_dim == 4
-    prior_weights = with_prior.generator.prior.state_dict()
+    prior_weights = tuned.generator.prior.state_dict()
     assert all(torch.equal(v, prior_weights[k]) for k, v in distilled.generator.prior.state_dict().items())  # carried, unchanged
     images = distilled.generate(distilled.conditioner.encode_prompts(["a red circle"]), [0])
     assert images.shape == (1, 64, 64, 3)

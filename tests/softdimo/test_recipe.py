@@ -94,8 +94,10 @@ def test_a_variant_states_only_what_differs_from_its_base(tmp_path):
 
 
 def test_ablation_recipes_differ_from_the_shipped_recipe_only_where_they_say():
-    shipped = load_recipe(RECIPES / "shapes-softdimo-class.toml")
-    for path in sorted((RECIPES / "ablations").glob("*.toml")):
+    ablations = sorted((RECIPES / "ablations").glob("*.toml"))
+    assert {path.stem.split("-")[0] for path in ablations} == {"class", "text"}
+    for path in ablations:
+        shipped = load_recipe(RECIPES / f"shapes-softdimo-{path.stem.split('-')[0]}.toml")  # class-gan.toml: shapes-softdimo-class
         variant = load_recipe(path)
         assert variant.inputs == shipped.inputs and variant.table("generator") == shipped.table("generator")
         changed = {k for k, v in variant.table("training").items() if shipped.table("training").get(k) != v}

@@ -49,10 +49,14 @@ def test_eval_of_a_reward_reports_hard_negative_accuracy_per_kind(tmp_path, caps
     out = tmp_path / "results.json"
     args = ["eval", str(reward), "--prompts", "40", "--features", str(_features(tmp_path / "features")), "--json", str(out), "--device", "cpu"]
     assert main(args) == 0
-    assert "the true prompt scores above all 4 hard negatives for" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the true prompt scores above all 4 hard negative prompts for" in printed
+    assert "the true image scores above all 4 hard negative images for" in printed
     accuracy = json.loads(out.read_text())[0]["hard_negative_accuracy"]
-    assert set(accuracy) == {"overall", "single", "sized", "pair", "count", "relation"}
-    assert 0 <= min(accuracy.values()) and max(accuracy.values()) <= 1
+    assert set(accuracy) == {"prompts", "images"}
+    for side in accuracy.values():
+        assert set(side) == {"overall", "single", "sized", "pair", "count", "relation"}
+        assert 0 <= min(side.values()) and max(side.values()) <= 1
 
 
 def test_eval_overrides_tteo_settings_and_names_an_unknown_one(tmp_path, capsys):

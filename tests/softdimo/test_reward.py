@@ -11,7 +11,8 @@ import torch
 from softdimo import shapes
 from softdimo.bundle import read_bundle
 from softdimo.pipeline import load_reward
-from softdimo.train.reward import hard_negative
+from softdimo.judge import judge
+from softdimo.train.reward import hard_negative, negative_scene
 from softdimo.vq import to_tensor
 
 SHIPPED = Path(__file__).resolve().parents[2] / "weights" / "shapes-clip"
@@ -36,6 +37,22 @@ def test_hard_negatives_differ_by_one_edit():
         negative = hard_negative(prompt, rng)
         assert negative != prompt and negative.kind == prompt.kind
         assert shapes.parse_prompt(negative.text()) == negative  # still a prompt of the grammar
+
+
+@pytest.mark.parametrize("placement", shapes.PLACEMENTS)
+def test_hard_negative_images_fail_their_prompt_by_one_edit(placement):
+    rng = np.random.default_rng(1)
+    sizes = set()
+    for _ in range(300):
+        prompt = shapes.sample_prompt(rng)
+        scene = shapes.sample_scene(prompt, rng, placement)
+        negative = negative_scene(scene, rng, placement)
+        assert not judge(shapes.render(negative), prompt).passed  # the judge sees the edit
+        assert abs(len(negative) - len(scene)) <= 1 and len([o for o in negative if o not in scene]) <= 1
+        corners = {side: set(shapes.corner_positions(side, placement)) for side in shapes.SIZES.values()}
+        assert all(o.x0 in corners[o.size] and o.y0 in corners[o.size] for o in negative)  # still the world's placement
+        sizes.add(len(negative) - len(scene))
+    assert sizes == {-1, 0, 1}  # objects too few, merged (as many), too many
 
 
 def test_reward_is_differentiable_in_pixels(reward):

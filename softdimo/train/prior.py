@@ -74,7 +74,6 @@ def train_prior(
         means, log_vars = encoder(tokens, condition)
         prior.place(means, 0.5 * log_vars)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
-    eval_prompts = loop.training_eval_prompts(training.eval_prompts, conditioner.kinds)
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
@@ -91,20 +90,23 @@ def train_prior(
         optimizer.step()
         return {"nll_per_dim": nll.item()}
 
-    def eval_fn(step: int) -> dict[str, float]:
-        return loop.one_step_metrics(generator, tokenizer, conditioner, eval_prompts)
+    return _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, training, "layout prior")
 
+
+def _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, training, description: str) -> OneStepGenerator:
+    """A prior stage's steps on the prior's weights, the generator evaluated as it draws from the prior."""
+    eval_prompts = loop.training_eval_prompts(training.eval_prompts, conditioner.kinds)
     loop.run(
         run_dir=run_dir,
-        modules={"prior": prior},
+        modules={"prior": generator.prior},
         optimizers={"prior": optimizer},
         step_fn=step_fn,
         steps=training.steps,
-        eval_fn=eval_fn,
+        eval_fn=lambda step: loop.one_step_metrics(generator, tokenizer, conditioner, eval_prompts),
         eval_every=training.eval_every,
-        description="layout prior",
+        description=description,
     )
-    prior.eval()
+    generator.prior.eval()
     return generator
 
 
@@ -150,7 +152,6 @@ def tune_prior(
     fitted = copy.deepcopy(prior).eval().requires_grad_(False)
     tokenizer = tokenizer.to(device).eval()
     optimizer = torch.optim.AdamW(prior.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    eval_prompts = loop.training_eval_prompts(training.eval_prompts, conditioner.kinds)
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
@@ -175,18 +176,4 @@ def tune_prior(
         optimizer.step()
         return {"reward": scores.mean().item(), "kl": kl.item()}
 
-    def eval_fn(step: int) -> dict[str, float]:
-        return loop.one_step_metrics(generator, tokenizer, conditioner, eval_prompts)
-
-    loop.run(
-        run_dir=run_dir,
-        modules={"prior": prior},
-        optimizers={"prior": optimizer},
-        step_fn=step_fn,
-        steps=training.steps,
-        eval_fn=eval_fn,
-        eval_every=training.eval_every,
-        description="layout prior tuning",
-    )
-    prior.eval()
-    return generator
+    return _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, training, "layout prior tuning")

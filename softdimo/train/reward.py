@@ -100,7 +100,8 @@ def negative_scene(scene: list[shapes.ShapeObject], rng: np.random.Generator, pl
         i, j = rng.choice(len(scene), size=2, replace=False)
         corners = shapes.corner_positions(scene[i].size, placement)
         moved = [replace(scene[i], x0=int(x), y0=int(y)) for x in corners for y in corners]
-        meeting = [m for m in moved if _merged(m, scene[j]) and (m.x0, m.y0) != (scene[j].x0, scene[j].y0)]
+        near = [m for m in moved if shapes.box_gap(m, scene[j]) <= 0 and (m.x0, m.y0) != (scene[j].x0, scene[j].y0)]
+        meeting = [m for m in near if _merged(m, scene[j])]  # pixels can meet only where the boxes do
         if meeting:
             rest = [obj for k, obj in enumerate(scene) if k != i]
             return rest + [meeting[rng.integers(len(meeting))]]

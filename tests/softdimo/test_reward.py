@@ -1,6 +1,8 @@
-"""Hard negatives are one edit away and still prompts of the grammar; the shipped reward is differentiable and frozen.
+"""Hard negatives are one edit away: prompts still of the grammar, images the judge fails; the shipped reward is
+differentiable and frozen.
 
-How well the shipped reward ranks true prompts above hard negatives is measured by `softdimo eval weights/shapes-clip`."""
+How well the shipped reward ranks true prompts and images above hard negatives is measured by `softdimo eval
+weights/shapes-clip`."""
 
 from pathlib import Path
 
@@ -10,8 +12,8 @@ import torch
 
 from softdimo import shapes
 from softdimo.bundle import read_bundle
-from softdimo.pipeline import load_reward
 from softdimo.judge import judge
+from softdimo.pipeline import load_reward
 from softdimo.train.reward import hard_negative, negative_scene
 from softdimo.vq import to_tensor
 

@@ -54,13 +54,17 @@ class OneStepGenerator:
         masked = torch.zeros_like(tokens, dtype=torch.bool).scatter(1, order[:, :masked_count], True)
         return torch.where(masked, self.cfg.mask_id, tokens)
 
+    def token_embeddings(self, noise: ImageNoise) -> torch.Tensor:
+        """The input's first part: embedded hybrid tokens plus Gaussian noise (B, N, D), on the model's device."""
+        tokens = self.initial_tokens(noise).to(self.device)
+        eps = noise.randn(self.cfg.tokens, self.cfg.width).to(self.device)
+        return perturb_embeddings(self.model.embed(tokens), self.settings.sigma, eps)
+
     def input_parts(self, noise: ImageNoise, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The input's two parts: embedded hybrid tokens plus Gaussian noise (B, N, D), and the layout latent
-        (B, latent_dim) for the conditioning, None for a model without one; both on the model's device."""
+        """The input's two parts: `token_embeddings`, then the layout latent (B, latent_dim) for the conditioning,
+        None for a model without one; both on the model's device."""
         device = self.device
-        tokens = self.initial_tokens(noise).to(device)
-        eps = noise.randn(self.cfg.tokens, self.cfg.width).to(device)
-        embeddings = perturb_embeddings(self.model.embed(tokens), self.settings.sigma, eps)
+        embeddings = self.token_embeddings(noise)
         if not self.cfg.latent_dim:
             return embeddings, None
         if self.prior is None:

@@ -128,12 +128,13 @@ def component_rewards(
     chosen: torch.Tensor, noise: ImageNoise,
 ) -> torch.Tensor:  # fmt: skip
     """The reward of each prompt's image drawn from each chosen component (B, M) -> (B, M): a point of the component
-    as the generator draws one (`latent_scale`), one forward pass, the reward of the decoded tokens."""
+    as the generator draws one (`latent_scale`), one forward pass, the reward of the decoded tokens. `noise` holds
+    one stream per image (B * M)."""
     prior, (b, m) = generator.prior, chosen.shape
     eps = noise.randn(prior.cfg.latent_dim).to(chosen.device).view(b, m, -1)
     latent = prior.means[chosen].float() + generator.settings.latent_scale * prior.log_stds[chosen].float().exp() * eps
     condition = condition.repeat_interleave(m, 0)
-    embeddings, _ = generator.input_parts(noise, condition)
+    embeddings = generator.token_embeddings(noise)  # the latent is the chosen component's, not a draw of the prior
     logits = generator.logits(generator.with_latent(embeddings, latent.flatten(0, 1)), condition)
     tokens = generator.tokens_from(logits, generator.token_noise(noise))
     return reward.score(tokenizer.decode_indices(tokens), [t for t in texts for _ in range(m)]).float().view(b, m)

@@ -52,6 +52,14 @@ def test_the_encoder_reads_positions(tiny_text_transformer, text_conditioner):
     assert not torch.allclose(mean[0], mean[1])
 
 
+def _recipe(root, name: str, stage: str, inputs: dict, tables: str):
+    """A stage's recipe under `root`: writes bundle `root/name`, runs in `root/runs/name`."""
+    path = root / f"{name}.toml"
+    lines = "".join(f'{key} = "{value}"\n' for key, value in inputs.items())
+    path.write_text(f'stage = "{stage}"\nout = "{root / name}"\nrun_dir = "{root / "runs" / name}"\n[inputs]\n{lines}{tables}')
+    return path
+
+
 def test_the_latent_prior_tuning_and_distillation_stages_train_in_a_chain(tmp_path, one_thread):
     from tiny_bundles import write_all
 
@@ -60,12 +68,10 @@ def test_the_latent_prior_tuning_and_distillation_stages_train_in_a_chain(tmp_pa
     from softdimo.train.recipe import run_all
 
     bundles = write_all(tmp_path / "b")
-    latent_recipe = tmp_path / "latent.toml"
-    latent_recipe.write_text(
-        f'stage = "latent"\nout = "{tmp_path / "latent"}"\nrun_dir = "{tmp_path / "runs" / "latent"}"\n'
-        f'[inputs]\nteacher = "{bundles["text"]}"\nreward = "{bundles["reward"]}"\n[transformer]\nlatent_dim = 4\n'
-        "[generator]\nr_init = 1.0\nsigma = 0.0\ntemperature = 0.0\n"
-        "[training]\nsteps = 2\nbatch_size = 4\nwarmup = 1\neval_every = 2\neval_prompts = 3\nencoder_width = 16\nencoder_depth = 1\nencoder_heads = 2\n"
+    latent_recipe = _recipe(
+        tmp_path, "latent", "latent", {"teacher": bundles["text"], "reward": bundles["reward"]},
+        "[transformer]\nlatent_dim = 4\n[generator]\nr_init = 1.0\nsigma = 0.0\ntemperature = 0.0\n"
+        "[training]\nsteps = 2\nbatch_size = 4\nwarmup = 1\neval_every = 2\neval_prompts = 3\nencoder_width = 16\nencoder_depth = 1\nencoder_heads = 2\n",
     )
     run_all([latent_recipe], torch.device("cpu"))
     metrics = (tmp_path / "runs" / "latent" / "metrics.jsonl").read_text().splitlines()
@@ -81,12 +87,9 @@ def test_the_latent_prior_tuning_and_distillation_stages_train_in_a_chain(tmp_pa
     assert len((tmp_path / "runs" / "latent" / "metrics.jsonl").read_text().splitlines()) == 3
     assert pipeline.generator.prior is None  # drawn from the standard normal until a prior is fitted
 
-    prior_recipe = tmp_path / "prior.toml"
-    prior_recipe.write_text(
-        f'stage = "prior"\nout = "{tmp_path / "prior"}"\nrun_dir = "{tmp_path / "runs" / "prior"}"\n'
-        f'[inputs]\nteacher = "{bundles["text"]}"\ninit = "{tmp_path / "latent"}"\n'
-        "[prior]\ncomponents = 3\nwidth = 16\ndepth = 1\nheads = 2\n"
-        "[training]\nsteps = 2\nbatch_size = 4\nwarmup = 1\neval_every = 2\neval_prompts = 3\n"
+    prior_recipe = _recipe(
+        tmp_path, "prior", "prior", {"teacher": bundles["text"], "init": tmp_path / "latent"},
+        "[prior]\ncomponents = 3\nwidth = 16\ndepth = 1\nheads = 2\n[training]\nsteps = 2\nbatch_size = 4\nwarmup = 1\neval_every = 2\neval_prompts = 3\n",
     )
     run_all([prior_recipe], torch.device("cpu"))
     with_prior = load_pipeline(tmp_path / "prior")
@@ -95,11 +98,9 @@ def test_the_latent_prior_tuning_and_distillation_stages_train_in_a_chain(tmp_pa
     latent_weights = load_pipeline(tmp_path / "latent").generator.model.state_dict()
     assert all(torch.equal(v, latent_weights[k]) for k, v in with_prior.generator.model.state_dict().items())  # the generator as it was
 
-    tuning_recipe = tmp_path / "prior-reward.toml"
-    tuning_recipe.write_text(
-        f'stage = "prior-reward"\nout = "{tmp_path / "tuned"}"\nrun_dir = "{tmp_path / "runs" / "tuned"}"\n'
-        f'[inputs]\nteacher = "{bundles["text"]}"\ninit = "{tmp_path / "prior"}"\nreward = "{bundles["reward"]}"\n'
-        "[training]\nsteps = 2\nprompts = 2\nsamples = 2\nwarmup = 1\neval_every = 2\neval_prompts = 3\n"
+    tuning_recipe = _recipe(
+        tmp_path, "tuned", "prior-reward", {"teacher": bundles["text"], "init": tmp_path / "prior", "reward": bundles["reward"]},
+        "[training]\nsteps = 2\nprompts = 2\nsamples = 2\nwarmup = 1\neval_every = 2\neval_prompts = 3\n",
     )
     run_all([tuning_recipe], torch.device("cpu"))
     metrics = (tmp_path / "runs" / "tuned" / "metrics.jsonl").read_text().splitlines()
@@ -109,11 +110,9 @@ def test_the_latent_prior_tuning_and_distillation_stages_train_in_a_chain(tmp_pa
     assert not torch.equal(tuned.generator.prior.weights.weight, with_prior.generator.prior.weights.weight)  # reweighted
     assert all(torch.equal(v, latent_weights[k]) for k, v in tuned.generator.model.state_dict().items())  # the generator as it was
 
-    distill_recipe = tmp_path / "distill.toml"
-    distill_recipe.write_text(
-        f'stage = "distill"\nout = "{tmp_path / "distilled"}"\nrun_dir = "{tmp_path / "runs" / "distilled"}"\n'
-        f'[inputs]\nteacher = "{bundles["text"]}"\ninit = "{tmp_path / "tuned"}"\n'
-        "[generator]\nr_init = 1.0\nsigma = 0.0\n[training]\nsteps = 1\nbatch_size = 2\nwarmup = 1\neval_every = 1\neval_prompts = 2\n"
+    distill_recipe = _recipe(
+        tmp_path, "distilled", "distill", {"teacher": bundles["text"], "init": tmp_path / "tuned"},
+        "[generator]\nr_init = 1.0\nsigma = 0.0\n[training]\nsteps = 1\nbatch_size = 2\nwarmup = 1\neval_every = 1\neval_prompts = 2\n",
     )
     run_all([distill_recipe], torch.device("cpu"))
     distilled = load_pipeline(tmp_path / "distilled")

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +21,8 @@ from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.seeding import ImageNoise
 from softdimo.train import loop
-from softdimo.train.teacher import training_batch
+from softdimo.train.batches import BatchesAhead, WorldBatch
+from softdimo.train.teacher import tokenized
 from softdimo.layout_prior import small_body
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.vq import VQTokenizer
@@ -102,17 +102,18 @@ def train_latent(
     tokenizer = tokenizer.to(device).eval()
     eval_prompts = loop.training_eval_prompts(training.eval_prompts, conditioner.kinds)
 
+    draw = WorldBatch(seed=training.seed, size=training.batch_size, kinds=conditioner.kinds, placement=training.placement, noise_seeds=True)
+    batches = BatchesAhead(draw, training.steps, device)
+
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
-        rng = np.random.default_rng([training.seed, step])
-        tokens, condition = training_batch(
-            rng=rng, size=training.batch_size, conditioner=conditioner, tokenizer=tokenizer, device=device, placement=training.placement,
-        )  # fmt: skip
+        *drawn, noise_seeds = batches(step)
+        tokens, condition = tokenized(drawn, conditioner=conditioner, tokenizer=tokenizer, device=device)
         b = tokens.shape[0]
         g = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
         mean, log_var = encoder(tokens, condition)
         latent = mean + (0.5 * log_var).exp() * torch.randn(mean.shape, generator=g).to(device)
-        noise = ImageNoise(rng.integers(0, 2**62, size=b).tolist(), device)
+        noise = ImageNoise(noise_seeds, device)
         logits = generator.logits(generator.initial_embeddings(noise, condition, latent=latent), condition)
         reconstruction = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="sum") / b
         kl = 0.5 * (mean**2 + log_var.exp() - 1 - log_var).sum(-1).mean()

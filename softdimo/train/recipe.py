@@ -177,12 +177,20 @@ def run_recipe(recipe: Recipe, device: torch.device) -> float:
     return seconds
 
 
+def training_precision(device: torch.device) -> None:
+    """On CUDA, fp32 matrix products and convolutions in training run as TF32 on the tensor cores."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def run_all(paths: Sequence[str | os.PathLike], device: torch.device, overrides: Sequence[str] = (), force: bool = False) -> None:
     """Run recipes in dependency order, skipping stages already done; prints each stage's time.
 
     Under torchrun (`torchrun --nproc_per_node N -m server.cli train ...`) the processes train together."""
     world = distributed.init(device)
     device = distributed.local_device(device)
+    training_precision(device)
     recipes = order([load_recipe(p, overrides) for p in paths])
     say = print if world.is_main else (lambda *args: None)  # one voice for N processes
     total = 0.0
@@ -330,6 +338,7 @@ def profile_recipe(recipe: Recipe, device: torch.device, steps: int) -> dict[str
 
     if recipe.stage != "teacher":
         raise RecipeError(f"{recipe.path}: profiling measures teacher recipes; this one trains a {recipe.stage}")
+    training_precision(device)
     return profile_steps(**_teacher_parts(recipe, device), device=device, steps=steps)
 
 

@@ -14,6 +14,7 @@ from softdimo import shapes
 from softdimo.conditioning import Conditioner
 from softdimo.sampler import SamplerSettings, mask_counts, mask_ratio, mask_tokens
 from softdimo.train import distributed, loop
+from softdimo.train.batches import BatchesAhead, WorldBatch
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.vq import VQTokenizer, to_tensor
 
@@ -39,7 +40,16 @@ def training_batch(
     placement: str = "grid", rows: slice = slice(None),
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(image tokens (B, N), conditioning) for a fresh batch of Shapes samples; `rows` of it under several processes."""
-    images, prompts, labels = shapes.batch(rng, size, kinds=conditioner.kinds, placement=placement)
+    drawn = shapes.batch(rng, size, kinds=conditioner.kinds, placement=placement)
+    return tokenized(drawn, conditioner=conditioner, tokenizer=tokenizer, device=device, rows=rows)
+
+
+def tokenized(
+    drawn: tuple[np.ndarray, list[str], np.ndarray], *, conditioner: Conditioner, tokenizer: VQTokenizer, device: torch.device,
+    rows: slice = slice(None),
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Drawn samples (images, prompts, labels) -> (image tokens (B, N), conditioning), `rows` of them, on `device`."""
+    images, prompts, labels = drawn
     with torch.no_grad():
         tokens = tokenizer.encode(to_tensor(images[rows]).to(device))
     return tokens, conditioner.from_samples(prompts, labels)[rows].to(device)
@@ -89,13 +99,12 @@ def train_teacher(
     if world.is_main:
         print(f"teacher: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.conditioning}-conditional")
 
+    draw = WorldBatch(seed=training.seed, size=training.batch_size, kinds=conditioner.kinds, placement=training.placement)
+    batches = BatchesAhead(draw, training.steps, device)
+
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
-        rng = np.random.default_rng([training.seed, step])
-        tokens, condition = training_batch(
-            rng=rng, size=training.batch_size, conditioner=conditioner, tokenizer=tokenizer, device=device, placement=training.placement,
-            rows=world.rows(training.batch_size),
-        )  # fmt: skip
+        tokens, condition = tokenized(batches(step), conditioner=conditioner, tokenizer=tokenizer, device=device, rows=world.rows(training.batch_size))
         generator = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
         loss = masked_prediction_loss(model, tokens, condition, generator=generator, training=training, world=world, forward=forward)
         optimizer.zero_grad(set_to_none=True)

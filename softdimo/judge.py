@@ -106,6 +106,9 @@ def judge(image: np.ndarray, prompt: shapes.Prompt) -> Verdict:
         first = next(o for o in objects if (o.color, o.shape) == (a.color, a.shape))
         second = next(o for o in objects if o is not first)
         if not shapes.relation_holds(first.center, second.center, prompt.relation):
+            along, _ = shapes.relation_offsets(first.center, second.center, prompt.relation)
+            if along >= shapes.RELATION_MIN_OFFSET:  # on the right side, but as far or further across: diagonal
+                return Verdict(False, f"diagonal: {prompt.relation}, but as far or further across")
             return Verdict(False, f"relation: not {prompt.relation}")
     return Verdict(True, "ok")
 

@@ -135,9 +135,9 @@ def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> Reward:
     return AlignmentReward(model.to(device), name=bundle.config["name"])
 
 
-def load_pipeline(path: str | os.PathLike, device: torch.device | str = "cpu") -> TeacherPipeline | OneStepPipeline:
-    """Open a model bundle (verifying checksums) and build its pipeline on `device`."""
-    bundle = read_bundle(path)
+def load_pipeline(path: str | os.PathLike | Bundle, device: torch.device | str = "cpu") -> TeacherPipeline | OneStepPipeline:
+    """Open a model bundle (verifying checksums), or take one already open, and build its pipeline on `device`."""
+    bundle = path if isinstance(path, Bundle) else read_bundle(path)
     if bundle.config.get("architecture") == "diffusers-muse":
         from softdimo import muse
 

@@ -158,16 +158,17 @@ def box_gap(a: ShapeObject, b: ShapeObject) -> int:
     return max(gap_x, gap_y)
 
 
-def relation_holds(first: tuple[float, float], second: tuple[float, float], relation: str) -> bool:
-    """The spec's relation rule between two box centres."""
+def relation_offsets(first: tuple[float, float], second: tuple[float, float], relation: str) -> tuple[float, float]:
+    """(along, across): how far the first box centre lies from the second in the relation's direction (> 0 when on
+    its side), and across it."""
     dx = second[0] - first[0]  # > 0 when the first is left of the second
     dy = second[1] - first[1]  # > 0 when the first is above the second
-    along, across = {
-        "left of": (dx, dy),
-        "right of": (-dx, dy),
-        "above": (dy, dx),
-        "below": (-dy, dx),
-    }[relation]
+    return {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+
+
+def relation_holds(first: tuple[float, float], second: tuple[float, float], relation: str) -> bool:
+    """The spec's relation rule between two box centres."""
+    along, across = relation_offsets(first, second, relation)
     return along >= RELATION_MIN_OFFSET and abs(along) > abs(across)
 
 

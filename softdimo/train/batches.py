@@ -56,7 +56,8 @@ class BatchesAhead:
     """`batches(step)` returns `draw(step)`; with workers, steps after it are being drawn meanwhile.
 
     Steps are asked for in order from wherever training starts (or resumes); asking out of order starts the
-    workers again from the step asked for."""
+    workers again from the step asked for. Workers are spawned, not forked: the training process holds threads
+    (CUDA's, torch's pools), and a fork of a threaded process can deadlock."""
 
     def __init__(self, draw: Callable[[int], Any], stop: int, device: torch.device, *, workers: int | None = None, ahead: int = 4):
         self.draw, self.stop, self.ahead = draw, stop, ahead
@@ -70,7 +71,7 @@ class BatchesAhead:
         if step != self._next:
             loader = DataLoader(
                 _Steps(self.draw, step, self.stop), batch_size=None, num_workers=self.workers, prefetch_factor=self.ahead,
-                collate_fn=_unchanged, multiprocessing_context="fork",
+                collate_fn=_unchanged, multiprocessing_context="spawn",
             )  # fmt: skip
             self._drawn = iter(loader)
         self._next = step + 1

@@ -417,12 +417,13 @@ def _prior(recipe: Recipe, device: torch.device) -> Path:
     from softdimo.train.latent import load_layout_encoder
     from softdimo.train.prior import PriorNetwork, PriorTraining, train_prior
 
-    start = load_pipeline(recipe.inputs["init"], device)
+    init = read_bundle(recipe.inputs["init"])
+    start = load_pipeline(init, device)
     if not getattr(start, "generator", None) or not start.generator.cfg.latent_dim:
         raise RecipeError(f"{recipe.path}: init {recipe.inputs['init']} is not a one-step model with a layout latent")
     training = build(PriorTraining, recipe.table("training"))
     generator = train_prior(
-        run_dir=recipe.run_dir, generator=start.generator, encoder=load_layout_encoder(read_bundle(recipe.inputs["init"]), device),
+        run_dir=recipe.run_dir, generator=start.generator, encoder=load_layout_encoder(init, device),
         tokenizer=start.tokenizer, conditioner=start.conditioner, network=build(PriorNetwork, recipe.table("prior")), training=training,
         device=device,
     )  # fmt: skip

@@ -71,6 +71,15 @@ def test_misplaced_object_fails_the_relation():
     assert not verdict.passed and verdict.reason.startswith("relation")
 
 
+def test_a_diagonal_pair_fails_the_relation_as_diagonal():
+    prompt = shapes.parse_prompt("a red circle left of a blue square")
+    left, right = shapes.ShapeObject(0, 0, 12, 4, 4), shapes.ShapeObject(2, 1, 12, 28, 28)  # 24 px right and 24 px down
+    verdict = judge.judge(shapes.render([left, right]), prompt)
+    assert not verdict.passed and verdict.reason == "diagonal: left of, but as far or further across"
+    beside = shapes.ShapeObject(2, 1, 12, 28, 20)  # 24 px right, 16 px down: the rule holds
+    assert judge.judge(shapes.render([left, beside]), prompt).passed
+
+
 def test_wrong_size_fails_sized_and_count_prompts():
     prompt, objects = _scene("a small blue circle")
     o = objects[0]

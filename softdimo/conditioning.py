@@ -120,6 +120,20 @@ class Conditioner(Requests):
             self.check_prompt(p)
         return self.prompt_tokenizer.encode(prompts)
 
+    def contrasts(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What each row of a text condition (B, L) is guided away from besides the null prompt: (B, 2, L) its two
+        contrast prompts (shapes.contrast_prompts) and (B,) which rows have them (a row without repeats itself);
+        None when no row has any (class conditioning, another grammar, no relation prompt)."""
+        if self.conditioning != "text" or self.grammar != "shapes":
+            return None
+        texts = self.prompt_tokenizer.decode(condition.cpu())
+        found = [shapes.contrast_prompts(shapes.parse_prompt(text)) if text else () for text in texts]  # "": the null prompt
+        has = torch.tensor([bool(c) for c in found])
+        if not has.any():
+            return None
+        pairs = [[c.text() for c in contrasts] if contrasts else [text, text] for contrasts, text in zip(found, texts)]
+        return self.prompt_tokenizer.encode([t for pair in pairs for t in pair]).view(len(texts), 2, -1).to(condition.device), has.to(condition.device)
+
     def encode_labels(self, labels: Sequence[int]) -> torch.Tensor:
         if self.conditioning != "class":
             raise ConditionError("this model is text-conditional: give prompt, not class_label")

@@ -60,7 +60,9 @@ class TeacherPipeline:
         """Conditioning (B, ...) and one seed per image -> uint8 images (B, H, W, 3)."""
         settings = self.sampler if steps is None else SamplerSettings(**{**self.sampler.to_dict(), "steps": steps})
         noise = ImageNoise(seeds, self.device)
-        tokens = sample(self.model, condition.to(self.device), noise, settings)
+        condition = condition.to(self.device)
+        contrasts = self.conditioner.contrasts(condition) if settings.contrast else None
+        tokens = sample(self.model, condition, noise, settings, contrasts)
         return to_uint8(self.tokenizer.decode_indices(tokens))
 
     def generate_prompts(

@@ -30,31 +30,57 @@ class SamplerSettings:
     temperature: float = 1.0  # token sampling temperature
     choice_temperature: float = 4.5  # Gumbel noise on confidences, annealed to 0 over the steps
     schedule: str = "cosine"
+    # Guide a prompt that has contrast prompts (Conditioner.contrasts: a relation's two perpendicular relations)
+    # away from them instead of from the null prompt, as a negative prompt does; other prompts are unchanged.
+    contrast: bool = False
+
+    def __post_init__(self):
+        if self.contrast not in (True, False):  # 0 and 1 from the command line too
+            raise ValueError(f"contrast is on or off (1 or 0), got {self.contrast!r}")
+        object.__setattr__(self, "contrast", bool(self.contrast))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def guided_logits(model: MaskedTransformer, tokens: torch.Tensor, condition: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free guided logits; one forward pass over the conditional and null halves together."""
+def guided_logits(
+    model: MaskedTransformer, tokens: torch.Tensor, condition: torch.Tensor, guidance: float,
+    contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Classifier-free guided logits, cond + w * (cond - reference), in one forward pass over the conditional rows
+    and their references: the null prompt, or for rows with `contrasts` ((B, K, ...) conditions and (B,) which
+    rows have them) the mean of their contrasts' logits. A row without contrasts takes the null prompt for each of
+    its K, so its reference is exactly the null prompt's logits."""
     if guidance == 0:
         return model(tokens, condition)
     b = tokens.shape[0]
-    both = model(torch.cat([tokens, tokens]), torch.cat([condition, model.null_condition(b, tokens.device)]))
-    cond, uncond = both[:b], both[b:]
-    return cond + guidance * (cond - uncond)
+    null = model.null_condition(b, tokens.device)
+    if contrasts is None:
+        references = null[None]
+    else:
+        others, has = contrasts
+        rows = has.view(b, *[1] * (others.dim() - 1))
+        references = torch.where(rows, others, null[:, None]).transpose(0, 1)  # (K, B, ...)
+    k = references.shape[0]
+    out = model(torch.cat([tokens] * (1 + k)), torch.cat([condition, *references]))
+    cond, reference = out[:b], out[b:].view(k, b, *out.shape[1:]).mean(0)
+    return cond + guidance * (cond - reference)
 
 
 @torch.no_grad()
-def sample(model: MaskedTransformer, condition: torch.Tensor, noise: ImageNoise, settings: SamplerSettings) -> torch.Tensor:
-    """MaskGIT decoding from an all-mask grid -> tokens (B, N). Each image's randomness comes from its own seed."""
+def sample(
+    model: MaskedTransformer, condition: torch.Tensor, noise: ImageNoise, settings: SamplerSettings,
+    contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """MaskGIT decoding from an all-mask grid -> tokens (B, N). Each image's randomness comes from its own seed;
+    `contrasts` as guided_logits takes them (used when settings.contrast)."""
     cfg = model.cfg
     b, n = len(noise), cfg.tokens
     device = condition.device
     tokens = torch.full((b, n), cfg.mask_id, dtype=torch.long, device=device)
     for step in range(settings.steps):
         masked = tokens == cfg.mask_id
-        logits = guided_logits(model, tokens, condition, settings.guidance).float()
+        logits = guided_logits(model, tokens, condition, settings.guidance, contrasts if settings.contrast else None).float()
         log_probs = torch.log_softmax(logits / max(settings.temperature, 1e-6), dim=-1)
         gumbel = noise.gumbel(n, cfg.codebook_size).to(device)
         drawn = (log_probs + gumbel).argmax(-1) if settings.temperature > 0 else log_probs.argmax(-1)

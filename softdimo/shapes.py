@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Iterator, Sequence
 
@@ -164,6 +164,17 @@ def relation_offsets(first: tuple[float, float], second: tuple[float, float], re
     dx = second[0] - first[0]  # > 0 when the first is left of the second
     dy = second[1] - first[1]  # > 0 when the first is above the second
     return {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+
+
+PERPENDICULAR = {"left of": ("above", "below"), "right of": ("above", "below"), "above": ("left of", "right of"), "below": ("left of", "right of")}
+
+
+def contrast_prompts(prompt: Prompt) -> tuple[Prompt, ...]:
+    """The prompts an image for `prompt` must not also answer: for a relation, the same two objects in the two
+    perpendicular relations (a pair placed diagonally answers them as much as its own); none for other kinds."""
+    if prompt.kind != "relation":
+        return ()
+    return tuple(replace(prompt, relation=other) for other in PERPENDICULAR[prompt.relation])
 
 
 def relation_holds(first: tuple[float, float], second: tuple[float, float], relation: str) -> bool:

@@ -34,3 +34,7 @@ class PromptTokenizer:
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> (B, length) word ids."""
         return torch.tensor([self.ids(p) for p in prompts], dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """(B, length) word ids -> prompts (padding dropped)."""
+        return [" ".join(self.vocabulary[i - 1] for i in row if i) for row in ids.tolist()]

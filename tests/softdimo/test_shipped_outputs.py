@@ -16,7 +16,7 @@ PINS = {
     "shapes-softdimo-text": ("a red circle left of a blue square", "c8cc42b0d4f435103208cadd11adc76e51f3b2768492abf6d8a3ba3ca712c923"),
     "shapes-softdimo-class": (7, "84f775d681691b410057cb19fd79ee817faf7b72758ff68b596ac5df14897df6"),
     "shapes-teacher-text": ("two green triangles", "d39390f9940bdc0bd41941bad78f0457380c727cb89a62556da041f2a89b7749"),
-    "shapes-teacher-text-medium": ("a yellow square above a red circle", "290866d271d0a65ede0277ab33636d17746fa16e187e345a5b65d8b1dfe35742"),
+    "shapes-teacher-text-medium": ("a yellow square above a red circle", "af9fd31495c38c580c79a67526733c3891ca65074bd0a290b2e54f80fdfcfe1a"),
     "shapes-teacher-class": (3, "e7b3599e3a56b936275aced7facaa1562d05aaf07606c6ec64fa5550fe5681f6"),
 }
 

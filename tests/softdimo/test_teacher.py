@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from softdimo.conditioning import Conditioner
 from softdimo.seeding import ImageNoise
-from softdimo.sampler import SamplerSettings, mask_ratio, mask_tokens, sample
+from softdimo.sampler import SamplerSettings, guided_logits, mask_ratio, mask_tokens, sample
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "arccos", "linear"])
@@ -37,6 +38,40 @@ def test_sampler_fills_every_token_and_is_deterministic_per_seed(tiny_text_trans
     assert torch.equal(batch, again)
     other = sample(tiny_text_transformer, condition, ImageNoise([13, 14, 15]), settings)
     assert not torch.equal(batch, other)
+
+
+def test_contrast_guides_a_relation_away_from_its_perpendicular_relations_and_leaves_other_prompts_alone(
+    tiny_text_transformer, text_conditioner,
+):  # fmt: skip
+    model, conditioner = tiny_text_transformer, text_conditioner
+    prompts = ["a red circle", "a green triangle above a red circle", "two blue squares"]
+    condition = conditioner.encode_prompts(prompts)
+    contrasts = conditioner.contrasts(condition)
+    others, has = contrasts
+    assert has.tolist() == [False, True, False]
+    assert conditioner.prompt_tokenizer.decode(others[1]) == ["a green triangle left of a red circle", "a green triangle right of a red circle"]
+    tokens = torch.randint(0, model.cfg.codebook_size, (3, model.cfg.tokens))
+    tokens[:, ::3] = model.cfg.mask_id
+    with torch.no_grad():
+        guided = guided_logits(model, tokens, condition, 3.0, contrasts)
+        plain = guided_logits(model, tokens, condition, 3.0)
+        cond = model(tokens, condition)
+        away = torch.stack([model(tokens[1:2], others[1, j : j + 1])[0] for j in range(2)]).mean(0)
+    assert torch.allclose(guided[1], cond[1] + 3.0 * (cond[1] - away), atol=1e-4)
+    assert torch.equal(guided[[0, 2]], plain[[0, 2]])  # exactly: the null prompt is their reference
+    settings = SamplerSettings(steps=6, contrast=True)
+    batch = sample(model, condition, ImageNoise([10, 11, 12]), settings, contrasts)
+    assert torch.equal(batch[[0, 2]], sample(model, condition, ImageNoise([10, 11, 12]), SamplerSettings(steps=6))[[0, 2]])
+    alone = sample(model, condition[1:2], ImageNoise([11]), settings, conditioner.contrasts(condition[1:2]))
+    assert torch.equal(batch[1], alone[0])  # whatever else was in the batch
+
+
+def test_contrast_is_only_guided_where_a_prompt_has_contrasts(text_conditioner):
+    assert text_conditioner.contrasts(text_conditioner.encode_prompts(["a red circle", "three cyan triangles"])) is None
+    assert Conditioner.shapes_class().contrasts(torch.tensor([3, 5])) is None
+    assert SamplerSettings(contrast=1).contrast is True
+    with pytest.raises(ValueError, match="contrast is on or off"):
+        SamplerSettings(contrast=0.5)
 
 
 def test_teacher_bundle_and_cli_generate_png_files(tmp_path):

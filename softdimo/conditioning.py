@@ -132,7 +132,8 @@ class Conditioner(Requests):
         if not has.any():
             return None
         pairs = [[c.text() for c in contrasts] if contrasts else [text, text] for contrasts, text in zip(found, texts)]
-        return self.prompt_tokenizer.encode([t for pair in pairs for t in pair]).view(len(texts), 2, -1).to(condition.device), has.to(condition.device)
+        others = self.prompt_tokenizer.encode([t for pair in pairs for t in pair]).view(len(texts), 2, -1)
+        return others.to(condition.device), has.to(condition.device)
 
     def encode_labels(self, labels: Sequence[int]) -> torch.Tensor:
         if self.conditioning != "class":

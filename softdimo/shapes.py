@@ -166,7 +166,9 @@ def relation_offsets(first: tuple[float, float], second: tuple[float, float], re
     return {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
 
 
-PERPENDICULAR = {"left of": ("above", "below"), "right of": ("above", "below"), "above": ("left of", "right of"), "below": ("left of", "right of")}
+PERPENDICULAR = {
+    "left of": ("above", "below"), "right of": ("above", "below"), "above": ("left of", "right of"), "below": ("left of", "right of"),
+}
 
 
 def contrast_prompts(prompt: Prompt) -> tuple[Prompt, ...]:

@@ -59,7 +59,9 @@ class BatchesAhead:
     workers again from the step asked for. Workers are spawned, not forked: the training process holds threads
     (CUDA's, torch's pools), and a fork of a threaded process can deadlock."""
 
-    def __init__(self, draw: Callable[[int], Any], stop: int, device: torch.device, *, workers: int | None = None, ahead: int = 4):
+    def __init__(
+        self, draw: Callable[[int], Any], stop: int, device: torch.device, *, workers: int | None = None, ahead: int = 4,
+    ):  # fmt: skip
         self.draw, self.stop, self.ahead = draw, stop, ahead
         self.workers = worker_count(device) if workers is None else workers
         self._drawn = None

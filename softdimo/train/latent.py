@@ -102,7 +102,9 @@ def train_latent(
     tokenizer = tokenizer.to(device).eval()
     eval_prompts = loop.training_eval_prompts(training.eval_prompts, conditioner.kinds)
 
-    draw = WorldBatch(seed=training.seed, size=training.batch_size, kinds=conditioner.kinds, placement=training.placement, noise_seeds=True)
+    draw = WorldBatch(
+        seed=training.seed, size=training.batch_size, kinds=conditioner.kinds, placement=training.placement, noise_seeds=True,
+    )  # fmt: skip
     batches = BatchesAhead(draw, training.steps, device)
 
     def step_fn(step: int) -> dict[str, float]:

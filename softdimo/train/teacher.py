@@ -104,7 +104,8 @@ def train_teacher(
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
-        tokens, condition = tokenized(batches(step), conditioner=conditioner, tokenizer=tokenizer, device=device, rows=world.rows(training.batch_size))
+        rows = world.rows(training.batch_size)
+        tokens, condition = tokenized(batches(step), conditioner=conditioner, tokenizer=tokenizer, device=device, rows=rows)
         generator = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
         loss = masked_prediction_loss(model, tokens, condition, generator=generator, training=training, world=world, forward=forward)
         optimizer.zero_grad(set_to_none=True)

@@ -63,7 +63,8 @@ def test_shipped_recipes_run_in_dependency_order():
             if bundle.resolve() in position:
                 assert position[bundle.resolve()] < i, f"{recipe.path} runs before the {bundle} it reads"
     assert {r.out.name for r in recipes} >= {
-        "shapes-tokenizer", "shapes-features", "shapes-clip", "shapes-teacher-text", "shapes-teacher-text-medium", "shapes-teacher-class",
+        "shapes-tokenizer", "shapes-features", "shapes-clip",
+        "shapes-teacher-text", "shapes-teacher-text-medium", "shapes-teacher-class",
         "shapes-softdimo-text", "shapes-softdimo-class",
     }  # fmt: skip
 

@@ -98,8 +98,10 @@ def test_a_large_box_never_starts_where_it_would_cross_the_margin():
 
 def test_a_relation_contrasts_with_its_perpendicular_relations_and_other_kinds_with_none():
     relation = shapes.parse_prompt("a red circle left of a blue square")
-    assert [p.text() for p in shapes.contrast_prompts(relation)] == ["a red circle above a blue square", "a red circle below a blue square"]
-    assert all(shapes.contrast_prompts(shapes.parse_prompt(t)) == () for t in ["a red circle", "a red circle and a blue square", "two red circles"])
+    contrasts = [p.text() for p in shapes.contrast_prompts(relation)]
+    assert contrasts == ["a red circle above a blue square", "a red circle below a blue square"]
+    for other in ["a red circle", "a large red circle", "a red circle and a blue square", "two red circles"]:
+        assert shapes.contrast_prompts(shapes.parse_prompt(other)) == ()
 
 
 def test_relation_rule_matches_the_spec():

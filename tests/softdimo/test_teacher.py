@@ -49,7 +49,8 @@ def test_contrast_guides_a_relation_away_from_its_perpendicular_relations_and_le
     contrasts = conditioner.contrasts(condition)
     others, has = contrasts
     assert has.tolist() == [False, True, False]
-    assert conditioner.prompt_tokenizer.decode(others[1]) == ["a green triangle left of a red circle", "a green triangle right of a red circle"]
+    contrast_texts = conditioner.prompt_tokenizer.decode(others[1])
+    assert contrast_texts == ["a green triangle left of a red circle", "a green triangle right of a red circle"]
     tokens = torch.randint(0, model.cfg.codebook_size, (3, model.cfg.tokens))
     tokens[:, ::3] = model.cfg.mask_id
     with torch.no_grad():

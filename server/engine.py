@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from softdimo.bench import example_inputs
+from softdimo.bench import example_inputs, warm_up_conditions
 from softdimo.bundle import BundleError, read_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.device import resolve_device
@@ -154,13 +154,16 @@ class Engine:
         return cls(models, device)
 
     def warm_up(self, max_batch_size: int) -> None:
-        """Run every model at the largest batch (and, compiled, at every bucket: each compiles once, here), so the
-        first real request pays no first-call costs."""
+        """Run every model at the largest batch (compiled: at every bucket, and on every batch shape its sampler
+        takes, a relation prompt's contrasts included; each compiles once, here), so the first real request pays no
+        first-call costs."""
         for model in self.models.values():
             began = time.perf_counter()
             condition, (text,) = example_inputs(model.pipeline, 1)
-            for size in model.runtime.buckets or (max_batch_size,):
-                model.generate_batch([GenerateJob(condition=condition, seed=0, n=size)])
+            conditions = warm_up_conditions(model.pipeline) if model.runtime.buckets else [condition]
+            for warming in conditions:
+                for size in model.runtime.buckets or (max_batch_size,):
+                    model.generate_batch([GenerateJob(condition=warming, seed=0, n=size)])
             if model.rewards:
                 settings = TTEOSettings(steps=1)
                 job = RefineJob.for_request(condition=condition, text=text, seed=0, n=max_batch_size, settings=settings, reward=model.rewards[0])

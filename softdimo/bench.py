@@ -26,6 +26,7 @@ from softdimo.seeding import ImageNoise
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 
 EXAMPLE_PROMPT = "a red circle"
+CONTRAST_EXAMPLE_PROMPT = "a red circle left of a blue square"  # a prompt with contrasts (Conditioner.contrasts)
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 WARMUP_CALLS = 2  # untimed calls before each timed measurement: first-call allocations and kernel selection
 
@@ -159,6 +160,15 @@ def example_inputs(pipeline: TeacherPipeline | OneStepPipeline, batch_size: int)
     prompt, label = (EXAMPLE_PROMPT, None) if conditioner.conditioning == "text" else (None, 0)
     condition = conditioner.request(prompt, label)
     return condition.expand(batch_size, *condition.shape[1:]), [conditioner.reward_text(prompt, label)] * batch_size
+
+
+def warm_up_conditions(pipeline: TeacherPipeline | OneStepPipeline) -> list[torch.Tensor]:
+    """One request's conditioning (1, ...) for each shape a model's sampling batches take: the example's, and where
+    the sampler guides prompts away from their contrasts, a prompt that has them (its batch runs a third condition)."""
+    conditions = [example_inputs(pipeline, 1)[0]]
+    if getattr(getattr(pipeline, "sampler", None), "contrast", False):
+        conditions.append(pipeline.conditioner.request(CONTRAST_EXAMPLE_PROMPT, None))
+    return conditions
 
 
 def generate_call(pipeline, batch_size: int, steps: int | None = None) -> Callable[[], np.ndarray]:

@@ -80,6 +80,16 @@ def test_offline_one_step_and_teacher(tiny_bundles):
         bench.run_offline(bench.OfflineBench(model=str(tiny_bundles["one-step"]), steps=(4,), **tiny), "")
 
 
+def test_a_teacher_that_guides_contrasts_is_warmed_on_a_prompt_that_has_them(tiny_bundles):
+    from dataclasses import replace
+
+    teacher = load_pipeline(tiny_bundles["text"])
+    assert len(bench.warm_up_conditions(teacher)) == 1
+    teacher.sampler = replace(teacher.sampler, contrast=True)
+    example, contrasted = bench.warm_up_conditions(teacher)
+    assert teacher.conditioner.contrasts(example) is None and teacher.conditioner.contrasts(contrasted) is not None
+
+
 def test_tteo_step_cost_is_the_difference_per_step(tiny_bundles):
     pipeline = load_pipeline(tiny_bundles["one-step"], "cpu")
     cost = bench.tteo_step_cost(pipeline, steps=3, batch_size=1, repeats=1, warmup=1)

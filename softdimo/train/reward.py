@@ -107,6 +107,11 @@ def negative_scene(scene: list[shapes.ShapeObject], rng: np.random.Generator, pl
             return rest + [meeting[rng.integers(len(meeting))]]
 
 
+def rendered(scenes: list[list[shapes.ShapeObject]], device: torch.device) -> torch.Tensor:
+    """Scenes drawn as model input (B, 3, H, W) on `device`."""
+    return to_tensor(np.stack([shapes.render(scene) for scene in scenes])).to(device)
+
+
 def contrastive_loss(
     model: AlignmentModel, images: torch.Tensor, prompts: list[str], negatives: list[list[str]],
     negative_images: torch.Tensor | None = None,
@@ -182,7 +187,7 @@ def train_reward(run_dir: Path, cfg: AlignmentConfig, training: RewardTraining, 
         noise = torch.Generator().manual_seed(step)
 
         def pixels(scene_list):
-            x = to_tensor(np.stack([shapes.render(scene) for scene in scene_list])).to(device)
+            x = rendered(scene_list, device)
             return (x + training.pixel_noise * torch.randn(x.shape, generator=noise).to(device)).clamp(0, 1)
 
         negative_images = pixels(negative_scenes).unflatten(0, (len(scenes), -1)) if negative_scenes else None
@@ -220,7 +225,7 @@ def hard_negative_wins(
     prompts = [shapes.sample_prompt(rng) for _ in range(count)]
     scenes = [shapes.sample_scene(p, rng, placement) for p in prompts]
     device = model.log_scale.device
-    images = to_tensor(np.stack([shapes.render(scene) for scene in scenes])).to(device)
+    images = rendered(scenes, device)
     texts = [p.text() for p in prompts]
     true = model.similarity(images, texts)
     prompt_wins = torch.ones(count, dtype=torch.bool, device=device)
@@ -230,7 +235,7 @@ def hard_negative_wins(
     image_rng = np.random.default_rng([seed, 1])
     image_wins = torch.ones(count, dtype=torch.bool, device=device)
     for _ in range(4):
-        negatives = to_tensor(np.stack([shapes.render(negative_scene(s, image_rng, placement)) for s in scenes])).to(device)
+        negatives = rendered([negative_scene(s, image_rng, placement) for s in scenes], device)
         image_wins &= true > model.similarity(negatives, texts)
     return prompts, prompt_wins.cpu(), image_wins.cpu()
 

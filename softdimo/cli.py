@@ -23,15 +23,30 @@ def _train(args: argparse.Namespace) -> None:
     from softdimo.train.recipe import load_recipe, profile_recipe, run_all, run_parallel
 
     if args.profile:
+        total = 0.0
         for path in args.recipes:
-            phases = profile_recipe(load_recipe(path, args.set or ()), _device(args), args.profile)
-            print(f"{path}: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + f" (torch threads {_threads()})")
+            cost, phases = profile_recipe(load_recipe(path, args.set or ()), _device(args), args.profile)
+            total += cost.total_s
+            parts = [f"{cost.step_s:.3g} s a step x {cost.steps:,} steps"]
+            if cost.evaluations:
+                parts.append(f"{cost.evaluations} evaluations x {cost.eval_s:.3g} s")
+            parts.append(f"setup {cost.setup_s:.3g} s")
+            line = f"{path}: " + ", ".join(parts) + f" = {_duration(cost.total_s)}"
+            if phases:
+                line += "; a step by phase: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+            print(line + f" (torch threads {_threads()})", flush=True)
+        if len(args.recipes) > 1:
+            print(f"{len(args.recipes)} stages one after another: {_duration(total)}")
         return
     if args.jobs > 1:
         _device(args)  # a device that is not there is refused here, not in every child
         run_parallel(args.recipes, args.device, args.jobs, overrides=args.set or (), force=args.force)
         return
     run_all(args.recipes, _device(args), overrides=args.set or (), force=args.force)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
 
 
 def _threads() -> int:
@@ -230,7 +245,11 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     train.add_argument("recipes", nargs="+", help="recipe files; stages already done for the same recipe are skipped")
     train.add_argument("--set", action="append", metavar="TABLE.KEY=VALUE", help="override a recipe value (TOML syntax)")
     train.add_argument("--force", action="store_true", help="train stages again even when done")
-    train.add_argument("--profile", type=int, metavar="STEPS", help="teacher recipes: time this many steps by phase, train nothing")
+    train.add_argument(
+        "--profile", type=int, metavar="STEPS",
+        help="time this many training steps (and one evaluation) of each recipe's stage and print what the whole stage takes "
+        "here, a teacher's step also by phase; trains and writes nothing (the bundles a stage reads must exist)",
+    )  # fmt: skip
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument(
         "--jobs", type=int, default=1, help="stages trained at once, each a process with its share of the CPU threads (a CPU-only machine)"

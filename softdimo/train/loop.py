@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -131,6 +134,75 @@ def _time_spent(log_path: Path, step: int) -> float:
     return spent
 
 
+@dataclass(frozen=True)
+class StageCost:
+    """What a stage's training costs on this machine, measured on a few of its steps (`timed`)."""
+
+    setup_s: float  # from the stage's start to its first step (loading inputs, fitting what precedes the loop)
+    step_s: float  # one training step
+    eval_s: float  # one in-training evaluation
+    steps: int
+    evaluations: int
+
+    @property
+    def total_s(self) -> float:
+        return self.setup_s + self.steps * self.step_s + self.evaluations * self.eval_s
+
+
+class Timed(Exception):
+    """Raised by `run` inside `timed`: the stage's measured cost instead of its training."""
+
+    def __init__(self, cost: StageCost):
+        super().__init__(f"timed: {cost}")
+        self.cost = cost
+
+
+_timing: contextvars.ContextVar[tuple[int, float] | None] = contextvars.ContextVar("timing", default=None)
+
+
+@contextlib.contextmanager
+def timed(steps: int) -> Iterator[None]:
+    """Inside this, `run` times `steps` training steps (after one warm-up step) and one evaluation, then raises
+    Timed; the run writes no checkpoint and no log, so a stage's cost is measured without training it."""
+    if steps < 1:
+        raise ValueError(f"timing needs at least one step, got {steps}")
+    token = _timing.set((steps, time.monotonic()))
+    try:
+        yield
+    finally:
+        _timing.reset(token)
+
+
+def _evaluations(steps: int, eval_every: int) -> int:
+    """How many times `run` evaluates in a whole run: every `eval_every` steps and after the last."""
+    return steps // eval_every + (steps % eval_every != 0) if eval_every else 0
+
+
+def _measure(
+    timing: tuple[int, float], modules: dict[str, nn.Module], step_fn: Callable[[int], dict[str, float]], steps: int,
+    eval_fn: Callable[[int], dict[str, float]] | None, eval_every: int,
+) -> StageCost:  # fmt: skip
+    measured, started = timing
+    setup = time.monotonic() - started
+    for mod in modules.values():
+        mod.train()
+    step_fn(0)  # warm-up: first-call allocations and lazy initialisation
+    began = time.monotonic()
+    for step in range(1, measured + 1):
+        step_fn(step)
+    step_s = (time.monotonic() - began) / measured
+    evaluations = _evaluations(steps, eval_every) if eval_fn is not None else 0
+    eval_s = 0.0
+    if evaluations:
+        for mod in modules.values():
+            mod.eval()
+        began = time.monotonic()
+        with torch.no_grad():
+            eval_fn(steps)
+        eval_s = time.monotonic() - began
+    return StageCost(setup_s=setup, step_s=step_s, eval_s=eval_s, steps=steps, evaluations=evaluations)
+
+
 def run(
     *,
     run_dir: str | os.PathLike,
@@ -146,7 +218,10 @@ def run(
     """Run `step_fn(step)` from the last checkpoint up to `steps`, checkpointing and logging metrics as JSON lines.
 
     Under several processes every rank runs the steps from the same checkpoint; only the first evaluates,
-    logs and writes checkpoints."""
+    logs and writes checkpoints. Inside `timed` it measures instead (see there) and raises Timed."""
+    timing = _timing.get()
+    if timing is not None:
+        raise Timed(_measure(timing, modules, step_fn, steps, eval_fn, eval_every))
     main = distributed.current().is_main
     checkpointer = Checkpointer(run_dir, modules, optimizers)
     start = checkpointer.restore()

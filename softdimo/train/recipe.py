@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from softdimo.train import distributed
+from softdimo.train import distributed, loop
 
 STAGES = ("tokenizer", "features", "reward", "teacher", "latent", "prior", "prior-reward", "distill")
 INPUTS = ("tokenizer", "teacher", "init", "reward")  # the bundles a stage may read, each perhaps another recipe's `out`
@@ -332,14 +332,27 @@ def _teacher_parts(recipe: Recipe, device: torch.device) -> dict:
     return {"tokenizer": tokenizer, "conditioner": conditioner, "cfg": cfg, "training": build(TeacherTraining, recipe.table("training"))}
 
 
-def profile_recipe(recipe: Recipe, device: torch.device, steps: int) -> dict[str, float]:
-    """Where a teacher recipe's training step spends its time, by phase (see train.teacher.profile_steps)."""
+def profile_recipe(recipe: Recipe, device: torch.device, steps: int) -> tuple[loop.StageCost, dict[str, float]]:
+    """What a recipe's stage costs on `device`, trained nothing and written nothing: its own training measured on
+    `steps` steps and one evaluation (loop.timed), and for a teacher where a step's time goes by phase
+    (train.teacher.profile_steps; empty for other stages). The bundles it reads must exist."""
+    import tempfile
+
+    training_precision(device)
+    with tempfile.TemporaryDirectory() as scratch:
+        measured = replace(recipe, data=recipe.data | {"run_dir": f"{scratch}/run", "out": f"{scratch}/bundle"})
+        try:
+            with loop.timed(steps):
+                RUNNERS[recipe.stage](measured, device)
+        except loop.Timed as timed:
+            cost = timed.cost
+        else:
+            raise RecipeError(f"{recipe.path}: its {recipe.stage} stage finished without a training loop to time")
+    if recipe.stage != "teacher":
+        return cost, {}
     from softdimo.train.teacher import profile_steps
 
-    if recipe.stage != "teacher":
-        raise RecipeError(f"{recipe.path}: profiling measures teacher recipes; this one trains a {recipe.stage}")
-    training_precision(device)
-    return profile_steps(**_teacher_parts(recipe, device), device=device, steps=steps)
+    return cost, profile_steps(**_teacher_parts(recipe, device), device=device, steps=steps)
 
 
 def _teacher(recipe: Recipe, device: torch.device) -> Path:

@@ -131,3 +131,39 @@ def test_independent_stages_train_side_by_side_and_a_failed_one_names_its_log(tm
         run_parallel([child], "cpu", jobs=2)
     assert "see " + str(tmp_path / "c" / "run" / "train.log") in capsys.readouterr().out
     assert "missing" in (tmp_path / "c" / "run" / "train.log").read_text()
+
+
+def test_profiling_times_a_stage_without_training_or_writing_it(tmp_path, capsys, one_thread):
+    from softdimo.cli import main
+    from tests.tiny_bundles import write_tokenizer
+
+    tokenizer = tmp_path / "tokenizer.toml"
+    tokenizer.write_text(TINY_TOKENIZER_RECIPE.format(out=tmp_path / "tokenizer", run=tmp_path / "tokenizer-run"))
+    teacher = tmp_path / "teacher.toml"
+    teacher.write_text(
+        f'stage = "teacher"\nout = "{tmp_path / "teacher"}"\nrun_dir = "{tmp_path / "teacher-run"}"\nconditioning = "class"\n'
+        f'[inputs]\ntokenizer = "{write_tokenizer(tmp_path / "tiny-tokenizer")}"\n'
+        "[transformer]\nwidth = 16\ndepth = 1\nheads = 2\n[training]\nsteps = 1000\nbatch_size = 2\neval_every = 300\neval_prompts = 2\n"
+        "[sampler]\nsteps = 2\n"
+    )  # fmt: skip
+    assert main(["train", str(tokenizer), str(teacher), "--profile", "2", "--device", "cpu"]) == 0
+    lines = {line.split(": ")[0]: line for line in capsys.readouterr().out.splitlines()}  # stages print their own lines too
+    assert "x 3 steps, 1 evaluations x" in lines[str(tokenizer)]
+    assert "x 1,000 steps, 4 evaluations x" in lines[str(teacher)] and "model_ms" in lines[str(teacher)]
+    assert "2 stages one after another" in lines
+    for name in ("tokenizer", "tokenizer-run", "teacher", "teacher-run"):  # nothing trained, nothing written
+        assert not (tmp_path / name).exists()
+
+
+def test_a_timed_run_reports_its_measured_cost_in_place_of_training(tmp_path):
+    from softdimo.train import loop
+
+    calls = []
+    with pytest.raises(loop.Timed) as timed, loop.timed(3):
+        loop.run(run_dir=tmp_path / "run", modules={}, optimizers={}, step_fn=lambda step: calls.append(step) or {}, steps=50,
+                 eval_fn=lambda step: calls.append(f"eval {step}") or {}, eval_every=20)  # fmt: skip
+    assert calls == [0, 1, 2, 3, "eval 50"]  # one warm-up step, three timed, one evaluation
+    cost = timed.value.cost
+    assert (cost.steps, cost.evaluations) == (50, 3)  # at 20, 40 and the last step
+    assert cost.total_s == pytest.approx(cost.setup_s + 50 * cost.step_s + 3 * cost.eval_s)
+    assert not (tmp_path / "run").exists()

@@ -254,6 +254,16 @@ def sample_prompt(rng: np.random.Generator, kinds: Sequence[str] = KINDS) -> Pro
     raise ValueError(f"unknown prompt kind {kind!r}; kinds are {', '.join(KINDS)}")
 
 
+def weighted_kinds(kinds: Sequence[str], weights: Sequence[int] = ()) -> tuple[str, ...]:
+    """`kinds` with each repeated as often as its weight says, for `sample_prompt` to draw from uniformly: a kind
+    of weight 2 comes twice as often as one of weight 1. No weights: `kinds` as they are."""
+    if not weights:
+        return tuple(kinds)
+    if len(weights) != len(kinds) or any(not isinstance(w, int) or w < 1 for w in weights):
+        raise ValueError(f"one whole weight >= 1 for each of the kinds {', '.join(kinds)}, got {list(weights)}")
+    return tuple(kind for kind, weight in zip(kinds, weights) for _ in range(weight))
+
+
 def every_prompt() -> list[Prompt]:
     """The grammar's whole language, 1,620 prompts: every kind with every choice of words."""
     objects = [ObjectSpec(c, s) for c in range(len(COLORS)) for s in range(len(SHAPES))]

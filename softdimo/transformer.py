@@ -140,6 +140,20 @@ class MaskedTransformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def init_grid_positions(self) -> None:
+        """Start the image positions as a 2-D sine-cosine grid (half the width encodes the row, half the column)
+        at the scale of a random embedding, so that neighbouring positions start alike instead of unrelated."""
+        side = math.isqrt(self.cfg.tokens)
+        if side * side != self.cfg.tokens or self.cfg.width % 4:
+            raise ValueError(f"a grid start needs a square token grid and a width divisible by 4, got {self.cfg.tokens} and {self.cfg.width}")
+        half = self.cfg.width // 2
+        frequencies = 10000.0 ** -(torch.arange(half // 2) / (half // 2))
+        angles = torch.arange(side)[:, None] * frequencies[None]
+        axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, half)
+        grid = torch.cat([axis[:, None].expand(side, side, half), axis[None].expand(side, side, half)], dim=-1)
+        with torch.no_grad():
+            self.position[0, self.cfg.prefix_length :] = grid.reshape(self.cfg.tokens, self.cfg.width) * 0.02 * math.sqrt(2)
+
     def null_condition(self, batch: int, device: torch.device | None = None) -> torch.Tensor:
         """The unconditional input used for classifier-free guidance."""
         if self.cfg.text_vocab:

@@ -33,6 +33,12 @@ class TeacherTraining:
     eval_every: int = 1000
     eval_prompts: int = 100
     placement: str = "grid"  # where the world's objects sit (shapes.PLACEMENTS)
+    kind_weights: tuple[int, ...] = ()  # how often each of the conditioner's kinds is drawn, relative to the others; () equally
+    position_init: str = "random"  # "grid": image positions start as a 2-D sine-cosine grid (init_grid_positions)
+
+    def __post_init__(self):
+        if self.position_init not in ("random", "grid"):
+            raise ValueError(f"position_init is random or grid, got {self.position_init!r}")
 
 
 def training_batch(
@@ -91,6 +97,8 @@ def train_teacher(
     model = MaskedTransformer(cfg)
     if cfg.code_dim:
         model.set_code_vectors(tokenizer.codebook.cpu())
+    if training.position_init == "grid":
+        model.init_grid_positions()
     model = model.to(device)
     forward = distributed.wrap(model)  # the model itself in one process
     tokenizer = tokenizer.to(device).eval()
@@ -99,7 +107,8 @@ def train_teacher(
     if world.is_main:
         print(f"teacher: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.conditioning}-conditional")
 
-    draw = WorldBatch(seed=training.seed, size=training.batch_size, kinds=conditioner.kinds, placement=training.placement)
+    kinds = shapes.weighted_kinds(conditioner.kinds, training.kind_weights)
+    draw = WorldBatch(seed=training.seed, size=training.batch_size, kinds=kinds, placement=training.placement)
     batches = BatchesAhead(draw, training.steps, device)
 
     def step_fn(step: int) -> dict[str, float]:

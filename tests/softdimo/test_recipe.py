@@ -55,6 +55,19 @@ def test_unknown_fields_stages_and_inputs_are_refused(tmp_path):
         load_recipe(path)
 
 
+def test_cpu_teacher_comparisons_each_change_the_shipped_text_teacher_only_where_they_say():
+    shipped = load_recipe(RECIPES / "shapes-teacher-text.toml")
+    base = load_recipe(RECIPES / "text-teacher-cpu" / "base.toml")
+    assert {k: v for k, v in base.data.items() if k not in ("out", "training")} == {k: v for k, v in shipped.data.items() if k not in ("out", "training")}
+    changes = {"kinds": {"kind_weights"}, "grid": {"position_init"}, "kinds-grid": {"kind_weights", "position_init"}}
+    for name, keys in changes.items():
+        variant = load_recipe(RECIPES / "text-teacher-cpu" / f"{name}.toml")
+        assert {k for k, v in variant.table("training").items() if base.table("training").get(k) != v} == keys, name
+        build(TeacherTraining, variant.table("training"))
+    with pytest.raises(ValueError, match="random or grid"):
+        TeacherTraining(position_init="sincos")
+
+
 def test_shipped_recipes_run_in_dependency_order():
     recipes = order([load_recipe(p) for p in sorted(RECIPES.glob("*.toml"))])
     position = {r.out.resolve(): i for i, r in enumerate(recipes)}

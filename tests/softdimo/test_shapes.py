@@ -183,3 +183,15 @@ def test_stream_is_seeded():
         assert x.prompt == y.prompt and (x.image == y.image).all()
     other = [next(shapes.stream(8)).image.tobytes() for _ in range(1)]
     assert other[0] != next(shapes.stream(7)).image.tobytes()
+
+
+def test_weighted_kinds_draw_each_kind_as_often_as_its_weight_says():
+    kinds = shapes.weighted_kinds(shapes.KINDS, (1, 1, 2, 2, 2))
+    assert kinds == ("single", "sized", "pair", "pair", "count", "count", "relation", "relation")
+    assert shapes.weighted_kinds(shapes.KINDS) == shapes.KINDS
+    rng = np.random.default_rng(0)
+    drawn = [shapes.sample_prompt(rng, kinds).kind for _ in range(4000)]
+    assert 0.10 < drawn.count("single") / 4000 < 0.15 and 0.22 < drawn.count("count") / 4000 < 0.28
+    for weights in ((1, 2), (1, 1, 0, 1, 1), (1, 1, 1.5, 1, 1)):
+        with pytest.raises(ValueError, match="one whole weight"):
+            shapes.weighted_kinds(shapes.KINDS, weights)

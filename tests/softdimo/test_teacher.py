@@ -94,3 +94,29 @@ def test_teacher_bundle_and_cli_generate_png_files(tmp_path):
     assert main(refine) == 0
     assert {"0-refined.png", "1-refined.png"} <= {p.name for p in out.iterdir()}
     assert main(["refine", "--model", str(bundles["one-step"]), "--class-label", "3", "--out", str(out), "--device", "cpu"]) == 2
+
+
+def test_teacher_training_draws_kinds_by_weight_and_can_start_positions_on_the_grid(tmp_path, monkeypatch, one_thread):
+    from tiny_bundles import tiny_tokenizer, tiny_transformer_config
+
+    from softdimo.train import teacher as stage
+    from softdimo.train.batches import WorldBatch
+    from softdimo.transformer import MaskedTransformer
+
+    drawn_kinds = []
+
+    def recorded(**draw):
+        drawn_kinds.append(draw["kinds"])
+        return WorldBatch(**draw)
+
+    monkeypatch.setattr(stage, "WorldBatch", recorded)
+    conditioner, tokenizer = Conditioner.shapes_text(), tiny_tokenizer()
+    cfg = tiny_transformer_config(conditioner, tokenizer.cfg.codebook_size)
+    training = stage.TeacherTraining(steps=1, batch_size=2, lr=1e-9, warmup=1, eval_every=0, kind_weights=(1, 1, 2, 2, 2), position_init="grid")
+    model = stage.train_teacher(run_dir=tmp_path, tokenizer=tokenizer, conditioner=conditioner, cfg=cfg, training=training,
+                                sampler=SamplerSettings(steps=2), device=torch.device("cpu"))  # fmt: skip
+    assert drawn_kinds == [("single", "sized", "pair", "pair", "count", "count", "relation", "relation")]
+    grid = MaskedTransformer(cfg)
+    grid.init_grid_positions()
+    image = slice(cfg.prefix_length, None)
+    assert torch.allclose(model.position[0, image], grid.position[0, image], atol=1e-6)  # one step at lr 1e-9 moves nothing

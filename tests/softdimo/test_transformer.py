@@ -69,3 +69,16 @@ def test_code_features_tie_tokens_with_close_codes(tiny_text_transformer, text_c
         model.code_vectors[3] -= 0.5
     moved = (before - after).abs().amax(dim=(0, 1))
     assert moved[3] > 0 and moved[torch.arange(64) != 3].max() == 0
+
+
+def test_grid_positions_start_neighbours_alike_at_a_random_embedding_scale():
+    model = MaskedTransformer(TransformerConfig(codebook_size=16, tokens=64, width=32, depth=1, heads=2, num_classes=18))
+    prefix = model.position[0, :1].clone()
+    model.init_grid_positions()
+    assert torch.equal(model.position[0, :1], prefix)  # the conditioning's position is left as it was
+    grid = model.position[0, 1:].detach().view(8, 8, 32)
+    distance = lambda a, b: (grid[a] - grid[b]).norm().item()  # noqa: E731
+    assert distance((3, 3), (3, 4)) < distance((3, 3), (3, 7)) and distance((3, 3), (4, 3)) < distance((3, 3), (7, 3))
+    assert torch.equal(grid[2, :, :16], grid[2, 5:6, :16].expand(8, 16))  # half the width is the row alone
+    assert torch.equal(grid[:, 2, 16:], grid[5:6, 2, 16:].expand(8, 16))  # and half the column alone
+    assert 0.5 < grid.std().item() / 0.02 < 2

@@ -92,11 +92,11 @@ def test_a_second_signal_stops_at_once(tiny_bundles, tmp_path):
 
 
 def test_a_batch_still_waiting_for_company_runs_at_once_on_sigterm(tiny_bundles, tmp_path):
-    """The first traffic of each queue, its batch not yet started (waiting 5 s for company): SIGTERM runs it now."""
+    """The first traffic of each queue, its batch not yet started (waiting 60 s for company): SIGTERM runs it now."""
     log = tmp_path / "server.log"
     args = [
-        "--weights", str(tiny_bundles["one-step"]), "--device", "cpu", "--max-batch-size", "8", "--max-wait-ms", "5000",
-        "--refine-max-wait-ms", "5000", "--drain-timeout-s", "60", "--log-level", "info",
+        "--weights", str(tiny_bundles["one-step"]), "--device", "cpu", "--max-batch-size", "8", "--max-wait-ms", "60000",
+        "--refine-max-wait-ms", "60000", "--drain-timeout-s", "120", "--log-level", "info",
     ]  # fmt: skip
     with server_process(args, log_path=log) as (process, url):
 
@@ -121,5 +121,5 @@ def test_a_batch_still_waiting_for_company_runs_at_once_on_sigterm(tiny_bundles,
         code = process.wait(timeout=60)
 
     assert [a.status_code for a in answers] == [200] * 8, log.read_text()[-3000:]
-    assert seconds < 4.5  # nobody sat out the 5 s wait for company once the drain began
+    assert seconds < 30  # nobody sat out the 60 s wait for company once the drain began (the work itself takes seconds)
     assert code == 0

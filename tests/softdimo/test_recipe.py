@@ -59,7 +59,11 @@ def test_cpu_teacher_comparisons_each_change_the_shipped_text_teacher_only_where
     shipped = load_recipe(RECIPES / "shapes-teacher-text.toml")
     base = load_recipe(RECIPES / "text-teacher-cpu" / "base.toml")
     assert {k: v for k, v in base.data.items() if k not in ("out", "training")} == {k: v for k, v in shipped.data.items() if k not in ("out", "training")}
-    changes = {"kinds": {"kind_weights"}, "grid": {"position_init"}, "kinds-grid": {"kind_weights", "position_init"}}
+    changes = {
+        "kinds": {"kind_weights"}, "grid": {"position_init"}, "kinds-grid": {"kind_weights", "position_init"}, "lr": {"lr"},
+        "batch32": {"steps", "batch_size"},
+    }  # fmt: skip
+    assert {path.stem for path in (RECIPES / "text-teacher-cpu").glob("*.toml")} == {"base", *changes}
     for name, keys in changes.items():
         variant = load_recipe(RECIPES / "text-teacher-cpu" / f"{name}.toml")
         assert {k for k, v in variant.table("training").items() if base.table("training").get(k) != v} == keys, name

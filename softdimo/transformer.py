@@ -145,7 +145,7 @@ class MaskedTransformer(nn.Module):
         at the scale of a random embedding, so that neighbouring positions start alike instead of unrelated."""
         side = math.isqrt(self.cfg.tokens)
         if side * side != self.cfg.tokens or self.cfg.width % 4:
-            raise ValueError(f"a grid start needs a square token grid and a width divisible by 4, got {self.cfg.tokens} and {self.cfg.width}")
+            raise ValueError(f"a grid start needs a square token grid and a width divisible by 4: {self.cfg.tokens}, {self.cfg.width}")
         half = self.cfg.width // 2
         frequencies = 10000.0 ** -(torch.arange(half // 2) / (half // 2))
         angles = torch.arange(side)[:, None] * frequencies[None]

@@ -112,7 +112,9 @@ def test_teacher_training_draws_kinds_by_weight_and_can_start_positions_on_the_g
     monkeypatch.setattr(stage, "WorldBatch", recorded)
     conditioner, tokenizer = Conditioner.shapes_text(), tiny_tokenizer()
     cfg = tiny_transformer_config(conditioner, tokenizer.cfg.codebook_size)
-    training = stage.TeacherTraining(steps=1, batch_size=2, lr=1e-9, warmup=1, eval_every=0, kind_weights=(1, 1, 2, 2, 2), position_init="grid")
+    training = stage.TeacherTraining(
+        steps=1, batch_size=2, lr=1e-9, warmup=1, eval_every=0, kind_weights=(1, 1, 2, 2, 2), position_init="grid"
+    )
     model = stage.train_teacher(run_dir=tmp_path, tokenizer=tokenizer, conditioner=conditioner, cfg=cfg, training=training,
                                 sampler=SamplerSettings(steps=2), device=torch.device("cpu"))  # fmt: skip
     assert drawn_kinds == [("single", "sized", "pair", "pair", "count", "count", "relation", "relation")]

@@ -160,7 +160,7 @@ class Engine:
         for model in self.models.values():
             began = time.perf_counter()
             condition, (text,) = example_inputs(model.pipeline, 1)
-            conditions = warm_up_conditions(model.pipeline) if model.runtime.buckets else [condition]
+            conditions = warm_up_conditions(model.pipeline, condition) if model.runtime.buckets else [condition]
             for warming in conditions:
                 for size in model.runtime.buckets or (max_batch_size,):
                     model.generate_batch([GenerateJob(condition=warming, seed=0, n=size)])

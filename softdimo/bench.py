@@ -162,10 +162,11 @@ def example_inputs(pipeline: TeacherPipeline | OneStepPipeline, batch_size: int)
     return condition.expand(batch_size, *condition.shape[1:]), [conditioner.reward_text(prompt, label)] * batch_size
 
 
-def warm_up_conditions(pipeline: TeacherPipeline | OneStepPipeline) -> list[torch.Tensor]:
-    """One request's conditioning (1, ...) for each shape a model's sampling batches take: the example's, and where
-    the sampler guides prompts away from their contrasts, a prompt that has them (its batch runs a third condition)."""
-    conditions = [example_inputs(pipeline, 1)[0]]
+def warm_up_conditions(pipeline: TeacherPipeline | OneStepPipeline, example: torch.Tensor) -> list[torch.Tensor]:
+    """One request's conditioning (1, ...) for each shape a model's sampling batches take: `example` (example_inputs'),
+    and where the sampler guides prompts away from their contrasts, a prompt that has them (its batch runs a third
+    condition)."""
+    conditions = [example]
     if getattr(getattr(pipeline, "sampler", None), "contrast", False):
         conditions.append(pipeline.conditioner.request(CONTRAST_EXAMPLE_PROMPT, None))
     return conditions

@@ -84,9 +84,10 @@ def test_a_teacher_that_guides_contrasts_is_warmed_on_a_prompt_that_has_them(tin
     from dataclasses import replace
 
     teacher = load_pipeline(tiny_bundles["text"])
-    assert len(bench.warm_up_conditions(teacher)) == 1
+    condition, _ = bench.example_inputs(teacher, 1)
+    assert len(bench.warm_up_conditions(teacher, condition)) == 1
     teacher.sampler = replace(teacher.sampler, contrast=True)
-    example, contrasted = bench.warm_up_conditions(teacher)
+    example, contrasted = bench.warm_up_conditions(teacher, condition)
     assert teacher.conditioner.contrasts(example) is None and teacher.conditioner.contrasts(contrasted) is not None
 
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+INIT_STD = 0.02  # the spread every weight and embedding starts at
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -131,12 +133,12 @@ class MaskedTransformer(nn.Module):
         if cfg.latent_dim:
             self.latent_input = nn.Linear(cfg.latent_dim, cfg.tokens * cfg.width)
         self.apply(self._init)
-        nn.init.normal_(self.position, std=0.02)
+        nn.init.normal_(self.position, std=INIT_STD)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=INIT_STD)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -152,7 +154,7 @@ class MaskedTransformer(nn.Module):
         axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, half)
         grid = torch.cat([axis[:, None].expand(side, side, half), axis[None].expand(side, side, half)], dim=-1)
         with torch.no_grad():
-            self.position[0, self.cfg.prefix_length :] = grid.reshape(self.cfg.tokens, self.cfg.width) * 0.02 * math.sqrt(2)
+            self.position[0, self.cfg.prefix_length :] = grid.reshape(self.cfg.tokens, self.cfg.width) * INIT_STD * math.sqrt(2)
 
     def null_condition(self, batch: int, device: torch.device | None = None) -> torch.Tensor:
         """The unconditional input used for classifier-free guidance."""

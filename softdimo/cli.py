@@ -90,6 +90,7 @@ def _eval(args: argparse.Namespace) -> None:
             model_path, features=features, prompts=args.prompts, steps=args.steps, tteo_steps=args.tteo_steps,
             best_of=args.best_of, device=device, grid_dir=Path(args.grid) if args.grid else None, placement=args.placement,
             sampler=_settings(args.sampler), tteo=_settings(args.tteo), generator=_settings(args.generator),
+            coverage_prompts=args.coverage_prompts, coverage_seeds=args.coverage_seeds,
             runtime=RuntimeSettings(**{k: v for k, v in {"precision": args.precision, "compile": args.compile or None}.items() if v is not None}),
         )  # fmt: skip
         print(f"\n{table.markdown()}\n")
@@ -256,9 +257,17 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     )
     train.set_defaults(func=_train)
 
-    ev = commands.add_parser("eval", help="judge models on held-out prompts: pass rates, Fréchet distance, spread")
+    from softdimo.judge import COVERAGE_SEEDS
+    from softdimo.report import COVERAGE_PROMPTS
+
+    ev = commands.add_parser("eval", help="judge models on held-out prompts: pass rates beside layout coverage, Fréchet distance")
     ev.add_argument("models", nargs="+", help="bundle folders (tokenizers are judged on reconstructions, rewards on hard negatives)")
-    ev.add_argument("--prompts", type=int, default=300)
+    ev.add_argument("--prompts", type=int, default=300, help="held-out prompts the pass rate is measured on")
+    ev.add_argument(
+        "--coverage-prompts", type=int, default=COVERAGE_PROMPTS,
+        help="the first N held-out prompts whose layout coverage is measured (0: none)",
+    )  # fmt: skip
+    ev.add_argument("--coverage-seeds", type=int, default=COVERAGE_SEEDS, help="images of each coverage prompt, seeds 0 .. N-1")
     ev.add_argument("--steps", type=int, nargs="*", help="sampling steps to evaluate masked-diffusion models at")
     ev.add_argument("--features", default=str(DEFAULT_FEATURES))
     ev.add_argument("--json", help="also write the results here")

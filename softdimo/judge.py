@@ -1,4 +1,5 @@
-"""The Shapes judge: objects read from pixels, checked against a prompt; pass rates and a Fréchet distance."""
+"""The Shapes judge: objects read from pixels, checked against a prompt; pass rates, per-prompt layout coverage and
+a Fréchet distance."""
 
 from __future__ import annotations
 
@@ -44,22 +45,24 @@ def _best_fit(component: np.ndarray) -> tuple[int, int, int, int, float]:
     """(shape, side, x0, y0, iou) of the shape template that best covers a boolean component mask."""
     ys, xs = np.nonzero(component)
     area = len(ys)
+    margin = max(shapes.SIZES.values()) + FIT_SLACK
+    padded = np.pad(component, margin).astype(np.int32)
     best = (0, 0, 0, 0, -1.0)
     for side in shapes.SIZES.values():
         for shape in range(len(shapes.SHAPES)):
             template = shapes.shape_mask(shape, side)
             tys, txs = np.nonzero(template)
-            # Align the template's pixel box with the component's, then search around it.
-            base_x = xs.min() - txs.min()
-            base_y = ys.min() - tys.min()
-            for dy in range(-FIT_SLACK, FIT_SLACK + 1):
-                for dx in range(-FIT_SLACK, FIT_SLACK + 1):
-                    x0, y0 = base_x + dx, base_y + dy
-                    inside = (ys >= y0) & (ys < y0 + side) & (xs >= x0) & (xs < x0 + side)
-                    hits = int(template[ys[inside] - y0, xs[inside] - x0].sum())
-                    iou = hits / (area + len(tys) - hits)
-                    if iou > best[4]:
-                        best = (shape, side, int(x0), int(y0), iou)
+            # Align the template's pixel box with the component's, then search FIT_SLACK around it: the component's
+            # pixels under the template at every offset (dy, dx) at once.
+            x_lo = xs.min() - txs.min() - FIT_SLACK
+            y_lo = ys.min() - tys.min() - FIT_SLACK
+            reach = side + 2 * FIT_SLACK
+            window = padded[margin + y_lo : margin + y_lo + reach, margin + x_lo : margin + x_lo + reach]
+            hits = np.einsum("abij,ij->ab", np.lib.stride_tricks.sliding_window_view(window, (side, side)), template)
+            ious = hits / (area + len(tys) - hits)
+            dy, dx = np.unravel_index(ious.argmax(), ious.shape)  # the first best, as a scan in (dy, dx) order
+            if ious[dy, dx] > best[4]:
+                best = (shape, side, int(x_lo + dx), int(y_lo + dy), float(ious[dy, dx]))
     return best
 
 
@@ -82,7 +85,11 @@ def detect(image: np.ndarray) -> tuple[list[DetectedObject], int]:
 
 def judge(image: np.ndarray, prompt: shapes.Prompt) -> Verdict:
     """Does the image show what the prompt asks, and nothing else?"""
-    objects, stray = detect(image)
+    return verdict(*detect(image), prompt)
+
+
+def verdict(objects: Sequence[DetectedObject], stray: int, prompt: shapes.Prompt) -> Verdict:
+    """`judge` of an image whose objects and stray pixels `detect` has read."""
     if stray > NOISE_BUDGET:
         return Verdict(False, f"noise: {stray} stray pixels")
     misshaped = [o for o in objects if o.iou < MIN_FIT_IOU]
@@ -157,12 +164,90 @@ def held_out_prompts(count: int, seed: int = 2026, kinds: Sequence[str] = shapes
     return [shapes.sample_prompt(rng, kinds=(kinds[i % len(kinds)],)) for i in range(count)]
 
 
-def placement_spread(images: Iterable[np.ndarray]) -> float:
-    """Mean standard deviation (pixels) of detected object centres: how varied placements are."""
-    centres = [o.center for image in images for o in detect(image)[0]]
-    if len(centres) < 2:
-        return 0.0
-    return float(np.asarray(centres).std(axis=0).mean())
+LAYOUT_GRID = 4  # px: a layout's object centres are rounded to this
+COVERAGE_SEEDS = 64  # images of a prompt whose layouts coverage counts: seeds 0 .. 63, against as many of the world's
+
+Layout = frozenset  # of (colour, shape, x, y): each detected object with its centre rounded to LAYOUT_GRID
+
+
+def layout(image: np.ndarray) -> Layout:
+    """Where an image's objects are: each detected object as (colour, shape, centre rounded to LAYOUT_GRID px)."""
+    return layout_of(detect(image)[0])
+
+
+def layout_of(objects: Sequence[shapes.ShapeObject]) -> Layout:
+    return frozenset((o.color, o.shape, *(LAYOUT_GRID * int(np.floor(c / LAYOUT_GRID + 0.5)) for c in o.center)) for o in objects)
+
+
+@dataclass(frozen=True)
+class PromptCoverage:
+    """How many of the data's layouts one prompt's images reach: the distinct layouts of the images that pass,
+    against the distinct layouts of as many of the world's own images of the prompt."""
+
+    prompt: shapes.Prompt
+    images: int
+    passed: int
+    distinct: int  # distinct layouts among the passing images
+    commonest: int  # passing images that share the commonest layout
+    data_distinct: int
+    data_commonest: int
+
+    @property
+    def coverage(self) -> float:
+        return self.distinct / self.data_distinct
+
+
+def prompt_coverage(images: Sequence[np.ndarray], data: Sequence[np.ndarray], prompt: shapes.Prompt) -> PromptCoverage:
+    """One prompt's coverage: `images` drawn with different seeds, `data` the world's scenes of the same prompt."""
+    read = [detect(image) for image in images]
+    passing = Counter(layout_of(objects) for objects, stray in read if verdict(objects, stray, prompt).passed)
+    data_layouts = Counter(layout(image) for image in data)
+    return PromptCoverage(
+        prompt=prompt, images=len(images), passed=sum(passing.values()), distinct=len(passing),
+        commonest=max(passing.values(), default=0), data_distinct=len(data_layouts), data_commonest=max(data_layouts.values()),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Layout coverage over several prompts: its mean, its minimum and the commonest layout's share, per kind too."""
+
+    prompts: tuple[PromptCoverage, ...]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean([p.coverage for p in self.prompts]))
+
+    @property
+    def minimum(self) -> float:
+        return min(p.coverage for p in self.prompts)
+
+    @property
+    def commonest(self) -> float:
+        """The mean share of a prompt's images that its commonest passing layout holds."""
+        return float(np.mean([p.commonest / p.images for p in self.prompts]))
+
+    @property
+    def data_commonest(self) -> float:
+        return float(np.mean([p.data_commonest / p.images for p in self.prompts]))
+
+    @property
+    def per_kind(self) -> dict[str, float]:
+        kinds = [k for k in shapes.KINDS if any(p.prompt.kind == k for p in self.prompts)]
+        return {k: float(np.mean([p.coverage for p in self.prompts if p.prompt.kind == k])) for k in kinds}
+
+    def metrics(self) -> dict[str, float]:
+        """As a training run logs them: `coverage` (mean), `coverage_min` and `coverage_commonest`."""
+        return {"coverage": self.mean, "coverage_min": self.minimum, "coverage_commonest": self.commonest}
+
+
+def coverage(images: Sequence[np.ndarray], data: Sequence[np.ndarray], prompts: Sequence[shapes.Prompt]) -> Coverage:
+    """Coverage of prompts whose images (and the data's) come in equal consecutive runs, one run per prompt."""
+    per, rest = divmod(len(images), len(prompts))
+    if rest or len(data) != len(images):
+        raise ValueError(f"{len(images)} images and {len(data)} data images do not split evenly over {len(prompts)} prompts")
+    runs = [slice(i * per, (i + 1) * per) for i in range(len(prompts))]
+    return Coverage(tuple(prompt_coverage(images[r], data[r], p) for r, p in zip(runs, prompts)))
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:

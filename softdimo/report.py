@@ -1,7 +1,9 @@
-"""Evaluation reports: a model's images on held-out prompts, judged, with Fréchet distance and placement spread."""
+"""Evaluation reports: a model's images on held-out prompts, judged, with per-prompt layout coverage and Fréchet
+distance."""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -16,6 +18,7 @@ from softdimo.vq import to_tensor
 
 HELD_OUT_SEED = 2026  # prompts no training run draws from
 REAL_SEED = 4242  # placements of the reference real images
+COVERAGE_PROMPTS = 50  # prompts whose layout coverage is measured: the first of the held-out set, 10 of each kind
 
 
 @dataclass
@@ -25,9 +28,10 @@ class Row:
     name: str
     rates: judge.PassRates
     frechet: float
-    spread: float
+    coverage: judge.Coverage | None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    samples: list[np.ndarray] = field(default_factory=list, repr=False)  # a few seeds of a few coverage prompts, by prompt
 
     @property
     def rates_total(self) -> int:
@@ -37,9 +41,18 @@ class Row:
         return {
             "name": self.name, "overall": round(self.rates.overall, 4),
             "per_kind": {k: round(v, 4) for k, v in self.rates.per_kind.items()},
-            "failures": self.rates.failures, "frechet": round(self.frechet, 3), "spread": round(self.spread, 2),
-            "seconds": round(self.seconds, 1), **self.extra,
+            "failures": self.rates.failures, "frechet": round(self.frechet, 3), "seconds": round(self.seconds, 1),
+            **({"coverage": coverage_dict(self.coverage)} if self.coverage else {}), **self.extra,
         }  # fmt: skip
+
+
+def coverage_dict(coverage: judge.Coverage) -> dict:
+    return {
+        "mean": round(coverage.mean, 4), "min": round(coverage.minimum, 4),
+        "per_kind": {k: round(v, 4) for k, v in coverage.per_kind.items()},
+        "commonest": round(coverage.commonest, 4), "data_commonest": round(coverage.data_commonest, 4),
+        "prompts": len(coverage.prompts), "seeds": coverage.prompts[0].images,
+    }  # fmt: skip
 
 
 def real_images(prompts: Sequence[shapes.Prompt], seed: int = REAL_SEED, placement: str = "grid") -> list[np.ndarray]:
@@ -55,29 +68,52 @@ def feature_vectors(net: FeatureNet, images: Sequence[np.ndarray]) -> np.ndarray
     return np.concatenate(out).astype(np.float64)
 
 
-class Evaluator:
-    """Judges images for a fixed prompt set and compares their features with real images of the same prompts."""
+Images = Callable[[Sequence[shapes.Prompt], Sequence[int]], list[np.ndarray]]  # (prompts, seeds) -> one image each
 
-    def __init__(self, prompts: Sequence[shapes.Prompt], features: FeatureNet, placement: str = "grid"):
+
+class Evaluator:
+    """Judges images for a fixed prompt set and compares their features with real images of the same prompts; and
+    measures layout coverage: `coverage_seeds` images of each of `coverage_prompts` prompts against as many of the
+    world's scenes of each."""
+
+    def __init__(
+        self, prompts: Sequence[shapes.Prompt], features: FeatureNet, placement: str = "grid", *,
+        coverage_prompts: int = COVERAGE_PROMPTS, coverage_seeds: int = judge.COVERAGE_SEEDS,
+    ):  # fmt: skip
         self.prompts = list(prompts)
         self.features = features
         self.placement = placement
-        reference = real_images(self.prompts, placement=placement)
-        self.real_features = feature_vectors(features, reference)
-        self.real_spread = judge.placement_spread(reference)
+        self.real_features = feature_vectors(features, real_images(self.prompts, placement=placement))
+        self.coverage_prompts = self.prompts[:coverage_prompts]
+        self.coverage_seeds = list(range(coverage_seeds))
+        self.coverage_data = self._repeated(lambda p, s: real_images(p, seed=REAL_SEED, placement=placement))
 
-    def row(self, name: str, images: Sequence[np.ndarray], seconds: float = 0.0, **extra) -> Row:
+    def _repeated(self, make: Images) -> list[np.ndarray]:
+        """`make`'s images of each coverage prompt at every coverage seed, one prompt after another."""
+        prompts = [p for p in self.coverage_prompts for _ in self.coverage_seeds]
+        return make(prompts, self.coverage_seeds * len(self.coverage_prompts)) if prompts else []
+
+    def row(self, name: str, make: Images, **extra) -> Row:
+        """The row of a way of drawing images: pass rates and Fréchet distance on the prompts (prompt i at seed i,
+        timed), and layout coverage on the coverage prompts."""
+        start = time.perf_counter()
+        images = make(self.prompts, list(range(len(self.prompts))))
+        seconds = time.perf_counter() - start
+        repeated = self._repeated(make)
+        per = len(self.coverage_seeds)
         return Row(
             name=name,
             rates=judge.pass_rates(images, self.prompts),
             frechet=judge.frechet_distance(feature_vectors(self.features, images), self.real_features),
-            spread=judge.placement_spread(images),
+            coverage=judge.coverage(repeated, self.coverage_data, self.coverage_prompts) if repeated else None,
             seconds=seconds,
             extra=extra,
+            samples=[image for i in range(min(5, len(self.coverage_prompts))) for image in repeated[i * per : i * per + 10]],
         )
 
     def reference_row(self) -> Row:
-        return self.row("real images (reference)", real_images(self.prompts, seed=REAL_SEED + 1, placement=self.placement))
+        """A second draw of the world's images: the pass rate, Fréchet distance and coverage that sampling alone gives."""
+        return self.row("real images (reference)", lambda p, s: real_images(p, seed=REAL_SEED + 1, placement=self.placement))
 
 
 @dataclass
@@ -86,14 +122,13 @@ class Table:
 
     model: str
     rows: list[Row]
-    real_spread: float
     notes: list[str] = field(default_factory=list)  # lines printed under the table
 
     def markdown(self) -> str:
-        return "\n\n".join([results_table(self.rows, self.real_spread), *self.notes])
+        return "\n\n".join([results_table(self.rows), *self.notes])
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "real_spread": round(self.real_spread, 2), "rows": [r.as_dict() for r in self.rows], "notes": self.notes}
+        return {"model": self.model, "rows": [r.as_dict() for r in self.rows], "notes": self.notes}
 
 
 class EvaluationError(ValueError):
@@ -103,13 +138,16 @@ class EvaluationError(ValueError):
 def evaluate_bundle(
     path, *, features: FeatureNet, prompts: int, steps: Sequence[int] | None, tteo_steps: Sequence[int],
     best_of: Sequence[int], device, grid_dir=None, placement: str = "grid", sampler: dict | None = None,
-    tteo: dict | None = None, generator: dict | None = None, runtime=None,
+    tteo: dict | None = None, generator: dict | None = None, runtime=None, coverage_prompts: int = COVERAGE_PROMPTS,
+    coverage_seeds: int = judge.COVERAGE_SEEDS,
 ) -> Table:  # fmt: skip
     """Every row for one bundle: reconstructions for a tokenizer; samples at each step count for a teacher;
     one step, TTEO at each step count and best-of-N (alone and with TTEO) for a one-step model.
     `sampler` overrides a teacher's sampler settings, `tteo` a one-step model's TTEO settings (target, lr) and
     `generator` its generator settings (temperature, latent_scale);
-    `runtime` (softdimo.runtime.RuntimeSettings) runs the sampled rows as the server would with it (bf16, compiled)."""
+    `runtime` (softdimo.runtime.RuntimeSettings) runs the sampled rows as the server would with it (bf16, compiled);
+    every row's layout coverage is measured on the first `coverage_prompts` held-out prompts (0: none), each drawn
+    at seeds 0 .. `coverage_seeds` - 1."""
     from dataclasses import fields, replace
 
     from softdimo.bundle import read_bundle
@@ -125,27 +163,25 @@ def evaluate_bundle(
     rows: list[Row] = []
     notes: list[str] = []
 
-    def add(label: str, make: Callable[[], list[np.ndarray]], **extra) -> None:
-        images, seconds = timed(make)
-        rows.append(evaluator.row(label, images, seconds=seconds, **extra))
-        if grid_dir is not None:
+    def add(label: str, make: Images, **extra) -> None:
+        rows.append(row := evaluator.row(label, make, **extra))
+        if grid_dir is not None and row.samples:  # one prompt a line, ten seeds each
             slug = label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "").replace("+", "plus").replace("=", "")
-            save_grid(images[:50], grid_dir / f"{slug}.png", columns=10)
+            save_grid(row.samples, grid_dir / f"{slug}.png", columns=10)
 
     if bundle.config["kind"] == "tokenizer":
         held_out = judge.held_out_prompts(prompts, seed=HELD_OUT_SEED)
-        evaluator = Evaluator(held_out, features, placement)
+        evaluator = Evaluator(held_out, features, placement, coverage_prompts=coverage_prompts, coverage_seeds=coverage_seeds)
         tokenizer = load_tokenizer(bundle, device)
-        originals = real_images(held_out, placement=placement)
-        add(f"{name} reconstructions", lambda: reconstructions(tokenizer, originals))
+        add(f"{name} reconstructions", lambda p, s: reconstructions(tokenizer, real_images(p, placement=placement)))
         with torch.no_grad():
-            used = tokenizer.encode(to_tensor(np.stack(originals)).to(device)).unique().numel()
+            originals = to_tensor(np.stack(real_images(held_out, placement=placement))).to(device)
+            used = tokenizer.encode(originals).unique().numel()
         notes.append(f"Codes used by the {len(originals)} held-out images: {used} of {tokenizer.cfg.codebook_size}.")
     else:
         pipeline = load_pipeline(path, device)
         held_out = judge.held_out_prompts(prompts, seed=HELD_OUT_SEED, kinds=pipeline.conditioner.kinds)
-        evaluator = Evaluator(held_out, features, placement)
-        seeds = list(range(len(held_out)))
+        evaluator = Evaluator(held_out, features, placement, coverage_prompts=coverage_prompts, coverage_seeds=coverage_seeds)
         if isinstance(pipeline, OneStepPipeline):
             changes = [(pipeline, "tteo", tteo), (pipeline.generator, "settings", generator)]
         else:
@@ -162,22 +198,22 @@ def evaluate_bundle(
         if run is not None:
             name = f"{name} ({', '.join(f'{k} {v}' for k, v in runtime.to_dict().items() if v != getattr(RuntimeSettings(), k))})"
         if isinstance(pipeline, OneStepPipeline):
-            add(f"{name} (1 step)", lambda: pipeline.generate_prompts(held_out, seeds, runtime=run))
+            add(f"{name} (1 step)", lambda p, s: pipeline.generate_prompts(p, s, runtime=run))
             if not pipeline.rewards and (tteo_steps or best_of):
                 notes.append(f"{name} names no reward model: no TTEO or best-of rows.")
                 tteo_steps, best_of = (), ()
+            refined = functools.partial(refined_images, pipeline)
             for k in tteo_steps:
-                add(f"{name} + TTEO {k}", lambda k=k: refined_images(pipeline, held_out, seeds, steps=k, best_of=1), tteo_steps=k)
+                add(f"{name} + TTEO {k}", functools.partial(refined, steps=k, best_of=1), tteo_steps=k)
             for n in best_of:
-                add(f"{name} best-of-{n}", lambda n=n: refined_images(pipeline, held_out, seeds, steps=0, best_of=n), best_of=n)
+                add(f"{name} best-of-{n}", functools.partial(refined, steps=0, best_of=n), best_of=n)
                 for k in tteo_steps:
-                    add(f"{name} best-of-{n} + TTEO {k}", lambda n=n, k=k: refined_images(pipeline, held_out, seeds, steps=k, best_of=n),
-                        best_of=n, tteo_steps=k)  # fmt: skip
+                    add(f"{name} best-of-{n} + TTEO {k}", functools.partial(refined, steps=k, best_of=n), best_of=n, tteo_steps=k)
         else:
             for k in steps or [pipeline.sampler.steps]:
-                add(f"{name} ({k} steps)", lambda k=k: pipeline.generate_prompts(held_out, seeds, steps=k, runtime=run), steps=k)
+                add(f"{name} ({k} steps)", lambda p, s, k=k: pipeline.generate_prompts(p, s, steps=k, runtime=run), steps=k)
     rows.append(evaluator.reference_row())
-    return Table(model=name, rows=rows, real_spread=evaluator.real_spread, notes=notes)
+    return Table(model=name, rows=rows, notes=notes)
 
 
 @torch.no_grad()
@@ -210,21 +246,18 @@ def refined_images(pipeline, prompts: Sequence[shapes.Prompt], seeds: Sequence[i
     return out
 
 
-def results_table(rows: Sequence[Row], real_spread: float) -> str:
-    """The evaluation's table: pass rate per kind and overall, Fréchet distance, spread against the data's, time."""
+def results_table(rows: Sequence[Row]) -> str:
+    """The evaluation's table: pass rate per kind and overall beside layout coverage (mean, minimum, the commonest
+    layout's share of a prompt's images), then Fréchet distance and time."""
     kinds = list(rows[0].rates.per_kind)
     cells = [
-        [r.name, *(f"{r.rates.per_kind[k]:.3f}" for k in kinds), f"**{r.rates.overall:.3f}**", f"{r.frechet:.2f}",
-         f"{r.spread:.1f} ({r.spread / real_spread:.0%})", f"{1000 * r.seconds / r.rates_total:.1f}" if r.seconds else None]
+        [r.name, *(f"{r.rates.per_kind[k]:.3f}" for k in kinds), f"**{r.rates.overall:.3f}**",
+         *((f"**{r.coverage.mean:.2f}**", f"{r.coverage.minimum:.2f}", f"{r.coverage.commonest:.2f}") if r.coverage else (None,) * 3),
+         f"{r.frechet:.2f}", f"{1000 * r.seconds / r.rates_total:.1f}" if r.seconds else None]
         for r in rows
     ]  # fmt: skip
-    return markdown_table(["model", *kinds, "overall", "Fréchet", "spread", "ms / image"], cells)
-
-
-def timed(fn: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], float]:
-    start = time.perf_counter()
-    images = fn()
-    return images, time.perf_counter() - start
+    header = ["model", *kinds, "pass", "coverage", "min", "commonest", "Fréchet", "ms / image"]
+    return markdown_table(header, cells)
 
 
 def reward_accuracy(path, *, images: int, device, placement: str = "grid") -> dict[str, dict[str, float]]:

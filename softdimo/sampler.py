@@ -30,6 +30,10 @@ class SamplerSettings:
     temperature: float = 1.0  # token sampling temperature
     choice_temperature: float = 4.5  # Gumbel noise on confidences, annealed to 0 over the steps
     schedule: str = "cosine"
+    # Guidance only on the steps whose progress at their start lies in [guidance_start, guidance_end): the first steps
+    # commit where the objects go, and guiding them draws every seed's objects in the same few places.
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
     # Guide a prompt that has contrast prompts (Conditioner.contrasts: a relation's two perpendicular relations)
     # away from them instead of from the null prompt, as a negative prompt does; other prompts are unchanged.
     contrast: bool = False
@@ -38,6 +42,12 @@ class SamplerSettings:
         if self.contrast not in (True, False):  # 0 and 1 from the command line too
             raise ValueError(f"contrast is on or off (1 or 0), got {self.contrast!r}")
         object.__setattr__(self, "contrast", bool(self.contrast))
+        if not 0 <= self.guidance_start <= self.guidance_end <= 1:
+            raise ValueError(f"guidance runs over 0 <= start <= end <= 1, got {self.guidance_start} to {self.guidance_end}")
+
+    def guidance_at(self, step: int) -> float:
+        """The guidance weight of one step (0: the conditional logits alone)."""
+        return self.guidance if self.guidance_start <= step / self.steps < self.guidance_end else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +90,7 @@ def sample(
     tokens = torch.full((b, n), cfg.mask_id, dtype=torch.long, device=device)
     for step in range(settings.steps):
         masked = tokens == cfg.mask_id
-        logits = guided_logits(model, tokens, condition, settings.guidance, contrasts if settings.contrast else None).float()
+        logits = guided_logits(model, tokens, condition, settings.guidance_at(step), contrasts if settings.contrast else None).float()
         log_probs = torch.log_softmax(logits / max(settings.temperature, 1e-6), dim=-1)
         gumbel = noise.gumbel(n, cfg.codebook_size).to(device)
         drawn = (log_probs + gumbel).argmax(-1) if settings.temperature > 0 else log_probs.argmax(-1)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -98,6 +99,7 @@ class Checkpointer:
 
 
 EVAL_SEED = 20_000  # the held-out prompts every stage evaluates on in training (softdimo eval uses judge's default)
+COVERAGE_PROMPTS = 10  # the first of them, whose layout coverage one-step stages log too (judge.COVERAGE_SEEDS each)
 
 
 def training_eval_prompts(count: int, kinds) -> list:
@@ -114,13 +116,25 @@ def held_out_metrics(pipeline, prompts) -> dict[str, float]:
     return judge.pass_rates(pipeline.generate_prompts(prompts, seeds=range(len(prompts))), prompts).metrics()
 
 
+def coverage_metrics(pipeline, prompts) -> dict[str, float]:
+    """A pipeline's layout coverage on prompts (judge.coverage), each drawn at judge.COVERAGE_SEEDS seeds."""
+    from softdimo import judge, shapes
+
+    seeds = list(range(judge.COVERAGE_SEEDS))
+    repeated = [p for p in prompts for _ in seeds]
+    rng = np.random.default_rng(EVAL_SEED)
+    data = [shapes.render(shapes.sample_scene(p, rng)) for p in repeated]
+    return judge.coverage(pipeline.generate_prompts(repeated, seeds * len(prompts)), data, prompts).metrics()
+
+
 def one_step_metrics(generator, tokenizer, conditioner, prompts) -> dict[str, float]:
-    """`held_out_metrics` of a one-step generator in one forward pass."""
+    """`held_out_metrics` of a one-step generator in one forward pass, and the coverage of the first
+    COVERAGE_PROMPTS prompts."""
     from softdimo.pipeline import OneStepPipeline
     from softdimo.tteo import TTEOSettings
 
     pipeline = OneStepPipeline(generator=generator, tokenizer=tokenizer, conditioner=conditioner, rewards={}, tteo=TTEOSettings())
-    return held_out_metrics(pipeline, prompts)
+    return held_out_metrics(pipeline, prompts) | coverage_metrics(pipeline, prompts[:COVERAGE_PROMPTS])
 
 
 def _time_spent(log_path: Path, step: int) -> float:

@@ -9,13 +9,16 @@ directions the generator does not read; how far a draw strays from a component's
 
 Tuning (`tune_prior`): a latent is read relative to the prompt (the encoder reads both), so a component placed at
 an image of two objects sits among those of three-object images, and likelihood cannot tell the prompts it suits
-apart. Tuning asks the generator: each prompt's weights move towards the components whose images the reward
-scores highest for it (a policy gradient over the discrete choice of component), held near the fitted weights by
-a KL term. Components, generator and reward stay as they are."""
+apart. Tuning asks the generator: each prompt's weights move to softmax(reward / temperature) over the components,
+the reward of the image the generator draws from each. That is the distribution that maximises the expected reward
+plus temperature times the entropy of the choice: every component whose image the reward scores as well as the best
+keeps as much weight, so a prompt keeps as many layouts as the generator draws right, and a component the reward
+scores well below them loses its weight. It is learnt from a few components proposed uniformly per prompt and step,
+whose renormalised weights are fitted to the softmax of their rewards (a consistent estimate: the fitted weights of
+any proposed set agree with it only at the global softmax). Components, generator and reward stay as they are."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,10 +117,10 @@ def _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, trainin
 class PriorTuning:
     steps: int = 300
     prompts: int = 32  # prompts a step
-    samples: int = 8  # components drawn per prompt, each drawn into an image and scored
-    lr: float = 3e-4
+    samples: int = 16  # components proposed per prompt, uniformly, each drawn into an image and scored
+    temperature: float = 0.2  # in the reward's units: weights -> softmax(reward / temperature) over the components
+    lr: float = 1e-3
     warmup: int = 20
-    kl_weight: float = 0.1  # KL(tuned weights || fitted weights) per prompt
     seed: int = 0
     eval_every: int = 100
     eval_prompts: int = 100
@@ -150,9 +153,9 @@ def tune_prior(
     torch.manual_seed(training.seed)
     generator.model.to(device).eval().requires_grad_(False)
     prior = generator.prior.to(device)
-    fitted = copy.deepcopy(prior).eval().requires_grad_(False)
     tokenizer = tokenizer.to(device).eval()
     optimizer = torch.optim.AdamW(prior.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    components = prior.cfg.components
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
@@ -160,21 +163,19 @@ def tune_prior(
         drawn = [conditioner.for_prompt(shapes.sample_prompt(rng, conditioner.kinds)) for _ in range(training.prompts)]
         condition = torch.cat([c for c, _ in drawn]).to(device)
         log_weights, _, _ = prior.mixture(condition)
-        g = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
-        chosen = torch.multinomial(log_weights.detach().exp().cpu(), training.samples, replacement=True, generator=g).to(device)
+        proposed = torch.from_numpy(np.stack([rng.permutation(components)[: training.samples] for _ in drawn])).to(device)
         noise = ImageNoise(rng.integers(0, 2**62, size=training.prompts * training.samples).tolist(), device)
         with torch.no_grad():
-            scores = component_rewards(generator, tokenizer, reward, condition, [t for _, t in drawn], chosen, noise)
-        advantage = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-3)
-        policy = -(advantage * log_weights.gather(1, chosen)).mean()
-        with torch.no_grad():
-            reference, _, _ = fitted.mixture(condition)
-        kl = (log_weights.exp() * (log_weights - reference)).sum(-1).mean()
-        loss = policy + training.kl_weight * kl
+            scores = component_rewards(generator, tokenizer, reward, condition, [t for _, t in drawn], proposed, noise)
+        target = (scores / training.temperature).softmax(-1)  # (B, M)
+        log_proposed = log_weights.gather(1, proposed).log_softmax(-1)  # the weights renormalised over the proposals
+        loss = -(target * log_proposed).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
         optimizer.step()
-        return {"reward": scores.mean().item(), "kl": kl.item()}
+        with torch.no_grad():
+            entropy = -(log_weights.exp() * log_weights).sum(-1).mean()
+        return {"reward": scores.mean().item(), "loss": loss.item(), "components_in_use": entropy.exp().item()}
 
     return _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, training, "layout prior tuning")

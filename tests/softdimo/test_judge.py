@@ -105,3 +105,49 @@ def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
     a = rng.normal(size=(500, 8))
     assert judge.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
     assert judge.frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=1e-3)
+
+
+def _drawn(prompt: shapes.Prompt, count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [shapes.render(shapes.sample_scene(prompt, rng)) for _ in range(count)]
+
+
+def test_a_layout_is_what_the_scene_holds():
+    objects = [shapes.ShapeObject(0, 0, 12, 4, 28), shapes.ShapeObject(2, 1, 24, 36, 4)]  # centres (10, 34), (48, 16)
+    assert judge.layout(shapes.render(objects)) == {(0, 0, 12, 36), (2, 1, 48, 16)}
+    moved = [objects[0], shapes.ShapeObject(2, 1, 24, 28, 4)]
+    assert judge.layout(shapes.render(moved)) != judge.layout(shapes.render(objects))
+
+
+def test_the_data_against_a_second_draw_of_the_data_covers_about_everything():
+    prompts = judge.held_out_prompts(10, seed=5)
+    first = [image for p in prompts for image in _drawn(p, 64, seed=1 + prompts.index(p))]
+    second = [image for p in prompts for image in _drawn(p, 64, seed=100 + prompts.index(p))]
+    coverage = judge.coverage(second, first, prompts)
+    assert 0.85 < coverage.mean < 1.15 and coverage.minimum > 0.7
+    assert coverage.commonest < 0.15 and coverage.data_commonest < 0.15
+    assert set(coverage.per_kind) == set(shapes.KINDS)
+
+
+def test_one_repeated_image_covers_one_layout_of_the_datas_distinct_ones():
+    prompt = shapes.parse_prompt("a red circle and a blue square")
+    data = _drawn(prompt, 64, seed=0)
+    distinct = len({judge.layout(image) for image in data})
+    found = judge.prompt_coverage([data[0]] * 64, data, prompt)
+    assert (found.passed, found.distinct, found.commonest) == (64, 1, 64)
+    assert found.coverage == pytest.approx(1 / distinct) and distinct > 30
+
+
+def test_only_passing_images_count_towards_coverage():
+    prompt = shapes.parse_prompt("two green triangles")
+    data = _drawn(prompt, 8, seed=0)
+    wrong = [shapes.render(shapes.sample_scene(shapes.parse_prompt("three green triangles"), np.random.default_rng(i))) for i in range(4)]
+    found = judge.prompt_coverage(data[:4] + wrong, data, prompt)
+    assert (found.images, found.passed) == (8, 4)
+    assert found.distinct == len({judge.layout(image) for image in data[:4]})
+
+
+def test_coverage_needs_as_many_images_for_every_prompt():
+    prompts = judge.held_out_prompts(3, seed=5)
+    with pytest.raises(ValueError, match="do not split evenly"):
+        judge.coverage([np.zeros((64, 64, 3), np.uint8)] * 7, [np.zeros((64, 64, 3), np.uint8)] * 7, prompts)

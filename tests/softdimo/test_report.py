@@ -24,10 +24,10 @@ def test_eval_writes_a_table_per_bundle(tmp_path, capsys):
     out = tmp_path / "results.json"
     args = ["eval", str(bundles["tokenizer"]), str(bundles["text"]), str(bundles["one-step"]), "--prompts", "10", "--steps", "2", "4",
             "--tteo-steps", "2", "--best-of", "2", "--features", str(features), "--json", str(out), "--grid", str(tmp_path / "grids"),
-            "--device", "cpu"]  # fmt: skip
+            "--device", "cpu", "--coverage-prompts", "5", "--coverage-seeds", "4"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| model | single | sized | pair | count | relation | overall | Fréchet | spread |" in printed
+    assert "| model | single | sized | pair | count | relation | pass | coverage | min | commonest | Fréchet | ms / image |" in printed
     tables = json.loads(out.read_text())
     names = [[row["name"] for row in t["rows"]] for t in tables]
     assert names[0] == ["tiny-tokenizer reconstructions", "real images (reference)"]
@@ -36,9 +36,9 @@ def test_eval_writes_a_table_per_bundle(tmp_path, capsys):
                         "tiny-one-step best-of-2 + TTEO 2", "real images (reference)"]  # fmt: skip
     reference = tables[1]["rows"][-1]
     assert reference["overall"] == 1.0 and set(reference["per_kind"]) == {"single", "sized", "pair", "count", "relation"}
-    for table in tables:
-        *generated, real = table["rows"]
-        assert real["spread"] > 0 and all(0 <= row["overall"] <= 1 for row in generated)
+    for table in tables:  # every row measures coverage; a second draw of the world covers the first's layouts
+        assert all(row["coverage"]["prompts"] == 5 and row["coverage"]["seeds"] == 4 for row in table["rows"])
+        assert table["rows"][-1]["coverage"]["mean"] == pytest.approx(1.0, abs=0.1)
     assert len(list((tmp_path / "grids").glob("*.png"))) == 1 + 2 + 4
 
 
@@ -65,7 +65,8 @@ def test_eval_overrides_tteo_settings_and_names_an_unknown_one(tmp_path, capsys)
     bundles = write_all(tmp_path / "b")
     features = str(_features(tmp_path / "features"))
     out = tmp_path / "results.json"
-    args = ["eval", str(bundles["one-step"]), "--prompts", "5", "--tteo-steps", "1", "--features", features, "--device", "cpu"]
+    args = ["eval", str(bundles["one-step"]), "--prompts", "5", "--tteo-steps", "1", "--features", features, "--device", "cpu",
+            "--coverage-prompts", "0"]  # fmt: skip
     assert main([*args, "--tteo", "target=logits", "lr=0.5", "--json", str(out)]) == 0
     names = [row["name"] for row in json.loads(out.read_text())[0]["rows"]]
     assert names[:2] == ["tiny-one-step (target logits, lr 0.5) (1 step)", "tiny-one-step (target logits, lr 0.5) + TTEO 1"]
@@ -93,7 +94,8 @@ def test_eval_of_a_one_step_model_without_a_reward_says_so_instead_of_tteo_rows(
     )  # fmt: skip
     assert bundles["tokenizer"] == tmp_path / "b" / "tokenizer"
     features = str(_features(tmp_path / "features"))
-    args = ["eval", str(plain), "--prompts", "4", "--tteo-steps", "1", "--best-of", "2", "--features", features, "--device", "cpu"]
+    args = ["eval", str(plain), "--prompts", "4", "--tteo-steps", "1", "--best-of", "2", "--features", features, "--device", "cpu",
+            "--coverage-prompts", "0"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "plain names no reward model: no TTEO or best-of rows." in printed
@@ -106,7 +108,7 @@ def test_eval_samples_through_a_runtime_as_the_server_would(tmp_path, capsys):
     bundles = write_all(tmp_path / "b")
     features = str(_features(tmp_path / "features"))
     out = tmp_path / "results.json"
-    base = ["eval", str(bundles["one-step"]), "--prompts", "4", "--features", features, "--device", "cpu"]
+    base = ["eval", str(bundles["one-step"]), "--prompts", "4", "--features", features, "--device", "cpu", "--coverage-prompts", "0"]
     assert main([*base, "--json", str(out)]) == 0
     plain = json.loads(out.read_text())[0]["rows"][0]
     assert main([*base, "--compile", "--json", str(out)]) == 0

@@ -9,8 +9,10 @@ import torch
 from server.running import server_thread
 from conftest import metric, post_concurrently
 
+from server.schemas import RefineRequest
 from server.settings import Settings
 from softdimo.images import decode_image
+from softdimo.tteo import TTEOSettings
 
 
 
@@ -211,6 +213,8 @@ def test_one_step_models_are_listed_with_rewards_and_refine_defaults(one_step_ur
     card = models["tiny-one-step"]
     assert card["kind"] == "one-step" and card["rewards"] == ["tiny-clip"]
     assert card["default"]["refine"] == {"steps": 3, "lr": 1.0, "best_of": 1, "target": "input", "reward": "tiny-clip"}
+    # what a request that leaves best_of out gets, over HTTP and on the CLI alike
+    assert RefineRequest(prompt="a red circle").best_of == TTEOSettings(best_of=4).for_request().best_of == 1
 
 
 def test_one_step_generate_refuses_steps(one_step_url):

@@ -120,3 +120,10 @@ def test_a_step_hook_sees_every_step_and_stops_images_without_disturbing_the_res
     calls = []
     stopped = refine(**common, on_step=lambda step, rewards: calls.append(step) or torch.tensor([False, False]))
     assert calls == [1] and stopped.trace.shape == (1, 2)  # nobody wanted: the loop ends
+
+
+def test_a_request_gets_what_it_asks_for_else_the_models_settings_and_one_candidate():
+    saved = TTEOSettings(steps=7, lr=0.5, best_of=4, target="logits")  # a bundle that saved best_of 4
+    assert saved.for_request() == TTEOSettings(steps=7, lr=0.5, best_of=1, target="logits")
+    asked = dict(steps=2, lr=3.0, best_of=3, target="input")
+    assert saved.for_request(**asked) == TTEOSettings(**asked)

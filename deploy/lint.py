@@ -32,6 +32,7 @@ from prometheus_client.metrics import MetricWrapperBase  # noqa: E402
 
 from server.metrics import REJECT_REASONS, Metrics  # noqa: E402
 from server.service import ENDPOINTS as SERVED_ENDPOINTS  # noqa: E402
+from server.settings import Settings  # noqa: E402
 
 
 def _contract() -> tuple[dict[str, set[str]], set[str]]:
@@ -197,14 +198,14 @@ def policy(docs: list[dict], f: Findings) -> None:
         f.check(budget >= 120, f"{cname}: startupProbe allows only {budget}s for loading and warm-up (want >= 120s)")
 
     # Shutdown: preStop sleep + drain must finish inside the grace period.
-    grace = spec.get("terminationGracePeriodSeconds", 30)
+    grace = spec.get("terminationGracePeriodSeconds", 30)  # Kubernetes' own default
     pre = c.get("lifecycle", {}).get("preStop", {})
     sleep = pre.get("sleep", {}).get("seconds")
     if sleep is None:
         cmd = pre.get("exec", {}).get("command", [])
         sleep = int(cmd[-1]) if cmd and "sleep" in cmd[0] and cmd[-1].isdigit() else None
     if f.check(sleep is not None, f"{cname}: needs a preStop sleep so endpoints are removed before SIGTERM"):
-        drain = float(settings.get("SOFTDIMO_DRAIN_TIMEOUT_S", 30))
+        drain = float(settings.get("SOFTDIMO_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default))
         f.check(sleep + drain < grace,
                 f"preStop sleep {sleep}s + drain {drain:g}s must be < terminationGracePeriodSeconds {grace}s")
 
@@ -226,7 +227,7 @@ def policy(docs: list[dict], f: Findings) -> None:
         f.check(r in req and r in lim, f"{cname}: needs {r} request and limit")
     gpus = lim.get("nvidia.com/gpu")
     f.check(req.get("nvidia.com/gpu") == gpus, f"{cname}: nvidia.com/gpu request must equal its limit")
-    device = settings.get("SOFTDIMO_DEVICE", "auto")
+    device = settings.get("SOFTDIMO_DEVICE", Settings.model_fields["device"].default)
     if device == "cuda":
         f.check(gpus is not None and int(gpus) >= 1, "SOFTDIMO_DEVICE=cuda but no nvidia.com/gpu limit")
         f.check("cuda" in tag, f"SOFTDIMO_DEVICE=cuda with image tag {tag!r} (expected a CUDA image)")

@@ -40,11 +40,11 @@ def _soak(args: argparse.Namespace) -> None:
 
 def _serve_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field, named after it; defaults stay in Settings (a flag left out is not passed)."""
-    from server.settings import Settings
+    from server.settings import Settings, shown_default
 
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help = field.description
+        help = f"{field.description or ''} (default: {shown_default(name)})".lstrip()
         if name == "api_key":
             continue  # from the environment only, so the key stays out of `ps` and shell history
         if field.annotation is bool:

@@ -18,7 +18,6 @@ from softdimo.conditioning import Conditioner
 from softdimo.device import resolve_device
 from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
 from softdimo.runtime import Runtime, RuntimeSettings
-from softdimo.tteo import TTEOSettings
 from softdimo.vq import to_uint8
 
 from server.jobs import GenerateJob, RefinedImage, RefineJob, split_counts
@@ -115,9 +114,8 @@ def load_model(path: str | Path, device: torch.device, runtime: Runtime | None =
     if kind == "masked-diffusion":
         defaults, rewards = {"steps": pipeline.sampler.steps, "guidance": pipeline.sampler.guidance}, []
     else:
-        tteo = pipeline.tteo
-        refine = {"steps": tteo.steps, "lr": tteo.lr, "best_of": tteo.best_of, "target": tteo.target, "reward": pipeline.default_reward}
-        defaults = {"refine": refine}
+        # what a /refine request that leaves every setting out gets
+        defaults = {"refine": {**pipeline.tteo.for_request().to_dict(), "reward": pipeline.default_reward}}
         rewards = list(pipeline.rewards)
     return ServedModel(
         name=bundle.config["name"], kind=kind, pipeline=pipeline, image_size=pipeline.tokenizer.cfg.image_size,
@@ -165,7 +163,7 @@ class Engine:
                 for size in model.runtime.buckets or (max_batch_size,):
                     model.generate_batch([GenerateJob(condition=warming, seed=0, n=size)])
             if model.rewards:
-                settings = TTEOSettings(steps=1)
+                settings = model.pipeline.tteo.for_request(steps=1)
                 job = RefineJob.for_request(condition=condition, text=text, seed=0, n=max_batch_size, settings=settings, reward=model.rewards[0])
                 model.refine_batch([job])
             log.info("warmed %s at batch %d in %.2fs", model.name, max_batch_size, time.perf_counter() - began)

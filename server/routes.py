@@ -7,7 +7,6 @@ import json
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from dataclasses import replace
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -31,7 +30,6 @@ from server.engine import ServedModel
 from server.jobs import RefineJob, RefineProgress
 from server.service import GENERATE, OPENAI, REFINE, GeneratedImages, Service, ServiceError
 from softdimo.images import MEDIA_TYPES
-from softdimo.tteo import TTEOSettings
 
 router = APIRouter()
 IMAGE_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
@@ -211,12 +209,11 @@ async def refine(request: Request, body: RefineRequest):
 def _refine_job(service: Service, body: RefineRequest, progress: RefineProgress | None = None) -> tuple[ServedModel, RefineJob]:
     model = service.model(body.model, endpoint=REFINE)
     condition = service.condition(model, body.prompt, body.class_label)
-    defaults = model.pipeline.tteo if model.kind == "one-step" else TTEOSettings()
-    settings = replace(defaults, steps=body.steps or defaults.steps, lr=body.lr or defaults.lr, best_of=body.best_of)
-    seed = service.first_seed(body.seed)
-    text = model.reward_text(body.prompt, body.class_label)
-    job = service.refine_job(model=model, condition=condition, text=text, seed=seed, n=body.n, settings=settings, reward=body.reward,
-                             progress=progress)  # fmt: skip
+    text, seed = model.reward_text(body.prompt, body.class_label), service.first_seed(body.seed)
+    job = service.refine_job(
+        model=model, condition=condition, text=text, seed=seed, n=body.n, steps=body.steps, lr=body.lr,
+        best_of=body.best_of, reward=body.reward, progress=progress,
+    )
     return model, job
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from softdimo import seeding, shapes
+from softdimo.tteo import REQUEST_BEST_OF
 
 LARGEST_SEED = seeding.MAX_SEED - 1  # seeds are 0 <= seed < seeding.MAX_SEED
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -76,7 +77,9 @@ class RefineRequest(GenerateRequest):
     steps: int | None = Field(None, ge=1, le=200, description="TTEO gradient steps")
     lr: float | None = Field(None, gt=0, le=100, description="TTEO learning rate")
     reward: str | None = Field(None, description="a reward name from /v1/models")
-    best_of: int = Field(1, ge=1, le=16, description="candidates per image; the best by reward is optimised")
+    best_of: int = Field(
+        REQUEST_BEST_OF, ge=1, le=16, description="candidates per image; the best by reward is optimised"
+    )
     stream: bool = Field(
         False, description="answer text/event-stream: a `step` event per TTEO step (each image's reward), then a `result` "
         "event with the JSON a non-streaming call returns (or an `error` event)",

@@ -24,7 +24,6 @@ from server.settings import Settings
 from softdimo.conditioning import ConditionError
 from softdimo.images import encode_image
 from softdimo.seeding import MAX_SEED
-from softdimo.tteo import TTEOSettings
 
 log = logging.getLogger("softdimo.service")
 
@@ -210,15 +209,17 @@ class Service:
         return GeneratedImages(model=model.name, images=images, seeds=job.seeds, queue_s=queue_s, compute_s=compute_s)
 
     def refine_job(
-        self, *, model: ServedModel, condition: torch.Tensor, text: str, seed: int, n: int, settings: TTEOSettings,
-        reward: str | None, progress: RefineProgress | None = None,
+        self, *, model: ServedModel, condition: torch.Tensor, text: str, seed: int, n: int, steps: int | None,
+        lr: float | None, best_of: int | None, reward: str | None, progress: RefineProgress | None = None,
     ) -> RefineJob:  # fmt: skip
-        """A /refine request's work, checked before anything is queued (or streamed): 4xx here, not later."""
+        """A /refine request's work, checked before anything is queued (or streamed): 4xx here, not later.
+        Settings the request leaves out (None) are the model's (`TTEOSettings.for_request`)."""
         if not model.rewards:
             raise ServiceError(422, f"model {model.name!r} is {model.kind} without a reward: /refine needs a one-step model with one")
         reward = model.rewards[0] if reward is None else reward
         if reward not in model.rewards:
             raise ServiceError(404, f"unknown reward {reward!r}; model {model.name!r} has: {', '.join(model.rewards)}")
+        settings = model.pipeline.tteo.for_request(steps=steps, lr=lr, best_of=best_of)
         job = RefineJob.for_request(condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, progress=progress)
         self._check_cost(model, job)
         return job

@@ -87,3 +87,16 @@ class Settings(BaseSettings):
         if self.max_queue_cost < self.max_request_cost:
             raise ValueError(f"max_queue_cost ({self.max_queue_cost}) must be at least max_request_cost ({self.max_request_cost})")
         return self
+
+
+def shown_default(name: str) -> str:
+    """A setting's default as `softdimo serve --help` and README's flag table state it."""
+    field = Settings.model_fields[name]
+    if field.default_factory is default_weights:
+        return "the shipped bundles"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(value)
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)

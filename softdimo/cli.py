@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from softdimo.runtime import PRECISIONS
 from softdimo.shipped import DEFAULT_FEATURES, DEFAULT_MODEL
-from softdimo.tteo import TARGETS
+from softdimo.tteo import REQUEST_BEST_OF, TARGETS
 
 
 def _device(args: argparse.Namespace):
@@ -124,8 +124,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _refine(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
     from softdimo.images import encode_image
     from softdimo.pipeline import load_pipeline
     from softdimo.seeding import request_seeds
@@ -138,8 +136,7 @@ def _refine(args: argparse.Namespace) -> None:
     condition = pipeline.conditioner.request(args.prompt, args.class_label).repeat_interleave(args.n, 0)
     text = pipeline.conditioner.reward_text(args.prompt, args.class_label)
     seeds = request_seeds(args.seed, args.n)
-    given = {"steps": args.steps, "lr": args.lr, "best_of": args.best_of, "target": args.target}
-    settings = replace(pipeline.tteo, **{k: v for k, v in given.items() if v is not None})
+    settings = pipeline.tteo.for_request(steps=args.steps, lr=args.lr, best_of=args.best_of, target=args.target)
     refined = pipeline.refine(condition, [text] * args.n, candidate_seeds(seeds, settings.best_of), settings, reward=args.reward)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +305,7 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--steps", type=int, help="TTEO steps (default: the model's)")
     ref.add_argument("--lr", type=float, help="TTEO learning rate (default: the model's)")
-    ref.add_argument("--best-of", type=int, help="candidates per image (default: the model's)")
+    ref.add_argument("--best-of", type=int, help=f"candidates per image (default: {REQUEST_BEST_OF}, as over HTTP)")
     ref.add_argument("--target", choices=list(TARGETS), help="what TTEO optimises (default: the model's)")
     ref.add_argument("--reward", help="reward name (default: the model's first)")
     ref.add_argument("--out", default="out")

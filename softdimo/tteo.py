@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -14,6 +14,9 @@ from softdimo.vq import VQTokenizer
 
 
 TARGETS = ("input", "logits", "latent")
+# Candidates per image when a request names none: the HTTP contract's default (one, so /refine starts from the
+# image /generate draws), for the CLI too, whatever best_of a bundle saved.
+REQUEST_BEST_OF = 1
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,16 @@ class TTEOSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def for_request(
+        self, *, steps: int | None = None, lr: float | None = None, best_of: int | None = None,
+        target: str | None = None,
+    ) -> TTEOSettings:
+        """A request's settings, built here only: what it asks for; for what it leaves out, these (the model's)
+        steps, lr and target, and REQUEST_BEST_OF candidates."""
+        asked = {"steps": steps, "lr": lr, "target": target}
+        best_of = REQUEST_BEST_OF if best_of is None else best_of
+        return replace(self, **{k: v for k, v in asked.items() if v is not None}, best_of=best_of)
 
 
 @dataclass

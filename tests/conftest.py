@@ -1,8 +1,10 @@
 """Shared fixtures: tiny models with fixed seeds, so tests are exact and fast."""
 
+import asyncio
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -69,3 +71,13 @@ def metric(text: str, name: str, **labels) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def post_concurrently(url: str, path: str, bodies: list[dict]) -> list[httpx.Response]:
+    """POST every body at once, on one client, and return the responses in order."""
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post(path, json=b) for b in bodies))
+
+    return asyncio.run(fire())

@@ -1,16 +1,18 @@
 """The HTTP contract through a real uvicorn server on a loopback socket."""
 
-import asyncio
 import base64
 
 import httpx
 import numpy as np
 import pytest
+import torch
 from server.running import server_thread
-from conftest import metric
+from conftest import metric, post_concurrently
 
+from server.schemas import RefineRequest
 from server.settings import Settings
 from softdimo.images import decode_image
+from softdimo.tteo import TTEOSettings
 
 
 
@@ -19,16 +21,6 @@ def url(tiny_bundles):
     settings = Settings(weights=[str(tiny_bundles["text"]), str(tiny_bundles["class"])], device="cpu", max_batch_size=8, max_wait_ms=5)
     with server_thread(settings) as base:
         yield base
-
-
-def post_concurrently(url: str, path: str, bodies: list[dict]) -> list[httpx.Response]:
-    """POST every body at once, on one client, and return the responses in order."""
-
-    async def fire():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            return await asyncio.gather(*(client.post(path, json=b) for b in bodies))
-
-    return asyncio.run(fire())
 
 
 def _image(item) -> np.ndarray:
@@ -221,6 +213,8 @@ def test_one_step_models_are_listed_with_rewards_and_refine_defaults(one_step_ur
     card = models["tiny-one-step"]
     assert card["kind"] == "one-step" and card["rewards"] == ["tiny-clip"]
     assert card["default"]["refine"] == {"steps": 3, "lr": 1.0, "best_of": 1, "target": "input", "reward": "tiny-clip"}
+    # what a request that leaves best_of out gets, over HTTP and on the CLI alike
+    assert RefineRequest(prompt="a red circle").best_of == TTEOSettings(best_of=4).for_request().best_of == 1
 
 
 def test_one_step_generate_refuses_steps(one_step_url):
@@ -240,9 +234,25 @@ def test_refine_returns_rewards_and_starts_from_the_generated_image(one_step_url
     generated = httpx.post(f"{one_step_url}/generate", json={"prompt": "a red circle", "seed": 12, "n": 2}).json()
     for a, b in zip(body["data"], generated["data"]):
         assert (_image(a) == _image(b)).all()
-    stepped = httpx.post(f"{one_step_url}/refine", json={"prompt": "a red circle", "seed": 12, "steps": 3, "lr": 5.0}).json()
-    item = stepped["data"][0]
-    assert item["reward_after"] >= item["reward_before"]
+
+
+def test_refine_steps_find_an_image_the_reward_prefers_and_report_its_scores(one_step_url, tiny_bundles):
+    from softdimo.bundle import read_bundle
+    from softdimo.pipeline import load_reward
+
+    reward = load_reward(read_bundle(tiny_bundles["reward"]))
+
+    def score(item) -> float:  # the reward model's score of an answer's image (rounded to 8 bits, hence the 0.03)
+        image = torch.from_numpy(_image(item)).permute(2, 0, 1)[None].float() / 255
+        return reward.score(image, ["a red circle"]).item()
+
+    # on seed 13 the model's own TTEO settings (3 steps at lr 1) raise the reward by about 0.08
+    item = httpx.post(f"{one_step_url}/refine", json={"prompt": "a red circle", "seed": 13}).json()["data"][0]
+    generated = httpx.post(f"{one_step_url}/generate", json={"prompt": "a red circle", "seed": 13}).json()["data"][0]
+    assert item["reward_after"] > item["reward_before"] + 0.05
+    assert not (_image(item) == _image(generated)).all()
+    assert item["reward_before"] == pytest.approx(score(generated), abs=0.03)
+    assert item["reward_after"] == pytest.approx(score(item), abs=0.03)
 
 
 def test_refine_errors(one_step_url):

@@ -1,7 +1,6 @@
 """Fault isolation: a failing batch fails only its own requests, out-of-memory batches are retried in halves,
 and the server stays ready throughout. Faults are injected into a real tiny model served by a real server."""
 
-import asyncio
 import base64
 from dataclasses import dataclass, field, fields
 
@@ -9,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import metric
+from conftest import metric, post_concurrently
 from server.running import server_thread
 
 from server.engine import Engine, ServedModel, load_model
@@ -63,14 +62,6 @@ def no_faults(model):
     model.oom_above, model.cpu_oom, model.poison_seed = None, False, None
 
 
-def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
-    async def fire():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
-
-    return asyncio.run(fire())
-
-
 def _images(response: httpx.Response) -> list[np.ndarray]:
     assert response.status_code == 200, response.text
     return [decode_image(base64.b64decode(d["b64_json"])) for d in response.json()["data"]]
@@ -78,13 +69,13 @@ def _images(response: httpx.Response) -> list[np.ndarray]:
 
 def test_out_of_memory_batches_are_split_until_they_fit_and_give_the_same_images(url, model):
     bodies = [{"prompt": PROMPT, "seed": 10, "n": 3}, {"prompt": PROMPT, "seed": 20, "n": 2}, {"prompt": PROMPT, "seed": 30, "n": 3}]
-    expected = [_images(r) for r in _post_all(url, bodies)]
+    expected = [_images(r) for r in post_concurrently(url, "/generate", bodies)]
     assert 8 in model.batch_sizes  # the three requests shared one batch of 8
 
     before = metric(httpx.get(f"{url}/metrics").text, "softdimo_batch_splits_total", endpoint="/generate", model="tiny-text")
     model.oom_above = 2
     model.batch_sizes.clear()
-    responses = _post_all(url, bodies)
+    responses = post_concurrently(url, "/generate", bodies)
     for response, body, images in zip(responses, bodies, expected):
         assert [d["seed"] for d in response.json()["data"]] == [body["seed"] + i for i in range(body["n"])]
         assert all((a == b).all() for a, b in zip(_images(response), images))
@@ -118,7 +109,7 @@ def test_a_failing_batch_fails_only_its_own_request(url, model):
     before = httpx.get(f"{url}/metrics").text
     # Different sampling steps never share a batch: the poisoned request runs alone.
     bodies = [{"prompt": PROMPT, "seed": 13, "steps": 2}] + [{"prompt": PROMPT, "seed": s, "steps": 3} for s in (1, 14, 40)]
-    responses = _post_all(url, bodies)
+    responses = post_concurrently(url, "/generate", bodies)
     assert responses[0].status_code == 500
     detail = responses[0].json()["detail"]
     assert "ValueError" in detail and "seed 13 trips a bug" in detail

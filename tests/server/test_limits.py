@@ -1,11 +1,10 @@
 """Limits on what one request may ask for, how much may queue, and how large a body may be; no bad input gets a 5xx."""
 
-import asyncio
 import json
 
 import httpx
 import pytest
-from conftest import error_message, metric
+from conftest import error_message, metric, post_concurrently
 from server.running import server_thread
 
 from server.settings import Settings
@@ -59,12 +58,7 @@ def test_a_flood_beyond_the_queued_cost_gets_only_200_and_429_and_the_server_sta
         max_request_cost=8, max_queue_cost=8,
     )  # fmt: skip
     with server_thread(settings) as base:
-
-        async def flood():
-            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-                return await asyncio.gather(*(client.post("/generate", json={"prompt": PROMPT, "seed": i}) for i in range(16)))
-
-        responses = asyncio.run(flood())
+        responses = post_concurrently(base, "/generate", [{"prompt": PROMPT, "seed": i} for i in range(16)])
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) >= 2
         for r in responses:

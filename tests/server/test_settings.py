@@ -4,10 +4,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from server.settings import Settings
+from server.settings import Settings, shown_default
 
 
 def test_environment_and_lists(monkeypatch):
@@ -49,3 +50,35 @@ def test_runtime_options_reach_every_served_model_and_bf16_serves(tiny_bundles, 
             assert client.post("/generate", json={"prompt": "a red circle", "model": model, "n": 3}).status_code == 200
     with pytest.raises(ValueError, match="precision"):
         Settings(precision="fp16")
+
+
+def _readme_flag_rows() -> list[list[str]]:
+    """The cells of README's `softdimo serve` flag table, backticks removed."""
+    lines = (Path(__file__).parents[2] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("`softdimo serve` takes flags")) + 4
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip().replace("`", "") for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_readme_flag_table_states_every_setting_with_its_default():
+    rows = {flag.removeprefix("--").replace("-", "_"): (env, default) for flag, env, default, _ in _readme_flag_rows()}
+    # every setting but the API key, which comes from the environment only
+    assert sorted(rows) == sorted(name for name in Settings.model_fields if name != "api_key")
+    for name, (env, default) in rows.items():
+        assert env.split(" ")[0] == "SOFTDIMO_" + name.upper() and default == shown_default(name), name
+
+
+def test_serve_help_states_every_default(monkeypatch, capsys):
+    from server.cli import main
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    entries = [" ".join(entry.split()) for entry in capsys.readouterr().out.split("\n  --")[1:]]  # one per flag
+    for name in Settings.model_fields.keys() - {"api_key"}:
+        flag, default = name.replace("_", "-"), f"(default: {shown_default(name)})"
+        assert any(e.split()[0].rstrip(",") == flag and e.endswith(default) for e in entries), name

@@ -23,6 +23,8 @@ def test_world_batch_is_a_function_of_its_step():
     assert _same(draw(7), (images, prompts, labels))
 
 
-def test_batches_are_drawn_in_process_on_a_cpu():
-    assert worker_count(torch.device("cpu")) == 0
-    assert worker_count(torch.device("cuda")) >= 1
+def test_batches_are_drawn_in_process_on_a_cpu_and_beside_a_gpu_by_all_but_two_cores_up_to_eight(monkeypatch):
+    for cores, workers in ((64, 8), (10, 8), (6, 4), (3, 1), (2, 1), (None, 1)):
+        monkeypatch.setattr("os.cpu_count", lambda: cores)
+        assert worker_count(torch.device("cpu")) == 0
+        assert worker_count(torch.device("cuda")) == workers, cores

@@ -45,6 +45,11 @@ def test_eval_writes_a_table_per_bundle(tmp_path, capsys):
 def test_eval_of_a_reward_reports_hard_negative_accuracy_per_kind(tmp_path, capsys):
     from tiny_bundles import write_reward
 
+    from softdimo import report
+    from softdimo.bundle import read_bundle
+    from softdimo.pipeline import load_reward
+    from softdimo.train.reward import hard_negative_wins
+
     reward = write_reward(tmp_path / "reward")
     out = tmp_path / "results.json"
     args = ["eval", str(reward), "--prompts", "40", "--features", str(_features(tmp_path / "features")), "--json", str(out), "--device", "cpu"]
@@ -53,10 +58,17 @@ def test_eval_of_a_reward_reports_hard_negative_accuracy_per_kind(tmp_path, caps
     assert "the true prompt scores above all 4 hard negative prompts for" in printed
     assert "the true image scores above all 4 hard negative images for" in printed
     accuracy = json.loads(out.read_text())[0]["hard_negative_accuracy"]
-    assert set(accuracy) == {"prompts", "images"}
-    for side in accuracy.values():
-        assert set(side) == {"overall", "single", "sized", "pair", "count", "relation"}
-        assert 0 <= min(side.values()) and max(side.values()) <= 1
+    # the same held-out prompts and wins, counted here per kind: each share is that kind's wins over its prompts
+    prompts, prompt_wins, image_wins = hard_negative_wins(
+        load_reward(read_bundle(reward)).model, count=40, seed=report.HELD_OUT_SEED, placement="grid"
+    )
+    for side, wins in (("prompts", prompt_wins.tolist()), ("images", image_wins.tolist())):
+        expected = {"overall": sum(wins) / len(wins)}
+        for kind in {p.kind for p in prompts}:
+            won = [w for w, p in zip(wins, prompts) if p.kind == kind]
+            expected[kind] = sum(won) / len(won)
+        assert accuracy[side] == pytest.approx(expected)
+    assert accuracy["prompts"] != accuracy["images"]  # on this reward the two sides differ, so a swap would show
 
 
 def test_eval_overrides_tteo_settings_and_names_an_unknown_one(tmp_path, capsys):

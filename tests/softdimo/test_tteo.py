@@ -16,13 +16,14 @@ class Redness:
         return images[:, 0].mean((1, 2)) - images[:, 1:].mean((1, 2, 3))
 
 
-def _refine(model, tokenizer, conditioner, prompts, seeds, temperature=1.0, **settings):
+def _refine(model, tokenizer, conditioner, prompts, seeds, temperature=1.0, candidates=None, **settings):
+    """TTEO against redness; `candidates` (each image's best_of seeds) default to those `seeds` draw in one request."""
     generator = OneStepGenerator(model, GeneratorSettings(temperature=temperature))
     settings = TTEOSettings(**settings)
     return refine(
         generator=generator, tokenizer=tokenizer, reward=Redness(), condition=conditioner.encode_prompts(prompts),
-        prompts=prompts, candidates=candidate_seeds(seeds, settings.best_of), settings=settings,
-    )  # fmt: skip
+        prompts=prompts, candidates=candidates or candidate_seeds(seeds, settings.best_of), settings=settings,
+    )
 
 
 def test_tteo_raises_the_reward(tiny_text_transformer, tiny_tokenizer, text_conditioner):
@@ -67,14 +68,21 @@ def test_zero_steps_returns_the_generated_image(tiny_text_transformer, tiny_toke
 
 def test_an_image_does_not_depend_on_its_batch_mates(tiny_text_transformer, tiny_tokenizer, text_conditioner):
     prompts = ["a red circle", "three cyan triangles", "a blue square left of a red circle"]
-    together = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, prompts, [20, 21, 22], steps=4, lr=5.0, best_of=2)
-    alone = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, prompts[1:2], [21], steps=4, lr=5.0, best_of=2)
-    # best_of draws seed_i + j * (images in the request); alone, candidates of seed 21 are 21, 22 instead of 21, 24
-    assert candidate_seeds([20, 21, 22], 2) == [[20, 23], [21, 24], [22, 25]]
-    assert candidate_seeds([2**63 - 1, 0], 2) == [[2**63 - 1, 1], [0, 2]]  # wrapping below 2^63, as request seeds do
-    assert together.seeds[1] in (21, 24) and alone.seeds[0] in (21, 22)
-    if together.seeds[1] == alone.seeds[0] == 21:
-        assert torch.equal(together.tokens[1], alone.tokens[0])
+    # best_of draws seed_i + j * (images in the request), wrapping below 2^63 as request seeds do
+    assert candidate_seeds([40, 41, 42], 2) == [[40, 43], [41, 44], [42, 45]]
+    assert candidate_seeds([2**63 - 1, 0], 2) == [[2**63 - 1, 1], [0, 2]]
+    rows = candidate_seeds([40, 41, 42], 2)
+    settings = dict(steps=4, lr=1000.0, best_of=2)
+    parts = (tiny_text_transformer, tiny_tokenizer, text_conditioner)
+    together = _refine(*parts, prompts, None, candidates=rows, **settings)
+    # on these seeds the images keep different candidates, so a choice made for the batch as a whole would show
+    assert together.seeds == [40, 41, 45]
+    for i, row in enumerate(rows):
+        alone = _refine(*parts, prompts[i : i + 1], None, candidates=[row], **settings)
+        assert alone.seeds == together.seeds[i : i + 1]
+        assert torch.equal(alone.tokens[0], together.tokens[i])
+        assert torch.equal(alone.reward_before[0], together.reward_before[i])
+        assert torch.allclose(alone.trace[:, 0], together.trace[:, i], atol=1e-5)
     single = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, prompts, [20, 21, 22], steps=4, lr=5.0)
     single_alone = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, prompts[2:], [22], steps=4, lr=5.0)
     assert torch.equal(single.tokens[2], single_alone.tokens[0])
@@ -112,3 +120,10 @@ def test_a_step_hook_sees_every_step_and_stops_images_without_disturbing_the_res
     calls = []
     stopped = refine(**common, on_step=lambda step, rewards: calls.append(step) or torch.tensor([False, False]))
     assert calls == [1] and stopped.trace.shape == (1, 2)  # nobody wanted: the loop ends
+
+
+def test_a_request_gets_what_it_asks_for_else_the_models_settings_and_one_candidate():
+    saved = TTEOSettings(steps=7, lr=0.5, best_of=4, target="logits")  # a bundle that saved best_of 4
+    assert saved.for_request() == TTEOSettings(steps=7, lr=0.5, best_of=1, target="logits")
+    asked = dict(steps=2, lr=3.0, best_of=3, target="input")
+    assert saved.for_request(**asked) == TTEOSettings(**asked)

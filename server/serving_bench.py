@@ -23,27 +23,19 @@ from server.load_client import Connection, LoadClientError
 from server.running import ServerStartError, child_server, server_process, server_thread
 from server.settings import Settings
 from softdimo.device import resolve_device
-from softdimo.bench import (
+from softdimo.bench import refine_call, tteo_step_cost
+from softdimo.bench_run import (
     DEFAULT_BATCH_SIZES,
-    EXAMPLE_PROMPT,
-    WARMUP_CALLS,
     BenchError,
     RuntimeOptions,
     check_options,
-    compare_rounds,
-    example_inputs,
-    interleaved,
-    latency_summary,
     machine_header,
     machine_info,
-    markdown_table,
-    median_seconds,
-    ratio,
-    ratio_range,
-    refine_call,
     runtime_words,
-    tteo_step_cost,
 )
+from softdimo.tables import markdown_table
+from softdimo.timing import WARMUP_CALLS, compare_rounds, interleaved, latency_summary, median_seconds, ratio, ratio_range
+from softdimo.warmup import EXAMPLE_PROMPT, example_inputs
 from softdimo.bundle import read_bundle
 from softdimo.pipeline import load_pipeline
 from softdimo.runtime import Runtime, RuntimeSettings

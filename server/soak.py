@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 from server.serving_bench import closed_loop
-from softdimo.bench import latency_summary
+from softdimo.timing import latency_summary
 
 PROMPTS = (
     "a red circle", "two blue squares", "a green triangle", "three cyan triangles", "a large yellow circle",

@@ -164,7 +164,7 @@ def _import(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     """Run one `softdimo bench` suite: print its markdown table, and write the raw results with --json."""
-    from softdimo import bench
+    from softdimo import bench_run as bench
 
     run, make_table, config_class, after = args.bench_suite
     # Options left out take the suite dataclass's defaults (stated once, there); the JSON records every value used.

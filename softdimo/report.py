@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from softdimo import judge, shapes
-from softdimo.bench import markdown_table
+from softdimo.tables import markdown_table
 from softdimo.features import FeatureNet
 from softdimo.vq import to_tensor
 

@@ -6,7 +6,7 @@ import base64
 import httpx
 import numpy as np
 import pytest
-from server.running import server_thread
+from benchmarks.running import server_thread
 from conftest import metric
 
 from server.settings import Settings

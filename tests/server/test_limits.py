@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 from conftest import error_message, metric
-from server.running import server_thread
+from benchmarks.running import server_thread
 
 from server.settings import Settings
 

@@ -99,7 +99,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _curve(args: argparse.Namespace) -> None:
-    from softdimo.report import curve_table
+    from softdimo.train.curve import curve_table
 
     for run_dir in args.runs:
         print(f"{run_dir}\n\n{curve_table(run_dir)}\n")

@@ -73,9 +73,12 @@ RUN python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"
 # 3. The code itself (dependencies are in place, hence --no-deps). Installed
 #    in place (-e): the server finds its shipped bundles relative to its own
 #    source (server/settings.py: <source>/../weights), so the code must stay at
-#    /app next to /app/weights rather than move into site-packages.
+#    /app next to /app/weights rather than move into site-packages. benchmarks/
+#    holds the installed `softdimo` command's entry point (with soak and the
+#    server benchmarks), so it comes along; the server never imports it.
 COPY softdimo ./softdimo
 COPY server ./server
+COPY benchmarks ./benchmarks
 RUN pip install --no-deps -e . \
  && rm -rf build ./*.egg-info
 

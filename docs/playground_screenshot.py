@@ -13,7 +13,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from server.running import server_process
+from benchmarks.running import server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle left of a blue square"

@@ -1,10 +1,8 @@
-"""The `softdimo` command as installed: the library's commands (softdimo.cli) plus serving: serve, soak and the
-server benchmarks. The server depends on the library, never the reverse."""
+"""The `softdimo` command as the service runs it: the library's commands (softdimo.cli) plus `serve`."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Literal, get_args, get_origin
 
@@ -24,18 +22,6 @@ def _serve(args: argparse.Namespace) -> None:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         raise SystemExit(f"softdimo serve: invalid settings: {problems}") from None
     serve(settings)
-
-
-def _soak(args: argparse.Namespace) -> None:
-    from server.soak import run_soak, write_report
-
-    api_key = os.environ.get("SOFTDIMO_API_KEY") or None
-    report = run_soak(args.url, minutes=args.minutes, concurrency=args.concurrency, api_key=api_key, seed=args.seed)
-    print(report.text())
-    if args.json:
-        write_report(report, args.json)
-    if report.server_errors or report.errors:
-        raise SystemExit(1)
 
 
 def _serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,66 +45,10 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
-    """Add the serving commands and the server benchmark suites to the `softdimo` parser."""
+    """Add `serve` to the `softdimo` parser (the service adds no benchmark suite; benchmarks.cli adds those)."""
     srv = commands.add_parser("serve", help="run the HTTP server (flags override SOFTDIMO_* environment settings)")
     _serve_flags(srv)
     srv.set_defaults(func=_serve)
-
-    soak = commands.add_parser(
-        "soak", help="mixed /generate and /refine traffic against a server (keyed by SOFTDIMO_API_KEY if set); exits 1 on any 5xx"
-    )
-    soak.add_argument("--url", default="http://127.0.0.1:8000")
-    soak.add_argument("--minutes", type=float, default=10.0)
-    soak.add_argument("--concurrency", type=int, default=8, help="requests kept in flight")
-    soak.add_argument("--seed", type=int, default=0)
-    soak.add_argument("--json", help="also write the report here")
-    soak.set_defaults(func=_soak)
-
-    from server import serving_bench as bench
-
-    def plot(result: dict, args: argparse.Namespace) -> None:
-        if args.plot:
-            for path in bench.plot_serve(result, args.plot):
-                print(f"wrote {path}", file=sys.stderr)
-
-    options = [
-        cli.DEVICE_OPTION,
-        (("--max-batch-size",), {"type": int, "help": "the batched server's --max-batch-size"}),
-        (("--max-wait-ms",), {"type": float, "help": "the servers' --max-wait-ms (default: the server's)"}),
-        (("--duration-s",), {"type": float, "help": "measured seconds per load level"}),
-        (("--warmup-s",), {"type": float, "help": "warm-up seconds per load level, not counted"}),
-        (("--max-requests",), {"type": int, "help": "requests per load level at most"}),
-        (("--timeout-s",), {"type": float, "help": "client-side timeout per request"}),
-        (("--repeats",), {"type": int, "help": "timed calls per offline measurement (median)"}),
-        (("--server",), {"choices": ["process", "thread"],
-                         "help": "run `softdimo serve` as a child process, or uvicorn in a thread of this one"}),
-        *cli.RUNTIME_OPTIONS,
-    ]  # fmt: skip
-    add_bench_suite("serve", "concurrency sweep, batched against --compare-batch-size; or two models or settings side by side", [
-        (("--model",), {"required": True, "nargs": "+", "help": "bundle folder; two to compare them"}),
-        (("--concurrency",), {"type": int, "nargs": "+", "help": "closed-loop clients per load level (default 1 2 4 … 64)"}),
-        (("--compare-batch-size",), {"type": int, "help": "the other server's --max-batch-size"}),
-        (("--endpoint",), {"choices": ["generate", "refine"]}),
-        (("--tteo-steps",), {"type": int, "help": "/refine: TTEO steps per request (default: the bundle's)"}),
-        (("--rounds",), {"type": int, "help": "comparisons: interleaved rounds per server and level, sharing --duration-s"}),
-        (("--peer",), {"choices": list(bench.PEERS), "help": "compare with the model behind this general-purpose server"}),
-        *options,
-    ], run=bench.run_serve, table=bench.serve_table, config=bench.ServeBench, after=plot,
-        extra=[(("--plot",), {"help": "folder for throughput.png and latency.png (needs matplotlib)"})])  # fmt: skip
-    add_bench_suite("steps", "one-step model against its teacher at each sampling-steps value, through one server", [
-        (("--one-step",), {"required": True, "help": "one-step bundle folder"}),
-        (("--teacher",), {"required": True, "help": "masked-diffusion bundle folder"}),
-        (("--steps",), {"type": int, "nargs": "+", "help": "teacher sampling steps, one row each (default 4 8 16)"}),
-        (("--concurrency",), {"type": int}),
-        *options,
-    ], run=bench.run_steps, table=bench.steps_table, config=bench.StepsBench)  # fmt: skip
-    add_bench_suite("refine", "one TTEO step against one forward; concurrent /refine batched against serial", [
-        (("--model",), {"required": True, "help": "one-step bundle folder with a reward"}),
-        (("--requests",), {"type": int, "help": "concurrent /refine requests per burst"}),
-        (("--tteo-steps",), {"type": int, "help": "TTEO steps (default: the bundle's)"}),
-        (("--rounds",), {"type": int, "help": "measured bursts per server"}),
-        *[o for o in options if o[0][0] not in ("--duration-s", "--warmup-s", "--max-requests")],
-    ], run=bench.run_refine, table=bench.refine_table, config=bench.RefineBench)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

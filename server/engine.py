@@ -12,13 +12,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from softdimo.bench import example_inputs, warm_up_conditions
 from softdimo.bundle import BundleError, read_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.device import resolve_device
 from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
 from softdimo.runtime import Runtime, RuntimeSettings
 from softdimo.vq import to_uint8
+from softdimo.warmup import example_inputs, warm_up_conditions
 
 from server.jobs import GenerateJob, RefinedImage, RefineJob, split_counts
 

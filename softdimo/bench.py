@@ -1,175 +1,35 @@
-"""Offline model benchmarks (forward + decode throughput, FLOPs, matmul peak, TTEO step cost) and the pieces
-every benchmark shares: timing medians, percentiles, machine description and markdown tables."""
+"""The offline benchmark (`softdimo bench offline`): throughput, FLOPs against the matmul peak, a TTEO step's cost."""
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import shlex
-import statistics
-import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from softdimo.device import resolve_device
+from softdimo.bench_run import (
+    DEFAULT_BATCH_SIZES,
+    BenchError,
+    RuntimeOptions,
+    check_options,
+    machine_header,
+    machine_info,
+    runtime_words,
+)
 from softdimo.bundle import read_bundle
+from softdimo.device import resolve_device
 from softdimo.generator import GeneratorSettings, OneStepGenerator
-from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
+from softdimo.pipeline import OneStepPipeline, load_pipeline
 from softdimo.runtime import Runtime, RuntimeSettings
 from softdimo.seeding import ImageNoise
+from softdimo.tables import markdown_table
+from softdimo.timing import WARMUP_CALLS, compare_rounds, interleaved, measure, median_seconds, ratio_range
 from softdimo.transformer import MaskedTransformer, TransformerConfig
-
-EXAMPLE_PROMPT = "a red circle"
-CONTRAST_EXAMPLE_PROMPT = "a red circle left of a blue square"  # a prompt with contrasts (Conditioner.contrasts)
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-WARMUP_CALLS = 2  # untimed calls before each timed measurement: first-call allocations and kernel selection
-
-
-# ---------------------------------------------------------------- shared pieces
-
-
-class BenchError(ValueError):
-    """A benchmark that cannot run as asked (a wrong bundle kind, a missing device, a server that never got ready)."""
-
-
-def check_options(*, positive: dict, non_negative: dict | None = None) -> None:
-    """Options by their flag names (underscores for dashes); a value may be a number, a sequence of them, or None (unset)."""
-    for bound, values in ((0, positive), (-1, non_negative or {})):
-        for name, value in values.items():
-            for v in value if isinstance(value, (list, tuple)) else [value]:
-                if v is not None and v <= bound:
-                    raise BenchError(f"--{name.replace('_', '-')} must be {'positive' if bound == 0 else '0 or more'}, got {v}")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], object], *, repeats: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds of each of `repeats` calls of `fn`, after `warmup` untimed calls; the device is synchronised around each."""
-    if repeats < 1:
-        raise ValueError("repeats must be at least 1")
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - began)
-    return samples
-
-
-def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int, device: torch.device) -> float:
-    return statistics.median(measure(fn, repeats=repeats, warmup=warmup, device=device))
-
-
-def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
-    """p50 / p95 / p99 / mean in milliseconds (linear interpolation between order statistics); None when empty."""
-    if not seconds:
-        return {"p50": None, "p95": None, "p99": None, "mean": None}
-    ms = np.asarray(seconds, dtype=np.float64) * 1000
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(ms.mean())}
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or not denominator:
-        return None
-    return numerator / denominator
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device, command: str) -> dict:
-    """What a reader needs to compare two runs: hardware, software, device, date and the command."""
-    info = {
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": command,
-    }  # fmt: skip
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def command_line(words: Sequence[str], options: Sequence[tuple[str, object]]) -> str:
-    """`softdimo bench …` with every option spelled out (defaults included), so rerunning it repeats the run."""
-    parts = list(words)
-    for flag, value in options:
-        if value is None or value is False:
-            continue
-        if value is True:
-            parts.append(flag)
-        elif isinstance(value, (list, tuple)):
-            parts += [flag, *map(str, value)]
-        else:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
-
-
-def machine_header(machine: dict) -> str:
-    """The two lines above every table: where and how the numbers were measured."""
-    hardware = machine.get("gpu") or f"{machine['cpu']}, {machine['cpu_count']} CPUs"
-    return (
-        f"**machine** {hardware} · torch {machine['torch']} ({machine['torch_threads']} threads) · "
-        f"device {machine['device']} · {machine['date']}  \n**command** `{machine['command']}`"
-    )
-
-
-def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    def cell(value: object) -> str:
-        if value is None:
-            return "–"
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_json(result: dict, path: str | os.PathLike) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+from softdimo.warmup import example_inputs
 
 
 # ---------------------------------------------------------------- what the model is asked
-
-
-def example_inputs(pipeline: TeacherPipeline | OneStepPipeline, batch_size: int) -> tuple[torch.Tensor, list[str]]:
-    """A batch of one fixed request: conditioning (B, ...) and the text a reward reads. Cost does not depend on content."""
-    conditioner = pipeline.conditioner
-    prompt, label = (EXAMPLE_PROMPT, None) if conditioner.conditioning == "text" else (None, 0)
-    condition = conditioner.request(prompt, label)
-    return condition.expand(batch_size, *condition.shape[1:]), [conditioner.reward_text(prompt, label)] * batch_size
-
-
-def warm_up_conditions(pipeline: TeacherPipeline | OneStepPipeline, example: torch.Tensor) -> list[torch.Tensor]:
-    """One request's conditioning (1, ...) for each shape a model's sampling batches take: `example` (example_inputs'),
-    and where the sampler guides prompts away from their contrasts, a prompt that has them (its batch runs a third
-    condition)."""
-    conditions = [example]
-    if getattr(getattr(pipeline, "sampler", None), "contrast", False):
-        conditions.append(pipeline.conditioner.request(CONTRAST_EXAMPLE_PROMPT, None))
-    return conditions
 
 
 def generate_call(pipeline, batch_size: int, steps: int | None = None) -> Callable[[], np.ndarray]:
@@ -209,77 +69,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int, repeats:
 
 def default_matmul_size(device: torch.device) -> int:
     return 2048 if device.type == "cpu" else 8192
-
-
-# ---------------------------------------------------------------- comparisons: two arms, interleaved rounds
-
-
-def arm_values(options: dict[str, tuple]) -> list[dict]:
-    """Options given one value hold for every arm; an option given two compares them: arm A takes the first, B the second."""
-    count = max(len(values) for values in options.values())
-    for name, values in options.items():
-        if len(values) not in (1, count) or len(values) > 2:
-            raise BenchError(f"--{name.replace('_', '-')} takes one value, or two to compare; got {len(values)}")
-    return [{name: values[min(i, len(values) - 1)] for name, values in options.items()} for i in range(count)]
-
-
-def interleaved(measures: Sequence[Callable[[], float]], *, rounds: int) -> list[list[float]]:
-    """Each measure `rounds` times, interleaved A, B, B, A, A, B, …: each arm runs first in half the rounds, so a
-    drift in the machine's speed during the run favours neither. Returns every arm's values in round order."""
-    values: list[list[float]] = [[] for _ in measures]
-    for r in range(rounds):
-        order = range(len(measures)) if r % 2 == 0 else reversed(range(len(measures)))
-        for i in order:
-            values[i].append(measures[i]())
-    return values
-
-
-def ratio_range(stats: dict) -> str | None:
-    """`least–greatest` of the rounds' B / A, for a table."""
-    return None if stats["ratio"] is None else f"{stats['ratio_min']:.3g}–{stats['ratio_max']:.3g}"
-
-
-def compare_rounds(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Two arms' rates over the same rounds: each arm's median, and B / A per round as its median and range (None
-    when A did nothing in any round)."""
-    ratios = [y / x for x, y in zip(a, b) if x > 0]
-    spread = (statistics.median(ratios), min(ratios), max(ratios)) if ratios else (None, None, None)
-    ratio, least, greatest = spread
-    return {
-        "a": statistics.median(a), "b": statistics.median(b), "ratio": ratio, "ratio_min": least, "ratio_max": greatest,
-        "rounds": len(a),
-    }  # fmt: skip
-
-
-@dataclass(frozen=True, kw_only=True)
-class RuntimeOptions:
-    """How a benchmark's models run (softdimo.runtime): each option one value for every arm, or two to compare."""
-
-    precision: tuple[str, ...] = (RuntimeSettings.precision,)
-    compile: tuple[str, ...] = ("on" if RuntimeSettings.compile else "off",)
-    pin_memory: tuple[str, ...] = ("on" if RuntimeSettings.pin_memory else "off",)
-    rounds: int = 5  # comparisons: interleaved timed rounds per arm at each batch size or load level
-
-    def __post_init__(self):
-        check_options(positive={"rounds": self.rounds})
-        for name in ("compile", "pin_memory"):
-            if set(getattr(self, name)) - {"on", "off"}:
-                raise BenchError(f"--{name.replace('_', '-')} takes on or off")
-
-    def arms(self, what: dict[str, tuple]) -> list[dict]:
-        """The arms named by `what` runs (e.g. {"model": (a, b)}) and the runtime options: one dict each, its
-        runtime a RuntimeSettings. Raises BenchError for three values, or two against three, or an unknown precision."""
-        options = {**what, "precision": self.precision, "compile": self.compile, "pin_memory": self.pin_memory}
-        arms = []
-        for v in arm_values(options):
-            try:
-                runtime = RuntimeSettings(
-                    precision=v["precision"], compile=v["compile"] == "on", pin_memory=v["pin_memory"] == "on"
-                )
-            except ValueError as exc:  # a precision RuntimeSettings does not know
-                raise BenchError(f"--{exc}") from exc
-            arms.append({**{name: v[name] for name in what}, "runtime": runtime})
-        return arms
 
 
 # ---------------------------------------------------------------- what offline runs: a bundle, or a network at scale
@@ -524,11 +313,6 @@ def _offline_comparison(
         rows.append(row)
     return rows
 
-
-def runtime_words(runtime: dict) -> str:
-    """A RuntimeSettings dict as a table says it: `bf16, compiled`."""
-    words = [runtime["precision"]] + ["compiled"] * runtime["compile"] + ["pinned"] * runtime["pin_memory"]
-    return ", ".join(words)
 
 
 def _arm_line(arm: dict) -> str:

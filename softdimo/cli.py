@@ -100,7 +100,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _curve(args: argparse.Namespace) -> None:
-    from softdimo.report import curve_table
+    from softdimo.train.curve import curve_table
 
     for run_dir in args.runs:
         print(f"{run_dir}\n\n{curve_table(run_dir)}\n")
@@ -162,7 +162,7 @@ def _import(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     """Run one `softdimo bench` suite: print its markdown table, and write the raw results with --json."""
-    from softdimo import bench
+    from softdimo import bench_run as bench
 
     run, make_table, config_class, after = args.bench_suite
     # Options left out take the suite dataclass's defaults (stated once, there); the JSON records every value used.

@@ -17,7 +17,7 @@ class ConditionError(ValueError):
     """A prompt or class label this model cannot take."""
 
 
-class Requests:
+class ConditionerBase:
     """What every conditioner answers from its `conditioning`, `encode_prompts` and `encode_labels`: a request's
     conditioning, the text a reward reads, and both for dataset samples and Shapes prompts."""
 
@@ -56,7 +56,7 @@ class Requests:
 
 
 @dataclass(frozen=True)
-class Conditioner(Requests):
+class Conditioner(ConditionerBase):
     conditioning: str
     kinds: tuple[str, ...] = shapes.KINDS  # the prompt kinds the model was trained on
     prompt_tokenizer: PromptTokenizer | None = None

@@ -20,7 +20,8 @@ from torch import nn
 
 from softdimo import shapes
 from softdimo.bundle import CONFIG, MANIFEST, Bundle, BundleError, seal_folder
-from softdimo.conditioning import ConditionError, Requests
+from softdimo.conditioning import ConditionError, ConditionerBase
+from softdimo.prompt_images import generate_for_prompts
 from softdimo.seeding import ImageNoise
 from softdimo.vq import to_uint8
 
@@ -253,7 +254,7 @@ class MuseTokenizer(nn.Module):
 
 
 @dataclass(frozen=True)
-class TextConditioner(Requests):
+class TextConditioner(ConditionerBase):
     """Free-text prompts through the model's CLIP tokenizer: any text that fits its `length` ids."""
 
     tokenizer: Any  # a transformers CLIPTokenizer
@@ -372,9 +373,7 @@ class MuseTeacherPipeline:
         return to_uint8(self.tokenizer.decode_indices(tokens))
 
     def generate_prompts(self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50) -> list[np.ndarray]:
-        from softdimo.pipeline import _generate_prompts
-
-        return _generate_prompts(self, prompts, seeds, steps, batch)
+        return generate_for_prompts(self, prompts, seeds, steps=steps, batch=batch)
 
 
 def load_parts(folder: Path, micro: MicroConditioning, device: torch.device | str = "cpu") -> tuple[MuseTransformer, MuseTokenizer, TextConditioner]:
@@ -404,26 +403,6 @@ def load_parts(folder: Path, micro: MicroConditioning, device: torch.device | st
     tokenizer = MuseTokenizer(vqvae, MuseImageConfig(image_size=cfg.image_size, grid=grid, codebook_size=cfg.codebook_size))
     freeze = lambda m: m.to(device).eval().requires_grad_(False)  # noqa: E731
     return freeze(model), freeze(tokenizer), TextConditioner(clip_tokenizer, length)
-
-
-def load_pipeline(bundle: Bundle, device: torch.device | str = "cpu"):
-    """A MUSE bundle's pipeline: the teacher (kind masked-diffusion) or a one-step student (kind one-step)."""
-    from softdimo.generator import GeneratorSettings, OneStepGenerator
-    from softdimo.pipeline import DECODE_CHUNK, OneStepPipeline, load_reward
-    from softdimo.tteo import TTEOSettings
-
-    config = bundle.config
-    model, tokenizer, conditioner = load_parts(bundle.path, MicroConditioning.from_dict(config.get("micro_conditioning", {})), device)
-    tokenizer.decode_chunk = DECODE_CHUNK.get(torch.device(device).type, 4)
-    if config["kind"] == "masked-diffusion":
-        return MuseTeacherPipeline(model, tokenizer, conditioner, MuseSamplerSettings.from_dict(config.get("sampler", {})))
-    if config["kind"] == "one-step":
-        rewards = [load_reward(bundle.resolve(ref), device) for ref in config.get("rewards", [])]
-        return OneStepPipeline(
-            generator=OneStepGenerator(model, GeneratorSettings(**config["generator"])), tokenizer=tokenizer, conditioner=conditioner,
-            rewards={r.name: r for r in rewards}, tteo=TTEOSettings(**config.get("tteo", {})),
-        )  # fmt: skip
-    raise BundleError(f"{bundle.path}: unknown model kind {config['kind']!r}")
 
 
 def write_teacher_bundle(

@@ -14,6 +14,7 @@ from softdimo.bundle import Bundle, BundleError, read_bundle, save_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig
+from softdimo.prompt_images import generate_for_prompts
 from softdimo.reward import AlignmentConfig, AlignmentModel, AlignmentReward, Reward
 from softdimo.seeding import ImageNoise
 from softdimo.text import PromptTokenizer
@@ -68,7 +69,7 @@ class TeacherPipeline:
     def generate_prompts(
         self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50, runtime=None,
     ) -> list[np.ndarray]:  # fmt: skip
-        return _generate_prompts(self, prompts, seeds, steps, batch, runtime)
+        return generate_for_prompts(self, prompts, seeds, steps=steps, batch=batch, runtime=runtime)
 
 
 @dataclass
@@ -100,7 +101,7 @@ class OneStepPipeline:
     def generate_prompts(
         self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50, runtime=None,
     ) -> list[np.ndarray]:  # fmt: skip
-        return _generate_prompts(self, prompts, seeds, steps, batch, runtime)
+        return generate_for_prompts(self, prompts, seeds, steps=steps, batch=batch, runtime=runtime)
 
     def refine(
         self, condition: torch.Tensor, texts: Sequence[str], candidates: Sequence[Sequence[int]], settings: TTEOSettings,
@@ -111,17 +112,6 @@ class OneStepPipeline:
             generator=self.generator, tokenizer=self.tokenizer, reward=self.rewards[reward or self.default_reward],
             condition=condition, prompts=texts, candidates=candidates, settings=settings, on_step=on_step,
         )  # fmt: skip
-
-
-def _generate_prompts(pipeline, prompts, seeds, steps, batch, runtime=None) -> list[np.ndarray]:
-    """Images for Shapes prompts in batches, run plainly or through a softdimo.runtime.Runtime (bf16, compiled)."""
-    seeds = list(seeds)
-    images: list[np.ndarray] = []
-    for i in range(0, len(prompts), batch):
-        condition = torch.cat([pipeline.conditioner.for_prompt(p)[0] for p in prompts[i : i + batch]])
-        part = seeds[i : i + batch]
-        images.extend(pipeline.generate(condition, part, steps) if runtime is None else runtime.generate(pipeline, condition, part, steps))
-    return images
 
 
 def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> Reward:
@@ -141,9 +131,7 @@ def load_pipeline(path: str | os.PathLike | Bundle, device: torch.device | str =
     """Open a model bundle (verifying checksums), or take one already open, and build its pipeline on `device`."""
     bundle = path if isinstance(path, Bundle) else read_bundle(path)
     if bundle.config.get("architecture") == "diffusers-muse":
-        from softdimo import muse
-
-        return muse.load_pipeline(bundle, device)
+        return _load_muse_pipeline(bundle, device)
     kind = bundle.config.get("kind")
     tokenizer = load_tokenizer(bundle.resolve(bundle.config["tokenizer"]), device)
     conditioner = Conditioner.from_dict(bundle.config["conditioner"])
@@ -162,6 +150,27 @@ def load_pipeline(path: str | os.PathLike | Bundle, device: torch.device | str =
             tteo=TTEOSettings(**bundle.config.get("tteo", {})),
         )  # fmt: skip
     raise BundleError(f"{bundle.path}: unknown model kind {kind!r}")
+
+
+def _load_muse_pipeline(bundle: Bundle, device: torch.device | str = "cpu"):
+    """A diffusers MUSE bundle's pipeline (softdimo.muse's parts): the teacher (kind masked-diffusion) or a one-step
+    student around its transformer (kind one-step)."""
+    from softdimo import muse
+
+    config = bundle.config
+    micro = muse.MicroConditioning.from_dict(config.get("micro_conditioning", {}))
+    model, tokenizer, conditioner = muse.load_parts(bundle.path, micro, device)
+    tokenizer.decode_chunk = DECODE_CHUNK.get(torch.device(device).type, 4)
+    if config["kind"] == "masked-diffusion":
+        sampler = muse.MuseSamplerSettings.from_dict(config.get("sampler", {}))
+        return muse.MuseTeacherPipeline(model, tokenizer, conditioner, sampler)
+    if config["kind"] == "one-step":
+        rewards = [load_reward(bundle.resolve(ref), device) for ref in config.get("rewards", [])]
+        return OneStepPipeline(
+            generator=OneStepGenerator(model, GeneratorSettings(**config["generator"])), tokenizer=tokenizer,
+            conditioner=conditioner, rewards={r.name: r for r in rewards}, tteo=TTEOSettings(**config.get("tteo", {})),
+        )
+    raise BundleError(f"{bundle.path}: unknown model kind {config['kind']!r}")
 
 
 def load_layout_prior(bundle: Bundle, device: torch.device | str = "cpu") -> LayoutPrior | None:

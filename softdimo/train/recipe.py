@@ -269,7 +269,7 @@ def run_parallel(paths: Sequence[str | os.PathLike], device: str, jobs: int, ove
 
 def _logged_training_seconds(run_dir: Path) -> float:
     """The training time a run's metrics log records, across resumes (0 without a log)."""
-    from softdimo.report import training_curve
+    from softdimo.train.curve import training_curve
 
     if not (run_dir / "metrics.jsonl").exists():
         return 0.0

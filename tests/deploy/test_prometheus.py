@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from server.running import free_port, server_thread
+from benchmarks.running import free_port, server_thread
 from tiny_bundles import write_all
 
 from server.settings import Settings

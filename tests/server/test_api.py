@@ -6,7 +6,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from server.running import server_thread
+from benchmarks.running import server_thread
 from conftest import metric, post_concurrently
 
 from server.schemas import RefineRequest

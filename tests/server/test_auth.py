@@ -3,7 +3,7 @@
 import httpx
 import pytest
 from conftest import error_message, metric
-from server.running import server_thread
+from benchmarks.running import server_thread
 from pydantic import ValidationError
 
 from server.settings import Settings

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from server.running import free_port
+from benchmarks.running import free_port
 
 from server.engine import verify_bundles
 from server.metrics import Metrics

@@ -7,7 +7,7 @@ import time
 
 import httpx
 from conftest import metric
-from server.running import server_process
+from benchmarks.running import server_process
 
 PROMPT = "a red circle"
 SLOW = {"prompt": PROMPT, "n": 2, "steps": 32}  # a batch of its own (max batch 2 images), long enough to queue behind

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import metric, post_concurrently
-from server.running import server_thread
+from benchmarks.running import server_thread
 
 from server.engine import Engine, ServedModel, load_model
 from server.jobs import GenerateJob, RefineJob, is_out_of_memory, run_splitting_on_oom

@@ -5,7 +5,7 @@ import json
 import httpx
 import pytest
 from conftest import error_message, metric, post_concurrently
-from server.running import server_thread
+from benchmarks.running import server_thread
 
 from server.settings import Settings
 

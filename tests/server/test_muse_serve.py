@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from server.running import server_thread  # noqa: E402
+from benchmarks.running import server_thread  # noqa: E402
 from tiny_muse import write_clip_reward, write_teacher  # noqa: E402
 
 from server.settings import Settings  # noqa: E402

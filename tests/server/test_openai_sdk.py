@@ -4,7 +4,7 @@ import base64
 
 import openai
 import pytest
-from server.running import server_thread
+from benchmarks.running import server_thread
 
 from server.settings import Settings
 

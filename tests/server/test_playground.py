@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server.running import server_process
+from benchmarks.running import server_process
 
 KEY = "playground-key"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

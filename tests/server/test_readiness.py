@@ -4,7 +4,7 @@ import asyncio
 import threading
 
 import httpx
-from server.running import free_port
+from benchmarks.running import free_port
 import uvicorn
 
 from server.app import create_app

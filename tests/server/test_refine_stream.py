@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 from conftest import metric
-from server.running import server_thread
+from benchmarks.running import server_thread
 
 from server.settings import Settings
 

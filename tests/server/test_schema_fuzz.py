@@ -11,7 +11,7 @@ from collections import Counter
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
-from server.running import server_thread
+from benchmarks.running import server_thread
 
 from server.schemas import RefineRequest
 from server.settings import Settings

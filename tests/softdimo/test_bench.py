@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from softdimo import bench
+from softdimo import bench, bench_run, tables, timing, warmup
 from softdimo.cli import main
 from softdimo.pipeline import load_pipeline
 
@@ -17,27 +17,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_latency_summary_interpolates_between_order_statistics():
-    summary = bench.latency_summary([i / 1000 for i in range(1, 101)])  # 1 … 100 ms
+    summary = timing.latency_summary([i / 1000 for i in range(1, 101)])  # 1 … 100 ms
     assert summary["p50"] == pytest.approx(50.5)
     assert summary["p95"] == pytest.approx(95.05)
     assert summary["p99"] == pytest.approx(99.01)
     assert summary["mean"] == pytest.approx(50.5)
-    assert bench.latency_summary([]) == {"p50": None, "p95": None, "p99": None, "mean": None}
+    assert timing.latency_summary([]) == {"p50": None, "p95": None, "p99": None, "mean": None}
 
 
 def test_ratio_is_none_without_a_denominator():
-    assert bench.ratio(6.0, 2.0) == 3.0
-    assert bench.ratio(6.0, 0.0) is None and bench.ratio(None, 2.0) is None
+    assert timing.ratio(6.0, 2.0) == 3.0
+    assert timing.ratio(6.0, 0.0) is None and timing.ratio(None, 2.0) is None
 
 
 def test_command_line_spells_out_the_options_given():
     options = [("--model", "w/a b"), ("--batch-sizes", (1, 2)), ("--steps", None), ("--plot", False), ("--flag", True)]
     expected = "softdimo bench offline --model 'w/a b' --batch-sizes 1 2 --flag"
-    assert bench.command_line(["softdimo", "bench", "offline"], options) == expected
+    assert bench_run.command_line(["softdimo", "bench", "offline"], options) == expected
 
 
 def test_markdown_table_formats_numbers_and_missing_values():
-    table = bench.markdown_table(["a", "b", "c"], [[1, 0.123456, None], [2, 12345.6, "x"]])
+    table = tables.markdown_table(["a", "b", "c"], [[1, 0.123456, None], [2, 12345.6, "x"]])
     assert table.splitlines() == ["| a | b | c |", "|---|---|---|", "| 1 | 0.123 | – |", "| 2 | 12,346 | x |"]
 
 
@@ -85,10 +85,10 @@ def test_a_teacher_that_guides_contrasts_is_warmed_on_a_prompt_that_has_them(tin
     from dataclasses import replace
 
     teacher = load_pipeline(tiny_bundles["text"])
-    condition, _ = bench.example_inputs(teacher, 1)
-    assert len(bench.warm_up_conditions(teacher, condition)) == 1
+    condition, _ = warmup.example_inputs(teacher, 1)
+    assert len(warmup.warm_up_conditions(teacher, condition)) == 1
     teacher.sampler = replace(teacher.sampler, contrast=True)
-    example, contrasted = bench.warm_up_conditions(teacher, condition)
+    example, contrasted = warmup.warm_up_conditions(teacher, condition)
     assert teacher.conditioner.contrasts(example) is None and teacher.conditioner.contrasts(contrasted) is not None
 
 
@@ -118,7 +118,7 @@ def test_cli_refuses_options_that_do_not_apply(tiny_bundles, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["bench", "offline", "--model", str(tiny_bundles["one-step"]), "--steps", "4"])
     assert exit.value.code == 2 and "--steps applies to masked-diffusion bundles" in capsys.readouterr().err
-    with pytest.raises(bench.BenchError, match="--batch-sizes must be positive"):
+    with pytest.raises(bench_run.BenchError, match="--batch-sizes must be positive"):
         bench.OfflineBench(model="unused", batch_sizes=(4, 0))
 
 
@@ -139,27 +139,27 @@ def test_cli_prints_the_table_and_writes_json(tiny_bundles, tmp_path, capsys):
 
 
 def test_one_value_holds_for_both_arms_and_two_values_compare():
-    assert bench.arm_values({"model": ("a",), "precision": ("fp32",)}) == [{"model": "a", "precision": "fp32"}]
-    assert bench.arm_values({"model": ("a",), "precision": ("fp32", "bf16")}) == [
+    assert bench_run.arm_values({"model": ("a",), "precision": ("fp32",)}) == [{"model": "a", "precision": "fp32"}]
+    assert bench_run.arm_values({"model": ("a",), "precision": ("fp32", "bf16")}) == [
         {"model": "a", "precision": "fp32"}, {"model": "a", "precision": "bf16"},
     ]  # fmt: skip
-    with pytest.raises(bench.BenchError, match="--model takes one value, or two"):
-        bench.arm_values({"model": ("a", "b", "c"), "precision": ("fp32",)})
-    with pytest.raises(bench.BenchError, match="--precision must be one of"):
+    with pytest.raises(bench_run.BenchError, match="--model takes one value, or two"):
+        bench_run.arm_values({"model": ("a", "b", "c"), "precision": ("fp32",)})
+    with pytest.raises(bench_run.BenchError, match="--precision must be one of"):
         bench.OfflineBench(model="unused", precision=("fp32", "fp16"))
-    with pytest.raises(bench.BenchError, match="--compile takes on or off"):
+    with pytest.raises(bench_run.BenchError, match="--compile takes on or off"):
         bench.OfflineBench(model="unused", compile=("yes",))
-    with pytest.raises(bench.BenchError, match="--model .* or --config"):
+    with pytest.raises(bench_run.BenchError, match="--model .* or --config"):
         bench.OfflineBench(model="unused", config="maskgen-l")
 
 
 def test_rounds_interleave_so_each_arm_runs_first_in_half_of_them():
     order = []
-    values = bench.interleaved([lambda: order.append("A") or 1.0, lambda: order.append("B") or 2.0], rounds=4)
+    values = timing.interleaved([lambda: order.append("A") or 1.0, lambda: order.append("B") or 2.0], rounds=4)
     assert order == ["A", "B", "B", "A", "A", "B", "B", "A"] and values == [[1.0] * 4, [2.0] * 4]
-    stats = bench.compare_rounds([10.0, 20.0, 10.0], [15.0, 20.0, 30.0])
+    stats = timing.compare_rounds([10.0, 20.0, 10.0], [15.0, 20.0, 30.0])
     assert stats == {"a": 10.0, "b": 20.0, "ratio": 1.5, "ratio_min": 1.0, "ratio_max": 3.0, "rounds": 3}
-    assert bench.compare_rounds([0.0], [1.0])["ratio"] is None  # A did nothing: no ratio rather than a division by zero
+    assert timing.compare_rounds([0.0], [1.0])["ratio"] is None  # A did nothing: no ratio, not a division by zero
 
 
 def _check_comparison(result: dict, batch_sizes: list, rounds: int) -> None:
@@ -209,7 +209,7 @@ def test_offline_at_scale_runs_a_random_network_and_holds_it_against_a_stated_pe
         assert row["flops_per_image"] > 2 * 16 * 32 * 64  # at least the output head's matmul over 16 tokens
         assert row["fraction_of_stated_bf16_peak"] == pytest.approx(row["achieved_flops"] / 2.0e12)
     assert "% of stated bf16 peak" in bench.offline_table(result) and "no decoder" in bench.offline_table(result)
-    with pytest.raises(bench.BenchError, match="unknown --config"):
+    with pytest.raises(bench_run.BenchError, match="unknown --config"):
         bench.run_offline(bench.OfflineBench(config="nope", batch_sizes=(1,), device="cpu"), "")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softdimo import runtime as rt
-from softdimo.bench import example_inputs
+from softdimo.warmup import example_inputs
 from softdimo.pipeline import load_pipeline
 from softdimo.seeding import ImageNoise
 

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from server.serving_bench import closed_loop
-from softdimo.bench import latency_summary
+from benchmarks.load import closed_loop
+from softdimo.timing import latency_summary
 
 PROMPTS = (
     "a red circle", "two blue squares", "a green triangle", "three cyan triangles", "a large yellow circle",
@@ -30,7 +30,7 @@ class SoakReport:
     by_status: dict[str, int]  # HTTP status -> responses
     by_endpoint: dict[str, dict[str, int]]  # endpoint -> HTTP status -> responses
     errors: dict[str, int]  # transport errors (no HTTP answer), by exception type
-    latency_ms: dict[str, dict[str, float]]  # endpoint -> p50, p95, p99, mean of the 200 answers (bench.latency_summary)
+    latency_ms: dict[str, dict[str, float]]  # endpoint -> p50, p95, p99, mean of the 200s (timing.latency_summary)
     rss_start_bytes: float | None  # the server's process_resident_memory_bytes before and after the traffic
     rss_end_bytes: float | None
     models: list[str] = field(default_factory=list)

@@ -1,9 +1,10 @@
 """The same one-step pipeline served by LitServe, a general-purpose model server with dynamic batching: the peer
-`softdimo bench peer` measures this server against.
+`softdimo bench serve --peer litserve` measures this server against.
 
 It answers POST /generate with the body the softdimo server takes (model, prompt or class_label, seed; one image)
 and the same JSON image list, each image made by the same pipeline call and PNG-encoded the same way, so the two
-servers differ only in how they queue, batch and answer. Run: python -m server.litserve_peer --model BUNDLE --port P"""
+servers differ only in how they queue, batch and answer.
+Run: python -m benchmarks.litserve_peer --model BUNDLE --port P"""
 
 from __future__ import annotations
 

@@ -3,10 +3,10 @@
 import json
 
 import httpx
-from server.running import server_thread
+from benchmarks.running import server_thread
 
 from server.settings import Settings
-from server.cli import main
+from benchmarks.cli import main
 
 
 def test_soak_sends_mixed_traffic_and_reports_it(tiny_bundles, tmp_path, capsys):

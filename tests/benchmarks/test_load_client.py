@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from server.load_client import Connection, LoadClientError
+from benchmarks.load_client import Connection, LoadClientError
 
 
 def _serve(responses: list[bytes]):

@@ -1,0 +1,168 @@
+"""The closed-loop load generator: workers each sending a request and awaiting its answer, and the summary of a load."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.load_client import Connection, LoadClientError
+from softdimo.timing import latency_summary
+from softdimo.warmup import EXAMPLE_PROMPT
+
+
+@dataclass(frozen=True)
+class Target:
+    """What every request asks: an endpoint, a model and a body; each request gets a seed of its own."""
+
+    path: str  # "/generate" or "/refine"
+    model: str
+    body: dict
+
+    def request(self, index: int) -> dict:
+        return {**self.body, "seed": index}
+
+
+def target_for(card: dict, path: str, steps: int | None = None) -> Target:
+    """One image per request, with the fixed example prompt (or class 0); cost does not depend on content."""
+    body = {"model": card["name"], "n": 1}
+    body.update({"prompt": EXAMPLE_PROMPT} if card["conditioning"] == "text" else {"class_label": 0})
+    if steps is not None:
+        body["steps"] = steps
+    return Target(path=path, model=card["name"], body=body)
+
+
+@dataclass
+class RequestResult:
+    latency_s: float  # client-side, send to full body received
+    status: int  # HTTP status; 0 when the request failed without one (connection error, client timeout)
+    images: int = 0
+    queue_s: float | None = None  # the server's own split, from the response's `timing`
+    compute_s: float | None = None
+    path: str = ""  # the endpoint asked
+    error: str | None = None  # why there is no status: the exception's type
+
+
+@dataclass(frozen=True)
+class Load:
+    """A closed loop: `concurrency` workers each send a request and wait for its answer before the next.
+
+    A round stops issuing requests after `duration_s` or `max_requests`, whichever comes first, and ends when
+    the requests in flight are answered (each bounded by `timeout_s`). Warm-up rounds run first and are dropped."""
+
+    concurrency: int
+    duration_s: float
+    max_requests: int
+    warmup_s: float = 0.0  # one warm-up round of this length (same concurrency and request bound); 0: none
+    rounds: int = 1
+    timeout_s: float = 120.0
+
+
+WorkerRequests = Callable[[int], Callable[[], tuple[str, dict]]]  # worker index -> that worker's next (path, body)
+
+
+async def closed_loop(
+    url: str, requests: WorkerRequests, *, concurrency: int, duration_s: float, max_requests: int, timeout_s: float,
+    headers: dict[str, str] | None = None, backoff_max_s: float = 0.0,
+) -> tuple[list[RequestResult], float]:  # fmt: skip
+    """One round of `concurrency` workers, each sending its next request and waiting for the answer; returns every
+    request's result and the round's wall time. Each worker keeps its own connection. With `backoff_max_s`, a worker
+    answered 429 or 503 pauses for Retry-After (1 s without one), at most that long, as a polite client would."""
+    began = time.perf_counter()
+    deadline = began + duration_s
+    issued = itertools.count()
+    results: list[RequestResult] = []
+
+    async def worker(index: int) -> None:
+        connection = Connection(url, headers)
+        next_request = requests(index)
+        try:
+            while time.perf_counter() < deadline and next(issued) < max_requests:
+                path, body = next_request()
+                sent = time.perf_counter()
+                try:
+                    status, content = await connection.post_json(path, body, timeout_s=timeout_s)
+                    result = RequestResult(time.perf_counter() - sent, status, path=path)
+                    if status == 200:
+                        payload = json.loads(content)
+                        result.images = len(payload["data"])
+                        if "timing" in payload:  # a peer server answers without the contract's timing
+                            result.queue_s, result.compute_s = payload["timing"]["queue_s"], payload["timing"]["compute_s"]
+                except (LoadClientError, TimeoutError, ValueError, KeyError) as exc:  # no answer, or a 200 without the contract's body
+                    result = RequestResult(time.perf_counter() - sent, 0, path=path, error=type(exc).__name__)
+                results.append(result)
+                if backoff_max_s and result.status in (429, 503):
+                    pause = connection.retry_after if connection.retry_after is not None else 1.0
+                    await asyncio.sleep(min(pause, backoff_max_s, max(0.0, deadline - time.perf_counter())))
+        finally:
+            connection.close()
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return results, time.perf_counter() - began
+
+
+def fixed_requests(target: Target, seeds: Iterator[int]) -> WorkerRequests:
+    """Every worker sends the target's request, each with the next seed."""
+    return lambda worker: lambda: (target.path, target.request(next(seeds)))
+
+
+async def batch_counters(client: httpx.AsyncClient, target: Target) -> tuple[float, float]:
+    """(sum, count) of the server's softdimo_batch_size histogram for the target's endpoint and model."""
+    text = (await client.get("/metrics")).text
+    found = {"softdimo_batch_size_sum": 0.0, "softdimo_batch_size_count": 0.0}
+    wanted = {"endpoint": target.path, "model": target.model}
+    for family in text_string_to_metric_families(text):
+        if family.name != "softdimo_batch_size":
+            continue
+        for sample in family.samples:
+            if sample.name in found and all(sample.labels.get(k) == v for k, v in wanted.items()):
+                found[sample.name] = sample.value
+    return found["softdimo_batch_size_sum"], found["softdimo_batch_size_count"]
+
+
+async def run_load(url: str, target: Target, load: Load, server_metrics: bool = True) -> dict:
+    """Warm up, then run `load.rounds` measured rounds; the summary covers the measured rounds only. Batch sizes come
+    from the server's /metrics (`server_metrics`; a peer server has none)."""
+    seeds = itertools.count()
+    async with httpx.AsyncClient(base_url=url, timeout=load.timeout_s, trust_env=False) as client:
+        counters = (lambda: batch_counters(client, target)) if server_metrics else _no_counters
+        bound = {"concurrency": load.concurrency, "max_requests": load.max_requests, "timeout_s": load.timeout_s}
+        if load.warmup_s > 0:
+            await closed_loop(url, fixed_requests(target, seeds), duration_s=load.warmup_s, **bound)
+        before = await counters()
+        samples, walls = [], []
+        for _ in range(load.rounds):
+            round_samples, wall = await closed_loop(url, fixed_requests(target, seeds), duration_s=load.duration_s, **bound)
+            samples += round_samples
+            walls.append(wall)
+        after = await counters()
+    return summarize(samples, walls, concurrency=load.concurrency, batches=(after[0] - before[0], after[1] - before[1]))
+
+
+async def _no_counters() -> tuple[float, float]:
+    return 0.0, 0.0
+
+
+def summarize(samples: Sequence[RequestResult], walls: Sequence[float], *, concurrency: int, batches: tuple[float, float]) -> dict:
+    """Throughput over the measured wall time, client-side latency percentiles of answered requests, error counts."""
+    ok = [s for s in samples if s.status == 200]
+    images = sum(s.images for s in ok)
+    elapsed = sum(walls)
+    images_sum, batch_count = batches
+    return {
+        "concurrency": concurrency, "requests": len(samples), "ok": len(ok), "images": images, "elapsed_s": elapsed,
+        "round_s": list(walls), "images_per_s": images / elapsed if elapsed > 0 else 0.0,
+        "latency_ms": latency_summary([s.latency_s for s in ok]),
+        "queue_ms": latency_summary([s.queue_s for s in ok])["mean"],
+        "compute_ms": latency_summary([s.compute_s for s in ok])["mean"],
+        "batches": int(batch_count), "mean_batch_size": images_sum / batch_count if batch_count else None,
+        "status_429": sum(s.status == 429 for s in samples), "status_5xx": sum(500 <= s.status < 600 for s in samples),
+        "errors": sum(s.status == 0 for s in samples),
+        "other_status": sum(s.status not in (0, 200, 429) and not 500 <= s.status < 600 for s in samples),
+    }  # fmt: skip

@@ -68,7 +68,7 @@ def _settings(items: list[str] | None) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from softdimo import report
+    from softdimo import evaluation
     from softdimo.bundle import read_bundle
     from softdimo.pipeline import load_features
     from softdimo.runtime import RuntimeSettings
@@ -78,7 +78,7 @@ def _eval(args: argparse.Namespace) -> None:
     results = []
     for model_path in args.models:
         if read_bundle(model_path).config.get("kind") == "reward":
-            accuracy = report.reward_accuracy(model_path, images=args.prompts, device=device, placement=args.placement)
+            accuracy = evaluation.reward_accuracy(model_path, images=args.prompts, device=device, placement=args.placement)
             for side, what in (("prompts", "the true prompt scores above all 4 hard negative prompts for {share} of {n} held-out images"),
                                ("images", "the true image scores above all 4 hard negative images for {share} of {n} held-out prompts")):  # fmt: skip
                 kinds = ", ".join(f"{kind} {share:.1%}" for kind, share in accuracy[side].items() if kind != "overall")
@@ -86,7 +86,7 @@ def _eval(args: argparse.Namespace) -> None:
             print()
             results.append({"model": str(model_path), "hard_negative_accuracy": accuracy, "images": args.prompts})
             continue
-        table = report.evaluate_bundle(
+        table = evaluation.evaluate_bundle(
             model_path, features=features, prompts=args.prompts, steps=args.steps, tteo_steps=args.tteo_steps,
             best_of=args.best_of, device=device, grid_dir=Path(args.grid) if args.grid else None, placement=args.placement,
             sampler=_settings(args.sampler), tteo=_settings(args.tteo), generator=_settings(args.generator),
@@ -255,7 +255,7 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     from softdimo.judge import COVERAGE_SEEDS
-    from softdimo.report import COVERAGE_PROMPTS
+    from softdimo.evaluation import COVERAGE_PROMPTS
 
     ev = commands.add_parser("eval", help="judge models on held-out prompts: pass rates beside layout coverage, Fréchet distance")
     ev.add_argument("models", nargs="+", help="bundle folders (tokenizers are judged on reconstructions, rewards on hard negatives)")
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None, extend: Extension | None = None) -> int:
         from softdimo.bundle import BundleError
         from softdimo.conditioning import ConditionError
         from softdimo.device import DeviceError
-        from softdimo.report import EvaluationError
+        from softdimo.evaluation import EvaluationError
         from softdimo.train.recipe import RecipeError
 
         if isinstance(exc, (BundleError, ConditionError, DeviceError, EvaluationError, RecipeError)):

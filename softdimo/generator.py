@@ -20,6 +20,9 @@ class GeneratorSettings:
     # a model with a layout latent draws it from its layout prior, each component's spread times latent_scale (from
     # N(0, latent_scale^2) without a prior): below 1, likelier layouts
     latent_scale: float = 1.0
+    # a layout prior's component weights are drawn as weights^(1 / prior_temperature): above 1, flatter, so a prompt's
+    # images spread over more of its layouts
+    prior_temperature: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +72,9 @@ class OneStepGenerator:
             return embeddings, None
         if self.prior is None:
             return embeddings, self.settings.latent_scale * noise.randn(self.cfg.latent_dim).to(device)
-        return embeddings, self.prior.sample(condition.to(device), noise, self.settings.latent_scale)
+        return embeddings, self.prior.sample(
+            condition.to(device), noise, scale=self.settings.latent_scale, temperature=self.settings.prior_temperature
+        )
 
     def with_latent(self, embeddings: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
         """Input embeddings from the parts `input_parts` gives (or a latent put in the drawn one's place)."""

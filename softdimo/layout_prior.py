@@ -77,12 +77,12 @@ class LayoutPrior(nn.Module):
         per_component = (-0.5 * z**2 - log_stds).sum(-1) - 0.5 * self.cfg.latent_dim * math.log(2 * math.pi)
         return torch.logsumexp(log_weights + per_component, dim=-1)
 
-    def sample(self, condition: torch.Tensor, noise: ImageNoise, scale: float = 1.0) -> torch.Tensor:
-        """One latent (B, L) per image from its own seed: a component by its weight, then a point of it, the
-        spread times `scale`."""
+    def sample(self, condition: torch.Tensor, noise: ImageNoise, scale: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
+        """One latent (B, L) per image from its own seed: a component by its weight (raised to 1 / `temperature`),
+        then a point of it, the spread times `scale`."""
         log_weights, means, log_stds = self.mixture(condition)
         device = means.device
-        k = (log_weights + noise.gumbel(self.cfg.components).to(device)).argmax(-1)
+        k = (log_weights / temperature + noise.gumbel(self.cfg.components).to(device)).argmax(-1)
         rows = torch.arange(len(k), device=device)
         eps = noise.randn(self.cfg.latent_dim).to(device)
         return means[rows, k] + scale * log_stds[rows, k].exp() * eps

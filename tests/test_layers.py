@@ -14,7 +14,7 @@ LAYERS = (
     ("tooling", ("benchmarks",)),  # benchmarks, load and soak clients, the peer server, the installed command
     ("service", ("server",)),  # the HTTP service: what runs in production
     ("command", ("softdimo.cli",)),  # the library's `softdimo` commands
-    ("measurement", ("softdimo.report", "softdimo.bench")),  # evaluation and the offline benchmark
+    ("measurement", ("softdimo.evaluation", "softdimo.bench")),  # evaluation and the offline benchmark
     ("training", ("softdimo.train",)),  # one module per stage, their loop and recipes
     ("pipelines", ("softdimo.pipeline", "softdimo.warmup")),  # loaded parts composed into models that run
     ("parts", ("softdimo",)),  # the model's parts and the helpers under them
@@ -182,7 +182,7 @@ def _loaded_after(code: str, packages: tuple[str, ...]) -> str:
 
 def test_the_library_and_its_command_load_without_web_packages():
     code = (
-        "import sys, softdimo.cli, softdimo.pipeline, softdimo.train.recipe, softdimo.report; "
+        "import sys, softdimo.cli, softdimo.pipeline, softdimo.train.recipe, softdimo.evaluation; "
         "softdimo.cli.build_parser()"
     )
     assert _loaded_after(code, (*WEB, "server", "benchmarks")) == "[]"

@@ -13,9 +13,11 @@ apart. Tuning asks the generator: each prompt's weights move to softmax(reward /
 the reward of the image the generator draws from each. That is the distribution that maximises the expected reward
 plus temperature times the entropy of the choice: every component whose image the reward scores as well as the best
 keeps as much weight, so a prompt keeps as many layouts as the generator draws right, and a component the reward
-scores well below them loses its weight. It is learnt from a few components proposed uniformly per prompt and step,
-whose renormalised weights are fitted to the softmax of their rewards (a consistent estimate: the fitted weights of
-any proposed set agree with it only at the global softmax). Components, generator and reward stay as they are."""
+scores well below them loses its weight. It is learnt from a few components proposed per prompt and step, whose
+renormalised weights are fitted to the softmax of their rewards: the weights of every proposed set agree with
+their target only at the softmax over all components, however the sets are drawn. They are drawn from the current
+weights, so that components it favours are compared with one another, mixed with uniform ones, so that every
+component is tried. Components, generator and reward stay as they are."""
 
 from __future__ import annotations
 
@@ -117,7 +119,8 @@ def _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, trainin
 class PriorTuning:
     steps: int = 300
     prompts: int = 32  # prompts a step
-    samples: int = 16  # components proposed per prompt, uniformly, each drawn into an image and scored
+    samples: int = 16  # components proposed per prompt, each drawn into an image and scored
+    explore: float = 0.5  # proposals are drawn, without replacement, from (1 - explore) * weights + explore * uniform
     temperature: float = 0.2  # in the reward's units: weights -> softmax(reward / temperature) over the components
     lr: float = 1e-3
     warmup: int = 20
@@ -163,8 +166,11 @@ def tune_prior(
         drawn = [conditioner.for_prompt(shapes.sample_prompt(rng, conditioner.kinds)) for _ in range(training.prompts)]
         condition = torch.cat([c for c, _ in drawn]).to(device)
         log_weights, _, _ = prior.mixture(condition)
-        proposed = torch.from_numpy(np.stack([rng.permutation(components)[: training.samples] for _ in drawn])).to(device)
         noise = ImageNoise(rng.integers(0, 2**62, size=training.prompts * training.samples).tolist(), device)
+        uniform = torch.full_like(log_weights, training.explore / components).log()
+        proposal = torch.logaddexp(log_weights.detach() + torch.tensor(1 - training.explore).log(), uniform)
+        gumbel = torch.from_numpy(rng.gumbel(size=proposal.shape)).to(proposal)
+        proposed = (proposal + gumbel).topk(training.samples, dim=-1).indices  # (B, M), without replacement
         with torch.no_grad():
             scores = component_rewards(generator, tokenizer, reward, condition, [t for _, t in drawn], proposed, noise)
         target = (scores / training.temperature).softmax(-1)  # (B, M)

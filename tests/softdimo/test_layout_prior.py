@@ -114,3 +114,16 @@ def test_tuning_moves_each_prompts_weights_to_the_softmax_of_its_components_rewa
     assert torch.allclose(tuned_weights, target, atol=0.05), (tuned_weights, target)
     assert torch.equal(tuned.prior.means, placed)  # components stay where they were placed
     assert all(torch.equal(v, model_weights[k]) for k, v in tuned.model.state_dict().items())  # so does the generator
+
+
+def test_distinct_seeds_of_one_prompt_draw_distinct_components_and_latents(tiny_text_transformer, text_conditioner):
+    prior = _prior(tiny_text_transformer, components=8)
+    with torch.no_grad():
+        prior.weights.weight.zero_()
+        prior.weights.bias.zero_()  # every component equally likely
+        condition = text_conditioner.encode_prompts(["a red circle"]).expand(64, -1)
+        latents = prior.sample(condition, ImageNoise(range(64)))
+        at_means = prior.sample(condition, ImageNoise(range(64)), scale=0.0)
+    chosen = {tuple(row.tolist()) for row in at_means}
+    assert len(chosen) == 8  # 64 seeds reach all 8 equally likely components
+    assert len({tuple(row.tolist()) for row in latents}) == 64  # and every seed its own point of one

@@ -1,5 +1,5 @@
-"""Evaluation reports: a model's images on held-out prompts, judged, with per-prompt layout coverage and Fréchet
-distance."""
+"""Evaluation: a model's images on held-out prompts, judged: pass rates beside per-prompt layout coverage, and
+Fréchet distance; a reward's accuracy on hard negatives."""
 
 from __future__ import annotations
 

@@ -122,3 +122,28 @@ def test_teacher_training_draws_kinds_by_weight_and_can_start_positions_on_the_g
     grid.init_grid_positions()
     image = slice(cfg.prefix_length, None)
     assert torch.allclose(model.position[0, image], grid.position[0, image], atol=1e-6)  # one step at lr 1e-9 moves nothing
+
+
+def test_guidance_runs_only_on_the_steps_of_its_interval(tiny_text_transformer, text_conditioner, monkeypatch):
+    condition = text_conditioner.encode_prompts(["a red circle", "two blue squares"])
+    rows = []  # images the network reads at each step: 2 unguided, 4 guided (each with its null prompt)
+    forward = tiny_text_transformer.forward
+    monkeypatch.setattr(tiny_text_transformer, "forward", lambda tokens, cond: rows.append(len(tokens)) or forward(tokens, cond))
+    late = sample(tiny_text_transformer, condition, ImageNoise([3, 4]), SamplerSettings(steps=6, guidance=5.0, guidance_start=0.5))
+    assert rows == [2, 2, 2, 4, 4, 4]
+    rows.clear()
+    empty = SamplerSettings(steps=6, guidance=5.0, guidance_start=0.5, guidance_end=0.5)
+    assert torch.equal(sample(tiny_text_transformer, condition, ImageNoise([3, 4]), empty),
+                       sample(tiny_text_transformer, condition, ImageNoise([3, 4]), SamplerSettings(steps=6, guidance=0.0)))  # fmt: skip
+    assert rows == [2] * 12 and late.shape == (2, 64)
+    settings = SamplerSettings(steps=8, guidance=3.0, guidance_start=0.25, guidance_end=0.75)
+    assert [settings.guidance_at(step) for step in range(8)] == [0, 0, 3, 3, 3, 3, 0, 0]
+    with pytest.raises(ValueError, match="guidance runs over"):
+        SamplerSettings(guidance_start=0.6, guidance_end=0.4)
+
+
+def test_confidence_noise_changes_which_tokens_are_committed_first(tiny_text_transformer, text_conditioner):
+    condition = text_conditioner.encode_prompts(["a red circle"])
+    plain = sample(tiny_text_transformer, condition, ImageNoise([9]), SamplerSettings(steps=6, choice_temperature=0.0))
+    noisy = sample(tiny_text_transformer, condition, ImageNoise([9]), SamplerSettings(steps=6, choice_temperature=4.5))
+    assert not torch.equal(plain, noisy)

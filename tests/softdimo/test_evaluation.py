@@ -45,7 +45,7 @@ def test_eval_writes_a_table_per_bundle(tmp_path, capsys):
 def test_eval_of_a_reward_reports_hard_negative_accuracy_per_kind(tmp_path, capsys):
     from tiny_bundles import write_reward
 
-    from softdimo import report
+    from softdimo import evaluation
     from softdimo.bundle import read_bundle
     from softdimo.pipeline import load_reward
     from softdimo.train.reward import hard_negative_wins
@@ -60,7 +60,7 @@ def test_eval_of_a_reward_reports_hard_negative_accuracy_per_kind(tmp_path, caps
     accuracy = json.loads(out.read_text())[0]["hard_negative_accuracy"]
     # the same held-out prompts and wins, counted here per kind: each share is that kind's wins over its prompts
     prompts, prompt_wins, image_wins = hard_negative_wins(
-        load_reward(read_bundle(reward)).model, count=40, seed=report.HELD_OUT_SEED, placement="grid"
+        load_reward(read_bundle(reward)).model, count=40, seed=evaluation.HELD_OUT_SEED, placement="grid"
     )
     for side, wins in (("prompts", prompt_wins.tolist()), ("images", image_wins.tolist())):
         expected = {"overall": sum(wins) / len(wins)}

@@ -13,19 +13,21 @@ apart. Tuning asks the generator: each prompt's weights move to softmax(reward /
 the reward of the image the generator draws from each. That is the distribution that maximises the expected reward
 plus temperature times the entropy of the choice: every component whose image the reward scores as well as the best
 keeps as much weight, so a prompt keeps as many layouts as the generator draws right, and a component the reward
-scores well below them loses its weight. It is learnt from a few components proposed per prompt and step, whose
-renormalised weights are fitted to the softmax of their rewards: the weights of every proposed set agree with
-their target only at the softmax over all components, however the sets are drawn. They are drawn from the current
-weights, so that components it favours are compared with one another, mixed with uniform ones, so that every
-component is tried. Components, generator and reward stay as they are."""
+scores well below them loses its weight. The rewards come from a table: every
+component drawn and scored once for each of a set of prompts (an equal share of each kind), the weights then
+fitted to the table's softmax by cross-entropy over all components. Exact targets matter: fitted from a few
+components proposed per prompt and step instead, the weights went to the uniform mixture, bad components
+included, before they learnt which ones each prompt should avoid. Components, generator and reward stay as they are."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from softdimo import shapes
 from softdimo.conditioning import Conditioner
@@ -117,16 +119,18 @@ def _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, trainin
 
 @dataclass(frozen=True)
 class PriorTuning:
-    steps: int = 300
-    prompts: int = 32  # prompts a step
-    samples: int = 16  # components proposed per prompt, each drawn into an image and scored
-    explore: float = 0.5  # proposals are drawn, without replacement, from (1 - explore) * weights + explore * uniform
+    prompts: int = 100  # prompts (an equal share of each kind) whose every component is drawn and scored once
+    steps: int = 400  # fitting steps, each on `batch` of those prompts
+    batch: int = 32
     temperature: float = 0.2  # in the reward's units: weights -> softmax(reward / temperature) over the components
     lr: float = 1e-3
     warmup: int = 20
     seed: int = 0
     eval_every: int = 100
     eval_prompts: int = 100
+
+
+TABLE_FILE = "reward_table.safetensors"  # in the run folder: a resumed stage scores nothing again
 
 
 def component_rewards(
@@ -146,6 +150,27 @@ def component_rewards(
     return reward.score(tokenizer.decode_indices(tokens), [t for t in texts for _ in range(m)]).float().view(b, m)
 
 
+@torch.no_grad()
+def reward_table(
+    generator: OneStepGenerator, tokenizer: VQTokenizer, reward: Reward, conditions: torch.Tensor, texts: list[str],
+    seed: int, chunk: int = 256,
+) -> torch.Tensor:  # fmt: skip
+    """The reward of every prompt's image from every component (P, K), each image from its own seed; scored under
+    bfloat16 autocast, since which components draw a prompt right does not hinge on the last bits of a float."""
+    components = generator.prior.cfg.components
+    rows = []
+    for i, (condition, text) in enumerate(zip(tqdm(conditions, desc="scoring every component", leave=False), texts)):
+        seeds = np.random.default_rng([seed, i]).integers(0, 2**62, size=components).tolist()
+        row = []
+        for start in range(0, components, chunk):
+            chosen = torch.arange(start, min(components, start + chunk), device=conditions.device)[None]
+            noise = ImageNoise(seeds[start : start + chunk], conditions.device)
+            with torch.autocast(conditions.device.type, dtype=torch.bfloat16):
+                row.append(component_rewards(generator, tokenizer, reward, condition[None], [text], chosen, noise)[0].float())
+        rows.append(torch.cat(row))
+    return torch.stack(rows)
+
+
 def tune_prior(
     *, run_dir: Path, generator: OneStepGenerator, tokenizer: VQTokenizer, conditioner: Conditioner, reward: Reward,
     training: PriorTuning, device: torch.device,
@@ -158,30 +183,44 @@ def tune_prior(
     prior = generator.prior.to(device)
     tokenizer = tokenizer.to(device).eval()
     optimizer = torch.optim.AdamW(prior.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    components = prior.cfg.components
+    rng = np.random.default_rng([training.seed, 1])
+    kinds = conditioner.kinds
+    prompts = [shapes.sample_prompt(rng, kinds=(kinds[i % len(kinds)],)) for i in range(training.prompts)]
+    conditions = torch.cat([conditioner.for_prompt(p)[0] for p in prompts]).to(device)
+    texts = [p.text() for p in prompts]
+    table = _cached_table(
+        Path(run_dir) / TABLE_FILE, texts,
+        lambda: reward_table(generator, tokenizer, reward, conditions, texts, seed=training.seed),
+    )  # fmt: skip
+    targets = (table.to(device) / training.temperature).softmax(-1)  # (P, K)
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
-        rng = np.random.default_rng([training.seed, step])
-        drawn = [conditioner.for_prompt(shapes.sample_prompt(rng, conditioner.kinds)) for _ in range(training.prompts)]
-        condition = torch.cat([c for c, _ in drawn]).to(device)
-        log_weights, _, _ = prior.mixture(condition)
-        noise = ImageNoise(rng.integers(0, 2**62, size=training.prompts * training.samples).tolist(), device)
-        uniform = torch.full_like(log_weights, training.explore / components).log()
-        proposal = torch.logaddexp(log_weights.detach() + torch.tensor(1 - training.explore).log(), uniform)
-        gumbel = torch.from_numpy(rng.gumbel(size=proposal.shape)).to(proposal)
-        proposed = (proposal + gumbel).topk(training.samples, dim=-1).indices  # (B, M), without replacement
-        with torch.no_grad():
-            scores = component_rewards(generator, tokenizer, reward, condition, [t for _, t in drawn], proposed, noise)
-        target = (scores / training.temperature).softmax(-1)  # (B, M)
-        log_proposed = log_weights.gather(1, proposed).log_softmax(-1)  # the weights renormalised over the proposals
-        loss = -(target * log_proposed).sum(-1).mean()
+        rows = torch.from_numpy(np.random.default_rng([training.seed, 2, step]).choice(len(prompts), training.batch))
+        log_weights, _, _ = prior.mixture(conditions[rows])
+        loss = -(targets[rows] * log_weights).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
         optimizer.step()
         with torch.no_grad():
             entropy = -(log_weights.exp() * log_weights).sum(-1).mean()
-        return {"reward": scores.mean().item(), "loss": loss.item(), "components_in_use": entropy.exp().item()}
+        return {"loss": loss.item(), "components_in_use": entropy.exp().item()}
 
     return _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, training, "layout prior tuning")
+
+
+def _cached_table(path: Path, texts: list[str], score: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The reward table of these prompts from the run folder, or scored and saved there."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = "\n".join(texts)
+    if path.exists():
+        with safe_open(path, framework="pt") as saved:
+            if saved.metadata().get("prompts") == key:
+                return saved.get_tensor("table")
+    table = score().cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"table": table.contiguous()}, path, metadata={"prompts": key})
+    return table

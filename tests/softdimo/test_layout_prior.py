@@ -105,11 +105,12 @@ def test_tuning_moves_each_prompts_weights_to_the_softmax_of_its_components_rewa
     generator.settings = settings
     tuned = tune_prior(
         run_dir=tmp_path, generator=generator, tokenizer=tiny_tokenizer, conditioner=text_conditioner, reward=reward,
-        training=PriorTuning(steps=60, prompts=4, samples=4, temperature=temperature, lr=0.03, warmup=1, eval_every=0),
+        training=PriorTuning(prompts=5, steps=60, batch=5, temperature=temperature, lr=0.03, warmup=1, eval_every=0),
         device=torch.device("cpu"),
     )  # fmt: skip
     tuned_weights, tuned_scores = weights_and_rewards()
     assert torch.equal(tuned_scores, scores)
+    assert (tmp_path / "reward_table.safetensors").exists()  # a resumed stage reads the table instead of scoring again
     # each prompt's weights are the softmax of its components' rewards: the best gains, and so do those near it
     assert torch.allclose(tuned_weights, target, atol=0.05), (tuned_weights, target)
     assert torch.equal(tuned.prior.means, placed)  # components stay where they were placed

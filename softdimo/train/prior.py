@@ -9,25 +9,18 @@ directions the generator does not read; how far a draw strays from a component's
 
 Tuning (`tune_prior`): a latent is read relative to the prompt (the encoder reads both), so a component placed at
 an image of two objects sits among those of three-object images, and likelihood cannot tell the prompts it suits
-apart. Tuning asks the generator: each prompt's weights move to softmax(reward / temperature) over the components,
-the reward of the image the generator draws from each. That is the distribution that maximises the expected reward
-plus temperature times the entropy of the choice: every component whose image the reward scores as well as the best
-keeps as much weight, so a prompt keeps as many layouts as the generator draws right, and a component the reward
-scores well below them loses its weight. The rewards come from a table: every
-component drawn and scored once for each of a set of prompts (an equal share of each kind), the weights then
-fitted to the table's softmax by cross-entropy over all components. Exact targets matter: fitted from a few
-components proposed per prompt and step instead, the weights went to the uniform mixture, bad components
-included, before they learnt which ones each prompt should avoid. Components, generator and reward stay as they are."""
+apart. Tuning asks the generator: each prompt's weights move towards the components whose images the reward
+scores highest for it (a policy gradient over the discrete choice of component), held near the fitted weights by
+a KL term. Components, generator and reward stay as they are."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from softdimo import shapes
 from softdimo.conditioning import Conditioner
@@ -119,18 +112,15 @@ def _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, trainin
 
 @dataclass(frozen=True)
 class PriorTuning:
-    prompts: int = 100  # prompts (an equal share of each kind) whose every component is drawn and scored once
-    steps: int = 400  # fitting steps, each on `batch` of those prompts
-    batch: int = 32
-    temperature: float = 0.2  # in the reward's units: weights -> softmax(reward / temperature) over the components
-    lr: float = 1e-3
+    steps: int = 300
+    prompts: int = 32  # prompts a step
+    samples: int = 8  # components drawn per prompt, each drawn into an image and scored
+    lr: float = 3e-4
     warmup: int = 20
+    kl_weight: float = 0.1  # KL(tuned weights || fitted weights) per prompt
     seed: int = 0
     eval_every: int = 100
     eval_prompts: int = 100
-
-
-TABLE_FILE = "reward_table.safetensors"  # in the run folder: a resumed stage scores nothing again
 
 
 def component_rewards(
@@ -150,27 +140,6 @@ def component_rewards(
     return reward.score(tokenizer.decode_indices(tokens), [t for t in texts for _ in range(m)]).float().view(b, m)
 
 
-@torch.no_grad()
-def reward_table(
-    generator: OneStepGenerator, tokenizer: VQTokenizer, reward: Reward, conditions: torch.Tensor, texts: list[str],
-    seed: int, chunk: int = 256,
-) -> torch.Tensor:  # fmt: skip
-    """The reward of every prompt's image from every component (P, K), each image from its own seed; scored under
-    bfloat16 autocast, since which components draw a prompt right does not hinge on the last bits of a float."""
-    components = generator.prior.cfg.components
-    rows = []
-    for i, (condition, text) in enumerate(zip(tqdm(conditions, desc="scoring every component", leave=False), texts)):
-        seeds = np.random.default_rng([seed, i]).integers(0, 2**62, size=components).tolist()
-        row = []
-        for start in range(0, components, chunk):
-            chosen = torch.arange(start, min(components, start + chunk), device=conditions.device)[None]
-            noise = ImageNoise(seeds[start : start + chunk], conditions.device)
-            with torch.autocast(conditions.device.type, dtype=torch.bfloat16):
-                row.append(component_rewards(generator, tokenizer, reward, condition[None], [text], chosen, noise)[0].float())
-        rows.append(torch.cat(row))
-    return torch.stack(rows)
-
-
 def tune_prior(
     *, run_dir: Path, generator: OneStepGenerator, tokenizer: VQTokenizer, conditioner: Conditioner, reward: Reward,
     training: PriorTuning, device: torch.device,
@@ -181,46 +150,33 @@ def tune_prior(
     torch.manual_seed(training.seed)
     generator.model.to(device).eval().requires_grad_(False)
     prior = generator.prior.to(device)
+    fitted = copy.deepcopy(prior).eval().requires_grad_(False)
     tokenizer = tokenizer.to(device).eval()
     optimizer = torch.optim.AdamW(prior.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng = np.random.default_rng([training.seed, 1])
-    kinds = conditioner.kinds
-    prompts = [shapes.sample_prompt(rng, kinds=(kinds[i % len(kinds)],)) for i in range(training.prompts)]
-    conditions = torch.cat([conditioner.for_prompt(p)[0] for p in prompts]).to(device)
-    texts = [p.text() for p in prompts]
-    table = _cached_table(
-        Path(run_dir) / TABLE_FILE, texts,
-        lambda: reward_table(generator, tokenizer, reward, conditions, texts, seed=training.seed),
-    )  # fmt: skip
-    targets = (table.to(device) / training.temperature).softmax(-1)  # (P, K)
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
-        rows = torch.from_numpy(np.random.default_rng([training.seed, 2, step]).choice(len(prompts), training.batch))
-        log_weights, _, _ = prior.mixture(conditions[rows])
-        loss = -(targets[rows] * log_weights).sum(-1).mean()
+        rng = np.random.default_rng([training.seed, step])
+        drawn = [conditioner.for_prompt(shapes.sample_prompt(rng, conditioner.kinds)) for _ in range(training.prompts)]
+        condition = torch.cat([c for c, _ in drawn]).to(device)
+        log_weights, _, _ = prior.mixture(condition)
+        g = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
+        chosen = torch.multinomial(log_weights.detach().exp().cpu(), training.samples, replacement=True, generator=g).to(device)
+        noise = ImageNoise(rng.integers(0, 2**62, size=training.prompts * training.samples).tolist(), device)
+        with torch.no_grad():
+            scores = component_rewards(generator, tokenizer, reward, condition, [t for _, t in drawn], chosen, noise)
+        advantage = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-3)
+        policy = -(advantage * log_weights.gather(1, chosen)).mean()
+        with torch.no_grad():
+            reference, _, _ = fitted.mixture(condition)
+        kl = (log_weights.exp() * (log_weights - reference)).sum(-1).mean()
+        loss = policy + training.kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
         optimizer.step()
-        with torch.no_grad():
-            entropy = -(log_weights.exp() * log_weights).sum(-1).mean()
-        return {"loss": loss.item(), "components_in_use": entropy.exp().item()}
+        with torch.no_grad():  # how many components a prompt's weights spread over, as exp(entropy)
+            in_use = (-(log_weights.exp() * log_weights).sum(-1)).exp().mean()
+        return {"reward": scores.mean().item(), "kl": kl.item(), "components_in_use": in_use.item()}
 
     return _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, training, "layout prior tuning")
-
-
-def _cached_table(path: Path, texts: list[str], score: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """The reward table of these prompts from the run folder, or scored and saved there."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    key = "\n".join(texts)
-    if path.exists():
-        with safe_open(path, framework="pt") as saved:
-            if saved.metadata().get("prompts") == key:
-                return saved.get_tensor("table")
-    table = score().cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"table": table.contiguous()}, path, metadata={"prompts": key})
-    return table

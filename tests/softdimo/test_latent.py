@@ -104,7 +104,7 @@ def test_the_latent_prior_tuning_and_distillation_stages_train_in_a_chain(tmp_pa
     )
     run_all([tuning_recipe], torch.device("cpu"))
     metrics = (tmp_path / "runs" / "tuned" / "metrics.jsonl").read_text().splitlines()
-    assert len(metrics) == 2 and '"reward"' in metrics[0] and '"components_in_use"' in metrics[0]
+    assert len(metrics) == 2 and '"reward"' in metrics[0] and '"kl"' in metrics[0] and '"components_in_use"' in metrics[0]
     assert '"pass"' in metrics[-1] and '"coverage"' in metrics[-1]  # the one-step stages log coverage beside the pass rate
     tuned = load_pipeline(tmp_path / "tuned")
     assert torch.equal(tuned.generator.prior.means, with_prior.generator.prior.means)  # the same components

@@ -22,6 +22,7 @@ from server import openapi
 from server.engine import Engine, verify_bundles
 from server.errors import error_response
 from server.guard import ApiKeyGuard, BodyLimit, BodyTooLarge
+from server.job_runner import JobRunner
 from server.metrics import Metrics
 from server.routes import router
 from server.service import ENDPOINTS, MODEL_THREAD, Service, ServiceError
@@ -38,7 +39,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     Liveness answers at once; readiness waits for loading and warm-up at the maximum batch size."""
     metrics = Metrics()
-    service = Service(settings, metrics)
+    service = Service(settings, metrics, start_jobs=JobRunner.start)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -81,7 +82,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
-        return error_response(request.url.path, exc.status, exc.detail, exc.headers)
+        return error_response(request.url.path, exc.status, exc.detail, exc.headers, code=exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -95,7 +96,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):  # unknown paths, wrong methods, unreadable bodies
-        return error_response(request.url.path, exc.status_code, exc.detail, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 404 and exc.detail == "Not Found":  # no route, as opposed to a route answering 404
+            detail = f"no endpoint {request.method} {request.url.path}; see /openapi.json for the endpoints"
+            return error_response(request.url.path, 404, detail, headers, code="unknown_url")
+        if exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}; allowed: {(headers or {}).get('allow', 'none')}"
+            return error_response(request.url.path, 405, detail, headers)
+        return error_response(request.url.path, exc.status_code, exc.detail, headers)
 
     return app
 

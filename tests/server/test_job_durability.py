@@ -6,11 +6,14 @@ import signal
 import time
 
 import httpx
+import pytest
 from redis_server import redis_server
 from benchmarks.running import server_process, server_thread
 
 from server.job_store import SQLiteJobStore
 from server.settings import Settings
+
+pytestmark = pytest.mark.slow  # three servers in child processes, and seconds of TTEO each
 
 PROMPT = "a red circle"
 LONG = {"endpoint": "refine", "prompt": PROMPT, "n": 8, "steps": 200, "seed": 7}

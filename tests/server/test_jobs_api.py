@@ -163,3 +163,23 @@ def test_job_work_is_metered_by_lane(url):
     assert metric(text, "softdimo_queue_wait_seconds_count", endpoint="/generate", lane="background") > 0
     assert metric(text, "softdimo_queue_wait_seconds_count", endpoint="/generate", lane="interactive") > 0
     assert metric(text, "softdimo_jobs_total", endpoint="generate", status="succeeded") > 0
+
+
+def test_an_api_key_may_hold_only_max_queued_jobs_per_key_queued_jobs(tiny_bundles, tmp_path):
+    settings = Settings(
+        weights=[str(tiny_bundles["one-step"])], device="cpu", max_batch_size=8, api_key="k", max_queued_jobs_per_key=2,
+        job_concurrency=1, job_db_path=str(tmp_path / "jobs.sqlite3"),
+    )  # fmt: skip
+    with server_thread(settings) as base, httpx.Client(base_url=base, headers={"Authorization": "Bearer k"}) as client:
+        assert httpx.post(f"{base}/v1/jobs", json=LONG).status_code == 401
+        ids = [client.post("/v1/jobs", json={**LONG, "seed": seed}).json()["id"] for seed in (1, 2, 3)]
+        while client.get(f"/v1/jobs/{ids[0]}").json()["status"] != "running":  # the first is no longer queued
+            time.sleep(0.05)
+        refused = client.post("/v1/jobs", json=LONG)
+        assert refused.status_code == 429 and "max_queued_jobs_per_key" in error_message(refused)
+        assert int(refused.headers["retry-after"]) >= 1
+        client.delete(f"/v1/jobs/{ids[1]}")  # a queued one leaves: room for one more
+        room = client.post("/v1/jobs", json=LONG)
+        assert room.status_code == 202
+        for job_id in [*ids, room.json()["id"]]:
+            client.delete(f"/v1/jobs/{job_id}")

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server import openapi
 from server.engine import Engine, verify_bundles
@@ -101,11 +102,25 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             detail = f"no endpoint {request.method} {request.url.path}; see /openapi.json for the endpoints"
             return error_response(request.url.path, 404, detail, headers, code="unknown_url")
         if exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}; allowed: {(headers or {}).get('allow', 'none')}"
-            return error_response(request.url.path, 405, detail, headers)
+            # Every route of the path, not just the first that matched it: GET and DELETE /v1/jobs/{id} are two routes.
+            allowed = sorted({
+                method for route in _leaf_routes(app.routes) if route.matches(request.scope)[0] is Match.PARTIAL
+                for method in getattr(route, "methods", None) or ()
+            })  # fmt: skip
+            detail = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+            return error_response(request.url.path, 405, detail, {**(headers or {}), "Allow": ", ".join(allowed)})
         return error_response(request.url.path, exc.status_code, exc.detail, headers)
 
     return app
+
+
+def _leaf_routes(routes) -> list:
+    """The routes of an app with included routers opened up (FastAPI keeps an included router as one entry)."""
+    leaves = []
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None) or getattr(route, "routes", None)
+        leaves.extend(_leaf_routes(inner) if inner is not None else [route])
+    return leaves
 
 
 class DrainingServer(uvicorn.Server):

@@ -117,7 +117,9 @@ WEBHOOK_DESCRIPTION = "called with the job when it ends (POST, Standard Webhooks
 class GenerateJobRequest(GenerateRequest):
     """POST /v1/jobs with the body of /generate."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"endpoint": "generate", "prompt": "a red circle", "seed": 3}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"endpoint": "generate", "prompt": "a red circle", "seed": 3}], "oneOf": ONE_CONDITION}
+    )
 
     endpoint: Literal["generate"]
     webhook: Webhook | None = Field(None, description=WEBHOOK_DESCRIPTION)
@@ -127,7 +129,7 @@ class RefineJobRequest(RefineRequest):
     """POST /v1/jobs with the body of /refine (progress comes from GET /v1/jobs/{id}/events, not `stream`)."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"endpoint": "refine", "prompt": "a red circle", "seed": 3, "steps": 20}]}
+        json_schema_extra={"examples": [{"endpoint": "refine", "prompt": "a red circle", "seed": 3, "steps": 20}], "oneOf": ONE_CONDITION}
     )
 
     endpoint: Literal["refine"]

@@ -183,3 +183,8 @@ def test_an_api_key_may_hold_only_max_queued_jobs_per_key_queued_jobs(tiny_bundl
         assert room.status_code == 202
         for job_id in [*ids, room.json()["id"]]:
             client.delete(f"/v1/jobs/{job_id}")
+
+
+def test_a_wrong_method_on_a_job_lists_every_method_of_the_path(url):
+    answer = httpx.put(f"{url}/v1/jobs/job-x")
+    assert answer.status_code == 405 and answer.headers["allow"] == "DELETE, GET" and "PUT" in error_message(answer)

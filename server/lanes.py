@@ -1,4 +1,5 @@
-"""The device's one thread, fed by two lanes: interactive work goes first, background work after a bounded wait."""
+"""The device's one thread, fed by two lanes: interactive work goes first (also between the TTEO steps of a running
+/refine batch), background work after a bounded wait."""
 
 from __future__ import annotations
 
@@ -53,6 +54,18 @@ class DeviceLanes:
         if wait:
             self._thread.join()
 
+    def run_waiting_interactive(self) -> int:
+        """Run, here and now, the interactive calls waiting at this moment; for a long background call (a /refine
+        batch, between its TTEO steps) to let interactive work through. Only on the device thread; how many ran."""
+        if threading.current_thread() is not self._thread:
+            raise RuntimeError("run_waiting_interactive runs on the device thread only")
+        with self._ready:
+            waiting = list(self._queues[INTERACTIVE])
+            self._queues[INTERACTIVE].clear()
+        for call in waiting:
+            self._call(call)
+        return len(waiting)
+
     def _next(self) -> tuple | None:
         """The next call to run, by the lane rule; None once shut down and empty. Holds the lock."""
         interactive, background = self._queues[INTERACTIVE], self._queues[BACKGROUND]
@@ -72,13 +85,17 @@ class DeviceLanes:
                 call = self._next()
             if call is None:
                 return
-            future, fn, args, kwargs = call
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as exc:  # handed to the caller, as a ThreadPoolExecutor does
-                future.set_exception(exc)
+            self._call(call)
+
+    @staticmethod
+    def _call(call: tuple) -> None:
+        future, fn, args, kwargs = call
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the caller, as a ThreadPoolExecutor does
+            future.set_exception(exc)
 
 
 class LaneExecutor(concurrent.futures.Executor):

@@ -135,7 +135,9 @@ class Service:
             await self._add_batcher(GENERATE, model, model.generate_batch, INTERACTIVE)
             await self._add_batcher(GENERATE, model, model.generate_batch, BACKGROUND)  # jobs
             if model.rewards:
-                await self._add_batcher(REFINE, model, model.refine_batch, BACKGROUND)
+                # A /refine batch computes for seconds: interactive batches waiting meanwhile run between its steps.
+                refine_batch = functools.partial(model.refine_batch, between_steps=self._lanes.run_waiting_interactive)
+                await self._add_batcher(REFINE, model, refine_batch, BACKGROUND)
         if self._start_jobs is not None:
             self.jobs = await self._start_jobs(self)
         # A drain that began while the models were loading keeps the server unready.

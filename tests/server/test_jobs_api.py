@@ -188,3 +188,24 @@ def test_an_api_key_may_hold_only_max_queued_jobs_per_key_queued_jobs(tiny_bundl
 def test_a_wrong_method_on_a_job_lists_every_method_of_the_path(url):
     answer = httpx.put(f"{url}/v1/jobs/job-x")
     assert answer.status_code == 405 and answer.headers["allow"] == "DELETE, GET" and "PUT" in error_message(answer)
+
+
+def test_interactive_generate_runs_between_the_steps_of_a_running_refine_and_changes_no_image(url):
+    body = {**LONG, "steps": 100, "seed": 11}
+    idle = [httpx.post(f"{url}/generate", json={"prompt": PROMPT, "seed": seed}).json()["data"] for seed in range(5)]
+    job_id = submit(url, body)
+    job = wait_for(url, job_id, statuses=("running",))
+    while not job["progress"]:
+        job = wait_for(url, job_id, statuses=("running",))
+    took, during = [], []
+    for seed in range(5):
+        began = time.monotonic()
+        during.append(httpx.post(f"{url}/generate", json={"prompt": PROMPT, "seed": seed}).json()["data"])
+        took.append(time.monotonic() - began)
+    job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+    assert job["status"] == "running" and job["progress"]["step"] < 100  # all served while the refine batch ran
+    assert max(took) < 1.0, took  # a step's time, not the rest of the batch (seconds)
+    assert during == idle
+    finished = wait_for(url, job_id)
+    plain = {k: v for k, v in body.items() if k != "endpoint"}
+    assert finished["result"]["data"] == httpx.post(f"{url}/refine", json=plain, timeout=120).json()["data"]

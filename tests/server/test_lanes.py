@@ -34,3 +34,26 @@ def test_lanes_keep_arrival_order_and_errors_reach_the_caller():
     lanes.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
         lanes.submit(INTERACTIVE, print)
+
+
+def test_a_long_background_call_lets_waiting_interactive_calls_run_in_its_middle():
+    lanes = DeviceLanes(burst=4, thread_name="test-lanes")
+    started, gate, ran = threading.Event(), threading.Event(), []
+
+    def long_background_call():
+        started.set()
+        gate.wait(10)
+        ran.append("b: first half")
+        lanes.run_waiting_interactive()  # as between two TTEO steps
+        ran.append("b: second half")
+
+    background = lanes.submit(BACKGROUND, long_background_call)
+    started.wait(10)
+    interactive = [lanes.submit(INTERACTIVE, ran.append, f"i{i}") for i in range(2)]
+    gate.set()
+    for future in [background, *interactive]:
+        future.result(timeout=10)
+    assert ran == ["b: first half", "i0", "i1", "b: second half"]
+    with pytest.raises(RuntimeError, match="device thread"):
+        lanes.run_waiting_interactive()
+    lanes.shutdown()

@@ -53,7 +53,8 @@ class _Running:
     job: JobRecord
     task: asyncio.Task | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    released: bool = False
+    released: bool = False  # handed back to the queue: a drain
+    lost: bool = False  # another process holds it now (this one's lease ran out): its outcome is theirs to store
 
     def cancel(self) -> None:
         self.cancelled.set()  # TTEO stops at its next step; the task's cancellation drops queued parts
@@ -204,7 +205,7 @@ class JobRunner:
                         raise
                     await asyncio.sleep(float(exc.headers.get("Retry-After", 1)))
         except asyncio.CancelledError:
-            outcome = None if running.released else (CANCELLED, None, None)
+            outcome = None if running.released or running.lost else (CANCELLED, None, None)
         except ServiceError as exc:
             if exc.status == 503:  # draining, or models not loaded: another process (or the next one) runs it
                 running.released = True
@@ -217,6 +218,9 @@ class JobRunner:
             keeper.cancel()
             self._running.pop(job.id, None)
             self._wake.set()
+        if running.lost:
+            log.warning("job %s was taken over by another process; its outcome here is dropped", job.id)
+            return
         if running.released:
             await asyncio.shield(asyncio.to_thread(self.store.release, job.id, worker=self.worker))
             log.info("job %s went back to the queue", job.id)
@@ -248,6 +252,7 @@ class JobRunner:
                 continue
             if status != RUNNING:
                 log.info("job %s is %s elsewhere; stopping it here", running.job.id, status)
+                running.lost = status == "lost"
                 running.cancel()
                 return
 

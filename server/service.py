@@ -139,7 +139,12 @@ class Service:
                 refine_batch = functools.partial(model.refine_batch, between_steps=self._lanes.run_waiting_interactive)
                 await self._add_batcher(REFINE, model, refine_batch, BACKGROUND)
         if self._start_jobs is not None:
-            self.jobs = await self._start_jobs(self)
+            try:
+                self.jobs = await self._start_jobs(self)
+            except Exception as exc:  # e.g. an unreachable Redis: unready, saying why on /readyz
+                self.load_error = f"job store: {type(exc).__name__}: {exc}"
+                log.error("the job store could not be opened: %s", self.load_error)
+                raise
         # A drain that began while the models were loading keeps the server unready.
         self.ready = not self.draining
 

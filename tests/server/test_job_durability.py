@@ -102,3 +102,15 @@ def test_replicas_sharing_redis_answer_and_cancel_each_others_jobs(tiny_bundles,
             assert _wait(first, quick2, _finished, timeout_s=20)["status"] == "succeeded"
             stopped = httpx.get(f"{second}/v1/jobs/{long_id}").json()
             assert stopped["status"] == "cancelled" and stopped["progress"]["step"] < LONG["steps"]
+
+
+def test_an_unreachable_job_store_keeps_the_server_unready_saying_why(tiny_bundles):
+    from benchmarks.running import ServerStartError, free_port
+
+    settings = Settings(
+        weights=[str(tiny_bundles["one-step"])], device="cpu", max_batch_size=2, job_store="redis",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+    )  # fmt: skip
+    with pytest.raises(ServerStartError, match="failed: job store: ConnectionError"):
+        with server_thread(settings, ready_timeout_s=30):
+            pass

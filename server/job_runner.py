@@ -11,7 +11,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from server.job_store import CANCELLED, FAILED, FINISHED, RUNNING, SUCCEEDED, JobRecord, JobStore, RedisJobStore, SQLiteJobStore
+from server.job_store import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+    JobStore,
+    RedisJobStore,
+    SQLiteJobStore,
+)
 from server.jobs import RefineProgress
 from server.lanes import BACKGROUND
 from server.schemas import GenerateRequest, JobResponse, RefineRequest
@@ -41,9 +51,14 @@ def owner_of(api_key: str | None) -> str | None:
 
 def job_response(job: JobRecord) -> JobResponse:
     return JobResponse(
-        id=job.id, endpoint=job.endpoint, status=job.status, created=int(job.created), progress=job.progress,
-        result=job.result, error=job.error,
-    )  # fmt: skip
+        id=job.id,
+        endpoint=job.endpoint,
+        status=job.status,
+        created=int(job.created),
+        progress=job.progress,
+        result=job.result,
+        error=job.error,
+    )
 
 
 @dataclass(eq=False)
@@ -75,9 +90,13 @@ class JobRunner:
         self._loop_task: asyncio.Task | None = None
         settings = self.settings
         self.webhooks = WebhookSender(
-            secret=settings.webhook_secret, attempts=settings.webhook_attempts, backoff_s=settings.webhook_backoff_s,
-            timeout_s=settings.webhook_timeout_s, allow_private=settings.webhook_allow_private, metrics=service.metrics,
-        )  # fmt: skip
+            secret=settings.webhook_secret,
+            attempts=settings.webhook_attempts,
+            backoff_s=settings.webhook_backoff_s,
+            timeout_s=settings.webhook_timeout_s,
+            allow_private=settings.webhook_allow_private,
+            metrics=service.metrics,
+        )
 
     @classmethod
     async def start(cls, service: Service) -> JobRunner:
@@ -103,15 +122,21 @@ class JobRunner:
             generate_job(service, model, GenerateRequest.model_validate(request))
         if webhook is not None:
             if self.settings.webhook_secret is None:
-                raise ServiceError(422, "this server has no webhook secret (SOFTDIMO_WEBHOOK_SECRET): it cannot sign webhooks")
+                raise ServiceError(
+                    422, "this server has no webhook secret (SOFTDIMO_WEBHOOK_SECRET): it cannot sign webhooks"
+                )
             try:
                 await asyncio.to_thread(check_target, webhook, allow_private=self.settings.webhook_allow_private)
             except WebhookRefused as exc:
                 raise ServiceError(422, str(exc)) from None
         job = JobRecord(
-            id=service.new_id("job"), endpoint="refine" if refine else "generate", body=request, created=time.time(), webhook=webhook,
+            id=service.new_id("job"),
+            endpoint="refine" if refine else "generate",
+            body=request,
+            created=time.time(),
+            webhook=webhook,
             owner=owner_of(self.settings.api_key),
-        )  # fmt: skip
+        )
         limit = self.settings.max_queued_jobs_per_key if job.owner is not None else None
         if not await asyncio.to_thread(self.store.add, job, max_queued_per_owner=limit):
             detail = f"this API key has {limit} queued jobs (max_queued_jobs_per_key); wait for some to start"
@@ -169,7 +194,9 @@ class JobRunner:
             job = None
             if len(self._running) < self.settings.job_concurrency:
                 try:
-                    job = await asyncio.to_thread(self.store.claim, worker=self.worker, lease_s=self.settings.job_lease_s)
+                    job = await asyncio.to_thread(
+                        self.store.claim, worker=self.worker, lease_s=self.settings.job_lease_s
+                    )
                     if time.monotonic() - last_purge > _PURGE_EVERY_S:
                         last_purge = time.monotonic()
                         await asyncio.to_thread(self.store.purge_expired)
@@ -227,10 +254,17 @@ class JobRunner:
             return
         status, result, error = outcome
         if status != CANCELLED:  # a cancelled job was marked so by DELETE
-            stored = await asyncio.shield(asyncio.to_thread(
-                self.store.finish, job.id, worker=self.worker, status=status, result=result, error=error,
-                ttl_s=self.settings.job_result_ttl_s,
-            ))  # fmt: skip
+            stored = await asyncio.shield(
+                asyncio.to_thread(
+                    self.store.finish,
+                    job.id,
+                    worker=self.worker,
+                    status=status,
+                    result=result,
+                    error=error,
+                    ttl_s=self.settings.job_result_ttl_s,
+                )
+            )
             if not stored:
                 status = CANCELLED if running.cancelled.is_set() else "lost"
         if status in FINISHED:
@@ -287,7 +321,11 @@ class JobRunner:
             if step < steps and time.monotonic() - written < _PROGRESS_EVERY_S:
                 continue
             written = time.monotonic()
-            report = {"step": step, "steps": steps, "images": [{"seed": s, "reward": round(r, 6)} for s, r in zip(seeds, rewards)]}
+            report = {
+                "step": step,
+                "steps": steps,
+                "images": [{"seed": s, "reward": round(r, 6)} for s, r in zip(seeds, rewards)],
+            }
             running.job.progress = report
             try:
                 await asyncio.to_thread(self.store.set_progress, running.job.id, worker=self.worker, progress=report)

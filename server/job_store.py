@@ -52,7 +52,9 @@ class JobStore(Protocol):
 
     def set_progress(self, job_id: str, *, worker: str, progress: dict) -> None: ...
 
-    def finish(self, job_id: str, *, worker: str, status: str, result: dict | None, error: dict | None, ttl_s: float) -> bool:
+    def finish(
+        self, job_id: str, *, worker: str, status: str, result: dict | None, error: dict | None, ttl_s: float
+    ) -> bool:
         """Record the outcome, kept for `ttl_s`; False when the job was cancelled or taken over meanwhile."""
 
     def release(self, job_id: str, *, worker: str) -> None:
@@ -116,10 +118,20 @@ class SQLiteJobStore:
     def _record(self, row) -> JobRecord:
         job_id, endpoint, body, created, status, webhook, owner, progress, result, error, worker, lease, attempts = row
         return JobRecord(
-            id=job_id, endpoint=endpoint, body=json.loads(body), created=created, status=status, webhook=webhook,
-            owner=owner, progress=_loads(progress), result=_loads(result), error=_loads(error), worker=worker,
-            lease_until=lease, attempts=attempts,
-        )  # fmt: skip
+            id=job_id,
+            endpoint=endpoint,
+            body=json.loads(body),
+            created=created,
+            status=status,
+            webhook=webhook,
+            owner=owner,
+            progress=_loads(progress),
+            result=_loads(result),
+            error=_loads(error),
+            worker=worker,
+            lease_until=lease,
+            attempts=attempts,
+        )
 
     def _transaction(self, work):
         with self._lock:
@@ -135,7 +147,9 @@ class SQLiteJobStore:
     def add(self, job: JobRecord, *, max_queued_per_owner: int | None) -> bool:
         def add(db):
             if max_queued_per_owner is not None and job.owner is not None:
-                (queued,) = db.execute("SELECT count(*) FROM jobs WHERE owner = ? AND status = ?", (job.owner, QUEUED)).fetchone()
+                (queued,) = db.execute(
+                    "SELECT count(*) FROM jobs WHERE owner = ? AND status = ?", (job.owner, QUEUED)
+                ).fetchone()
                 if queued >= max_queued_per_owner:
                     return False
             db.execute(
@@ -149,7 +163,8 @@ class SQLiteJobStore:
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)", (job_id, time.time())
+                f"SELECT {_COLUMNS} FROM jobs WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (job_id, time.time()),
             ).fetchone()
         return None if row is None else self._record(row)
 
@@ -157,7 +172,8 @@ class SQLiteJobStore:
         def claim(db):
             now = time.time()
             row = db.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE status = ? OR (status = ? AND lease_until < ?) ORDER BY seq LIMIT 1",
+                f"SELECT {_COLUMNS} FROM jobs WHERE status = ? OR (status = ? AND lease_until < ?)"
+                " ORDER BY seq LIMIT 1",
                 (QUEUED, RUNNING, now),
             ).fetchone()
             if row is None:
@@ -189,13 +205,17 @@ class SQLiteJobStore:
     def set_progress(self, job_id: str, *, worker: str, progress: dict) -> None:
         with self._lock:
             self._db.execute(
-                "UPDATE jobs SET progress = ? WHERE id = ? AND status = ? AND worker = ?", (_dumps(progress), job_id, RUNNING, worker)
+                "UPDATE jobs SET progress = ? WHERE id = ? AND status = ? AND worker = ?",
+                (_dumps(progress), job_id, RUNNING, worker),
             )
 
-    def finish(self, job_id: str, *, worker: str, status: str, result: dict | None, error: dict | None, ttl_s: float) -> bool:
+    def finish(
+        self, job_id: str, *, worker: str, status: str, result: dict | None, error: dict | None, ttl_s: float
+    ) -> bool:
         with self._lock:
             changed = self._db.execute(
-                "UPDATE jobs SET status = ?, result = ?, error = ?, expires_at = ? WHERE id = ? AND status = ? AND worker = ?",
+                "UPDATE jobs SET status = ?, result = ?, error = ?, expires_at = ?"
+                " WHERE id = ? AND status = ? AND worker = ?",
                 (status, _dumps(result), _dumps(error), time.time() + ttl_s, job_id, RUNNING, worker),
             ).rowcount
         return changed == 1
@@ -204,7 +224,8 @@ class SQLiteJobStore:
         with self._lock:
             # Negative seq puts it ahead of every job queued so far: it was accepted before them.
             self._db.execute(
-                "UPDATE jobs SET status = ?, worker = NULL, lease_until = 0, seq = -seq WHERE id = ? AND status = ? AND worker = ?",
+                "UPDATE jobs SET status = ?, worker = NULL, lease_until = 0, seq = -seq"
+                " WHERE id = ? AND status = ? AND worker = ?",
                 (QUEUED, job_id, RUNNING, worker),
             )
 
@@ -221,11 +242,15 @@ class SQLiteJobStore:
 
     def count_queued(self, owner: str) -> int:
         with self._lock:
-            return self._db.execute("SELECT count(*) FROM jobs WHERE owner = ? AND status = ?", (owner, QUEUED)).fetchone()[0]
+            return self._db.execute(
+                "SELECT count(*) FROM jobs WHERE owner = ? AND status = ?", (owner, QUEUED)
+            ).fetchone()[0]
 
     def purge_expired(self) -> int:
         with self._lock:
-            return self._db.execute("DELETE FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (time.time(),)).rowcount
+            return self._db.execute(
+                "DELETE FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (time.time(),)
+            ).rowcount
 
     def close(self) -> None:
         with self._lock:
@@ -317,17 +342,31 @@ class RedisJobStore:
         self._job_key = prefix + "job:"
         self._scripts = {
             name: self._redis.register_script(source)
-            for name, source in (("claim", _CLAIM), ("add", _ADD), ("renew", _RENEW), ("finish", _FINISH),
-                                 ("release", _RELEASE), ("cancel", _CANCEL))
-        }  # fmt: skip
+            for name, source in (
+                ("claim", _CLAIM),
+                ("add", _ADD),
+                ("renew", _RENEW),
+                ("finish", _FINISH),
+                ("release", _RELEASE),
+                ("cancel", _CANCEL),
+            )
+        }
         self._redis.ping()
 
     def _run(self, name: str, *args):
         return self._scripts[name](keys=self._keys, args=list(args))
 
     def add(self, job: JobRecord, *, max_queued_per_owner: int | None) -> bool:
-        fields = {"id": job.id, "endpoint": job.endpoint, "body": _dumps(job.body), "created": repr(job.created),
-                  "status": QUEUED, "webhook": job.webhook or "", "owner": job.owner or "", "attempts": "0"}  # fmt: skip
+        fields = {
+            "id": job.id,
+            "endpoint": job.endpoint,
+            "body": _dumps(job.body),
+            "created": repr(job.created),
+            "status": QUEUED,
+            "webhook": job.webhook or "",
+            "owner": job.owner or "",
+            "attempts": "0",
+        }
         flat = [part for pair in fields.items() for part in pair]
         limit = -1 if max_queued_per_owner is None else max_queued_per_owner
         return self._run("add", job.id, job.owner or "", limit, *flat) == 1
@@ -338,11 +377,20 @@ class RedisJobStore:
             return None
         text = lambda name: fields.get(name) or None  # noqa: E731
         return JobRecord(
-            id=fields["id"], endpoint=fields["endpoint"], body=json.loads(fields["body"]), created=float(fields["created"]),
-            status=fields["status"], webhook=text("webhook"), owner=text("owner"), progress=_loads(text("progress")),
-            result=_loads(text("result")), error=_loads(text("error")), worker=text("worker"),
-            lease_until=float(fields.get("lease_until") or 0), attempts=int(fields.get("attempts") or 0),
-        )  # fmt: skip
+            id=fields["id"],
+            endpoint=fields["endpoint"],
+            body=json.loads(fields["body"]),
+            created=float(fields["created"]),
+            status=fields["status"],
+            webhook=text("webhook"),
+            owner=text("owner"),
+            progress=_loads(text("progress")),
+            result=_loads(text("result")),
+            error=_loads(text("error")),
+            worker=text("worker"),
+            lease_until=float(fields.get("lease_until") or 0),
+            attempts=int(fields.get("attempts") or 0),
+        )
 
     def claim(self, *, worker: str, lease_s: float) -> JobRecord | None:
         job_id = self._run("claim", repr(time.time()), worker, repr(lease_s))
@@ -356,8 +404,13 @@ class RedisJobStore:
         if self._redis.hget(self._job_key + job_id, "status") == RUNNING:
             self._redis.hset(self._job_key + job_id, "progress", _dumps(progress))
 
-    def finish(self, job_id: str, *, worker: str, status: str, result: dict | None, error: dict | None, ttl_s: float) -> bool:
-        return self._run("finish", job_id, worker, status, _dumps(result) or "", _dumps(error) or "", int(ttl_s * 1000)) == 1
+    def finish(
+        self, job_id: str, *, worker: str, status: str, result: dict | None, error: dict | None, ttl_s: float
+    ) -> bool:
+        return (
+            self._run("finish", job_id, worker, status, _dumps(result) or "", _dumps(error) or "", int(ttl_s * 1000))
+            == 1
+        )
 
     def release(self, job_id: str, *, worker: str) -> None:
         self._run("release", job_id, worker)

@@ -44,9 +44,12 @@ class Metrics:
             "softdimo_batch_splits", "Batches that ran out of memory and were retried in halves.", ["endpoint", "model"], registry=r
         )
         self.jobs = Counter("softdimo_jobs", "Jobs that ended, by final status.", ["endpoint", "status"], registry=r)
-        self.jobs_submitted = Counter("softdimo_jobs_submitted", "Jobs accepted into the store.", ["endpoint"], registry=r)
+        self.jobs_submitted = Counter(
+            "softdimo_jobs_submitted", "Jobs accepted into the store.", ["endpoint"], registry=r
+        )
         self.webhook_deliveries = Counter(
-            "softdimo_webhook_deliveries", "Webhook calls, by outcome (delivered, retried, abandoned).", ["outcome"], registry=r
+            "softdimo_webhook_deliveries", "Webhook calls, by outcome (delivered, retried, abandoned).", ["outcome"],
+            registry=r,
         )
         # process_resident_memory_bytes, CPU seconds, open files (Linux): what a soak test watches for leaks.
         ProcessCollector(registry=r)

@@ -61,7 +61,8 @@ def describe(base: dict, *, settings: Settings, served: Served | None) -> dict:
             )  # fmt: skip
         webhook = components[request.__name__]["properties"].get("webhook")
         if webhook is not None and settings.webhook_secret is None:  # no secret to sign with: no webhooks taken
-            components[request.__name__]["properties"]["webhook"] = {"type": "null", "description": webhook.get("description", "")}
+            described = {"type": "null", "description": webhook.get("description", "")}
+            components[request.__name__]["properties"]["webhook"] = described
     if settings.api_key is not None:
         add_bearer(schema, exempt=settings.auth_exempt_paths)
     return schema

@@ -79,12 +79,14 @@ def _job_runner(request: Request) -> JobRunner:
 
 def _prefers_async(request: Request) -> bool:
     """RFC 7240 `Prefer: respond-async`: answer 202 with a job instead of waiting for the images."""
-    preferences = [p.split("=")[0].strip().lower() for h in request.headers.getlist("prefer") for p in h.replace(";", ",").split(",")]
-    return "respond-async" in preferences
+    parts = [part for header in request.headers.getlist("prefer") for part in header.replace(";", ",").split(",")]
+    return "respond-async" in [part.split("=")[0].strip().lower() for part in parts]
 
 
 def _accepted(job: JobRecord, *, preference_applied: bool = False) -> JSONResponse:
-    headers = {"Location": f"{JOBS_PATH}/{job.id}"} | ({"Preference-Applied": "respond-async"} if preference_applied else {})
+    headers = {"Location": f"{JOBS_PATH}/{job.id}"}
+    if preference_applied:
+        headers["Preference-Applied"] = "respond-async"
     body = JobAccepted(id=job.id, status=job.status, created=int(job.created)).model_dump(mode="json")
     return JSONResponse(body, status_code=202, headers=headers)
 
@@ -258,7 +260,8 @@ async def openai_generations(request: Request, body: OpenAIImageRequest):
         request_body = GenerateRequest(prompt=body.prompt, n=body.n, seed=body.seed, model=body.model, format=body.output_format)
         result = await _generate(request, request_body, OPENAI)
         images = await encoded(service, OPENAI, result, body.output_format)
-        return OpenAIImageResponse(created=int(time.time()), data=[OpenAIImage(b64_json=service.b64(d)) for d in images])
+        data = [OpenAIImage(b64_json=service.b64(d)) for d in images]
+        return OpenAIImageResponse(created=int(time.time()), data=data)
 
 
 JOB_ERROR_RESPONSES = {

@@ -118,7 +118,9 @@ class GenerateJobRequest(GenerateRequest):
     """POST /v1/jobs with the body of /generate."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"endpoint": "generate", "prompt": "a red circle", "seed": 3}], "oneOf": ONE_CONDITION}
+        json_schema_extra={
+            "examples": [{"endpoint": "generate", "prompt": "a red circle", "seed": 3}], "oneOf": ONE_CONDITION
+        }
     )
 
     endpoint: Literal["generate"]
@@ -129,7 +131,10 @@ class RefineJobRequest(RefineRequest):
     """POST /v1/jobs with the body of /refine (progress comes from GET /v1/jobs/{id}/events, not `stream`)."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"endpoint": "refine", "prompt": "a red circle", "seed": 3, "steps": 20}], "oneOf": ONE_CONDITION}
+        json_schema_extra={
+            "examples": [{"endpoint": "refine", "prompt": "a red circle", "seed": 3, "steps": 20}],
+            "oneOf": ONE_CONDITION,
+        }
     )
 
     endpoint: Literal["refine"]

@@ -96,7 +96,9 @@ class _BatchMetrics(NullObserver):
 class Service:
     """Owns the engine, its batchers and the readiness state; the routes only translate HTTP."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, *, start_jobs: Callable[[Service], Awaitable] | None = None):
+    def __init__(
+        self, settings: Settings, metrics: Metrics, *, start_jobs: Callable[[Service], Awaitable] | None = None,
+    ):  # fmt: skip
         self.settings = settings
         self.metrics = metrics
         self.engine: Engine | None = None
@@ -242,10 +244,12 @@ class Service:
         return job
 
     async def generate(
-        self, *, model: ServedModel, job: GenerateJob, lane: str = INTERACTIVE, timeout_s: float | None = REQUEST_TIMEOUT,
+        self, *, model: ServedModel, job: GenerateJob, lane: str = INTERACTIVE,
+        timeout_s: float | None = REQUEST_TIMEOUT,
     ) -> GeneratedImages:  # fmt: skip
         """Run a checked /generate job in `lane`, failing with 504 after `timeout_s` (None: no deadline)."""
-        results, queue_s, compute_s = await self._run(GENERATE, model, self._chunks(job), lane=lane, timeout_s=timeout_s)
+        parts = self._chunks(job)
+        results, queue_s, compute_s = await self._run(GENERATE, model, parts, lane=lane, timeout_s=timeout_s)
         images = [image for result in results for image in result]
         return GeneratedImages(model=model.name, images=images, seeds=job.seeds, queue_s=queue_s, compute_s=compute_s)
 
@@ -265,9 +269,12 @@ class Service:
         self._check_cost(model, job)
         return job
 
-    async def refine(self, *, model: ServedModel, job: RefineJob, timeout_s: float | None = REQUEST_TIMEOUT) -> GeneratedImages:
+    async def refine(
+        self, *, model: ServedModel, job: RefineJob, timeout_s: float | None = REQUEST_TIMEOUT,
+    ) -> GeneratedImages:  # fmt: skip
         n = job.n
-        results, queue_s, compute_s = await self._run(REFINE, model, self._chunks(job), lane=BACKGROUND, timeout_s=timeout_s)
+        parts = self._chunks(job)
+        results, queue_s, compute_s = await self._run(REFINE, model, parts, lane=BACKGROUND, timeout_s=timeout_s)
         refined = [item for result in results for item in result]
         self.metrics.tteo_steps.labels(model.name).inc(job.settings.steps * n)
         for item in refined:

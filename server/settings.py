@@ -59,12 +59,15 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(65536, ge=1024, description="request bodies above this get 413 before any JSON is parsed")
     # Jobs (POST /v1/jobs): durable, run by whichever process sharing the store claims them first.
-    job_store: Literal["sqlite", "redis"] = Field("sqlite", description="where jobs live: one SQLite file, or a Redis server")
+    job_store: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="where jobs live: one SQLite file, or a Redis server"
+    )
     job_db_path: str = Field("softdimo-jobs.sqlite3", description="the SQLite file of job_store sqlite (WAL mode)")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="the Redis server of job_store redis")
     job_concurrency: int = Field(4, ge=1, le=256, description="jobs this process runs at once (they batch together)")
     job_lease_s: float = Field(
-        30.0, gt=0, description="a running job's claim, renewed while it runs; a job whose process died runs again after it"
+        30.0, gt=0,
+        description="a running job's claim, renewed while it runs; a job whose process died runs again after it",
     )
     job_result_ttl_s: float = Field(86400.0, gt=0, description="how long a finished job and its result are kept")
     max_queued_jobs_per_key: int = Field(100, ge=1, description="queued jobs per API key before 429 (with an API key)")

@@ -33,7 +33,9 @@ def check_target(url: str, *, allow_private: bool) -> None:
     if allow_private:
         return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(
+            parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+        )
     except (socket.gaierror, UnicodeError) as exc:
         raise WebhookRefused(f"webhook host {parts.hostname!r} does not resolve: {exc}") from None
     for info in infos:
@@ -67,8 +69,15 @@ class WebhookSender:
     any answer but 2xx, a timeout or a connection failure counts as a failed try. Redirects are not followed."""
 
     def __init__(
-        self, *, secret: str | None, attempts: int, backoff_s: float, timeout_s: float, allow_private: bool, metrics: Metrics,
-    ):  # fmt: skip
+        self,
+        *,
+        secret: str | None,
+        attempts: int,
+        backoff_s: float,
+        timeout_s: float,
+        allow_private: bool,
+        metrics: Metrics,
+    ):
         self.secret, self.attempts, self.backoff_s, self.allow_private = secret, attempts, backoff_s, allow_private
         self.metrics = metrics
         self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False)
@@ -87,7 +96,9 @@ class WebhookSender:
                 await asyncio.to_thread(check_target, url, allow_private=self.allow_private)
                 headers = {"content-type": "application/json"}
                 if self.secret is not None:
-                    headers |= signature_headers(secret=self.secret, message_id=message_id, timestamp=int(time.time()), body=body)
+                    headers |= signature_headers(
+                        secret=self.secret, message_id=message_id, timestamp=int(time.time()), body=body
+                    )
                 response = await self._client.post(url, content=body, headers=headers)
                 if 200 <= response.status_code < 300:
                     self.metrics.webhook_deliveries.labels("delivered").inc()

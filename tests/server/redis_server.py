@@ -15,15 +15,18 @@ def redis_server(folder):
     """Yields the URL of a fresh redis-server (Debian's `redis-server`, which `make test` installs) kept in `folder`."""
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server is not installed (`make tools` installs Debian's as root): the Redis job store is untested")
+        pytest.skip(
+            "redis-server is not installed (`make tools` installs Debian's as root): the Redis job store is untested"
+        )
     pytest.importorskip("redis", reason="the redis client is not installed (pip install -e '.[test]')")
     import redis
 
     port = free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     url = f"redis://{HOST}:{port}/0"
     try:
         deadline = time.monotonic() + 20

@@ -21,9 +21,20 @@ LONG = {"endpoint": "refine", "prompt": PROMPT, "n": 8, "steps": 200, "seed": 7}
 
 def _args(bundles, store, *more: str) -> list[str]:
     return [
-        "--weights", str(bundles["one-step"]), "--device", "cpu", "--max-batch-size", "8", "--job-db-path", str(store),
-        "--job-concurrency", "1", "--job-lease-s", "1", *more,
-    ]  # fmt: skip
+        "--weights",
+        str(bundles["one-step"]),
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "8",
+        "--job-db-path",
+        str(store),
+        "--job-concurrency",
+        "1",
+        "--job-lease-s",
+        "1",
+        *more,
+    ]
 
 
 def _submit(url: str, body: dict) -> str:
@@ -46,12 +57,18 @@ def _finished(job: dict) -> bool:
 
 def _synchronous(url: str, body: dict) -> list[dict]:
     endpoint = body["endpoint"]
-    return httpx.post(f"{url}/{endpoint}", json={k: v for k, v in body.items() if k != "endpoint"}, timeout=120).json()["data"]
+    return httpx.post(f"{url}/{endpoint}", json={k: v for k, v in body.items() if k != "endpoint"}, timeout=120).json()[
+        "data"
+    ]
 
 
 def test_jobs_accepted_before_kill_9_are_run_after_the_restart_with_the_same_images(tiny_bundles, tmp_path):
     store = tmp_path / "jobs.sqlite3"
-    bodies = [LONG, {"endpoint": "generate", "prompt": "two blue squares", "n": 3}, {"endpoint": "refine", "prompt": PROMPT, "steps": 3}]
+    bodies = [
+        LONG,
+        {"endpoint": "generate", "prompt": "two blue squares", "n": 3},
+        {"endpoint": "refine", "prompt": PROMPT, "steps": 3},
+    ]
     with server_process(_args(tiny_bundles, store)) as (process, url):
         ids = [_submit(url, body) for body in bodies]
         _wait(url, ids[0], lambda job: job["progress"] is not None)  # mid-way through its TTEO steps
@@ -67,7 +84,11 @@ def test_jobs_accepted_before_kill_9_are_run_after_the_restart_with_the_same_ima
 
 def test_sigterm_finishes_the_running_job_and_leaves_queued_ones_for_the_next_process(tiny_bundles, tmp_path):
     store = tmp_path / "jobs.sqlite3"
-    bodies = [{**LONG, "steps": 60}, {**LONG, "seed": 8, "steps": 5}, {"endpoint": "generate", "prompt": PROMPT, "seed": 3}]
+    bodies = [
+        {**LONG, "steps": 60},
+        {**LONG, "seed": 8, "steps": 5},
+        {"endpoint": "generate", "prompt": PROMPT, "seed": 3},
+    ]
     with server_process(_args(tiny_bundles, store, "--drain-timeout-s", "120")) as (process, url):
         ids = [_submit(url, body) for body in bodies]
         _wait(url, ids[0], lambda job: job["status"] == "running")
@@ -84,9 +105,14 @@ def test_sigterm_finishes_the_running_job_and_leaves_queued_ones_for_the_next_pr
 def test_replicas_sharing_redis_answer_and_cancel_each_others_jobs(tiny_bundles, tmp_path):
     with redis_server(tmp_path) as redis_url:
         settings = Settings(
-            weights=[str(tiny_bundles["one-step"])], device="cpu", max_batch_size=8, job_store="redis", redis_url=redis_url,
-            job_concurrency=1, job_lease_s=0.6,
-        )  # fmt: skip
+            weights=[str(tiny_bundles["one-step"])],
+            device="cpu",
+            max_batch_size=8,
+            job_store="redis",
+            redis_url=redis_url,
+            job_concurrency=1,
+            job_lease_s=0.6,
+        )
         with server_thread(settings) as first, server_thread(settings) as second:
             body = {"endpoint": "refine", "prompt": PROMPT, "seed": 5, "steps": 4}
             job_id = _submit(first, body)
@@ -108,9 +134,12 @@ def test_an_unreachable_job_store_keeps_the_server_unready_saying_why(tiny_bundl
     from benchmarks.running import ServerStartError, free_port
 
     settings = Settings(
-        weights=[str(tiny_bundles["one-step"])], device="cpu", max_batch_size=2, job_store="redis",
+        weights=[str(tiny_bundles["one-step"])],
+        device="cpu",
+        max_batch_size=2,
+        job_store="redis",
         redis_url=f"redis://127.0.0.1:{free_port()}/0",
-    )  # fmt: skip
+    )
     with pytest.raises(ServerStartError, match="failed: job store: ConnectionError"):
         with server_thread(settings, ready_timeout_s=30):
             pass

@@ -23,7 +23,9 @@ def store(request, tmp_path):
 
 
 def job(job_id: str, owner: str | None = None, seed: int = 2**63 - 1) -> JobRecord:
-    return JobRecord(id=job_id, endpoint="refine", body={"prompt": "a red circle", "seed": seed}, created=time.time(), owner=owner)
+    return JobRecord(
+        id=job_id, endpoint="refine", body={"prompt": "a red circle", "seed": seed}, created=time.time(), owner=owner
+    )
 
 
 def test_jobs_are_claimed_once_each_in_arrival_order_with_their_body_intact(store):
@@ -72,7 +74,9 @@ def test_cancelled_jobs_are_never_claimed_and_a_running_one_hears_it(store):
 
 
 def test_an_owner_may_hold_only_so_many_queued_jobs(store):
-    assert store.add(job("a", owner="k"), max_queued_per_owner=2) and store.add(job("b", owner="k"), max_queued_per_owner=2)
+    assert store.add(job("a", owner="k"), max_queued_per_owner=2) and store.add(
+        job("b", owner="k"), max_queued_per_owner=2
+    )
     assert not store.add(job("c", owner="k"), max_queued_per_owner=2) and store.get("c") is None
     assert store.add(job("d", owner="other"), max_queued_per_owner=2)
     assert store.count_queued("k") == 2

@@ -18,9 +18,13 @@ LONG = {"endpoint": "refine", "prompt": PROMPT, "n": 8, "steps": 200, "seed": 1}
 @pytest.fixture(scope="module")
 def url(tiny_bundles, tmp_path_factory):
     settings = Settings(
-        weights=[str(tiny_bundles["one-step"]), str(tiny_bundles["text"])], device="cpu", max_batch_size=8,
-        job_db_path=str(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3"), job_concurrency=1, max_request_cost=4096,
-    )  # fmt: skip
+        weights=[str(tiny_bundles["one-step"]), str(tiny_bundles["text"])],
+        device="cpu",
+        max_batch_size=8,
+        job_db_path=str(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3"),
+        job_concurrency=1,
+        max_request_cost=4096,
+    )
     with server_thread(settings) as base:
         yield base
 
@@ -46,9 +50,12 @@ def submit(url: str, body: dict) -> str:
 
 @pytest.mark.parametrize(
     "endpoint,body",
-    [("generate", {"prompt": PROMPT, "n": 2, "seed": 5}), ("generate", {"prompt": PROMPT, "model": "tiny-text", "steps": 3, "seed": 9}),
-     ("refine", {"prompt": PROMPT, "n": 2, "seed": 5, "steps": 4, "best_of": 2})],
-)  # fmt: skip
+    [
+        ("generate", {"prompt": PROMPT, "n": 2, "seed": 5}),
+        ("generate", {"prompt": PROMPT, "model": "tiny-text", "steps": 3, "seed": 9}),
+        ("refine", {"prompt": PROMPT, "n": 2, "seed": 5, "steps": 4, "best_of": 2}),
+    ],
+)
 def test_a_job_answers_exactly_what_the_synchronous_endpoint_answers(url, endpoint, body):
     job = wait_for(url, submit(url, {"endpoint": endpoint, **body}))
     assert job["status"] == "succeeded" and job["endpoint"] == endpoint and job["error"] is None, job
@@ -68,11 +75,17 @@ def test_a_job_without_a_seed_keeps_the_one_drawn_at_submit(url):
 
 @pytest.mark.parametrize(
     "body",
-    [{"endpoint": "generate", "prompt": "a purple circle"}, {"endpoint": "refine", "prompt": PROMPT, "reward": "nope"},
-     {"endpoint": "generate", "prompt": PROMPT, "model": "nope"}, {"endpoint": "generate", "prompt": PROMPT, "steps": 3},
-     {"endpoint": "refine", "prompt": PROMPT, "n": 16, "steps": 200, "best_of": 4}, {"endpoint": "generate", "n": True, "prompt": PROMPT},
-     {"endpoint": "refine", "prompt": PROMPT, "model": "tiny-text"}, {"endpoint": "generate", "class_label": 1, "prompt": PROMPT}],
-)  # fmt: skip
+    [
+        {"endpoint": "generate", "prompt": "a purple circle"},
+        {"endpoint": "refine", "prompt": PROMPT, "reward": "nope"},
+        {"endpoint": "generate", "prompt": PROMPT, "model": "nope"},
+        {"endpoint": "generate", "prompt": PROMPT, "steps": 3},
+        {"endpoint": "refine", "prompt": PROMPT, "n": 16, "steps": 200, "best_of": 4},
+        {"endpoint": "generate", "n": True, "prompt": PROMPT},
+        {"endpoint": "refine", "prompt": PROMPT, "model": "tiny-text"},
+        {"endpoint": "generate", "class_label": 1, "prompt": PROMPT},
+    ],
+)
 def test_a_body_the_synchronous_endpoint_refuses_is_refused_at_submit_the_same_way(url, body):
     endpoint = body["endpoint"]
     plain = httpx.post(f"{url}/{endpoint}", json={k: v for k, v in body.items() if k != "endpoint"})
@@ -83,18 +96,25 @@ def test_a_body_the_synchronous_endpoint_refuses_is_refused_at_submit_the_same_w
 
 @pytest.mark.parametrize(
     "body,fragment",
-    [({"prompt": PROMPT}, "endpoint"), ({"endpoint": "edit", "prompt": PROMPT}, "endpoint"),
-     ({"endpoint": "refine", "prompt": PROMPT, "stream": True}, "stream"),
-     ({"endpoint": "generate", "prompt": PROMPT, "webhook": "not a url"}, "webhook"),
-     ({"endpoint": "generate", "prompt": PROMPT, "webhook": "ftp://example.com/x"}, "webhook")],
-)  # fmt: skip
+    [
+        ({"prompt": PROMPT}, "endpoint"),
+        ({"endpoint": "edit", "prompt": PROMPT}, "endpoint"),
+        ({"endpoint": "refine", "prompt": PROMPT, "stream": True}, "stream"),
+        ({"endpoint": "generate", "prompt": PROMPT, "webhook": "not a url"}, "webhook"),
+        ({"endpoint": "generate", "prompt": PROMPT, "webhook": "ftp://example.com/x"}, "webhook"),
+    ],
+)
 def test_job_only_fields_are_checked_too(url, body, fragment):
     answer = httpx.post(f"{url}/v1/jobs", json=body)
     assert answer.status_code == 422 and fragment in error_message(answer)
 
 
 def test_unknown_jobs_and_paths_are_404_in_the_openai_shape(url):
-    for method, path in [("GET", "/v1/jobs/job-nope"), ("DELETE", "/v1/jobs/job-nope"), ("GET", "/v1/jobs/job-nope/events")]:
+    for method, path in [
+        ("GET", "/v1/jobs/job-nope"),
+        ("DELETE", "/v1/jobs/job-nope"),
+        ("GET", "/v1/jobs/job-nope/events"),
+    ]:
         answer = httpx.request(method, f"{url}{path}")
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "job_not_found", (method, path)
     answer = httpx.get(f"{url}/v1/nothing/here")
@@ -107,7 +127,9 @@ def test_prefer_respond_async_turns_a_synchronous_request_into_a_job(url):
     answer = httpx.post(f"{url}/refine", json=body, headers={"Prefer": "respond-async, wait=10"})
     assert answer.status_code == 202 and answer.headers["preference-applied"] == "respond-async"
     job = wait_for(url, answer.json()["id"])
-    assert job["endpoint"] == "refine" and job["result"]["data"] == httpx.post(f"{url}/refine", json=body).json()["data"]
+    assert (
+        job["endpoint"] == "refine" and job["result"]["data"] == httpx.post(f"{url}/refine", json=body).json()["data"]
+    )
     refused = httpx.post(f"{url}/generate", json={"prompt": "a purple circle"}, headers={"Prefer": "respond-async"})
     assert refused.status_code == 422 and "purple" in refused.json()["detail"]
 
@@ -167,9 +189,14 @@ def test_job_work_is_metered_by_lane(url):
 
 def test_an_api_key_may_hold_only_max_queued_jobs_per_key_queued_jobs(tiny_bundles, tmp_path):
     settings = Settings(
-        weights=[str(tiny_bundles["one-step"])], device="cpu", max_batch_size=8, api_key="k", max_queued_jobs_per_key=2,
-        job_concurrency=1, job_db_path=str(tmp_path / "jobs.sqlite3"),
-    )  # fmt: skip
+        weights=[str(tiny_bundles["one-step"])],
+        device="cpu",
+        max_batch_size=8,
+        api_key="k",
+        max_queued_jobs_per_key=2,
+        job_concurrency=1,
+        job_db_path=str(tmp_path / "jobs.sqlite3"),
+    )
     with server_thread(settings) as base, httpx.Client(base_url=base, headers={"Authorization": "Bearer k"}) as client:
         assert httpx.post(f"{base}/v1/jobs", json=LONG).status_code == 401
         ids = [client.post("/v1/jobs", json={**LONG, "seed": seed}).json()["id"] for seed in (1, 2, 3)]

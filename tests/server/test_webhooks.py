@@ -57,10 +57,15 @@ def verify(headers: dict, body: bytes) -> bool:
 @pytest.fixture(scope="module")
 def url(tiny_bundles, tmp_path_factory):
     settings = Settings(
-        weights=[str(tiny_bundles["one-step"])], device="cpu", max_batch_size=4, webhook_secret=SECRET,
-        webhook_allow_private=True, webhook_backoff_s=0.2, webhook_attempts=3,
+        weights=[str(tiny_bundles["one-step"])],
+        device="cpu",
+        max_batch_size=4,
+        webhook_secret=SECRET,
+        webhook_allow_private=True,
+        webhook_backoff_s=0.2,
+        webhook_attempts=3,
         job_db_path=str(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3"),
-    )  # fmt: skip
+    )
     with server_thread(settings) as base:
         yield base
 
@@ -102,7 +107,9 @@ def test_a_slow_receiver_never_holds_up_the_next_job(url):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         hook = f"http://{HOST}:{server.server_address[1]}/"
-        first = httpx.post(f"{url}/v1/jobs", json={"endpoint": "generate", "prompt": PROMPT, "webhook": hook}).json()["id"]
+        first = httpx.post(f"{url}/v1/jobs", json={"endpoint": "generate", "prompt": PROMPT, "webhook": hook}).json()[
+            "id"
+        ]
         began = time.monotonic()
         second = httpx.post(f"{url}/v1/jobs", json={"endpoint": "generate", "prompt": PROMPT}).json()["id"]
         while httpx.get(f"{url}/v1/jobs/{second}").json()["status"] != "succeeded":
@@ -114,7 +121,13 @@ def test_a_slow_receiver_never_holds_up_the_next_job(url):
 
 
 def test_private_targets_are_refused_unless_allowed():
-    for target in ("http://127.0.0.1:9/x", "http://10.0.0.7/x", "http://[::1]/x", "http://169.254.169.254/latest", "http://localhost/x"):
+    for target in (
+        "http://127.0.0.1:9/x",
+        "http://10.0.0.7/x",
+        "http://[::1]/x",
+        "http://169.254.169.254/latest",
+        "http://localhost/x",
+    ):
         with pytest.raises(WebhookRefused, match="non-public"):
             check_target(target, allow_private=False)
         check_target(target, allow_private=True)
@@ -124,11 +137,15 @@ def test_private_targets_are_refused_unless_allowed():
 def test_submit_refuses_a_loopback_webhook_or_one_that_cannot_be_signed(tiny_bundles, tmp_path):
     weights = [str(tiny_bundles["one-step"])]
     body = {"endpoint": "generate", "prompt": PROMPT, "webhook": "http://127.0.0.1:9/hook"}
-    strict = Settings(weights=weights, device="cpu", max_batch_size=2, webhook_secret=SECRET, job_db_path=str(tmp_path / "a"))
+    strict = Settings(
+        weights=weights, device="cpu", max_batch_size=2, webhook_secret=SECRET, job_db_path=str(tmp_path / "a")
+    )
     with server_thread(strict) as url:
         refused = httpx.post(f"{url}/v1/jobs", json=body)
         assert refused.status_code == 422 and "non-public" in error_message(refused)
-    unsigned = Settings(weights=weights, device="cpu", max_batch_size=2, webhook_allow_private=True, job_db_path=str(tmp_path / "b"))
+    unsigned = Settings(
+        weights=weights, device="cpu", max_batch_size=2, webhook_allow_private=True, job_db_path=str(tmp_path / "b")
+    )
     with server_thread(unsigned) as url:
         refused = httpx.post(f"{url}/v1/jobs", json=body)
         assert refused.status_code == 422 and "WEBHOOK_SECRET" in error_message(refused)
@@ -137,7 +154,9 @@ def test_submit_refuses_a_loopback_webhook_or_one_that_cannot_be_signed(tiny_bun
 def test_signature_matches_the_standard_webhooks_reference_vector():
     # From the Standard Webhooks specification's example (svix): this secret, id, timestamp and body sign to this value.
     headers = signature_headers(
-        secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", message_id="msg_p5jXN8AQM9LWM0D4loKWxJek",
-        timestamp=1614265330, body=b'{"test": 2432232314}',
-    )  # fmt: skip
+        secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        message_id="msg_p5jXN8AQM9LWM0D4loKWxJek",
+        timestamp=1614265330,
+        body=b'{"test": 2432232314}',
+    )
     assert headers["webhook-signature"] == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="

@@ -9,12 +9,13 @@ TORCH ?= torch==2.13.0
 setup: $(VENV)/.installed
 
 # What the tests drive for real (Debian packages): Prometheus for the monitoring test, Chromium and its
-# driver for the playground test. Installed when root; otherwise those tests are skipped.
+# driver for the playground test, redis-server for the Redis job store. Installed when root; otherwise those
+# tests are skipped.
 tools:
-	@{ command -v prometheus && command -v chromium && command -v chromedriver; } >/dev/null || \
+	@{ command -v prometheus && command -v chromium && command -v chromedriver && command -v redis-server; } >/dev/null || \
 		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends prometheus chromium chromium-driver >/dev/null; } || \
-		echo "prometheus or chromium not installed: the monitoring or playground test will be skipped"
+			--no-install-recommends prometheus chromium chromium-driver redis-server >/dev/null; } || \
+		echo "prometheus, chromium or redis-server not installed: the monitoring, playground or Redis tests will be skipped"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

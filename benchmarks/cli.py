@@ -38,7 +38,7 @@ def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
     soak.add_argument("--json", help="also write the report here")
     soak.set_defaults(func=_soak)
 
-    from benchmarks import plots, refine, serve, steps
+    from benchmarks import lanes, plots, refine, serve, steps
 
     def plot(result: dict, args: argparse.Namespace) -> None:
         if args.plot:
@@ -83,6 +83,14 @@ def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
         (("--rounds",), {"type": int, "help": "measured bursts per server"}),
         *[o for o in options if o[0][0] not in ("--duration-s", "--warmup-s", "--max-requests")],
     ], run=refine.run_refine, table=refine.refine_table, config=refine.RefineBench)  # fmt: skip
+    add_bench_suite("lanes", "/generate p50 and p99 alone, then under a saturating load of /refine jobs", [
+        (("--model",), {"required": True, "help": "one-step bundle folder with a reward"}),
+        (("--concurrency",), {"type": int, "help": "closed-loop /generate clients"}),
+        (("--jobs",), {"type": int, "help": "/refine jobs kept submitted during the loaded run"}),
+        (("--job-images",), {"type": int, "help": "images per job"}),
+        (("--tteo-steps",), {"type": int, "help": "TTEO steps per job (default: the bundle's)"}),
+        *options,
+    ], run=lanes.run_lanes, table=lanes.lanes_table, config=lanes.LanesBench)  # fmt: skip
 
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -34,9 +36,10 @@ def running_server(spec: ServerSpec, ready_timeout_s: float = 300.0) -> Iterator
     if spec.mode not in ("process", "thread"):
         raise BenchError(f"unknown server mode {spec.mode!r}; use process or thread")
     flags = {"max_wait_ms": spec.max_wait_ms} if spec.max_wait_ms is not None else {}
+    jobs = tempfile.TemporaryDirectory(prefix="softdimo-bench-jobs-")  # a job store of its own, left nowhere
     settings = Settings(
         weights=list(spec.weights), device=spec.device, max_batch_size=spec.max_batch_size, api_key=None,
-        log_level="warning", **flags, **spec.runtime.to_dict(),
+        log_level="warning", job_db_path=str(Path(jobs.name) / "jobs.sqlite3"), **flags, **spec.runtime.to_dict(),
     )  # fmt: skip
     try:
         if spec.mode == "thread":
@@ -49,6 +52,8 @@ def running_server(spec: ServerSpec, ready_timeout_s: float = 300.0) -> Iterator
             yield url
     except ServerStartError as exc:
         raise BenchError(str(exc)) from exc
+    finally:
+        jobs.cleanup()
 
 
 def serve_arguments(settings: Settings) -> list[str]:
@@ -58,6 +63,7 @@ def serve_arguments(settings: Settings) -> list[str]:
         "--weights", *settings.weights, "--device", settings.device, "--max-batch-size", str(settings.max_batch_size),
         "--max-wait-ms", str(settings.max_wait_ms), "--log-level", settings.log_level, "--precision", runtime.precision,
         "--compile" if runtime.compile else "--no-compile", "--pin-memory" if runtime.pin_memory else "--no-pin-memory",
+        "--job-db-path", settings.job_db_path,
     ]  # fmt: skip
 
 

@@ -17,11 +17,13 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server import openapi
 from server.engine import Engine, verify_bundles
 from server.errors import error_response
 from server.guard import ApiKeyGuard, BodyLimit, BodyTooLarge
+from server.job_runner import JobRunner
 from server.metrics import Metrics
 from server.routes import router
 from server.service import ENDPOINTS, MODEL_THREAD, Service, ServiceError
@@ -38,7 +40,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     Liveness answers at once; readiness waits for loading and warm-up at the maximum batch size."""
     metrics = Metrics()
-    service = Service(settings, metrics)
+    service = Service(settings, metrics, start_jobs=JobRunner.start)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -81,7 +83,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
-        return error_response(request.url.path, exc.status, exc.detail, exc.headers)
+        return error_response(request.url.path, exc.status, exc.detail, exc.headers, code=exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -95,9 +97,30 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):  # unknown paths, wrong methods, unreadable bodies
-        return error_response(request.url.path, exc.status_code, exc.detail, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 404 and exc.detail == "Not Found":  # no route, as opposed to a route answering 404
+            detail = f"no endpoint {request.method} {request.url.path}; see /openapi.json for the endpoints"
+            return error_response(request.url.path, 404, detail, headers, code="unknown_url")
+        if exc.status_code == 405:
+            # Every route of the path, not just the first that matched it: GET and DELETE /v1/jobs/{id} are two routes.
+            allowed = sorted({
+                method for route in _leaf_routes(app.routes) if route.matches(request.scope)[0] is Match.PARTIAL
+                for method in getattr(route, "methods", None) or ()
+            })  # fmt: skip
+            detail = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+            return error_response(request.url.path, 405, detail, {**(headers or {}), "Allow": ", ".join(allowed)})
+        return error_response(request.url.path, exc.status_code, exc.detail, headers)
 
     return app
+
+
+def _leaf_routes(routes) -> list:
+    """The routes of an app with included routers opened up (FastAPI keeps an included router as one entry)."""
+    leaves = []
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None) or getattr(route, "routes", None)
+        leaves.extend(_leaf_routes(inner) if inner is not None else [route])
+    return leaves
 
 
 class DrainingServer(uvicorn.Server):

@@ -423,8 +423,13 @@ class Batcher(Generic[In, Out]):
         self._queued_cost -= sum(pending.cost for pending in batch)
         self._set_queued_images(self._queued_images - images)
         started = time.monotonic()
-        for pending in batch:
-            self._observer_call(self._observer.queue_wait, started - pending.queued_at)
+
+        def run_now(items: list[In]) -> list[Out]:
+            # The wait ends when the batch starts on the executor: a shared executor may run other work first.
+            now = time.monotonic()
+            for pending in batch:
+                self._observer_call(self._observer.queue_wait, now - pending.queued_at)
+            return self._run_batch(items)
 
         self._running_batch = batch
         executor = self._given_executor or self._owned_executor
@@ -432,9 +437,7 @@ class Batcher(Generic[In, Out]):
         outputs: list[Out] = []
         try:
             outputs = list(
-                await asyncio.get_running_loop().run_in_executor(
-                    executor, self._run_batch, [pending.item for pending in batch]
-                )
+                await asyncio.get_running_loop().run_in_executor(executor, run_now, [pending.item for pending in batch])
             )
         except asyncio.CancelledError:
             # Only stop() cancels the loop, after its drain timeout; the thread runs on, unheard.

@@ -8,6 +8,8 @@ from typing import Literal, get_args, get_origin
 
 from softdimo import cli
 
+ENVIRONMENT_ONLY = ("api_key", "webhook_secret")
+
 
 def _serve(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
@@ -31,8 +33,8 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help = f"{field.description or ''} (default: {shown_default(name)})".lstrip()
-        if name == "api_key":
-            continue  # from the environment only, so the key stays out of `ps` and shell history
+        if name in ENVIRONMENT_ONLY:
+            continue  # secrets stay out of `ps` and shell history
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         elif name in ("weights", "auth_exempt_paths"):

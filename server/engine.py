@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -61,12 +61,16 @@ class ServedModel:
     def reward_text(self, prompt: str | None, class_label: int | None) -> str:
         return self.conditioner.reward_text(prompt, class_label)
 
-    def refine_batch(self, jobs: Sequence[RefineJob]) -> list[list[RefinedImage]]:
-        """TTEO for all jobs of one batch at once (they share settings and reward); each image on its own."""
+    def refine_batch(
+        self, jobs: Sequence[RefineJob], *, between_steps: Callable[[], object] | None = None,
+    ) -> list[list[RefinedImage]]:  # fmt: skip
+        """TTEO for all jobs of one batch at once (they share settings and reward); each image on its own.
+        `between_steps` runs after each step (other work that must not wait for the whole batch)."""
         condition = torch.cat([job.condition.expand(job.n, *job.condition.shape[1:]) for job in jobs])
         texts = [job.text for job in jobs for _ in range(job.n)]
         candidates = [list(row) for job in jobs for row in job.candidates]  # drawn per request, not per batch
-        on_step = _step_reports(jobs) if any(job.progress is not None for job in jobs) else None
+        reports = any(job.progress is not None for job in jobs)
+        on_step = _step_reports(jobs, between_steps) if reports or between_steps is not None else None
         with self.runtime.running(self.pipeline):  # eager: TTEO takes gradients through the network
             refined = self.pipeline.refine(condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward, on_step=on_step)
             images = to_uint8(refined.images)
@@ -75,10 +79,13 @@ class ServedModel:
         return split_counts(items, [job.n for job in jobs])
 
 
-def _step_reports(jobs: Sequence[RefineJob]):
-    """A TTEO step hook: hand each streaming job its images' rewards; keep optimising only uncancelled jobs' images."""
+def _step_reports(jobs: Sequence[RefineJob], between_steps: Callable[[], object] | None = None):
+    """A TTEO step hook: hand each streaming job its images' rewards; keep optimising only uncancelled jobs' images;
+    then let `between_steps` run."""
 
     def on_step(step: int, rewards: torch.Tensor) -> torch.Tensor:
+        if between_steps is not None:
+            between_steps()
         values = rewards.tolist()
         wanted: list[bool] = []
         for job, part in zip(jobs, split_counts(values, [job.n for job in jobs])):

@@ -14,6 +14,8 @@ OPENAI_PREFIX = "/v1/"
 _OPENAI_KINDS = {
     401: ("invalid_request_error", "invalid_api_key"),
     404: ("invalid_request_error", "model_not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    409: ("invalid_request_error", "conflict"),
     413: ("invalid_request_error", "request_too_large"),
     422: ("invalid_request_error", "invalid_value"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
@@ -39,13 +41,17 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def openai_error(status: int, message: str, param: str | None = None) -> dict:
-    """An OpenAI error object: what the OpenAI SDKs read a failed request's message from."""
-    kind, code = _OPENAI_KINDS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """An OpenAI error object: what the OpenAI SDKs read a failed request's message from; `code` overrides the
+    status's usual code."""
+    kind, usual = _OPENAI_KINDS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    code = usual if code is None else code
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(path: str, status: int, detail: Any, headers: dict[str, str] | None = None) -> ErrorJSON:
+def error_response(
+    path: str, status: int, detail: Any, headers: dict[str, str] | None = None, code: str | None = None,
+) -> ErrorJSON:  # fmt: skip
     """The error answer for `path`: an OpenAI error object under /v1/, else {"detail": detail} (a message or
     FastAPI's list of validation issues)."""
     if not path.startswith(OPENAI_PREFIX):
@@ -56,4 +62,4 @@ def error_response(path: str, status: int, detail: Any, headers: dict[str, str] 
         param = ".".join(location) or None
         message = "; ".join(f"{'.'.join(str(p) for p in i.get('loc', ()) if p != 'body') or 'body'}: {i.get('msg')}" for i in detail)
         return ErrorJSON(openai_error(status, message, param), status_code=status, headers=headers)
-    return ErrorJSON(openai_error(status, str(detail)), status_code=status, headers=headers)
+    return ErrorJSON(openai_error(status, str(detail), code=code), status_code=status, headers=headers)

@@ -26,8 +26,8 @@ class Metrics:
             buckets=DURATION_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(
-            "softdimo_queue_wait_seconds", "Time a request waited before its batch started.", ["endpoint", "model"],
-            buckets=WAIT_BUCKETS, registry=r,
+            "softdimo_queue_wait_seconds", "Time a request waited before its batch started on the device, by lane.",
+            ["endpoint", "model", "lane"], buckets=WAIT_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(
             "softdimo_batch_size", "Images in an executed batch.", ["endpoint", "model"], buckets=BATCH_BUCKETS, registry=r
@@ -42,6 +42,14 @@ class Metrics:
         self.rejected = Counter("softdimo_rejected", "Requests refused or dropped, by reason.", ["endpoint", "reason"], registry=r)
         self.batch_splits = Counter(
             "softdimo_batch_splits", "Batches that ran out of memory and were retried in halves.", ["endpoint", "model"], registry=r
+        )
+        self.jobs = Counter("softdimo_jobs", "Jobs that ended, by final status.", ["endpoint", "status"], registry=r)
+        self.jobs_submitted = Counter(
+            "softdimo_jobs_submitted", "Jobs accepted into the store.", ["endpoint"], registry=r
+        )
+        self.webhook_deliveries = Counter(
+            "softdimo_webhook_deliveries", "Webhook calls, by outcome (delivered, retried, abandoned).", ["outcome"],
+            registry=r,
         )
         # process_resident_memory_bytes, CPU seconds, open files (Linux): what a soak test watches for leaks.
         ProcessCollector(registry=r)

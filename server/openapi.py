@@ -16,11 +16,14 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from server.engine import ServedModel
-from server.schemas import GenerateRequest, OpenAIImageRequest, RefineRequest
+from server.schemas import GenerateJobRequest, GenerateRequest, OpenAIImageRequest, RefineJobRequest, RefineRequest
 from server.service import GENERATE, OPENAI, REFINE
 from server.settings import Settings
 
-REQUESTS: dict[str, type[BaseModel]] = {GENERATE: GenerateRequest, REFINE: RefineRequest, OPENAI: OpenAIImageRequest}
+REQUESTS: list[tuple[str, type[BaseModel]]] = [
+    (GENERATE, GenerateRequest), (REFINE, RefineRequest), (OPENAI, OpenAIImageRequest),
+    (GENERATE, GenerateJobRequest), (REFINE, RefineJobRequest),  # POST /v1/jobs: checked as the endpoint checks them
+]
 NOTHING = {"not": {}}  # the schema no value satisfies
 
 
@@ -47,7 +50,7 @@ def install(app: FastAPI, *, settings: Settings, models: Callable[[], Served | N
 def describe(base: dict, *, settings: Settings, served: Served | None) -> dict:
     schema = copy.deepcopy(base)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for endpoint, request in REQUESTS.items():
+    for endpoint, request in REQUESTS:
         # pydantic's own schema: FastAPI writes numeric bounds as floats, and 2^63 - 1 is not one.
         components[request.__name__] = request.model_json_schema(ref_template="#/components/schemas/{model}")
         if served is not None:
@@ -56,6 +59,10 @@ def describe(base: dict, *, settings: Settings, served: Served | None) -> dict:
                 components[request.__name__], endpoint=endpoint, models=models, default=default,
                 max_request_cost=settings.max_request_cost,
             )  # fmt: skip
+        webhook = components[request.__name__]["properties"].get("webhook")
+        if webhook is not None and settings.webhook_secret is None:  # no secret to sign with: no webhooks taken
+            described = {"type": "null", "description": webhook.get("description", "")}
+            components[request.__name__]["properties"]["webhook"] = described
     if settings.api_key is not None:
         add_bearer(schema, exempt=settings.auth_exempt_paths)
     return schema

@@ -14,8 +14,10 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from server.schemas import (
     ErrorResponse,
     GenerateRequest,
-    ImageData,
     ImageResponse,
+    JobAccepted,
+    JobRequest,
+    JobResponse,
     ModelList,
     OpenAIErrorResponse,
     OpenAIImage,
@@ -23,12 +25,14 @@ from server.schemas import (
     OpenAIImageResponse,
     RefineRequest,
     Status,
-    Timing,
     ValidationErrorResponse,
 )
 from server.engine import ServedModel
+from server.job_runner import JOBS_PATH, JobRunner, job_response
+from server.job_store import FINISHED, JobRecord
 from server.jobs import RefineJob, RefineProgress
 from server.service import GENERATE, OPENAI, REFINE, GeneratedImages, Service, ServiceError
+from server.work import encoded, generate_job, generate_response, refine_job, refine_response
 from softdimo.images import MEDIA_TYPES
 
 router = APIRouter()
@@ -49,6 +53,7 @@ ERROR_RESPONSES = {
 OPENAI_ERROR_RESPONSES = {status: {**answer, "model": OpenAIErrorResponse} for status, answer in ERROR_RESPONSES.items()}
 IMAGE_RESPONSES = {
     **ERROR_RESPONSES,
+    202: {"model": JobAccepted, "description": "with `Prefer: respond-async`: accepted as a job (see Location)"},
     200: {"content": {media: {} for media in MEDIA_TYPES.values()}, "description": "JSON, or with Accept: image/... and n = 1 the image"},
     406: {"model": ErrorResponse, "description": "an image body was asked for with n > 1"},
 }
@@ -63,6 +68,27 @@ REFINE_RESPONSES = {
 
 def _service(request: Request) -> Service:
     return request.app.state.service
+
+
+def _job_runner(request: Request) -> JobRunner:
+    service = _service(request)
+    if service.jobs is None:
+        raise ServiceError(503, "the server is not ready yet: models are loading", {"Retry-After": "5"})
+    return service.jobs
+
+
+def _prefers_async(request: Request) -> bool:
+    """RFC 7240 `Prefer: respond-async`: answer 202 with a job instead of waiting for the images."""
+    parts = [part for header in request.headers.getlist("prefer") for part in header.replace(";", ",").split(",")]
+    return "respond-async" in [part.split("=")[0].strip().lower() for part in parts]
+
+
+def _accepted(job: JobRecord, *, preference_applied: bool = False) -> JSONResponse:
+    headers = {"Location": f"{JOBS_PATH}/{job.id}"}
+    if preference_applied:
+        headers["Preference-Applied"] = "respond-async"
+    body = JobAccepted(id=job.id, status=job.status, created=int(job.created)).model_dump(mode="json")
+    return JSONResponse(body, status_code=202, headers=headers)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -139,42 +165,26 @@ def _image_body_format(request: Request, body: GenerateRequest | RefineRequest) 
     return image_format
 
 
-async def _encoded(service: Service, endpoint: str, result: GeneratedImages, image_format: str) -> list[bytes]:
-    """The images in `image_format`, counted as served."""
-    encoded = await service.encode(result.images, image_format)
-    service.metrics.images.labels(endpoint, result.model).inc(len(encoded))
-    return encoded
-
-
-def _timing(result: GeneratedImages, began: float) -> Timing:
-    return Timing(queue_s=round(result.queue_s, 6), compute_s=round(result.compute_s, 6), total_s=round(time.perf_counter() - began, 6))
-
-
 async def _generate(request: Request, body: GenerateRequest, endpoint: str) -> GeneratedImages:
     service = _service(request)
     model = service.model(body.model, endpoint=endpoint)
-    condition = service.condition(model, body.prompt, body.class_label)
-    seed = service.first_seed(body.seed)
-    return await _unless_disconnected(
-        request, service.generate(model=model, condition=condition, seed=seed, n=body.n, steps=body.steps)
-    )
+    job = generate_job(service, model, body)
+    return await _unless_disconnected(request, service.generate(model=model, job=job))
 
 
 @router.post("/generate", response_model=ImageResponse, responses=IMAGE_RESPONSES)
 async def generate(request: Request, body: GenerateRequest):
     service = _service(request)
+    if _prefers_async(request):
+        return _accepted(await _job_runner(request).submit(body), preference_applied=True)
     began = time.perf_counter()
     async with _counted(service, GENERATE, body.model):
         image_format = _image_body_format(request, body)
         result = await _generate(request, body, GENERATE)
-        encoded = await _encoded(service, GENERATE, result, image_format or body.format)
+        images = await encoded(service, GENERATE, result, image_format or body.format)
         if image_format is not None:
-            return Response(encoded[0], media_type=MEDIA_TYPES[image_format], headers={"X-Seed": str(result.seeds[0])})
-        return ImageResponse(
-            id=service.new_id("gen"), model=result.model, created=int(time.time()),
-            data=[ImageData(b64_json=service.b64(data), seed=seed) for data, seed in zip(encoded, result.seeds)],
-            timing=_timing(result, began),
-        )  # fmt: skip
+            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers={"X-Seed": str(result.seeds[0])})
+        return generate_response(service, result, images, began)
 
 
 @router.post("/refine", response_model=ImageResponse, responses=REFINE_RESPONSES)
@@ -185,48 +195,29 @@ async def refine(request: Request, body: RefineRequest):
     for a batch of their own. With best_of = 1 and the same seed, the starting image is /generate's.
     With `stream`, the answer is a text/event-stream of each step's rewards, then the same JSON."""
     service = _service(request)
+    if _prefers_async(request):
+        return _accepted(await _job_runner(request).submit(body), preference_applied=True)
     began = time.perf_counter()
     if body.stream:  # checked here, so a refused request is an ordinary JSON error before any event
         async with _counted(service, REFINE, body.model, count_success=False):
             if _wanted_image_format(request, body.format) is not None:
                 raise ServiceError(406, "a stream carries JSON events: use Accept: text/event-stream or application/json")
             progress = RefineProgress(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
-            model, job = _refine_job(service, body, progress)
+            model = service.model(body.model, endpoint=REFINE)
+            job = refine_job(service, model, body, progress)
         events = _refine_events(service, model, job, body, began)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     async with _counted(service, REFINE, body.model):
         image_format = _image_body_format(request, body)
-        model, job = _refine_job(service, body)
+        model = service.model(body.model, endpoint=REFINE)
+        job = refine_job(service, model, body)
         result = await _unless_disconnected(request, service.refine(model=model, job=job))
-        encoded = await _encoded(service, REFINE, result, image_format or body.format)
+        images = await encoded(service, REFINE, result, image_format or body.format)
         if image_format is not None:
             item = result.refined[0]
             headers = {"X-Seed": str(result.seeds[0]), "X-Reward-Before": f"{item.reward_before:.6f}", "X-Reward-After": f"{item.reward_after:.6f}"}
-            return Response(encoded[0], media_type=MEDIA_TYPES[image_format], headers=headers)
-        return _refine_response(service, result, encoded, began)
-
-
-def _refine_job(service: Service, body: RefineRequest, progress: RefineProgress | None = None) -> tuple[ServedModel, RefineJob]:
-    model = service.model(body.model, endpoint=REFINE)
-    condition = service.condition(model, body.prompt, body.class_label)
-    text, seed = model.reward_text(body.prompt, body.class_label), service.first_seed(body.seed)
-    job = service.refine_job(
-        model=model, condition=condition, text=text, seed=seed, n=body.n, steps=body.steps, lr=body.lr,
-        best_of=body.best_of, reward=body.reward, progress=progress,
-    )
-    return model, job
-
-
-def _refine_response(service: Service, result: GeneratedImages, encoded: list[bytes], began: float) -> ImageResponse:
-    return ImageResponse(
-        id=service.new_id("ref"), model=result.model, created=int(time.time()),
-        data=[
-            ImageData(b64_json=service.b64(data), seed=seed, reward_before=round(item.reward_before, 6),
-                      reward_after=round(item.reward_after, 6), candidate_seed=item.candidate_seed)
-            for data, seed, item in zip(encoded, result.seeds, result.refined)
-        ],
-        timing=_timing(result, began),
-    )  # fmt: skip
+            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers=headers)
+        return refine_response(service, result, images, began)
 
 
 def _event(name: str, data: dict) -> bytes:
@@ -249,8 +240,8 @@ async def _refine_events(service: Service, model: ServedModel, job: RefineJob, b
                 step, seeds, rewards = report.result()
                 yield _event("step", {"step": step, "images": [{"seed": s, "reward": round(r, 6)} for s, r in zip(seeds, rewards)]})
             result = work.result()
-            encoded = await _encoded(service, REFINE, result, body.format)
-            yield _event("result", _refine_response(service, result, encoded, began).model_dump(mode="json"))
+            images = await encoded(service, REFINE, result, body.format)
+            yield _event("result", refine_response(service, result, images, began).model_dump(mode="json"))
     except ServiceError as exc:
         yield _event("error", {"status": exc.status, "detail": exc.detail})
     finally:
@@ -268,8 +259,66 @@ async def openai_generations(request: Request, body: OpenAIImageRequest):
             raise ServiceError(422, f"size {body.size!r} is not available: model {model.name!r} draws {side}")
         request_body = GenerateRequest(prompt=body.prompt, n=body.n, seed=body.seed, model=body.model, format=body.output_format)
         result = await _generate(request, request_body, OPENAI)
-        encoded = await _encoded(service, OPENAI, result, body.output_format)
-        return OpenAIImageResponse(created=int(time.time()), data=[OpenAIImage(b64_json=service.b64(d)) for d in encoded])
+        images = await encoded(service, OPENAI, result, body.output_format)
+        data = [OpenAIImage(b64_json=service.b64(d)) for d in images]
+        return OpenAIImageResponse(created=int(time.time()), data=data)
+
+
+JOB_ERROR_RESPONSES = {
+    **OPENAI_ERROR_RESPONSES,
+    404: {"model": OpenAIErrorResponse, "description": "unknown job (or finished and expired), model or reward"},
+    409: {"model": OpenAIErrorResponse, "description": "the job has already finished"},
+    429: {"model": OpenAIErrorResponse, "description": "this API key has max_queued_jobs_per_key queued jobs"},
+}
+
+
+@router.post(JOBS_PATH, status_code=202, response_model=JobAccepted, responses=JOB_ERROR_RESPONSES)
+async def submit_job(request: Request, body: JobRequest):
+    """A /generate or /refine body (plus `endpoint`, and optionally `webhook`) run as a durable job: checked now
+    as the synchronous endpoint would check it, stored, run by this or another process sharing the store."""
+    return _accepted(await _job_runner(request).submit(body, webhook=body.webhook))
+
+
+@router.get(JOBS_PATH + "/{job_id}", response_model=JobResponse, responses=JOB_ERROR_RESPONSES)
+async def get_job(request: Request, job_id: str):
+    return job_response(await _job_runner(request).get(job_id))
+
+
+@router.delete(JOBS_PATH + "/{job_id}", response_model=JobResponse, responses=JOB_ERROR_RESPONSES)
+async def cancel_job(request: Request, job_id: str):
+    """Cancel a queued or running job: a running /refine stops at its next TTEO step."""
+    return job_response(await _job_runner(request).cancel(job_id))
+
+
+_EVENTS_POLL_S = 0.2
+
+
+@router.get(
+    JOBS_PATH + "/{job_id}/events", responses={**JOB_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}}
+)
+async def job_events(request: Request, job_id: str):
+    """The job's progress as server-sent events: `status` on each change of status, `progress` on each new TTEO
+    report ({step, steps, images}), and last an event named by the final status whose data is the job as GET
+    answers it."""
+    runner = _job_runner(request)
+    job = await runner.get(job_id)  # an unknown id is a plain 404, before any event
+
+    async def events():
+        current, status, progress = job, None, None
+        while current is not None:  # None: expired while watched
+            if current.status != status:
+                status = current.status
+                yield _event("status", {"status": status})
+            if current.progress is not None and current.progress != progress:
+                progress = current.progress
+                yield _event("progress", progress)
+            if current.status in FINISHED:
+                yield _event(current.status, job_response(current).model_dump(mode="json"))
+                return
+            await asyncio.sleep(_EVENTS_POLL_S)
+            current = await asyncio.to_thread(runner.store.get, job_id)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/v1/models", response_model=ModelList, responses={401: OPENAI_ERROR_RESPONSES[401]})

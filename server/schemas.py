@@ -110,6 +110,65 @@ class ImageResponse(BaseModel):
     timing: Timing
 
 
+Webhook = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^https?://[^/?#\s]+[^\s]*$")]
+WEBHOOK_DESCRIPTION = "called with the job when it ends (POST, Standard Webhooks signature); public http(s) hosts only"
+
+
+class GenerateJobRequest(GenerateRequest):
+    """POST /v1/jobs with the body of /generate."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"endpoint": "generate", "prompt": "a red circle", "seed": 3}], "oneOf": ONE_CONDITION
+        }
+    )
+
+    endpoint: Literal["generate"]
+    webhook: Webhook | None = Field(None, description=WEBHOOK_DESCRIPTION)
+
+
+class RefineJobRequest(RefineRequest):
+    """POST /v1/jobs with the body of /refine (progress comes from GET /v1/jobs/{id}/events, not `stream`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"endpoint": "refine", "prompt": "a red circle", "seed": 3, "steps": 20}],
+            "oneOf": ONE_CONDITION,
+        }
+    )
+
+    endpoint: Literal["refine"]
+    webhook: Webhook | None = Field(None, description=WEBHOOK_DESCRIPTION)
+    stream: Literal[False] = Field(False, description="not for jobs: follow GET /v1/jobs/{id}/events instead")
+
+
+JobRequest = Annotated[GenerateJobRequest | RefineJobRequest, Field(discriminator="endpoint")]
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: JobStatusName
+    created: int
+
+
+class JobError(BaseModel):
+    status: int
+    detail: str
+
+
+class JobResponse(BaseModel):
+    """A job as GET /v1/jobs/{id} answers it; `result` is what the synchronous endpoint answers for its body."""
+
+    id: str
+    endpoint: Literal["generate", "refine"]
+    status: JobStatusName
+    created: int
+    progress: dict | None = Field(None, description="/refine: {step, steps, images: [{seed, reward}]} of the last step")
+    result: ImageResponse | None = None
+    error: JobError | None = None
+
+
 class OpenAIImageRequest(StrictRequest):
     """The OpenAI Images API request shape; fields it has that mean nothing here are accepted and ignored."""
 

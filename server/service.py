@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import functools
 import logging
 import math
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, NullObserver, QueueFull
 from server.engine import Engine, ServedModel
 from server.jobs import GenerateJob, RefinedImage, RefineJob, RefineProgress, run_splitting_on_oom
+from server.lanes import BACKGROUND, INTERACTIVE, DeviceLanes
 from server.metrics import Metrics
 from server.settings import Settings
 from softdimo.conditioning import ConditionError
@@ -32,16 +33,18 @@ REFINE = "/refine"
 OPENAI = "/v1/images/generations"
 ENDPOINTS = (GENERATE, REFINE, OPENAI)
 MODEL_THREAD = "softdimo-model"  # name prefix of the one thread that runs batches
+REQUEST_TIMEOUT = -1.0  # as a `timeout_s`: the settings' request_timeout_s (None: no deadline, as for jobs)
 
 
 class ServiceError(Exception):
     """An error with the HTTP status and message the client gets; `headers` carries e.g. Retry-After."""
 
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None, *, code: str | None = None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = headers or {}
+        self.code = code  # the OpenAI error object's `code` under /v1/, when the status alone does not say it
 
 
 @dataclass
@@ -74,14 +77,14 @@ def _timed(run, jobs):
 class _BatchMetrics(NullObserver):
     """Feeds one batcher's queue and batch events into the Prometheus metrics."""
 
-    def __init__(self, metrics: Metrics, endpoint: str, model: str):
-        self.metrics, self.endpoint, self.model = metrics, endpoint, model
+    def __init__(self, metrics: Metrics, endpoint: str, model: str, lane: str):
+        self.metrics, self.endpoint, self.model, self.lane = metrics, endpoint, model, lane
 
     def queue_depth(self, images: int) -> None:
         self.metrics.queue_depth.labels(self.endpoint, self.model).set(images)
 
     def queue_wait(self, seconds: float) -> None:
-        self.metrics.queue_wait.labels(self.endpoint, self.model).observe(seconds)
+        self.metrics.queue_wait.labels(self.endpoint, self.model, self.lane).observe(seconds)
 
     def batch_executed(self, images: int, requests: int, seconds: float) -> None:
         self.metrics.batch_size.labels(self.endpoint, self.model).observe(images)
@@ -93,16 +96,23 @@ class _BatchMetrics(NullObserver):
 class Service:
     """Owns the engine, its batchers and the readiness state; the routes only translate HTTP."""
 
-    def __init__(self, settings: Settings, metrics: Metrics):
+    def __init__(
+        self, settings: Settings, metrics: Metrics, *, start_jobs: Callable[[Service], Awaitable] | None = None,
+    ):  # fmt: skip
         self.settings = settings
         self.metrics = metrics
         self.engine: Engine | None = None
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
-        self._batchers: dict[tuple[str, str], Batcher] = {}
-        # One thread for all model work: batches of different models and endpoints take turns on the device.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=MODEL_THREAD)
+        self._batchers: dict[tuple[str, str, str], Batcher] = {}
+        # One thread for all model work: batches of different models and endpoints take turns on the device,
+        # interactive ones first (server/lanes.py).
+        self._lanes = DeviceLanes(burst=settings.interactive_burst, thread_name=MODEL_THREAD)
+        self._executor = self._lanes.executor(INTERACTIVE)
+        # The JobRunner (server/job_runner.py), started by `start_jobs` once the batchers run; it uses this class.
+        self._start_jobs = start_jobs
+        self.jobs = None
 
     # ------------------------------------------------------------ lifecycle
     async def start(self, engine: Engine | None = None) -> None:
@@ -124,13 +134,23 @@ class Service:
         self.engine = engine
         self.metrics.declare(list(ENDPOINTS), list(engine.models))
         for model in engine.models.values():
-            await self._add_batcher(GENERATE, model, model.generate_batch)
+            await self._add_batcher(GENERATE, model, model.generate_batch, INTERACTIVE)
+            await self._add_batcher(GENERATE, model, model.generate_batch, BACKGROUND)  # jobs
             if model.rewards:
-                await self._add_batcher(REFINE, model, model.refine_batch)
+                # A /refine batch computes for seconds: interactive batches waiting meanwhile run between its steps.
+                refine_batch = functools.partial(model.refine_batch, between_steps=self._lanes.run_waiting_interactive)
+                await self._add_batcher(REFINE, model, refine_batch, BACKGROUND)
+        if self._start_jobs is not None:
+            try:
+                self.jobs = await self._start_jobs(self)
+            except Exception as exc:  # e.g. an unreachable Redis: unready, saying why on /readyz
+                self.load_error = f"job store: {type(exc).__name__}: {exc}"
+                log.error("the job store could not be opened: %s", self.load_error)
+                raise
         # A drain that began while the models were loading keeps the server unready.
         self.ready = not self.draining
 
-    async def _add_batcher(self, endpoint: str, model: ServedModel, run_batch) -> None:
+    async def _add_batcher(self, endpoint: str, model: ServedModel, run_batch, lane: str) -> None:
         splits = self.metrics.batch_splits.labels(endpoint, model.name)
 
         def run(jobs):  # a batch that runs out of memory is retried in halves before any request fails
@@ -149,12 +169,12 @@ class Service:
             # A batch runs one set of sampling steps (teachers) or one set of TTEO settings and reward (/refine);
             # requests that differ wait in arrival order for a batch of their own.
             key_of=lambda job: job.key,
-            executor=self._executor,
-            observer=_BatchMetrics(self.metrics, endpoint, model.name),
-            name=f"{endpoint}:{model.name}",
+            executor=self._lanes.executor(lane),
+            observer=_BatchMetrics(self.metrics, endpoint, model.name, lane),
+            name=f"{endpoint}:{model.name}:{lane}",
         )
         await batcher.start()
-        self._batchers[(endpoint, model.name)] = batcher
+        self._batchers[(endpoint, model.name, lane)] = batcher
 
     def begin_drain(self) -> None:
         """From now on refuse new work (503) and report unready; queued and running work carries on."""
@@ -162,16 +182,25 @@ class Service:
         self.ready = False
 
     async def stop(self) -> None:
-        """Refuse new work, let queued and running batches finish within the drain timeout."""
+        """Refuse new work, let queued and running batches finish within the drain timeout; queued jobs stay in
+        their store for the next process, running ones finish (or go back to the queue when they cannot)."""
         self.begin_drain()
+        if self.jobs is not None:
+            self.jobs.stop_claiming()
         await asyncio.gather(*(b.stop(drain=True, timeout_s=self.settings.drain_timeout_s) for b in self._batchers.values()))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.jobs is not None:
+            await self.jobs.stop()
+        self._lanes.shutdown(wait=False, cancel_futures=True)
 
     async def abort(self) -> None:
         """Stop at once: queued work fails with 503, and the batch in progress is no longer waited for."""
         self.begin_drain()
+        if self.jobs is not None:
+            self.jobs.stop_claiming()
         await asyncio.gather(*(b.stop(drain=False, timeout_s=0) for b in self._batchers.values()))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.jobs is not None:
+            await self.jobs.stop(grace_s=0)
+        self._lanes.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ requests
     def model(self, name: str | None, *, endpoint: str) -> ServedModel:
@@ -179,6 +208,13 @@ class Service:
             self.metrics.rejected.labels(endpoint, "draining").inc()
             raise ServiceError(503, "the server is draining for shutdown", {"Retry-After": "1"})
         if not self.ready or self.engine is None:
+            raise ServiceError(503, "the server is not ready yet: models are loading", {"Retry-After": "5"})
+        return self.loaded_model(name)
+
+    def loaded_model(self, name: str | None) -> ServedModel:
+        """A loaded model by name (the default for None), whether or not new work is admitted: a job taken from the
+        store runs during a drain. 404 for a name this process does not serve."""
+        if self.engine is None:
             raise ServiceError(503, "the server is not ready yet: models are loading", {"Retry-After": "5"})
         name = self.engine.default_model if name is None else name
         if name not in self.engine.models:
@@ -197,14 +233,23 @@ class Service:
         """The request's first seed, or a random one; the images' seeds follow it, wrapping below 2^63."""
         return secrets.randbelow(MAX_SEED) if seed is None else seed
 
-    async def generate(
+    def generate_job(
         self, *, model: ServedModel, condition: torch.Tensor, seed: int, n: int, steps: int | None,
-    ) -> GeneratedImages:  # fmt: skip
+    ) -> GenerateJob:  # fmt: skip
+        """A /generate request's work, checked before anything is queued: 4xx here, not later."""
         if steps is not None and model.kind != "masked-diffusion":
             raise ServiceError(422, f"model {model.name!r} is one-step: steps applies only to masked-diffusion models")
         job = GenerateJob(condition=condition, seed=seed, n=n, steps=steps)
         self._check_cost(model, job)
-        results, queue_s, compute_s = await self._run(GENERATE, model, self._chunks(job))
+        return job
+
+    async def generate(
+        self, *, model: ServedModel, job: GenerateJob, lane: str = INTERACTIVE,
+        timeout_s: float | None = REQUEST_TIMEOUT,
+    ) -> GeneratedImages:  # fmt: skip
+        """Run a checked /generate job in `lane`, failing with 504 after `timeout_s` (None: no deadline)."""
+        parts = self._chunks(job)
+        results, queue_s, compute_s = await self._run(GENERATE, model, parts, lane=lane, timeout_s=timeout_s)
         images = [image for result in results for image in result]
         return GeneratedImages(model=model.name, images=images, seeds=job.seeds, queue_s=queue_s, compute_s=compute_s)
 
@@ -224,9 +269,12 @@ class Service:
         self._check_cost(model, job)
         return job
 
-    async def refine(self, *, model: ServedModel, job: RefineJob) -> GeneratedImages:
+    async def refine(
+        self, *, model: ServedModel, job: RefineJob, timeout_s: float | None = REQUEST_TIMEOUT,
+    ) -> GeneratedImages:  # fmt: skip
         n = job.n
-        results, queue_s, compute_s = await self._run(REFINE, model, self._chunks(job))
+        parts = self._chunks(job)
+        results, queue_s, compute_s = await self._run(REFINE, model, parts, lane=BACKGROUND, timeout_s=timeout_s)
         refined = [item for result in results for item in result]
         self.metrics.tteo_steps.labels(model.name).inc(job.settings.steps * n)
         for item in refined:
@@ -254,17 +302,20 @@ class Service:
             parts.append(head)
         return [*parts, job]
 
-    async def _run(self, endpoint: str, model: ServedModel, jobs: list) -> tuple[list, float, float]:
+    async def _run(
+        self, endpoint: str, model: ServedModel, jobs: list, *, lane: str, timeout_s: float | None,
+    ) -> tuple[list, float, float]:  # fmt: skip
         """Run a request's jobs through the model's batcher: (outputs per job, queue seconds, compute seconds)."""
-        batcher = self._batchers[(endpoint, model.name)]
-        deadline = time.monotonic() + self.settings.request_timeout_s
+        batcher = self._batchers[(endpoint, model.name, lane)]
+        timeout_s = self.settings.request_timeout_s if timeout_s == REQUEST_TIMEOUT else timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         began = time.perf_counter()
         results = await self._submit_all(batcher, jobs, deadline)
         total = time.perf_counter() - began
         compute = max(seconds for _, seconds in results)
         return [output for output, _ in results], max(0.0, total - compute), compute
 
-    async def _submit_all(self, batcher: Batcher, jobs: list, deadline: float) -> list:
+    async def _submit_all(self, batcher: Batcher, jobs: list, deadline: float | None) -> list:
         """Submit a request's parts; map batcher outcomes to HTTP errors. If one part fails, the rest are cancelled."""
         tasks = [asyncio.ensure_future(batcher.submit(job, deadline=deadline)) for job in jobs]
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -58,6 +58,27 @@ class Settings(BaseSettings):
         16384, ge=1, description="queued cost per model and endpoint before 429 (four of the largest requests)"
     )
     max_body_bytes: int = Field(65536, ge=1024, description="request bodies above this get 413 before any JSON is parsed")
+    # Jobs (POST /v1/jobs): durable, run by whichever process sharing the store claims them first.
+    job_store: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="where jobs live: one SQLite file, or a Redis server"
+    )
+    job_db_path: str = Field("softdimo-jobs.sqlite3", description="the SQLite file of job_store sqlite (WAL mode)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="the Redis server of job_store redis")
+    job_concurrency: int = Field(4, ge=1, le=256, description="jobs this process runs at once (they batch together)")
+    job_lease_s: float = Field(
+        30.0, gt=0,
+        description="a running job's claim, renewed while it runs; a job whose process died runs again after it",
+    )
+    job_result_ttl_s: float = Field(86400.0, gt=0, description="how long a finished job and its result are kept")
+    max_queued_jobs_per_key: int = Field(100, ge=1, description="queued jobs per API key before 429 (with an API key)")
+    webhook_secret: str | None = Field(None, description="signs webhook calls, HMAC-SHA256 (environment only)")
+    webhook_allow_private: bool = Field(False, description="let webhooks call loopback and private addresses")
+    webhook_attempts: int = Field(5, ge=1, le=20, description="webhook deliveries tried before giving up")
+    webhook_backoff_s: float = Field(1.0, gt=0, description="wait before the first retry, doubling after each")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="the longest one webhook delivery may take")
+    interactive_burst: int = Field(
+        4, ge=1, description="interactive batches run ahead of waiting job and /refine work before one of those runs"
+    )
     log_level: str = "info"
 
     def runtime(self) -> RuntimeSettings:
@@ -70,15 +91,16 @@ class Settings(BaseSettings):
             return [v for v in (p.strip() for p in value.split(",")) if v]
         return value
 
-    @field_validator("api_key")
+    @field_validator("api_key", "webhook_secret")
     @classmethod
-    def _usable_key(cls, value):
+    def _usable_key(cls, value, info: ValidationInfo):
         if value is None:
             return None
         # A key read from a file often ends in a newline, which no Authorization header can carry.
         value = value.strip()
         if not value:
-            raise ValueError("api_key is empty: set a key, or unset SOFTDIMO_API_KEY to serve without one")
+            variable = "SOFTDIMO_" + info.field_name.upper()
+            raise ValueError(f"{info.field_name} is empty: set a key, or unset {variable} to serve without one")
         return value
 
     @model_validator(mode="after")

@@ -156,7 +156,7 @@ def test_refine_burst_batched_against_serial(tiny_bundles):
     assert cost["tteo_steps"] == result["tteo_steps"] == 2
     # the step cost is measured offline on one image at the burst's steps, and the table shows it in ms
     assert cost["batch_size"] == 1
-    assert f"| 2 | 1 | {cost['forward_s'] * 1000:.3g} |" in bench.refine_table(result)
+    assert f"| 2 | 1 | {cost['forward_s'] * 1000:.3g} |" in refine_table(result)
     for label, batch_size in (("batched", 4), ("serial", 1)):
         run = result["runs"][label]
         assert run["max_batch_size"] == batch_size

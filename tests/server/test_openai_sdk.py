@@ -57,4 +57,5 @@ def test_native_endpoints_keep_detail(client):
     answer = httpx.post(f"{base}/generate", json={"prompt": "a purple circle"}, headers={"Authorization": f"Bearer {KEY}"})
     assert answer.status_code == 422 and "purple" in answer.json()["detail"]
     unknown = httpx.get(f"{base}/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"})
-    assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "Not Found"
+    error = unknown.json()["error"]
+    assert unknown.status_code == 404 and "GET /v1/nothing-here" in error["message"] and error["code"] == "unknown_url"

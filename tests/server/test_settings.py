@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from server.cli import ENVIRONMENT_ONLY
 from server.settings import Settings, shown_default
 
 
@@ -66,8 +67,8 @@ def _readme_flag_rows() -> list[list[str]]:
 
 def test_readme_flag_table_states_every_setting_with_its_default():
     rows = {flag.removeprefix("--").replace("-", "_"): (env, default) for flag, env, default, _ in _readme_flag_rows()}
-    # every setting but the API key, which comes from the environment only
-    assert sorted(rows) == sorted(name for name in Settings.model_fields if name != "api_key")
+    # every setting but the secrets, which come from the environment only
+    assert sorted(rows) == sorted(name for name in Settings.model_fields if name not in ENVIRONMENT_ONLY)
     for name, (env, default) in rows.items():
         assert env.split(" ")[0] == "SOFTDIMO_" + name.upper() and default == shown_default(name), name
 
@@ -79,6 +80,6 @@ def test_serve_help_states_every_default(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     entries = [" ".join(entry.split()) for entry in capsys.readouterr().out.split("\n  --")[1:]]  # one per flag
-    for name in Settings.model_fields.keys() - {"api_key"}:
+    for name in Settings.model_fields.keys() - set(ENVIRONMENT_ONLY):
         flag, default = name.replace("_", "-"), f"(default: {shown_default(name)})"
         assert any(e.split()[0].rstrip(",") == flag and e.endswith(default) for e in entries), name

@@ -15,8 +15,8 @@ from softdimo.shipped import SHIPPED_WEIGHTS
 PINS = {
     "shapes-softdimo-text": ("a red circle left of a blue square", "c8cc42b0d4f435103208cadd11adc76e51f3b2768492abf6d8a3ba3ca712c923"),
     "shapes-softdimo-class": (7, "84f775d681691b410057cb19fd79ee817faf7b72758ff68b596ac5df14897df6"),
-    "shapes-teacher-text": ("two green triangles", "d39390f9940bdc0bd41941bad78f0457380c727cb89a62556da041f2a89b7749"),
-    "shapes-teacher-text-medium": ("a yellow square above a red circle", "af9fd31495c38c580c79a67526733c3891ca65074bd0a290b2e54f80fdfcfe1a"),
+    "shapes-teacher-text": ("two green triangles", "5a59f114fce623945a1efb9dbd992a347d3003541ab42c73dfbc0975cdd89c76"),
+    "shapes-teacher-text-medium": ("a yellow square above a red circle", "fd9ed1195a028722c3fbe7cb4c1aa5bad18877f8cd4d2dbb48eb0b96243072cf"),
     "shapes-teacher-class": (3, "e7b3599e3a56b936275aced7facaa1562d05aaf07606c6ec64fa5550fe5681f6"),
 }
 

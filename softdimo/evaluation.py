@@ -31,7 +31,9 @@ class Row:
     coverage: judge.Coverage | None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
-    samples: list[np.ndarray] = field(default_factory=list, repr=False)  # a few seeds of a few coverage prompts, by prompt
+    samples: list[np.ndarray] = field(
+        default_factory=list, repr=False
+    )  # a few seeds of a few coverage prompts, by prompt
 
     @property
     def rates_total(self) -> int:
@@ -64,7 +66,9 @@ def real_images(prompts: Sequence[shapes.Prompt], seed: int = REAL_SEED, placeme
 def feature_vectors(net: FeatureNet, images: Sequence[np.ndarray]) -> np.ndarray:
     out = []
     for i in range(0, len(images), 100):
-        out.append(net.features(to_tensor(np.stack(images[i : i + 100])).to(next(net.parameters()).device)).cpu().numpy())
+        out.append(
+            net.features(to_tensor(np.stack(images[i : i + 100])).to(next(net.parameters()).device)).cpu().numpy()
+        )
     return np.concatenate(out).astype(np.float64)
 
 
@@ -108,12 +112,16 @@ class Evaluator:
             coverage=judge.coverage(repeated, self.coverage_data, self.coverage_prompts) if repeated else None,
             seconds=seconds,
             extra=extra,
-            samples=[image for i in range(min(5, len(self.coverage_prompts))) for image in repeated[i * per : i * per + 10]],
+            samples=[
+                image for i in range(min(5, len(self.coverage_prompts))) for image in repeated[i * per : i * per + 10]
+            ],
         )
 
     def reference_row(self) -> Row:
-        """A second draw of the world's images: the pass rate, Fréchet distance and coverage that sampling alone gives."""
-        return self.row("real images (reference)", lambda p, s: real_images(p, seed=REAL_SEED + 1, placement=self.placement))
+        """A second draw of the world's images: the pass rate, Fréchet distance and coverage of sampling alone."""
+        return self.row(
+            "real images (reference)", lambda p, s: real_images(p, seed=REAL_SEED + 1, placement=self.placement)
+        )
 
 
 @dataclass
@@ -166,12 +174,21 @@ def evaluate_bundle(
     def add(label: str, make: Images, **extra) -> None:
         rows.append(row := evaluator.row(label, make, **extra))
         if grid_dir is not None and row.samples:  # one prompt a line, ten seeds each
-            slug = label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "").replace("+", "plus").replace("=", "")
+            slug = (
+                label.replace(" ", "_")
+                .replace("(", "")
+                .replace(")", "")
+                .replace(",", "")
+                .replace("+", "plus")
+                .replace("=", "")
+            )
             save_grid(row.samples, grid_dir / f"{slug}.png", columns=10)
 
     if bundle.config["kind"] == "tokenizer":
         held_out = judge.held_out_prompts(prompts, seed=HELD_OUT_SEED)
-        evaluator = Evaluator(held_out, features, placement, coverage_prompts=coverage_prompts, coverage_seeds=coverage_seeds)
+        evaluator = Evaluator(
+            held_out, features, placement, coverage_prompts=coverage_prompts, coverage_seeds=coverage_seeds
+        )
         tokenizer = load_tokenizer(bundle, device)
         add(f"{name} reconstructions", lambda p, s: reconstructions(tokenizer, real_images(p, placement=placement)))
         with torch.no_grad():
@@ -181,7 +198,9 @@ def evaluate_bundle(
     else:
         pipeline = load_pipeline(path, device)
         held_out = judge.held_out_prompts(prompts, seed=HELD_OUT_SEED, kinds=pipeline.conditioner.kinds)
-        evaluator = Evaluator(held_out, features, placement, coverage_prompts=coverage_prompts, coverage_seeds=coverage_seeds)
+        evaluator = Evaluator(
+            held_out, features, placement, coverage_prompts=coverage_prompts, coverage_seeds=coverage_seeds
+        )
         if isinstance(pipeline, OneStepPipeline):
             changes = [(pipeline, "tteo", tteo), (pipeline.generator, "settings", generator)]
         else:
@@ -192,7 +211,9 @@ def evaluate_bundle(
             settings = getattr(owner, attribute)
             known = [f.name for f in fields(settings)]
             if unknown := sorted(set(overrides) - set(known)):
-                raise EvaluationError(f"{name}: no {type(settings).__name__} setting {', '.join(unknown)}; settings are {', '.join(known)}")
+                raise EvaluationError(
+                    f"{name}: no {type(settings).__name__} setting {', '.join(unknown)}; settings are {', '.join(known)}"
+                )
             setattr(owner, attribute, replace(settings, **overrides))
             name = f"{name} ({', '.join(f'{k} {v}' for k, v in overrides.items())})"
         if run is not None:
@@ -208,10 +229,19 @@ def evaluate_bundle(
             for n in best_of:
                 add(f"{name} best-of-{n}", functools.partial(refined, steps=0, best_of=n), best_of=n)
                 for k in tteo_steps:
-                    add(f"{name} best-of-{n} + TTEO {k}", functools.partial(refined, steps=k, best_of=n), best_of=n, tteo_steps=k)
+                    add(
+                        f"{name} best-of-{n} + TTEO {k}",
+                        functools.partial(refined, steps=k, best_of=n),
+                        best_of=n,
+                        tteo_steps=k,
+                    )
         else:
             for k in steps or [pipeline.sampler.steps]:
-                add(f"{name} ({k} steps)", lambda p, s, k=k: pipeline.generate_prompts(p, s, steps=k, runtime=run), steps=k)
+                add(
+                    f"{name} ({k} steps)",
+                    lambda p, s, k=k: pipeline.generate_prompts(p, s, steps=k, runtime=run),
+                    steps=k,
+                )
     rows.append(evaluator.reference_row())
     return Table(model=name, rows=rows, notes=notes)
 
@@ -228,7 +258,9 @@ def reconstructions(tokenizer, images: Sequence[np.ndarray], batch: int = 100) -
     return out
 
 
-def refined_images(pipeline, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], *, steps: int, best_of: int, batch: int = 50) -> list[np.ndarray]:
+def refined_images(
+    pipeline, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], *, steps: int, best_of: int, batch: int = 50
+) -> list[np.ndarray]:
     """TTEO (or, with steps = 0, best-of-N selection alone) for each prompt, with the pipeline's default reward."""
     from dataclasses import replace
 
@@ -241,7 +273,9 @@ def refined_images(pipeline, prompts: Sequence[shapes.Prompt], seeds: Sequence[i
         part = prompts[i : i + batch]
         conditions, texts = zip(*(pipeline.conditioner.for_prompt(p) for p in part))
         condition = torch.cat(conditions)
-        refined = pipeline.refine(condition, list(texts), candidate_seeds(list(seeds[i : i + batch]), best_of), settings)
+        refined = pipeline.refine(
+            condition, list(texts), candidate_seeds(list(seeds[i : i + batch]), best_of), settings
+        )
         out.extend(to_uint8(refined.images))
     return out
 
@@ -250,10 +284,15 @@ def results_table(rows: Sequence[Row]) -> str:
     """The evaluation's table: pass rate per kind and overall beside layout coverage (mean, minimum, the commonest
     layout's share of a prompt's images), then Fréchet distance and time."""
     kinds = list(rows[0].rates.per_kind)
+
+    def coverage_cells(c: judge.Coverage | None) -> list[str | None]:
+        return [f"**{c.mean:.2f}**", f"{c.minimum:.2f}", f"{c.commonest:.2f}"] if c else [None] * 3
+
     cells = [
-        [r.name, *(f"{r.rates.per_kind[k]:.3f}" for k in kinds), f"**{r.rates.overall:.3f}**",
-         *((f"**{r.coverage.mean:.2f}**", f"{r.coverage.minimum:.2f}", f"{r.coverage.commonest:.2f}") if r.coverage else (None,) * 3),
-         f"{r.frechet:.2f}", f"{1000 * r.seconds / r.rates_total:.1f}" if r.seconds else None]
+        [
+            r.name, *(f"{r.rates.per_kind[k]:.3f}" for k in kinds), f"**{r.rates.overall:.3f}**",
+            *coverage_cells(r.coverage), f"{r.frechet:.2f}", f"{1000 * r.seconds / r.rates_total:.1f}" if r.seconds else None,
+        ]
         for r in rows
     ]  # fmt: skip
     header = ["model", *kinds, "pass", "coverage", "min", "commonest", "Fréchet", "ms / image"]
@@ -269,7 +308,9 @@ def reward_accuracy(path, *, images: int, device, placement: str = "grid") -> di
     from softdimo.train.reward import hard_negative_wins
 
     reward = load_reward(read_bundle(path), device)
-    prompts, prompt_wins, image_wins = hard_negative_wins(reward.model, count=images, seed=HELD_OUT_SEED, placement=placement)
+    prompts, prompt_wins, image_wins = hard_negative_wins(
+        reward.model, count=images, seed=HELD_OUT_SEED, placement=placement
+    )
     kinds = [k for k in shapes.KINDS if any(p.kind == k for p in prompts)]
 
     def shares(wins: torch.Tensor) -> dict[str, float]:

@@ -80,7 +80,9 @@ class OneStepGenerator:
         """Input embeddings from the parts `input_parts` gives (or a latent put in the drawn one's place)."""
         return embeddings if latent is None else embeddings + self.model.latent_embeddings(latent)
 
-    def initial_embeddings(self, noise: ImageNoise, condition: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+    def initial_embeddings(
+        self, noise: ImageNoise, condition: torch.Tensor, latent: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The generator's input (B, N, D): `input_parts` put together; `latent`, when given, replaces the drawn one."""
         embeddings, drawn = self.input_parts(noise, condition)
         return self.with_latent(embeddings, drawn if latent is None else latent)

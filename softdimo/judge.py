@@ -165,7 +165,7 @@ def held_out_prompts(count: int, seed: int = 2026, kinds: Sequence[str] = shapes
 
 
 LAYOUT_GRID = 4  # px: a layout's object centres are rounded to this
-COVERAGE_SEEDS = 64  # images of a prompt whose layouts coverage counts: seeds 0 .. 63, against as many of the world's
+COVERAGE_SEEDS = 64  # images of a prompt that coverage reads: seeds 0 .. 63, against as many of the world's scenes
 
 Layout = frozenset  # of (colour, shape, x, y): each detected object with its centre rounded to LAYOUT_GRID
 
@@ -176,7 +176,10 @@ def layout(image: np.ndarray) -> Layout:
 
 
 def layout_of(objects: Sequence[shapes.ShapeObject]) -> Layout:
-    return frozenset((o.color, o.shape, *(LAYOUT_GRID * int(np.floor(c / LAYOUT_GRID + 0.5)) for c in o.center)) for o in objects)
+    def rounded(c: float) -> int:
+        return LAYOUT_GRID * int(np.floor(c / LAYOUT_GRID + 0.5))
+
+    return frozenset((o.color, o.shape, *(rounded(c) for c in o.center)) for o in objects)
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,8 @@ def prompt_coverage(images: Sequence[np.ndarray], data: Sequence[np.ndarray], pr
     data_layouts = Counter(layout(image) for image in data)
     return PromptCoverage(
         prompt=prompt, images=len(images), passed=sum(passing.values()), distinct=len(passing),
-        commonest=max(passing.values(), default=0), data_distinct=len(data_layouts), data_commonest=max(data_layouts.values()),
+        commonest=max(passing.values(), default=0), data_distinct=len(data_layouts),
+        data_commonest=max(data_layouts.values()),
     )  # fmt: skip
 
 
@@ -245,7 +249,9 @@ def coverage(images: Sequence[np.ndarray], data: Sequence[np.ndarray], prompts: 
     """Coverage of prompts whose images (and the data's) come in equal consecutive runs, one run per prompt."""
     per, rest = divmod(len(images), len(prompts))
     if rest or len(data) != len(images):
-        raise ValueError(f"{len(images)} images and {len(data)} data images do not split evenly over {len(prompts)} prompts")
+        raise ValueError(
+            f"{len(images)} images and {len(data)} data images do not split evenly over {len(prompts)} prompts"
+        )
     runs = [slice(i * per, (i + 1) * per) for i in range(len(prompts))]
     return Coverage(tuple(prompt_coverage(images[r], data[r], p) for r, p in zip(runs, prompts)))
 

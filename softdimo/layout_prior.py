@@ -23,7 +23,9 @@ MIN_LOG_STD = -6.0  # a component's spread is at least e^-6 in every dimension
 MAX_LOG_STD = 2.0
 
 
-def small_body(like: TransformerConfig, *, width: int, depth: int, heads: int, tokens: int | None = None) -> TransformerConfig:
+def small_body(
+    like: TransformerConfig, *, width: int, depth: int, heads: int, tokens: int | None = None
+) -> TransformerConfig:
     """A small transformer that reads the same image tokens (or `tokens` positions of them) and conditioning as
     `like`: the layout encoder's body, and the layout prior's, which reads the conditioning and one masked slot."""
     return replace(like, width=width, depth=depth, heads=heads, code_dim=0, latent_dim=0, tokens=tokens or like.tokens)
@@ -77,7 +79,9 @@ class LayoutPrior(nn.Module):
         per_component = (-0.5 * z**2 - log_stds).sum(-1) - 0.5 * self.cfg.latent_dim * math.log(2 * math.pi)
         return torch.logsumexp(log_weights + per_component, dim=-1)
 
-    def sample(self, condition: torch.Tensor, noise: ImageNoise, scale: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
+    def sample(
+        self, condition: torch.Tensor, noise: ImageNoise, scale: float = 1.0, temperature: float = 1.0
+    ) -> torch.Tensor:
         """One latent (B, L) per image from its own seed: a component by its weight (raised to 1 / `temperature`),
         then a point of it, the spread times `scale`."""
         log_weights, means, log_stds = self.mixture(condition)

@@ -30,8 +30,8 @@ class SamplerSettings:
     temperature: float = 1.0  # token sampling temperature
     choice_temperature: float = 4.5  # Gumbel noise on confidences, annealed to 0 over the steps
     schedule: str = "cosine"
-    # Guidance only on the steps whose progress at their start lies in [guidance_start, guidance_end): the first steps
-    # commit where the objects go, and guiding them draws every seed's objects in the same few places.
+    # Guidance only on the steps whose progress at their start lies in [guidance_start, guidance_end), a limited
+    # interval as Kynkäänniemi et al. (2024) apply it in diffusion: MaskGIT's first steps commit where objects go.
     guidance_start: float = 0.0
     guidance_end: float = 1.0
     # Guide a prompt that has contrast prompts (Conditioner.contrasts: a relation's two perpendicular relations)
@@ -43,7 +43,9 @@ class SamplerSettings:
             raise ValueError(f"contrast is on or off (1 or 0), got {self.contrast!r}")
         object.__setattr__(self, "contrast", bool(self.contrast))
         if not 0 <= self.guidance_start <= self.guidance_end <= 1:
-            raise ValueError(f"guidance runs over 0 <= start <= end <= 1, got {self.guidance_start} to {self.guidance_end}")
+            raise ValueError(
+                f"guidance runs over 0 <= start <= end <= 1, got {self.guidance_start} to {self.guidance_end}"
+            )
 
     def guidance_at(self, step: int) -> float:
         """The guidance weight of one step (0: the conditional logits alone)."""
@@ -90,7 +92,8 @@ def sample(
     tokens = torch.full((b, n), cfg.mask_id, dtype=torch.long, device=device)
     for step in range(settings.steps):
         masked = tokens == cfg.mask_id
-        logits = guided_logits(model, tokens, condition, settings.guidance_at(step), contrasts if settings.contrast else None).float()
+        guidance = settings.guidance_at(step)
+        logits = guided_logits(model, tokens, condition, guidance, contrasts if settings.contrast else None).float()
         log_probs = torch.log_softmax(logits / max(settings.temperature, 1e-6), dim=-1)
         gumbel = noise.gumbel(n, cfg.codebook_size).to(device)
         drawn = (log_probs + gumbel).argmax(-1) if settings.temperature > 0 else log_probs.argmax(-1)
@@ -115,7 +118,9 @@ def mask_counts(ratio: torch.Tensor, n: int) -> torch.Tensor:
     return (ratio * n).round().clamp(1, n).long()
 
 
-def mask_tokens(tokens: torch.Tensor, ratio: torch.Tensor, scores: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    tokens: torch.Tensor, ratio: torch.Tensor, scores: torch.Tensor, mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask exactly round(N * ratio_b) (at least one) tokens per row, chosen by the lowest `scores`.
 
     Returns (masked tokens, boolean mask)."""

@@ -58,7 +58,9 @@ def _unflatten_optimizer(name: str, tensors: dict[str, torch.Tensor], meta: dict
 class Checkpointer:
     """Saves and restores modules, optimizers and the step in one safetensors file, written atomically."""
 
-    def __init__(self, run_dir: str | os.PathLike, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]):
+    def __init__(
+        self, run_dir: str | os.PathLike, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+    ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.modules = modules
@@ -69,7 +71,11 @@ class Checkpointer:
         return self.run_dir / CHECKPOINT
 
     def save(self, step: int) -> None:
-        tensors = {f"model.{m}.{k}": v.detach().cpu().contiguous() for m, mod in self.modules.items() for k, v in mod.state_dict().items()}
+        tensors = {
+            f"model.{m}.{k}": v.detach().cpu().contiguous()
+            for m, mod in self.modules.items()
+            for k, v in mod.state_dict().items()
+        }
         meta = {}
         for name, opt in self.optimizers.items():
             flat, opt_meta = _flatten_optimizer(name, opt)
@@ -133,7 +139,9 @@ def one_step_metrics(generator, tokenizer, conditioner, prompts) -> dict[str, fl
     from softdimo.pipeline import OneStepPipeline
     from softdimo.tteo import TTEOSettings
 
-    pipeline = OneStepPipeline(generator=generator, tokenizer=tokenizer, conditioner=conditioner, rewards={}, tteo=TTEOSettings())
+    pipeline = OneStepPipeline(
+        generator=generator, tokenizer=tokenizer, conditioner=conditioner, rewards={}, tteo=TTEOSettings()
+    )
     return held_out_metrics(pipeline, prompts) | coverage_metrics(pipeline, prompts[:COVERAGE_PROMPTS])
 
 
@@ -246,7 +254,15 @@ def run(
     if start and main:
         print(f"resuming {description} from step {start} ({checkpointer.path})")
     began = time.monotonic() - spent  # elapsed_s counts training time across resumes
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=description, mininterval=5, dynamic_ncols=True, disable=not main)
+    bar = tqdm(
+        range(start, steps),
+        initial=start,
+        total=steps,
+        desc=description,
+        mininterval=5,
+        dynamic_ncols=True,
+        disable=not main,
+    )
     for step in bar:
         for mod in modules.values():
             mod.train()

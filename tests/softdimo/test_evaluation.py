@@ -27,7 +27,10 @@ def test_eval_writes_a_table_per_bundle(tmp_path, capsys):
             "--device", "cpu", "--coverage-prompts", "5", "--coverage-seeds", "4"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| model | single | sized | pair | count | relation | pass | coverage | min | commonest | Fréchet | ms / image |" in printed
+    assert (
+        "| model | single | sized | pair | count | relation | pass | coverage | min | commonest | Fréchet | ms / image |"
+        in printed
+    )
     tables = json.loads(out.read_text())
     names = [[row["name"] for row in t["rows"]] for t in tables]
     assert names[0] == ["tiny-tokenizer reconstructions", "real images (reference)"]
@@ -35,7 +38,13 @@ def test_eval_writes_a_table_per_bundle(tmp_path, capsys):
     assert names[2] == ["tiny-one-step (1 step)", "tiny-one-step + TTEO 2", "tiny-one-step best-of-2",
                         "tiny-one-step best-of-2 + TTEO 2", "real images (reference)"]  # fmt: skip
     reference = tables[1]["rows"][-1]
-    assert reference["overall"] == 1.0 and set(reference["per_kind"]) == {"single", "sized", "pair", "count", "relation"}
+    assert reference["overall"] == 1.0 and set(reference["per_kind"]) == {
+        "single",
+        "sized",
+        "pair",
+        "count",
+        "relation",
+    }
     for table in tables:  # every row measures coverage; a second draw of the world covers the first's layouts
         assert all(row["coverage"]["prompts"] == 5 and row["coverage"]["seeds"] == 4 for row in table["rows"])
         assert table["rows"][-1]["coverage"]["mean"] == pytest.approx(1.0, abs=0.1)
@@ -52,7 +61,18 @@ def test_eval_of_a_reward_reports_hard_negative_accuracy_per_kind(tmp_path, caps
 
     reward = write_reward(tmp_path / "reward")
     out = tmp_path / "results.json"
-    args = ["eval", str(reward), "--prompts", "40", "--features", str(_features(tmp_path / "features")), "--json", str(out), "--device", "cpu"]
+    args = [
+        "eval",
+        str(reward),
+        "--prompts",
+        "40",
+        "--features",
+        str(_features(tmp_path / "features")),
+        "--json",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "the true prompt scores above all 4 hard negative prompts for" in printed
@@ -81,7 +101,10 @@ def test_eval_overrides_tteo_settings_and_names_an_unknown_one(tmp_path, capsys)
             "--coverage-prompts", "0"]  # fmt: skip
     assert main([*args, "--tteo", "target=logits", "lr=0.5", "--json", str(out)]) == 0
     names = [row["name"] for row in json.loads(out.read_text())[0]["rows"]]
-    assert names[:2] == ["tiny-one-step (target logits, lr 0.5) (1 step)", "tiny-one-step (target logits, lr 0.5) + TTEO 1"]
+    assert names[:2] == [
+        "tiny-one-step (target logits, lr 0.5) (1 step)",
+        "tiny-one-step (target logits, lr 0.5) + TTEO 1",
+    ]
     assert main([*args, "--tteo", "rate=0.5"]) == 2
     assert "no TTEOSettings setting rate; settings are steps, lr, best_of, target" in capsys.readouterr().err
     assert main([*args, "--generator", "temperature=0", "--json", str(out)]) == 0
@@ -120,7 +143,18 @@ def test_eval_samples_through_a_runtime_as_the_server_would(tmp_path, capsys):
     bundles = write_all(tmp_path / "b")
     features = str(_features(tmp_path / "features"))
     out = tmp_path / "results.json"
-    base = ["eval", str(bundles["one-step"]), "--prompts", "4", "--features", features, "--device", "cpu", "--coverage-prompts", "0"]
+    base = [
+        "eval",
+        str(bundles["one-step"]),
+        "--prompts",
+        "4",
+        "--features",
+        features,
+        "--device",
+        "cpu",
+        "--coverage-prompts",
+        "0",
+    ]
     assert main([*base, "--json", str(out)]) == 0
     plain = json.loads(out.read_text())[0]["rows"][0]
     assert main([*base, "--compile", "--json", str(out)]) == 0

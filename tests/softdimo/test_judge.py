@@ -61,7 +61,10 @@ def test_reshaped_object_fails():
 def test_misplaced_object_fails_the_relation():
     prompt, objects = _scene("a red circle left of a blue square")
     a, b = objects
-    swapped = [shapes.ShapeObject(a.color, a.shape, a.size, b.x0, b.y0), shapes.ShapeObject(b.color, b.shape, b.size, a.x0, a.y0)]
+    swapped = [
+        shapes.ShapeObject(a.color, a.shape, a.size, b.x0, b.y0),
+        shapes.ShapeObject(b.color, b.shape, b.size, a.x0, a.y0),
+    ]
     if a.size != b.size:  # keep both boxes on the canvas: swap centres instead of corners
         swapped = [
             shapes.ShapeObject(a.color, a.shape, a.size, int(b.center[0] - a.size / 2), int(b.center[1] - a.size / 2)),
@@ -141,7 +144,10 @@ def test_one_repeated_image_covers_one_layout_of_the_datas_distinct_ones():
 def test_only_passing_images_count_towards_coverage():
     prompt = shapes.parse_prompt("two green triangles")
     data = _drawn(prompt, 8, seed=0)
-    wrong = [shapes.render(shapes.sample_scene(shapes.parse_prompt("three green triangles"), np.random.default_rng(i))) for i in range(4)]
+    wrong = [
+        shapes.render(shapes.sample_scene(shapes.parse_prompt("three green triangles"), np.random.default_rng(i)))
+        for i in range(4)
+    ]
     found = judge.prompt_coverage(data[:4] + wrong, data, prompt)
     assert (found.images, found.passed) == (8, 4)
     assert found.distinct == len({judge.layout(image) for image in data[:4]})

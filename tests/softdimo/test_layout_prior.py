@@ -50,7 +50,11 @@ def test_draws_follow_the_mixture_per_image_and_its_spread_scales(tiny_text_tran
 
 def test_a_generator_with_a_prior_draws_its_latent_from_it(tiny_text_transformer, text_conditioner):
     torch.manual_seed(0)
-    generator = OneStepGenerator(latent_student(tiny_text_transformer, 2), GeneratorSettings(r_init=1.0, sigma=0.0), _prior(tiny_text_transformer))
+    generator = OneStepGenerator(
+        latent_student(tiny_text_transformer, 2),
+        GeneratorSettings(r_init=1.0, sigma=0.0),
+        _prior(tiny_text_transformer),
+    )
     condition = text_conditioner.encode_prompts(["a red circle", "three cyan triangles"])
     with torch.no_grad():
         embeddings, latent = generator.input_parts(ImageNoise([1, 2]), condition)
@@ -64,7 +68,9 @@ def test_a_prior_for_another_latent_size_is_refused(tiny_text_transformer):
     import pytest
 
     with pytest.raises(ValueError, match="layout prior of 2 numbers for a latent of 4"):
-        OneStepGenerator(latent_student(tiny_text_transformer, 4), GeneratorSettings(), _prior(tiny_text_transformer, latent_dim=2))
+        OneStepGenerator(
+            latent_student(tiny_text_transformer, 4), GeneratorSettings(), _prior(tiny_text_transformer, latent_dim=2)
+        )
 
 
 class RedReward:
@@ -76,11 +82,17 @@ class RedReward:
         return 10 * images[:, 0].mean((1, 2))
 
 
-def test_tuning_moves_each_prompts_weight_to_the_components_the_reward_prefers(tmp_path, tiny_text_transformer, text_conditioner, tiny_tokenizer, one_thread):
+def test_tuning_moves_each_prompts_weight_to_the_components_the_reward_prefers(
+    tmp_path, tiny_text_transformer, text_conditioner, tiny_tokenizer, one_thread
+):
     from softdimo.train.prior import PriorTuning, component_rewards, tune_prior
 
     torch.manual_seed(0)
-    generator = OneStepGenerator(latent_student(tiny_text_transformer, 2), GeneratorSettings(r_init=1.0, sigma=0.0, temperature=0.0), _prior(tiny_text_transformer, components=4))
+    generator = OneStepGenerator(
+        latent_student(tiny_text_transformer, 2),
+        GeneratorSettings(r_init=1.0, sigma=0.0, temperature=0.0),
+        _prior(tiny_text_transformer, components=4),
+    )
     with torch.no_grad():
         generator.model.latent_input.weight.mul_(50)  # each component draws an image of its own
     placed = generator.prior.means.clone()
@@ -92,12 +104,22 @@ def test_tuning_moves_each_prompts_weight_to_the_components_the_reward_prefers(t
         at_means = OneStepGenerator(generator.model, settings, generator.prior)
         chosen = torch.arange(4).expand(2, 4)
         with torch.no_grad():
-            scores = component_rewards(at_means, tiny_tokenizer, reward, condition, ["a red circle", "two blue squares"], chosen, ImageNoise(range(8)))
+            scores = component_rewards(
+                at_means,
+                tiny_tokenizer,
+                reward,
+                condition,
+                ["a red circle", "two blue squares"],
+                chosen,
+                ImageNoise(range(8)),
+            )
             return generator.prior.mixture(condition)[0].exp(), scores
 
     weights, scores = weights_and_rewards()
     best = scores.argmax(-1)
-    assert scores.std() > 0 and weights.gather(1, best[:, None]).max() < 0.5  # the images differ; the best is not yet chosen
+    assert (
+        scores.std() > 0 and weights.gather(1, best[:, None]).max() < 0.5
+    )  # the images differ; the best is not yet chosen
     generator.settings = settings
     tuned = tune_prior(
         run_dir=tmp_path, generator=generator, tokenizer=tiny_tokenizer, conditioner=text_conditioner, reward=reward,

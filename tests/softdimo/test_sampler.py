@@ -62,7 +62,9 @@ def test_contrast_guides_a_relation_away_from_its_perpendicular_relations_and_le
     assert torch.equal(guided[[0, 2]], plain[[0, 2]])  # exactly: the null prompt is their reference
     settings = SamplerSettings(steps=6, contrast=True)
     batch = sample(model, condition, ImageNoise([10, 11, 12]), settings, contrasts)
-    assert torch.equal(batch[[0, 2]], sample(model, condition, ImageNoise([10, 11, 12]), SamplerSettings(steps=6))[[0, 2]])
+    assert torch.equal(
+        batch[[0, 2]], sample(model, condition, ImageNoise([10, 11, 12]), SamplerSettings(steps=6))[[0, 2]]
+    )
     alone = sample(model, condition[1:2], ImageNoise([11]), settings, conditioner.contrasts(condition[1:2]))
     assert torch.equal(batch[1], alone[0])  # whatever else was in the batch
 
@@ -83,17 +85,82 @@ def test_teacher_bundle_and_cli_generate_png_files(tmp_path):
 
     bundles = write_all(tmp_path)
     out = tmp_path / "out"
-    args = ["generate", "--model", str(bundles["text"]), "--prompt", "a red circle", "-n", "2", "--seed", "5", "--out", str(out), "--device", "cpu"]
+    args = [
+        "generate",
+        "--model",
+        str(bundles["text"]),
+        "--prompt",
+        "a red circle",
+        "-n",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["5.png", "6.png"]
     assert decode_image((out / "5.png").read_bytes()).shape == (64, 64, 3)
-    assert main(["generate", "--model", str(bundles["text"]), "--prompt", "a purple circle", "--out", str(out), "--device", "cpu"]) == 2
-    assert main(["generate", "--model", str(bundles["class"]), "--class-label", "17", "-n", "1", "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(bundles["text"]),
+                "--prompt",
+                "a purple circle",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(bundles["class"]),
+                "--class-label",
+                "17",
+                "-n",
+                "1",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     # refine reads the class of a class-conditional model as the reward's prompt
-    refine = ["refine", "--model", str(bundles["one-step-class"]), "--class-label", "3", "-n", "2", "--steps", "2", "--out", str(out), "--device", "cpu"]
+    refine = [
+        "refine",
+        "--model",
+        str(bundles["one-step-class"]),
+        "--class-label",
+        "3",
+        "-n",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert main(refine) == 0
     assert {"0-refined.png", "1-refined.png"} <= {p.name for p in out.iterdir()}
-    assert main(["refine", "--model", str(bundles["one-step"]), "--class-label", "3", "--out", str(out), "--device", "cpu"]) == 2
+    assert (
+        main(
+            ["refine", "--model", str(bundles["one-step"]), "--class-label", "3", "--out", str(out), "--device", "cpu"]
+        )
+        == 2
+    )
 
 
 def test_teacher_training_draws_kinds_by_weight_and_can_start_positions_on_the_grid(tmp_path, monkeypatch, one_thread):
@@ -121,20 +188,29 @@ def test_teacher_training_draws_kinds_by_weight_and_can_start_positions_on_the_g
     grid = MaskedTransformer(cfg)
     grid.init_grid_positions()
     image = slice(cfg.prefix_length, None)
-    assert torch.allclose(model.position[0, image], grid.position[0, image], atol=1e-6)  # one step at lr 1e-9 moves nothing
+    assert torch.allclose(
+        model.position[0, image], grid.position[0, image], atol=1e-6
+    )  # one step at lr 1e-9 moves nothing
 
 
 def test_guidance_runs_only_on_the_steps_of_its_interval(tiny_text_transformer, text_conditioner, monkeypatch):
     condition = text_conditioner.encode_prompts(["a red circle", "two blue squares"])
     rows = []  # images the network reads at each step: 2 unguided, 4 guided (each with its null prompt)
     forward = tiny_text_transformer.forward
-    monkeypatch.setattr(tiny_text_transformer, "forward", lambda tokens, cond: rows.append(len(tokens)) or forward(tokens, cond))
-    late = sample(tiny_text_transformer, condition, ImageNoise([3, 4]), SamplerSettings(steps=6, guidance=5.0, guidance_start=0.5))
+    monkeypatch.setattr(
+        tiny_text_transformer, "forward", lambda tokens, cond: rows.append(len(tokens)) or forward(tokens, cond)
+    )
+    late = sample(
+        tiny_text_transformer, condition, ImageNoise([3, 4]), SamplerSettings(steps=6, guidance=5.0, guidance_start=0.5)
+    )
     assert rows == [2, 2, 2, 4, 4, 4]
     rows.clear()
     empty = SamplerSettings(steps=6, guidance=5.0, guidance_start=0.5, guidance_end=0.5)
-    assert torch.equal(sample(tiny_text_transformer, condition, ImageNoise([3, 4]), empty),
-                       sample(tiny_text_transformer, condition, ImageNoise([3, 4]), SamplerSettings(steps=6, guidance=0.0)))  # fmt: skip
+    unguided = SamplerSettings(steps=6, guidance=0.0)
+    assert torch.equal(
+        sample(tiny_text_transformer, condition, ImageNoise([3, 4]), empty),
+        sample(tiny_text_transformer, condition, ImageNoise([3, 4]), unguided),
+    )
     assert rows == [2] * 12 and late.shape == (2, 64)
     settings = SamplerSettings(steps=8, guidance=3.0, guidance_start=0.25, guidance_end=0.75)
     assert [settings.guidance_at(step) for step in range(8)] == [0, 0, 3, 3, 3, 3, 0, 0]

@@ -162,23 +162,23 @@ def _import(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     """Run one `softdimo bench` suite: print its markdown table, and write the raw results with --json."""
-    from softdimo import bench_run as bench
+    from softdimo import bench_run
 
     run, make_table, config_class, after = args.bench_suite
     # Options left out take the suite dataclass's defaults (stated once, there); the JSON records every value used.
     options = {action.dest: getattr(args, action.dest) for action in args.bench_options}
     flags = [(action.option_strings[0], options[action.dest]) for action in args.bench_options]
-    command = bench.command_line(["softdimo", "bench", args.suite], flags)
+    command = bench_run.command_line(["softdimo", "bench", args.suite], flags)
     given = {k: v for k, v in options.items() if v is not None and k not in ("json", "plot")}
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     try:
         result = run(config_class(**config), command)
-    except bench.BenchError as exc:
+    except bench_run.BenchError as exc:
         print(f"softdimo bench {args.suite}: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     print(make_table(result))
     if args.json:
-        bench.write_json(result, args.json)
+        bench_run.write_json(result, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     if after is not None:
         after(result, args)
@@ -189,7 +189,7 @@ SuiteAdder = Callable[..., None]
 
 def _add_bench_parser(commands) -> SuiteAdder:
     """`softdimo bench SUITE`; every option becomes a field of the suite's config dataclass. Returns the function
-    that adds a suite, so the server's benchmarks are registered by the server package."""
+    that adds a suite, so the serving benchmarks are registered by the tooling package (benchmarks/)."""
     bench = commands.add_parser(
         "bench", help="benchmarks: every figure a ratio or curve measured in one run",
         description="Each suite prints a markdown table; defaults are listed in docs/benchmarks.md and recorded in --json.",

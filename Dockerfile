@@ -95,6 +95,10 @@ RUN groupadd --system --gid 10001 softdimo \
 #    SOFTDIMO_WEIGHTS is unset.
 COPY --chown=10001:10001 weights ./weights
 
+# 6. The job store's SQLite file lives in /tmp, the one writable place: jobs there outlive a restart of the
+#    container, not of the pod. Replicas that share jobs, or pods that come and go, set SOFTDIMO_JOB_STORE=redis.
+ENV SOFTDIMO_JOB_DB_PATH=/tmp/softdimo-jobs.sqlite3
+
 USER 10001:10001
 EXPOSE 8000
 

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models with fixed seeds, so tests are exact and fast."""
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,19 @@ from tiny_bundles import TINY_FSQ_TOKENIZER, tiny_tokenizer as make_tiny_tokeniz
 from softdimo.conditioning import Conditioner  # noqa: E402
 from softdimo.transformer import MaskedTransformer  # noqa: E402
 from softdimo.vq import VQTokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def job_store_in_a_temporary_folder(tmp_path_factory):
+    """Servers started by tests keep their job store in a temporary folder, never in the working directory."""
+    # Session scope, so that it is set before module-scoped servers read their Settings (and their children inherit it).
+    before = os.environ.get("SOFTDIMO_JOB_DB_PATH")
+    os.environ["SOFTDIMO_JOB_DB_PATH"] = str(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3")
+    yield
+    if before is None:
+        os.environ.pop("SOFTDIMO_JOB_DB_PATH", None)
+    else:
+        os.environ["SOFTDIMO_JOB_DB_PATH"] = before
 
 
 @pytest.fixture

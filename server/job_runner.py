@@ -77,6 +77,14 @@ class _Running:
             self.task.cancel()
 
 
+def _gave_up(deaths: int) -> dict:
+    return {
+        "status": 500,
+        "detail": f"the process running this job stopped {deaths} times before it finished (a crash, an out-of-memory"
+        " kill or kill -9): it is not run again",
+    }
+
+
 class JobRunner:
     """Claims jobs from the store while fewer than job_concurrency run here; keeps each claim's lease alive while
     it runs, so a job whose process dies is claimed again by the next one (at least once, same seed, same images)."""
@@ -223,10 +231,12 @@ class JobRunner:
         outcome: tuple[str, dict | None, dict | None] | None = None
         try:
             log.info("job %s (%s) started, attempt %d", job.id, job.endpoint, job.attempts)
-            while True:
+            if job.attempts > self.settings.job_max_attempts:  # it took its process down every time it ran
+                log.error("job %s: %d processes died running it; failing it", job.id, job.attempts - 1)
+                outcome = (FAILED, None, _gave_up(job.attempts - 1))
+            while outcome is None:
                 try:
                     outcome = (SUCCEEDED, await self._execute(running), None)
-                    break
                 except ServiceError as exc:  # a full queue of synchronous work: a job waits its turn instead
                     if exc.status != 429:
                         raise

@@ -58,7 +58,8 @@ class JobStore(Protocol):
         """Record the outcome, kept for `ttl_s`; False when the job was cancelled or taken over meanwhile."""
 
     def release(self, job_id: str, *, worker: str) -> None:
-        """Put a running job back at the head of the queue (a drain that could not finish it)."""
+        """Put a running job back at the head of the queue (a drain that could not finish it), its attempt not
+        counted."""
 
     def cancel(self, job_id: str, *, ttl_s: float) -> JobRecord | None:
         """Mark a queued or running job cancelled; the job as it now stands, or None when unknown."""
@@ -224,7 +225,7 @@ class SQLiteJobStore:
         with self._lock:
             # Negative seq puts it ahead of every job queued so far: it was accepted before them.
             self._db.execute(
-                "UPDATE jobs SET status = ?, worker = NULL, lease_until = 0, seq = -seq"
+                "UPDATE jobs SET status = ?, worker = NULL, lease_until = 0, seq = -seq, attempts = attempts - 1"
                 " WHERE id = ? AND status = ? AND worker = ?",
                 (QUEUED, job_id, RUNNING, worker),
             )
@@ -311,6 +312,7 @@ _RELEASE = """
 local key = KEYS[4] .. ARGV[1]
 if redis.call('HGET', key, 'status') ~= 'running' or redis.call('HGET', key, 'worker') ~= ARGV[2] then return 0 end
 redis.call('HSET', key, 'status', 'queued', 'worker', '', 'lease_until', '0')
+redis.call('HINCRBY', key, 'attempts', -1)
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('LPUSH', KEYS[1], ARGV[1])
 local owner = redis.call('HGET', key, 'owner')

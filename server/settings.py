@@ -69,6 +69,9 @@ class Settings(BaseSettings):
         30.0, gt=0,
         description="a running job's claim, renewed while it runs; a job whose process died runs again after it",
     )
+    job_max_attempts: int = Field(
+        3, ge=1, description="runs a job gets: one whose process died that many times while running it then fails"
+    )
     job_result_ttl_s: float = Field(86400.0, gt=0, description="how long a finished job and its result are kept")
     max_queued_jobs_per_key: int = Field(100, ge=1, description="queued jobs per API key before 429 (with an API key)")
     webhook_secret: str | None = Field(None, description="signs webhook calls, HMAC-SHA256 (environment only)")

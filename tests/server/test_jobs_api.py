@@ -9,6 +9,7 @@ import pytest
 from conftest import error_message, metric
 from benchmarks.running import server_thread
 
+from server.job_store import JobRecord, SQLiteJobStore
 from server.settings import Settings
 
 PROMPT = "a red circle"
@@ -210,6 +211,24 @@ def test_an_api_key_may_hold_only_max_queued_jobs_per_key_queued_jobs(tiny_bundl
         assert room.status_code == 202
         for job_id in [*ids, room.json()["id"]]:
             client.delete(f"/v1/jobs/{job_id}")
+
+
+def test_a_job_whose_process_died_each_time_it_ran_fails_instead_of_taking_down_the_next(tiny_bundles, tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    store = SQLiteJobStore(path)
+    for job_id in ("poison", "healthy"):
+        body = {"prompt": PROMPT, "n": 1, "seed": 3}
+        store.add(JobRecord(id=job_id, endpoint="generate", body=body, created=time.time()), max_queued_per_owner=None)
+    for _ in range(2):  # two processes claimed it and died before finishing: their leases ran out at once
+        assert store.claim(worker="died", lease_s=0).id == "poison"
+        time.sleep(0.01)
+    store.close()
+    settings = Settings(weights=[str(tiny_bundles["one-step"])], device="cpu", job_db_path=str(path), job_max_attempts=2)
+    with server_thread(settings) as base:
+        poison, healthy = wait_for(base, "poison"), wait_for(base, "healthy")
+    assert poison["status"] == "failed" and poison["result"] is None
+    assert poison["error"]["status"] == 500 and "stopped 2 times" in poison["error"]["detail"]
+    assert healthy["status"] == "succeeded" and healthy["result"]["data"][0]["seed"] == 3
 
 
 def test_a_wrong_method_on_a_job_lists_every_method_of_the_path(url):

@@ -151,7 +151,8 @@ def _import(args: argparse.Namespace) -> None:
     if args.format == "muse":
         from softdimo.muse import MuseSamplerSettings, write_teacher_bundle
 
-        sampler = MuseSamplerSettings(steps=args.steps, guidance=args.guidance)
+        given = {"steps": args.steps, "guidance": args.guidance}
+        sampler = MuseSamplerSettings(**{k: v for k, v in given.items() if v is not None})
         out = write_teacher_bundle(args.out, name=args.name, sampler=sampler, source=args.source)
     else:
         from softdimo.clip_reward import write_clip_bundle
@@ -234,6 +235,8 @@ Extension = Callable[[Any, SuiteAdder], None]
 
 def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     """The library's commands; `extend(commands, add_bench_suite)` adds more (the server package adds serving)."""
+    from softdimo.muse import MuseSamplerSettings
+
     parser = argparse.ArgumentParser(prog="softdimo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -318,8 +321,10 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     imp.add_argument("source", help="the checkpoint folder (nothing is downloaded)")
     imp.add_argument("out", help="the bundle folder to write; for muse it may be the source itself, made a bundle in place")
     imp.add_argument("--name", required=True, help="the model name the server answers to")
-    imp.add_argument("--steps", type=int, default=12, help="muse: default sampling steps")
-    imp.add_argument("--guidance", type=float, default=10.0, help="muse: default guidance_scale, as diffusers counts it")
+    muse_sampler = MuseSamplerSettings()  # a flag left out takes its value from here
+    imp.add_argument("--steps", type=int, help=f"muse: default sampling steps (default: {muse_sampler.steps})")
+    guidance_help = f"muse: default guidance_scale, as diffusers counts it (default: {muse_sampler.guidance:g})"
+    imp.add_argument("--guidance", type=float, help=guidance_help)
     imp.set_defaults(func=_import)
 
     add_bench_suite = _add_bench_parser(commands)

@@ -88,7 +88,7 @@ class MuseSamplerSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> MuseSamplerSettings:
-        return cls(**{**d, "temperature": tuple(d.get("temperature", (2.0, 0.0)))})
+        return cls(**{k: tuple(v) if k == "temperature" else v for k, v in d.items()})  # JSON holds a list
 
 
 # ------------------------------------------------------------------ the transformer

@@ -16,9 +16,10 @@ INIT_STD = 0.02  # the spread every weight and embedding starts at
 class TransformerConfig:
     codebook_size: int = 1000  # image-token vocabulary; id `codebook_size` is the mask token
     tokens: int = 64  # image tokens per image (a flattened grid)
-    width: int = 256
+    # The shipped text teacher's size (recipes/shapes-teacher-text.toml); every recipe states its own.
+    width: int = 192
     depth: int = 6
-    heads: int = 8
+    heads: int = 6
     mlp_ratio: float = 4.0
     text_vocab: int = 0  # > 0: text-conditional, prompts arrive as `text_length` word ids (0 = padding)
     text_length: int = 12

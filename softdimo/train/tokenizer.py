@@ -15,13 +15,15 @@ from softdimo.vq import TokenizerConfig, VQTokenizer, to_tensor, to_uint8
 
 @dataclass(frozen=True)
 class TokenizerTraining:
-    steps: int = 3000
+    """The defaults are the shipped tokenizer's training (recipes/shapes-tokenizer.toml)."""
+
+    steps: int = 1500
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 100
     seed: int = 0
     eval_images: int = 200  # held-out reconstructions judged at each evaluation
-    eval_every: int = 250
+    eval_every: int = 500
     placement: str = "grid"  # where the world's objects sit (shapes.PLACEMENTS)
     dictionary_images: int = 2000  # images whose patches make a dictionary tokenizer's prototypes
     token_noise: float = 0.1  # a dictionary decoder learns to repair up to this share of random wrong tokens

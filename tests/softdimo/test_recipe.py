@@ -1,12 +1,17 @@
 """Recipes: the one source of a bundle's hyper-parameters, ordered by what they read, resumable stage by stage."""
 
+import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from softdimo.sampler import SamplerSettings
 from softdimo.train.recipe import RecipeError, build, load_recipe, order, run_all
 from softdimo.train.teacher import TeacherTraining
+from softdimo.train.tokenizer import TokenizerTraining
+from softdimo.transformer import TransformerConfig
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 
@@ -71,6 +76,36 @@ def test_cpu_teacher_comparisons_each_change_the_shipped_text_teacher_only_where
         build(TeacherTraining, variant.table("training"))
     with pytest.raises(ValueError, match="random or grid"):
         TeacherTraining(position_init="sincos")
+
+
+def _shipped_config(recipe) -> dict:
+    return json.loads((RECIPES.parent / recipe.data["out"] / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["shapes-teacher-text", "shapes-teacher-text-medium", "shapes-teacher-class"])
+def test_teacher_recipes_with_todays_defaults_build_the_shipped_teachers(name):
+    """A table key a recipe leaves out takes the dataclass default: a default that drifts from what shipped fails."""
+    recipe = load_recipe(RECIPES / f"{name}.toml")
+    shipped = _shipped_config(recipe)
+    sizes = {k: shipped["transformer"][k] for k in ("codebook_size", "tokens", "text_vocab", "text_length", "num_classes")}
+    assert build(TransformerConfig, recipe.table("transformer"), **sizes) == TransformerConfig.from_dict(shipped["transformer"])
+    assert build(TeacherTraining, recipe.table("training")) == TeacherTraining(**shipped["training"])
+    assert build(SamplerSettings, recipe.table("sampler")) == SamplerSettings(**shipped["sampler"])
+
+
+def test_the_tokenizer_recipe_with_todays_defaults_builds_the_shipped_tokenizer():
+    recipe = load_recipe(RECIPES / "shapes-tokenizer.toml")
+    assert build(TokenizerTraining, recipe.table("training")) == TokenizerTraining(**_shipped_config(recipe)["training"])
+
+
+def test_config_defaults_are_the_shipped_models_settings():
+    """SamplerSettings and TransformerConfig default to the shipped text teacher's (contrast guidance aside, which
+    class prompts cannot take), TokenizerTraining to the shipped tokenizer's training."""
+    text = _shipped_config(load_recipe(RECIPES / "shapes-teacher-text.toml"))
+    assert replace(SamplerSettings(), contrast=True) == SamplerSettings(**text["sampler"])
+    default = TransformerConfig(text_vocab=1)
+    assert (default.width, default.depth, default.heads) == tuple(text["transformer"][k] for k in ("width", "depth", "heads"))
+    assert TokenizerTraining() == TokenizerTraining(**_shipped_config(load_recipe(RECIPES / "shapes-tokenizer.toml"))["training"])
 
 
 def test_shipped_recipes_run_in_dependency_order():

@@ -58,8 +58,7 @@ def coverage_dict(coverage: judge.Coverage) -> dict:
 
 
 def real_images(prompts: Sequence[shapes.Prompt], seed: int = REAL_SEED, placement: str = "grid") -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [shapes.render(shapes.sample_scene(p, rng, placement)) for p in prompts]
+    return shapes.render_prompts(prompts, np.random.default_rng(seed), placement)
 
 
 @torch.no_grad()

@@ -225,6 +225,11 @@ def sample_scene(prompt: Prompt, rng: np.random.Generator, placement: str = "gri
     return _place(triples, rng, prompt.relation, placement)
 
 
+def render_prompts(prompts: Sequence[Prompt], rng: np.random.Generator, placement: str = "grid") -> list[np.ndarray]:
+    """A world image per prompt, the scenes drawn from `rng` in the prompts' order: the data models are judged by."""
+    return [render(sample_scene(p, rng, placement)) for p in prompts]
+
+
 # ---------------------------------------------------------------- prompts
 
 

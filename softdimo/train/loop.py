@@ -128,8 +128,7 @@ def coverage_metrics(pipeline, prompts) -> dict[str, float]:
 
     seeds = list(range(judge.COVERAGE_SEEDS))
     repeated = [p for p in prompts for _ in seeds]
-    rng = np.random.default_rng(EVAL_SEED)
-    data = [shapes.render(shapes.sample_scene(p, rng)) for p in repeated]
+    data = shapes.render_prompts(repeated, np.random.default_rng(EVAL_SEED))
     return judge.coverage(pipeline.generate_prompts(repeated, seeds * len(prompts)), data, prompts).metrics()
 
 

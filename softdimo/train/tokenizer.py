@@ -44,8 +44,7 @@ def reconstruction_pass_rate(tokenizer: VQTokenizer, images: np.ndarray, prompts
 
 def held_out_images(count: int, seed: int, placement: str = "grid") -> tuple[np.ndarray, list[shapes.Prompt]]:
     prompts = judge.held_out_prompts(count, seed=seed)
-    rng = np.random.default_rng(seed)
-    return np.stack([shapes.render(shapes.sample_scene(p, rng, placement)) for p in prompts]), prompts
+    return np.stack(shapes.render_prompts(prompts, np.random.default_rng(seed), placement)), prompts
 
 
 def fit_dictionary(patches: torch.Tensor, size: int, seed: int = 0, iterations: int = 20) -> torch.Tensor:

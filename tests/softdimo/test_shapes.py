@@ -176,6 +176,16 @@ def test_class_labels_follow_the_spec():
         shapes.class_prompt(18)
 
 
+def test_prompts_render_in_order_from_one_generator():
+    prompts = [shapes.parse_prompt(t) for t in ("a red circle", "two blue squares", "a green triangle above a red circle")]
+    images = shapes.render_prompts(prompts, np.random.default_rng(5), "free")
+    rng = np.random.default_rng(5)
+    for prompt, image in zip(prompts, images, strict=True):
+        assert (image == shapes.render(shapes.sample_scene(prompt, rng, "free"))).all()
+    # one generator for all: the second image is not the one a fresh generator would draw for its prompt
+    assert not (images[1] == shapes.render_prompts(prompts[1:2], np.random.default_rng(5), "free")[0]).all()
+
+
 def test_stream_is_seeded():
     a, b = shapes.stream(7), shapes.stream(7)
     for _ in range(5):

@@ -65,9 +65,12 @@ class SamplerSettings:
 
 
 def guided_logits(
-    model: MaskedTransformer, tokens: torch.Tensor, condition: torch.Tensor, guidance: float,
+    model: MaskedTransformer,
+    tokens: torch.Tensor,
+    condition: torch.Tensor,
+    guidance: float,
     contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Classifier-free guided logits, cond + w * (cond - reference), in one forward pass over the conditional rows
     and their references: the null prompt, or for rows with `contrasts` ((B, K, ...) conditions and (B,) which
     rows have them) the mean of their contrasts' logits. A row without contrasts takes the null prompt for each of
@@ -90,9 +93,12 @@ def guided_logits(
 
 @torch.no_grad()
 def sample(
-    model: MaskedTransformer, condition: torch.Tensor, noise: ImageNoise, settings: SamplerSettings,
+    model: MaskedTransformer,
+    condition: torch.Tensor,
+    noise: ImageNoise,
+    settings: SamplerSettings,
     contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """MaskGIT decoding from an all-mask grid -> tokens (B, N). Each image's randomness comes from its own seed;
     `contrasts` as guided_logits takes them (used when settings.contrast)."""
     cfg = model.cfg

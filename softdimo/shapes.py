@@ -167,7 +167,10 @@ def relation_offsets(first: tuple[float, float], second: tuple[float, float], re
 
 
 PERPENDICULAR = {
-    "left of": ("above", "below"), "right of": ("above", "below"), "above": ("left of", "right of"), "below": ("left of", "right of"),
+    "left of": ("above", "below"),
+    "right of": ("above", "below"),
+    "above": ("left of", "right of"),
+    "below": ("left of", "right of"),
 }
 
 
@@ -349,7 +352,8 @@ def parse_prompt(text: str) -> Prompt:
 
 @dataclass(frozen=True)
 class Sample:
-    """One training example: the image, its prompt text, its class label (-1 unless a single-kind prompt), its objects."""
+    """One training example: the image, its prompt text, its class label (-1 unless a single-kind prompt), its
+    objects."""
 
     image: np.ndarray
     prompt: str

@@ -200,9 +200,13 @@ def _evaluations(steps: int, eval_every: int) -> int:
 
 
 def _measure(
-    timing: tuple[int, float], modules: dict[str, nn.Module], step_fn: Callable[[int], dict[str, float]], steps: int,
-    eval_fn: Callable[[int], dict[str, float]] | None, eval_every: int,
-) -> StageCost:  # fmt: skip
+    timing: tuple[int, float],
+    modules: dict[str, nn.Module],
+    step_fn: Callable[[int], dict[str, float]],
+    steps: int,
+    eval_fn: Callable[[int], dict[str, float]] | None,
+    eval_every: int,
+) -> StageCost:
     measured, started = timing
     setup = time.monotonic() - started
     for mod in modules.values():

@@ -34,7 +34,9 @@ def palette_targets(images: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(judge.palette_indices(images))
 
 
-def reconstruction_pass_rate(tokenizer: VQTokenizer, images: np.ndarray, prompts: list[shapes.Prompt], device: torch.device) -> float:
+def reconstruction_pass_rate(
+    tokenizer: VQTokenizer, images: np.ndarray, prompts: list[shapes.Prompt], device: torch.device
+) -> float:
     recon = []
     for i in range(0, len(images), 64):
         x = to_tensor(images[i : i + 64]).to(device)
@@ -67,12 +69,16 @@ def fit_dictionary(patches: torch.Tensor, size: int, seed: int = 0, iterations: 
 
 def dictionary_config(cfg: TokenizerConfig, training: TokenizerTraining) -> tuple[TokenizerConfig, torch.Tensor]:
     """A dictionary tokenizer's config sized to the patches the world draws, and its prototypes."""
-    images, _, _ = shapes.batch(np.random.default_rng([training.seed, 1 << 20]), training.dictionary_images, placement=training.placement)
+    images, _, _ = shapes.batch(
+        np.random.default_rng([training.seed, 1 << 20]), training.dictionary_images, placement=training.placement
+    )
     patches = image_patches(cfg, to_tensor(images))
     prototypes = fit_dictionary(patches, cfg.dictionary_size, seed=training.seed)
     distinct = len(patches.unique(dim=0))
-    print(f"tokenizer: {distinct} distinct {cfg.downsample}x{cfg.downsample} patches in {training.dictionary_images} images; "
-          f"{len(prototypes)} codes")  # fmt: skip
+    print(
+        f"tokenizer: {distinct} distinct {cfg.downsample}x{cfg.downsample} patches "
+        f"in {training.dictionary_images} images; {len(prototypes)} codes"
+    )
     return replace(cfg, dictionary_size=len(prototypes)), prototypes
 
 
@@ -83,7 +89,9 @@ def image_patches(cfg: TokenizerConfig, images: torch.Tensor) -> torch.Tensor:
     return DictionaryEncoder(cfg).patches(images).flatten(0, 1)
 
 
-def train_tokenizer(run_dir: Path, cfg: TokenizerConfig, training: TokenizerTraining, device: torch.device) -> VQTokenizer:
+def train_tokenizer(
+    run_dir: Path, cfg: TokenizerConfig, training: TokenizerTraining, device: torch.device
+) -> VQTokenizer:
     torch.manual_seed(training.seed)
     prototypes = None
     if cfg.encoder == "dictionary":
@@ -93,7 +101,9 @@ def train_tokenizer(run_dir: Path, cfg: TokenizerConfig, training: TokenizerTrai
         tokenizer.encoder.prototypes.copy_(prototypes)
     tokenizer = tokenizer.to(device)
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=training.lr)
-    eval_images, eval_prompts = held_out_images(training.eval_images, seed=10_000 + training.seed, placement=training.placement)
+    eval_images, eval_prompts = held_out_images(
+        training.eval_images, seed=10_000 + training.seed, placement=training.placement
+    )
 
     def corruption(generator: torch.Generator) -> torch.Tensor | None:
         """Replacement codes for a random share (up to token_noise) of each image's tokens, -1 where none."""
@@ -106,7 +116,9 @@ def train_tokenizer(run_dir: Path, cfg: TokenizerConfig, training: TokenizerTrai
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
-        images, _, _ = shapes.batch(np.random.default_rng([training.seed, step]), training.batch_size, placement=training.placement)
+        images, _, _ = shapes.batch(
+            np.random.default_rng([training.seed, step]), training.batch_size, placement=training.placement
+        )
         noise = corruption(torch.Generator().manual_seed(training.seed * 1_000_003 + step))
         loss = tokenizer.reconstruction_loss(to_tensor(images).to(device), palette_targets(images).to(device), noise)
         optimizer.zero_grad(set_to_none=True)

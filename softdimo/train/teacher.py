@@ -21,8 +21,10 @@ from softdimo.vq import VQTokenizer, to_tensor
 
 @dataclass(frozen=True)
 class TeacherTraining:
-    steps: int = 6000
-    batch_size: int = 64
+    """The defaults are the shipped text teacher's training (recipes/shapes-teacher-text.toml)."""
+
+    steps: int = 4000
+    batch_size: int = 256
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.01
@@ -30,12 +32,11 @@ class TeacherTraining:
     label_smoothing: float = 0.1
     schedule: str = "cosine"
     seed: int = 0
-    eval_every: int = 1000
+    eval_every: int = 500
     eval_prompts: int = 100
     placement: str = "grid"  # where the world's objects sit (shapes.PLACEMENTS)
-    kind_weights: tuple[
-        int, ...
-    ] = ()  # how often each of the conditioner's kinds is drawn, relative to the others; () equally
+    # How often each of the conditioner's kinds is drawn, relative to the others; () equally.
+    kind_weights: tuple[int, ...] = ()
     position_init: str = "random"  # "grid": image positions start as a 2-D sine-cosine grid (init_grid_positions)
 
     def __post_init__(self):

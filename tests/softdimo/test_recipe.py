@@ -109,9 +109,10 @@ def test_the_tokenizer_recipe_with_todays_defaults_builds_the_shipped_tokenizer(
 
 
 def test_config_defaults_are_the_shipped_models_settings():
-    """SamplerSettings and TransformerConfig default to the shipped text teacher's (contrast guidance aside, which
-    class prompts cannot take), TokenizerTraining to the shipped tokenizer's training."""
+    """SamplerSettings, TransformerConfig and TeacherTraining default to the shipped text teacher's (contrast
+    guidance aside, which class prompts cannot take), TokenizerTraining to the shipped tokenizer's training."""
     text = _shipped_config(load_recipe(RECIPES / "shapes-teacher-text.toml"))
+    assert TeacherTraining() == TeacherTraining(**text["training"])
     assert replace(SamplerSettings(), contrast=True) == SamplerSettings(**text["sampler"])
     default = TransformerConfig(text_vocab=1)
     assert (default.width, default.depth, default.heads) == tuple(

@@ -31,9 +31,8 @@ class Row:
     coverage: judge.Coverage | None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
-    samples: list[np.ndarray] = field(
-        default_factory=list, repr=False
-    )  # a few seeds of a few coverage prompts, by prompt
+    # a few seeds of a few coverage prompts, by prompt
+    samples: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
     def rates_total(self) -> int:

@@ -173,9 +173,8 @@ def test_ablation_recipes_differ_from_the_shipped_recipe_only_where_they_say():
     ablations = sorted((RECIPES / "ablations").glob("*.toml"))
     assert {path.stem.split("-")[0] for path in ablations} == {"class", "text"}
     for path in ablations:
-        shipped = load_recipe(
-            RECIPES / f"shapes-softdimo-{path.stem.split('-')[0]}.toml"
-        )  # class-gan.toml: shapes-softdimo-class
+        conditioning = path.stem.split("-")[0]  # class-gan.toml: shapes-softdimo-class
+        shipped = load_recipe(RECIPES / f"shapes-softdimo-{conditioning}.toml")
         variant = load_recipe(path)
         assert variant.inputs == shipped.inputs and variant.table("generator") == shipped.table("generator")
         changed = {k for k, v in variant.table("training").items() if shipped.table("training").get(k) != v}

@@ -186,8 +186,10 @@ def policy(docs: list[dict], f: Findings) -> None:
         if not f.check(p is not None, f"{cname}: missing {kind}"):
             return None
         get = p.get("httpGet", {})
-        f.check(get.get("path") == path and get.get("port") in ("http", 8000),
-                f"{cname}: {kind} should GET {path} on port http")
+        f.check(
+            get.get("path") == path and get.get("port") in ("http", 8000),
+            f"{cname}: {kind} should GET {path} on port http",
+        )
         return p
 
     startup = probe("startupProbe", "/readyz")
@@ -206,8 +208,10 @@ def policy(docs: list[dict], f: Findings) -> None:
         sleep = int(cmd[-1]) if cmd and "sleep" in cmd[0] and cmd[-1].isdigit() else None
     if f.check(sleep is not None, f"{cname}: needs a preStop sleep so endpoints are removed before SIGTERM"):
         drain = float(settings.get("SOFTDIMO_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default))
-        f.check(sleep + drain < grace,
-                f"preStop sleep {sleep}s + drain {drain:g}s must be < terminationGracePeriodSeconds {grace}s")
+        f.check(
+            sleep + drain < grace,
+            f"preStop sleep {sleep}s + drain {drain:g}s must be < terminationGracePeriodSeconds {grace}s",
+        )
 
     # Security.
     psc, csc = spec.get("securityContext", {}), c.get("securityContext", {})
@@ -217,8 +221,10 @@ def policy(docs: list[dict], f: Findings) -> None:
     f.check("ALL" in csc.get("capabilities", {}).get("drop", []), f"{cname}: must drop ALL capabilities")
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
-    f.check(bool(tmp) and "emptyDir" in volumes.get(tmp[0]["name"], {}),
-            f"{cname}: /tmp must be an emptyDir (the root filesystem is read-only)")
+    f.check(
+        bool(tmp) and "emptyDir" in volumes.get(tmp[0]["name"], {}),
+        f"{cname}: /tmp must be an emptyDir (the root filesystem is read-only)",
+    )
 
     # Resources, and the device the server is told to use.
     res = c.get("resources", {})
@@ -243,25 +249,35 @@ def policy(docs: list[dict], f: Findings) -> None:
         f.check(labels_match(svc["spec"].get("selector", {}), pod_labels), "Service selector does not match the pods")
         sports = {p.get("name"): p for p in svc["spec"].get("ports", [])}
         http = sports.get("http")
-        f.check(http is not None and http["port"] == 80 and http.get("targetPort") in ("http", 8000),
-                "Service needs port 80 named http targeting the container's http port")
+        f.check(
+            http is not None and http["port"] == 80 and http.get("targetPort") in ("http", 8000),
+            "Service needs port 80 named http targeting the container's http port",
+        )
     if pdb:
-        f.check(labels_match(pdb["spec"].get("selector", {}).get("matchLabels", {}), pod_labels),
-                "PodDisruptionBudget selector does not match the pods")
+        f.check(
+            labels_match(pdb["spec"].get("selector", {}).get("matchLabels", {}), pod_labels),
+            "PodDisruptionBudget selector does not match the pods",
+        )
 
     # ServiceMonitor -> Service, and the server's `endpoint` label survives.
     if mon and svc:
-        f.check(labels_match(mon["spec"].get("selector", {}).get("matchLabels", {}),
-                             svc["metadata"].get("labels", {})), "ServiceMonitor selector does not match the Service")
+        f.check(
+            labels_match(mon["spec"].get("selector", {}).get("matchLabels", {}), svc["metadata"].get("labels", {})),
+            "ServiceMonitor selector does not match the Service",
+        )
         sports = {p.get("name") for p in svc["spec"].get("ports", [])}
         for ep in mon["spec"].get("endpoints", []):
             f.check(ep.get("port") in sports, f"ServiceMonitor endpoint port {ep.get('port')!r} is not a Service port")
             f.check(ep.get("path", "/metrics") == "/metrics", "ServiceMonitor should scrape /metrics")
-            restores = any(r.get("targetLabel") == "endpoint" and "exported_endpoint" in r.get("sourceLabels", [])
-                           for r in ep.get("metricRelabelings", []))
-            f.check(ep.get("honorLabels") is True or restores,
-                    "ServiceMonitor would rename the server's `endpoint` label to exported_endpoint "
-                    "(set honorLabels or relabel it back)")
+            restores = any(
+                r.get("targetLabel") == "endpoint" and "exported_endpoint" in r.get("sourceLabels", [])
+                for r in ep.get("metricRelabelings", [])
+            )
+            f.check(
+                ep.get("honorLabels") is True or restores,
+                "ServiceMonitor would rename the server's `endpoint` label to exported_endpoint "
+                "(set honorLabels or relabel it back)",
+            )
         if not mon["spec"].get("jobLabel"):
             job = svc["metadata"]["name"]
         else:
@@ -272,8 +288,10 @@ def policy(docs: list[dict], f: Findings) -> None:
     # ScaledObject -> Deployment, and its query selects this deployment's series.
     if scaler:
         ref = scaler["spec"]["scaleTargetRef"]
-        f.check(ref.get("name") == dep["metadata"]["name"] and ref.get("kind", "Deployment") == "Deployment",
-                "ScaledObject does not target the Deployment")
+        f.check(
+            ref.get("name") == dep["metadata"]["name"] and ref.get("kind", "Deployment") == "Deployment",
+            "ScaledObject does not target the Deployment",
+        )
         lo, hi = scaler["spec"].get("minReplicaCount", 0), scaler["spec"].get("maxReplicaCount", 100)
         f.check(2 <= lo <= hi, f"ScaledObject replicas {lo}..{hi}: want at least 2 and min <= max")
         for t in scaler["spec"]["triggers"]:
@@ -281,8 +299,10 @@ def policy(docs: list[dict], f: Findings) -> None:
                 continue
             q = t["metadata"].get("query", "")
             f.check("softdimo_queue_depth" in q, "autoscaler query should be on softdimo_queue_depth")
-            f.check(f'namespace="{namespace}"' in q,
-                    f'autoscaler query must select namespace="{namespace}" (the manifests\' namespace): {q}')
+            f.check(
+                f'namespace="{namespace}"' in q,
+                f'autoscaler query must select namespace="{namespace}" (the manifests\' namespace): {q}',
+            )
             if job:
                 f.check(f'job="{job}"' in q, f'autoscaler query must select job="{job}" (the scrape job): {q}')
             f.check(float(t["metadata"].get("threshold", 0)) > 0, "autoscaler threshold must be > 0")
@@ -297,17 +317,25 @@ def cmd_k8s(path: str, schema_only: bool = False) -> int:
     custom = [d for d in docs if (d.get("apiVersion"), d.get("kind")) in CUSTOM_KINDS]
     custom_kinds = {d["kind"] for d in custom}
     for version in KUBE_VERSIONS:
-        run = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, path],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, path],
+            capture_output=True,
+            text=True,
+        )
         out = (run.stdout + run.stderr).strip()
         unknown = re.findall(r"Couldn't find schema for kind (\S+)", out)
         unexpected = sorted(set(unknown) - custom_kinds)
         f.check(run.returncode == 0, f"kubernetes-validate --strict -k {version}:\n{out}")
-        f.check(not unexpected, f"kubernetes-validate -k {version} has no schema for {unexpected}, "
-                                "and no model is configured for them either")
+        f.check(
+            not unexpected,
+            f"kubernetes-validate -k {version} has no schema for {unexpected}, "
+            "and no model is configured for them either",
+        )
         if run.returncode == 0 and not unexpected:
-            print(f"  kubernetes-validate --strict -k {version}: {len(docs) - len(custom)} built-in objects valid"
-                  f" (no schema, checked below: {', '.join(sorted(set(unknown))) or 'none'})")
+            print(
+                f"  kubernetes-validate --strict -k {version}: {len(docs) - len(custom)} built-in objects valid"
+                f" (no schema, checked below: {', '.join(sorted(set(unknown))) or 'none'})"
+            )
 
     try:
         for d in custom:
@@ -358,8 +386,10 @@ def cmd_names() -> int:
         for group in yaml.safe_load(rules.read_text())["groups"]:
             recorded |= {r["record"] for r in group["rules"] if "record" in r}
     for name in recorded:
-        f.check(re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", name) is not None,
-                f"recording rule {name} is not named level:metric:operations")
+        f.check(
+            re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", name) is not None,
+            f"recording rule {name} is not named level:metric:operations",
+        )
     sources = promql_sources()
     for where, expr in sources:
         # Recording-rule references must exist.
@@ -370,8 +400,10 @@ def cmd_names() -> int:
         for m in re.finditer(r"(?<![:\w])(softdimo_[a-z_]+)(\{[^}]*\})?", expr):
             name, matchers = m.group(1), m.group(2) or ""
             base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in METRICS else name
-            if not f.check(base in METRICS and (base == name or base in HISTOGRAMS),
-                           f"{where}: {name} is not a metric the server exports"):
+            if not f.check(
+                base in METRICS and (base == name or base in HISTOGRAMS),
+                f"{where}: {name} is not a metric the server exports",
+            ):
                 continue
             allowed = METRICS[base] | TARGET_LABELS
             for label in re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", matchers):
@@ -381,8 +413,10 @@ def cmd_names() -> int:
             name = m.group(2)
             base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in METRICS else name
             for label in (x.strip() for x in m.group(1).split(",")):
-                f.check(base not in METRICS or label in METRICS[base] | TARGET_LABELS,
-                        f"{where}: groups {name} by {label!r}, which it does not have")
+                f.check(
+                    base not in METRICS or label in METRICS[base] | TARGET_LABELS,
+                    f"{where}: groups {name} by {label!r}, which it does not have",
+                )
     print(f"  {len(sources)} expressions, {len(recorded)} recording rules, {len(METRICS)} contract metrics")
     return f.finish("metric and label names")
 
@@ -393,8 +427,10 @@ def cmd_dashboard(path: str) -> int:
     dash = json.loads(Path(path).read_text())  # raises on invalid JSON
     variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
     ds = variables.get("datasource", {})
-    f.check(ds.get("type") == "datasource" and ds.get("query") == "prometheus",
-            "needs a Prometheus datasource variable named datasource")
+    f.check(
+        ds.get("type") == "datasource" and ds.get("query") == "prometheus",
+        "needs a Prometheus datasource variable named datasource",
+    )
     f.check(bool(dash.get("uid")) and bool(dash.get("title")), "needs uid and title")
     ids = [p["id"] for p in dash["panels"]]
     f.check(len(ids) == len(set(ids)), "panel ids are not unique")
@@ -408,14 +444,25 @@ def cmd_dashboard(path: str) -> int:
         refs = [t["refId"] for t in p.get("targets", [])]
         f.check(len(refs) == len(set(refs)), f"panel {p['title']!r} repeats a refId")
         for t in p.get("targets", []):
-            f.check(t.get("datasource", {}).get("uid") == "${datasource}",
-                    f"panel {p['title']!r} query {t['refId']} ignores $datasource")
+            f.check(
+                t.get("datasource", {}).get("uid") == "${datasource}",
+                f"panel {p['title']!r} query {t['refId']} ignores $datasource",
+            )
             for var in re.findall(r"\$(\w+)", t["expr"]):
                 f.check(var in variables or var.startswith("__"), f"panel {p['title']!r} uses undefined ${var}")
         g = p["gridPos"]
         f.check(g["x"] + g["w"] <= 24, f"panel {p['title']!r} is wider than the grid")
-    wanted = ["request_duration", "images_generated", "batch_size", "queue_depth", "queue_wait", "status",
-              "rejected", "reward_gain", "inflight"]
+    wanted = [
+        "request_duration",
+        "images_generated",
+        "batch_size",
+        "queue_depth",
+        "queue_wait",
+        "status",
+        "rejected",
+        "reward_gain",
+        "inflight",
+    ]
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
     for w in wanted:
         f.check(w in exprs, f"no panel shows {w}")

@@ -81,14 +81,22 @@ SCALES = {
     "maskgen-l": TransformerConfig(
         codebook_size=8192, tokens=128, width=1024, depth=16, heads=16, text_vocab=49408, text_length=77
     ),
-    # MaskGIT (reference/paper.md 3.3): hidden 768, depth 24, heads 16 over 16x16 tokens of a 1024-code VQGAN, 1000 classes
-    "maskgit": TransformerConfig(codebook_size=1024, tokens=256, width=768, depth=24, heads=16, text_vocab=0, num_classes=1000),
+    # MaskGIT (reference/paper.md 3.3): hidden 768, depth 24, heads 16 over 16x16 tokens of a 1024-code VQGAN,
+    # 1000 classes
+    "maskgit": TransformerConfig(
+        codebook_size=1024, tokens=256, width=768, depth=24, heads=16, text_vocab=0, num_classes=1000
+    ),
 }
 # Dense bf16 tensor-core peaks from the vendors' datasheets, in FLOP/s, by a part of the name torch gives the device
 # (first match wins); any other device takes --peak-tflops.
 STATED_BF16_PEAKS = (
-    ("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12), ("A100", 312.0e12), ("L40S", 362.1e12), ("L4", 121.0e12),
-)  # fmt: skip
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100", 989.4e12),
+    ("A100", 312.0e12),
+    ("L40S", 362.1e12),
+    ("L4", 121.0e12),
+)
 
 
 def stated_bf16_peak(device: torch.device, tflops: float | None = None) -> float | None:
@@ -126,7 +134,9 @@ def network_at_scale(name: str, device: torch.device, seed: int = 0) -> NetworkF
 def _scale_inputs(forward: NetworkForward, batch_size: int) -> torch.Tensor:
     cfg = forward.generator.cfg
     if cfg.text_vocab:
-        return torch.randint(1, cfg.text_vocab, (batch_size, cfg.text_length), generator=torch.Generator().manual_seed(0))
+        return torch.randint(
+            1, cfg.text_vocab, (batch_size, cfg.text_length), generator=torch.Generator().manual_seed(0)
+        )
     return torch.zeros(batch_size, dtype=torch.long)
 
 
@@ -177,13 +187,24 @@ class OfflineArm:
     def describe(self) -> dict:
         runtime = self.runtime.settings.to_dict()
         return {
-            "label": self.label, "name": self.name, "kind": self.kind, "source": self.source, "runtime": runtime,
+            "label": self.label,
+            "name": self.name,
+            "kind": self.kind,
+            "source": self.source,
+            "runtime": runtime,
             "decoder_flops_per_image": self.decoder_flops(),
-        }  # fmt: skip
+        }
 
 
-def load_arm(label: str, *, model: str | None, config: str | None, runtime: RuntimeSettings, device: torch.device,
-             max_batch_size: int) -> OfflineArm:  # fmt: skip
+def load_arm(
+    label: str,
+    *,
+    model: str | None,
+    config: str | None,
+    runtime: RuntimeSettings,
+    device: torch.device,
+    max_batch_size: int,
+) -> OfflineArm:
     run = Runtime(runtime, max_batch_size=max_batch_size)
     if config is not None:
         return OfflineArm(label, config, "network", config, network_at_scale(config, device), run, None)
@@ -216,9 +237,12 @@ class OfflineBench(RuntimeOptions):
                 object.__setattr__(self, name, (getattr(self, name),))
         check_options(
             positive={
-                "repeats": self.repeats, "batch_sizes": self.batch_sizes, "steps": self.steps, "matmul_size": self.matmul_size,
+                "repeats": self.repeats,
+                "batch_sizes": self.batch_sizes,
+                "steps": self.steps,
+                "matmul_size": self.matmul_size,
                 "peak_tflops": self.peak_tflops,
-            },  # fmt: skip
+            },
             non_negative={"warmup": self.warmup},
         )
         if bool(self.model) == bool(self.config):
@@ -236,7 +260,7 @@ def run_offline(config: OfflineBench, command: str) -> dict:
     arms = [
         load_arm(label, **spec, device=device, max_batch_size=max(config.batch_sizes))
         for label, spec in zip("AB", config.offline_arms())
-    ]  # fmt: skip
+    ]
     if config.steps and not any(arm.kind == "masked-diffusion" for arm in arms):
         raise BenchError("--steps applies to masked-diffusion bundles; this one is one-step")
     if config.steps and len(arms) == 2 and len(config.steps) > 1:
@@ -247,10 +271,17 @@ def run_offline(config: OfflineBench, command: str) -> dict:
         peak["bf16"] = matmul_peak(device, torch.bfloat16, size=size)
     stated = stated_bf16_peak(device, config.peak_tflops)
     result = {
-        "bench": "offline", "machine": machine_info(device, command), "config": asdict(config),
+        "bench": "offline",
+        "machine": machine_info(device, command),
+        "config": asdict(config),
         "arms": [arm.describe() for arm in arms],
-        "matmul": {"size": size, "threads": torch.get_num_threads(), "peak_flops": peak, "stated_bf16_peak_flops": stated},
-    }  # fmt: skip
+        "matmul": {
+            "size": size,
+            "threads": torch.get_num_threads(),
+            "peak_flops": peak,
+            "stated_bf16_peak_flops": stated,
+        },
+    }
     if len(arms) == 1:
         arm = arms[0]
         result["model"] = {"path": arm.source, "name": arm.name, "kind": arm.kind}
@@ -267,31 +298,54 @@ def _steps_values(arm: OfflineArm, config: OfflineBench) -> list[int | None]:
 
 
 def _rates(
-    arm: OfflineArm, *, steps: int | None, flops: int, peak: dict, stated: float | None, batch_size: int, seconds: float,
-) -> dict:  # fmt: skip
+    arm: OfflineArm,
+    *,
+    steps: int | None,
+    flops: int,
+    peak: dict,
+    stated: float | None,
+    batch_size: int,
+    seconds: float,
+) -> dict:
     images_per_s = batch_size / seconds
     achieved = flops * images_per_s
     precision = arm.runtime.settings.precision
     return {
-        "steps": steps, "batch_size": batch_size, "seconds_per_batch": seconds, "images_per_s": images_per_s,
-        "flops_per_image": flops, "achieved_flops": achieved, "fraction_of_peak": achieved / peak.get(precision, peak["fp32"]),
+        "steps": steps,
+        "batch_size": batch_size,
+        "seconds_per_batch": seconds,
+        "images_per_s": images_per_s,
+        "flops_per_image": flops,
+        "achieved_flops": achieved,
+        "fraction_of_peak": achieved / peak.get(precision, peak["fp32"]),
         "fraction_of_stated_bf16_peak": achieved / stated if stated else None,
-    }  # fmt: skip
+    }
 
 
-def _offline_rows(arm: OfflineArm, config: OfflineBench, *, peak: dict, stated: float | None, device: torch.device) -> list[dict]:
+def _offline_rows(
+    arm: OfflineArm, config: OfflineBench, *, peak: dict, stated: float | None, device: torch.device
+) -> list[dict]:
     rows = []
     for steps in _steps_values(arm, config):
         flops = arm.flops(steps)
         for batch_size in config.batch_sizes:
-            seconds = median_seconds(arm.call(batch_size, steps), repeats=config.repeats, warmup=config.warmup, device=device)
-            rows.append(_rates(arm, steps=steps, flops=flops, peak=peak, stated=stated, batch_size=batch_size, seconds=seconds))
+            seconds = median_seconds(
+                arm.call(batch_size, steps), repeats=config.repeats, warmup=config.warmup, device=device
+            )
+            rows.append(
+                _rates(arm, steps=steps, flops=flops, peak=peak, stated=stated, batch_size=batch_size, seconds=seconds)
+            )
     return rows
 
 
 def _offline_comparison(
-    arms: list[OfflineArm], config: OfflineBench, *, peak: dict, stated: float | None, device: torch.device,
-) -> list[dict]:  # fmt: skip
+    arms: list[OfflineArm],
+    config: OfflineBench,
+    *,
+    peak: dict,
+    stated: float | None,
+    device: torch.device,
+) -> list[dict]:
     steps = {arm.label: _steps_values(arm, config)[0] for arm in arms}
     flops = {arm.label: arm.flops(steps[arm.label]) for arm in arms}
     rows = []
@@ -300,19 +354,24 @@ def _offline_comparison(
         for call in calls:  # warm both before either is timed
             measure(call, repeats=1, warmup=config.warmup, device=device)
         measures = [
-            lambda call=call: batch_size / median_seconds(call, repeats=config.repeats, warmup=0, device=device) for call in calls
+            lambda call=call: batch_size / median_seconds(call, repeats=config.repeats, warmup=0, device=device)
+            for call in calls
         ]
         a, b = interleaved(measures, rounds=config.rounds)
         stats = compare_rounds(a, b)
         row = {"batch_size": batch_size, **stats, "rounds_images_per_s": {"A": a, "B": b}, "arms": {}}
         for arm, rate in zip(arms, (stats["a"], stats["b"])):
             row["arms"][arm.label] = _rates(
-                arm, steps=steps[arm.label], flops=flops[arm.label], peak=peak, stated=stated, batch_size=batch_size,
+                arm,
+                steps=steps[arm.label],
+                flops=flops[arm.label],
+                peak=peak,
+                stated=stated,
+                batch_size=batch_size,
                 seconds=batch_size / rate,
-            )  # fmt: skip
+            )
         rows.append(row)
     return rows
-
 
 
 def _arm_line(arm: dict) -> str:
@@ -336,38 +395,66 @@ def offline_table(result: dict) -> str:
     if "comparison" in result:
         a, b = result["arms"]
         rows = [
-            [r["batch_size"], r["a"], r["b"], r["ratio"], ratio_range(r),
-             100 * r["arms"]["A"]["fraction_of_peak"], 100 * r["arms"]["B"]["fraction_of_peak"]]
+            [
+                r["batch_size"],
+                r["a"],
+                r["b"],
+                r["ratio"],
+                ratio_range(r),
+                100 * r["arms"]["A"]["fraction_of_peak"],
+                100 * r["arms"]["B"]["fraction_of_peak"],
+            ]
             for r in result["comparison"]
-        ]  # fmt: skip
-        table = markdown_table(["batch", "A images/s", "B images/s", "B / A", "B / A range", "A % of peak", "B % of peak"], rows)
+        ]
+        table = markdown_table(
+            ["batch", "A images/s", "B images/s", "B / A", "B / A range", "A % of peak", "B % of peak"], rows
+        )
         flops = {label: result["comparison"][0]["arms"][label]["flops_per_image"] / 1e6 for label in "AB"}
         return (
             f"{header}\n\nA: {_arm_line(a)}, {flops['A']:,.0f} MFLOP / image. "
             f"B: {_arm_line(b)}, {flops['B']:,.0f} MFLOP / image. "
             f"Each batch size: {cfg['rounds']} rounds per arm, "
-            f"interleaved A, B, B, A, …, each the median of {cfg['repeats']} calls after {cfg['warmup']} warm-up calls; "
-            f"images/s is each arm's median round, B / A the median of the rounds' ratios and its range their least and "
-            f"greatest.\n\n{table}\n"
+            f"interleaved A, B, B, A, …, each the median of {cfg['repeats']} calls "
+            f"after {cfg['warmup']} warm-up calls; "
+            f"images/s is each arm's median round, B / A the median of the rounds' ratios "
+            f"and its range their least and greatest.\n\n{table}\n"
         )
     arm = result["arms"][0]
     rows = [
         [
-            r["steps"] if r["steps"] is not None else 1, r["batch_size"], r["seconds_per_batch"] * 1000, r["images_per_s"],
-            r["flops_per_image"] / 1e6, r["achieved_flops"] / 1e9, 100 * r["fraction_of_peak"],
+            r["steps"] if r["steps"] is not None else 1,
+            r["batch_size"],
+            r["seconds_per_batch"] * 1000,
+            r["images_per_s"],
+            r["flops_per_image"] / 1e6,
+            r["achieved_flops"] / 1e9,
+            100 * r["fraction_of_peak"],
             *([100 * r["fraction_of_stated_bf16_peak"]] if stated else []),
         ]
         for r in result["rows"]
-    ]  # fmt: skip
+    ]
     precision = arm["runtime"]["precision"]
     table = markdown_table(
-        ["steps", "batch", "ms / batch", "images/s", "MFLOP / image", "GFLOP/s", f"% of {precision} peak", *stated_column], rows
+        [
+            "steps",
+            "batch",
+            "ms / batch",
+            "images/s",
+            "MFLOP / image",
+            "GFLOP/s",
+            f"% of {precision} peak",
+            *stated_column,
+        ],
+        rows,
     )
     decoder = arm.get("decoder_flops_per_image")
     share = ""
     if decoder:
         total = result["rows"][0]["flops_per_image"]
-        share = f" Of one image's {total / 1e6:,.0f} MFLOP, the tokenizer decoder's are {decoder / 1e6:,.1f} ({100 * decoder / total:.1f} %)."
+        share = (
+            f" Of one image's {total / 1e6:,.0f} MFLOP, "
+            f"the tokenizer decoder's are {decoder / 1e6:,.1f} ({100 * decoder / total:.1f} %)."
+        )
     return (
         f"{header}\n\nOffline {'forward' if arm['kind'] == 'network' else 'forward + decode'} of {_arm_line(arm)}, "
         f"median of {cfg['repeats']} after {cfg['warmup']} warm-up calls.{share}\n\n{table}\n"
@@ -390,6 +477,11 @@ def tteo_step_cost(pipeline: OneStepPipeline, *, steps: int, batch_size: int, re
     zero_s = median_seconds(refine_call(pipeline, batch_size, 0), repeats=repeats, warmup=warmup, device=device)
     step_s = (refine_s - zero_s) / steps
     return {
-        "tteo_steps": steps, "batch_size": batch_size, "forward_s": forward_s, "refine_s": refine_s,
-        "refine_zero_steps_s": zero_s, "step_s": step_s, "step_over_forward": step_s / forward_s,
-    }  # fmt: skip
+        "tteo_steps": steps,
+        "batch_size": batch_size,
+        "forward_s": forward_s,
+        "refine_s": refine_s,
+        "refine_zero_steps_s": zero_s,
+        "step_s": step_s,
+        "step_over_forward": step_s / forward_s,
+    }

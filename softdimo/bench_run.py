@@ -23,16 +23,20 @@ class BenchError(ValueError):
 
 
 def check_options(*, positive: dict, non_negative: dict | None = None) -> None:
-    """Options by their flag names (underscores for dashes); a value may be a number, a sequence of them, or None (unset)."""
+    """Options by their flag names (underscores for dashes); a value may be a number, a sequence of them, or None
+    (unset)."""
     for bound, values in ((0, positive), (-1, non_negative or {})):
         for name, value in values.items():
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if v is not None and v <= bound:
-                    raise BenchError(f"--{name.replace('_', '-')} must be {'positive' if bound == 0 else '0 or more'}, got {v}")
+                    raise BenchError(
+                        f"--{name.replace('_', '-')} must be {'positive' if bound == 0 else '0 or more'}, got {v}"
+                    )
 
 
 def arm_values(options: dict[str, tuple]) -> list[dict]:
-    """Options given one value hold for every arm; an option given two compares them: arm A takes the first, B the second."""
+    """Options given one value hold for every arm; an option given two compares them: arm A takes the first, B the
+    second."""
     count = max(len(values) for values in options.values())
     for name, values in options.items():
         if len(values) not in (1, count) or len(values) > 2:
@@ -90,10 +94,15 @@ def _cpu_model() -> str:
 def machine_info(device: torch.device, command: str) -> dict:
     """What a reader needs to compare two runs: hardware, software, device, date and the command."""
     info = {
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": command,
-    }  # fmt: skip
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -67,6 +67,12 @@ def _settings(items: list[str] | None) -> dict:
     return out
 
 
+HARD_NEGATIVE_ACCURACY = {  # what a reward's accuracy on each side says, by side
+    "prompts": "the true prompt scores above all 4 hard negative prompts for {share} of {n} held-out images",
+    "images": "the true image scores above all 4 hard negative images for {share} of {n} held-out prompts",
+}
+
+
 def _eval(args: argparse.Namespace) -> None:
     from softdimo import evaluation
     from softdimo.bundle import read_bundle
@@ -78,21 +84,34 @@ def _eval(args: argparse.Namespace) -> None:
     results = []
     for model_path in args.models:
         if read_bundle(model_path).config.get("kind") == "reward":
-            accuracy = evaluation.reward_accuracy(model_path, images=args.prompts, device=device, placement=args.placement)
-            for side, what in (("prompts", "the true prompt scores above all 4 hard negative prompts for {share} of {n} held-out images"),
-                               ("images", "the true image scores above all 4 hard negative images for {share} of {n} held-out prompts")):  # fmt: skip
+            accuracy = evaluation.reward_accuracy(
+                model_path, images=args.prompts, device=device, placement=args.placement
+            )
+            for side, what in HARD_NEGATIVE_ACCURACY.items():
                 kinds = ", ".join(f"{kind} {share:.1%}" for kind, share in accuracy[side].items() if kind != "overall")
-                print(f"\n{model_path}: " + what.format(share=f"{accuracy[side]['overall']:.1%}", n=args.prompts) + f" ({kinds})")
+                said = what.format(share=f"{accuracy[side]['overall']:.1%}", n=args.prompts)
+                print(f"\n{model_path}: {said} ({kinds})")
             print()
             results.append({"model": str(model_path), "hard_negative_accuracy": accuracy, "images": args.prompts})
             continue
+        given = {"precision": args.precision, "compile": args.compile or None}
         table = evaluation.evaluate_bundle(
-            model_path, features=features, prompts=args.prompts, steps=args.steps, tteo_steps=args.tteo_steps,
-            best_of=args.best_of, device=device, grid_dir=Path(args.grid) if args.grid else None, placement=args.placement,
-            sampler=_settings(args.sampler), tteo=_settings(args.tteo), generator=_settings(args.generator),
-            coverage_prompts=args.coverage_prompts, coverage_seeds=args.coverage_seeds,
-            runtime=RuntimeSettings(**{k: v for k, v in {"precision": args.precision, "compile": args.compile or None}.items() if v is not None}),
-        )  # fmt: skip
+            model_path,
+            features=features,
+            prompts=args.prompts,
+            steps=args.steps,
+            tteo_steps=args.tteo_steps,
+            best_of=args.best_of,
+            device=device,
+            grid_dir=Path(args.grid) if args.grid else None,
+            placement=args.placement,
+            sampler=_settings(args.sampler),
+            tteo=_settings(args.tteo),
+            generator=_settings(args.generator),
+            coverage_prompts=args.coverage_prompts,
+            coverage_seeds=args.coverage_seeds,
+            runtime=RuntimeSettings(**{k: v for k, v in given.items() if v is not None}),
+        )
         print(f"\n{table.markdown()}\n")
         results.append(table.as_dict())
     if args.json:
@@ -137,7 +156,9 @@ def _refine(args: argparse.Namespace) -> None:
     text = pipeline.conditioner.reward_text(args.prompt, args.class_label)
     seeds = request_seeds(args.seed, args.n)
     settings = pipeline.tteo.for_request(steps=args.steps, lr=args.lr, best_of=args.best_of, target=args.target)
-    refined = pipeline.refine(condition, [text] * args.n, candidate_seeds(seeds, settings.best_of), settings, reward=args.reward)
+    refined = pipeline.refine(
+        condition, [text] * args.n, candidate_seeds(seeds, settings.best_of), settings, reward=args.reward
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (seed, image) in enumerate(zip(seeds, to_uint8(refined.images))):
@@ -147,11 +168,13 @@ def _refine(args: argparse.Namespace) -> None:
 
 
 def _import(args: argparse.Namespace) -> None:
-    """Make a bundle of a checkpoint folder on disk: a diffusers MUSE pipeline (a teacher) or a CLIP model (a reward)."""
+    """Make a bundle of a checkpoint folder on disk: a diffusers MUSE pipeline (a teacher) or a CLIP model (a
+    reward)."""
     if args.format == "muse":
         from softdimo.muse import MuseSamplerSettings, write_teacher_bundle
 
-        sampler = MuseSamplerSettings(steps=args.steps, guidance=args.guidance)
+        given = {"steps": args.steps, "guidance": args.guidance}
+        sampler = MuseSamplerSettings(**{k: v for k, v in given.items() if v is not None})
         out = write_teacher_bundle(args.out, name=args.name, sampler=sampler, source=args.source)
     else:
         from softdimo.clip_reward import write_clip_bundle
@@ -191,12 +214,16 @@ def _add_bench_parser(commands) -> SuiteAdder:
     """`softdimo bench SUITE`; every option becomes a field of the suite's config dataclass. Returns the function
     that adds a suite, so the serving benchmarks are registered by the tooling package (benchmarks/)."""
     bench = commands.add_parser(
-        "bench", help="benchmarks: every figure a ratio or curve measured in one run",
-        description="Each suite prints a markdown table; defaults are listed in docs/benchmarks.md and recorded in --json.",
-    )  # fmt: skip
+        "bench",
+        help="benchmarks: every figure a ratio or curve measured in one run",
+        description="Each suite prints a markdown table; "
+        "defaults are listed in docs/benchmarks.md and recorded in --json.",
+    )
     suites = bench.add_subparsers(dest="suite", required=True)
 
-    def suite(name: str, help: str, options: list[tuple], *, run, table, config, after=None, extra: list[tuple] = ()) -> None:
+    def suite(
+        name: str, help: str, options: list[tuple], *, run, table, config, after=None, extra: list[tuple] = ()
+    ) -> None:
         p = suites.add_parser(name, help=help)
         actions = [p.add_argument(*flags, **kw) for flags, kw in options]
         actions.append(p.add_argument("--json", help="also write the raw results here"))
@@ -205,82 +232,164 @@ def _add_bench_parser(commands) -> SuiteAdder:
 
     from softdimo import bench as offline
 
-    suite("offline", "images/s, FLOPs and share of the peak per batch size; two models or settings side by side", [
-        (("--model",), {"nargs": "+", "help": "bundle folder; two to compare them"}),
-        (("--config",), {"nargs": "+", "choices": list(offline.SCALES),
-                         "help": "instead of --model: a network the size of a published model, random weights, no decoder"}),
-        DEVICE_OPTION,
-        (("--batch-sizes",), {"type": int, "nargs": "+", "help": "images per batch, one row each (default 1 2 4 … 64)"}),
-        (("--steps",), {"type": int, "nargs": "+", "help": "sampling steps (masked-diffusion bundles; default: the bundle's)"}),
-        (("--repeats",), {"type": int, "help": "timed calls per measurement (median)"}),
-        (("--warmup",), {"type": int, "help": "untimed calls per batch size first"}),
-        (("--matmul-size",), {"type": int, "help": "side of the matmuls timed for the peak (default 2048 CPU, 8192 CUDA)"}),
-        *RUNTIME_OPTIONS,
-        (("--rounds",), {"type": int, "help": "comparisons: interleaved timed rounds per arm and batch size"}),
-        (("--peak-tflops",), {"type": float, "help": "the device's dense bf16 peak (default: the datasheet's for a known GPU)"}),
-    ], run=offline.run_offline, table=offline.offline_table, config=offline.OfflineBench)  # fmt: skip
+    suite(
+        "offline",
+        "images/s, FLOPs and share of the peak per batch size; two models or settings side by side",
+        [
+            (("--model",), {"nargs": "+", "help": "bundle folder; two to compare them"}),
+            (
+                ("--config",),
+                {
+                    "nargs": "+",
+                    "choices": list(offline.SCALES),
+                    "help": "instead of --model: a network the size of a published model, random weights, no decoder",
+                },
+            ),
+            DEVICE_OPTION,
+            (
+                ("--batch-sizes",),
+                {"type": int, "nargs": "+", "help": "images per batch, one row each (default 1 2 4 … 64)"},
+            ),
+            (
+                ("--steps",),
+                {"type": int, "nargs": "+", "help": "sampling steps (masked-diffusion bundles; default: the bundle's)"},
+            ),
+            (("--repeats",), {"type": int, "help": "timed calls per measurement (median)"}),
+            (("--warmup",), {"type": int, "help": "untimed calls per batch size first"}),
+            (
+                ("--matmul-size",),
+                {"type": int, "help": "side of the matmuls timed for the peak (default 2048 CPU, 8192 CUDA)"},
+            ),
+            *RUNTIME_OPTIONS,
+            (("--rounds",), {"type": int, "help": "comparisons: interleaved timed rounds per arm and batch size"}),
+            (
+                ("--peak-tflops",),
+                {"type": float, "help": "the device's dense bf16 peak (default: the datasheet's for a known GPU)"},
+            ),
+        ],
+        run=offline.run_offline,
+        table=offline.offline_table,
+        config=offline.OfflineBench,
+    )
     return suite
 
 
 DEVICE_OPTION = (("--device",), {"choices": ["auto", "cpu", "cuda"]})
 # How the models run (softdimo.runtime), one value or two to compare: e.g. --precision fp32 bf16.
 RUNTIME_OPTIONS = [
-    (("--precision",), {"nargs": "+", "choices": list(PRECISIONS), "help": "bf16: under bfloat16 autocast; int8: int8 Linear weights (CPU)"}),
-    (("--compile",), {"nargs": "+", "choices": ["off", "on"], "help": "torch.compile, batches padded to power-of-two buckets"}),
-    (("--pin-memory",), {"nargs": "+", "choices": ["off", "on"], "help": "images back to the host through pinned memory"}),
+    (
+        ("--precision",),
+        {
+            "nargs": "+",
+            "choices": list(PRECISIONS),
+            "help": "bf16: under bfloat16 autocast; int8: int8 Linear weights (CPU)",
+        },
+    ),
+    (
+        ("--compile",),
+        {"nargs": "+", "choices": ["off", "on"], "help": "torch.compile, batches padded to power-of-two buckets"},
+    ),
+    (
+        ("--pin-memory",),
+        {"nargs": "+", "choices": ["off", "on"], "help": "images back to the host through pinned memory"},
+    ),
 ]
 Extension = Callable[[Any, SuiteAdder], None]
 
 
 def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     """The library's commands; `extend(commands, add_bench_suite)` adds more (the server package adds serving)."""
+    from softdimo.muse import MuseSamplerSettings
+
     parser = argparse.ArgumentParser(prog="softdimo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
-        "train", help="train bundles from recipes (recipes/*.toml), in dependency order, each stage resumable from its run folder"
+        "train",
+        help="train bundles from recipes (recipes/*.toml), in dependency order, "
+        "each stage resumable from its run folder",
     )
     train.add_argument("recipes", nargs="+", help="recipe files; stages already done for the same recipe are skipped")
-    train.add_argument("--set", action="append", metavar="TABLE.KEY=VALUE", help="override a recipe value (TOML syntax)")
+    train.add_argument(
+        "--set", action="append", metavar="TABLE.KEY=VALUE", help="override a recipe value (TOML syntax)"
+    )
     train.add_argument("--force", action="store_true", help="train stages again even when done")
     train.add_argument(
-        "--profile", type=int, metavar="STEPS",
-        help="time this many training steps (and one evaluation) of each recipe's stage and print what the whole stage takes "
-        "here, a teacher's step also by phase; trains and writes nothing (the bundles a stage reads must exist)",
-    )  # fmt: skip
+        "--profile",
+        type=int,
+        metavar="STEPS",
+        help="time this many training steps (and one evaluation) of each recipe's stage and print what the whole "
+        "stage takes here, a teacher's step also by phase; trains and writes nothing (the bundles a stage reads must "
+        "exist)",
+    )
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument(
-        "--jobs", type=int, default=1, help="stages trained at once, each a process with its share of the CPU threads (a CPU-only machine)"
+        "--jobs",
+        type=int,
+        default=1,
+        help="stages trained at once, each a process with its share of the CPU threads (a CPU-only machine)",
     )
     train.set_defaults(func=_train)
 
     from softdimo.judge import COVERAGE_SEEDS
     from softdimo.evaluation import COVERAGE_PROMPTS
 
-    ev = commands.add_parser("eval", help="judge models on held-out prompts: pass rates beside layout coverage, Fréchet distance")
-    ev.add_argument("models", nargs="+", help="bundle folders (tokenizers are judged on reconstructions, rewards on hard negatives)")
+    ev = commands.add_parser(
+        "eval", help="judge models on held-out prompts: pass rates beside layout coverage, Fréchet distance"
+    )
+    ev.add_argument(
+        "models", nargs="+", help="bundle folders (tokenizers are judged on reconstructions, rewards on hard negatives)"
+    )
     ev.add_argument("--prompts", type=int, default=300, help="held-out prompts the pass rate is measured on")
     ev.add_argument(
-        "--coverage-prompts", type=int, default=COVERAGE_PROMPTS,
+        "--coverage-prompts",
+        type=int,
+        default=COVERAGE_PROMPTS,
         help="the first N held-out prompts whose layout coverage is measured (0: none)",
-    )  # fmt: skip
-    ev.add_argument("--coverage-seeds", type=int, default=COVERAGE_SEEDS, help="images of each coverage prompt, seeds 0 .. N-1")
+    )
+    ev.add_argument(
+        "--coverage-seeds", type=int, default=COVERAGE_SEEDS, help="images of each coverage prompt, seeds 0 .. N-1"
+    )
     ev.add_argument("--steps", type=int, nargs="*", help="sampling steps to evaluate masked-diffusion models at")
     ev.add_argument("--features", default=str(DEFAULT_FEATURES))
     ev.add_argument("--json", help="also write the results here")
-    ev.add_argument("--tteo-steps", type=int, nargs="*", default=[], help="one-step models: also refine with TTEO for these steps")
-    ev.add_argument("--best-of", type=int, nargs="*", default=[], help="one-step models: also best-of-N, alone and with TTEO")
+    ev.add_argument(
+        "--tteo-steps", type=int, nargs="*", default=[], help="one-step models: also refine with TTEO for these steps"
+    )
+    ev.add_argument(
+        "--best-of", type=int, nargs="*", default=[], help="one-step models: also best-of-N, alone and with TTEO"
+    )
     ev.add_argument("--grid", help="folder for a PNG grid of the first 50 images of each row")
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--placement", choices=["grid", "free"], default="grid", help="where the reference images' objects sit")
-    ev.add_argument("--sampler", nargs="*", metavar="KEY=VALUE", help="teachers: override sampler settings, e.g. guidance=3")
-    ev.add_argument("--precision", choices=list(PRECISIONS), help="sample as the server would with this precision (default fp32)")
-    ev.add_argument("--compile", action="store_true", help="sample through the compiled network, as the server would with --compile")
-    ev.add_argument("--generator", nargs="*", metavar="KEY=VALUE", help="one-step models: override generator settings, e.g. latent_scale=0.8")
-    ev.add_argument("--tteo", nargs="*", metavar="KEY=VALUE", help="one-step models: override TTEO settings, e.g. target=logits lr=0.05")
+    ev.add_argument(
+        "--placement", choices=["grid", "free"], default="grid", help="where the reference images' objects sit"
+    )
+    ev.add_argument(
+        "--sampler", nargs="*", metavar="KEY=VALUE", help="teachers: override sampler settings, e.g. guidance=3"
+    )
+    ev.add_argument(
+        "--precision", choices=list(PRECISIONS), help="sample as the server would with this precision (default fp32)"
+    )
+    ev.add_argument(
+        "--compile", action="store_true", help="sample through the compiled network, as the server would with --compile"
+    )
+    ev.add_argument(
+        "--generator",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="one-step models: override generator settings, e.g. latent_scale=0.8",
+    )
+    ev.add_argument(
+        "--tteo",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="one-step models: override TTEO settings, e.g. target=logits lr=0.05",
+    )
     ev.set_defaults(func=_eval)
 
-    curve = commands.add_parser("curve", help="a training run's evaluations against training time (from its metrics.jsonl)")
+    curve = commands.add_parser(
+        "curve", help="a training run's evaluations against training time (from its metrics.jsonl)"
+    )
     curve.add_argument("runs", nargs="+", help="run folders, e.g. runs/shapes-teacher-text")
     curve.set_defaults(func=_curve)
 
@@ -296,7 +405,9 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=_generate)
 
-    ref = commands.add_parser("refine", help="TTEO: optimise a one-step model's input against its reward, write PNG files")
+    ref = commands.add_parser(
+        "refine", help="TTEO: optimise a one-step model's input against its reward, write PNG files"
+    )
     ref.add_argument("--model", default=str(DEFAULT_MODEL))
     target = ref.add_mutually_exclusive_group(required=True)
     target.add_argument("--prompt")
@@ -312,14 +423,24 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     ref.add_argument("--device", default="auto")
     ref.set_defaults(func=_refine)
 
-    imp = commands.add_parser("import", help="make a bundle of a checkpoint folder: a diffusers MUSE pipeline or a CLIP model")
-    imp.add_argument("format", choices=["muse", "clip"], help="muse: a folder AmusedPipeline.save_pretrained wrote (a teacher); "
-                     "clip: a folder CLIPModel and its tokenizer were saved to (a reward)")  # fmt: skip
+    imp = commands.add_parser(
+        "import", help="make a bundle of a checkpoint folder: a diffusers MUSE pipeline or a CLIP model"
+    )
+    imp.add_argument(
+        "format",
+        choices=["muse", "clip"],
+        help="muse: a folder AmusedPipeline.save_pretrained wrote (a teacher); "
+        "clip: a folder CLIPModel and its tokenizer were saved to (a reward)",
+    )
     imp.add_argument("source", help="the checkpoint folder (nothing is downloaded)")
-    imp.add_argument("out", help="the bundle folder to write; for muse it may be the source itself, made a bundle in place")
+    imp.add_argument(
+        "out", help="the bundle folder to write; for muse it may be the source itself, made a bundle in place"
+    )
     imp.add_argument("--name", required=True, help="the model name the server answers to")
-    imp.add_argument("--steps", type=int, default=12, help="muse: default sampling steps")
-    imp.add_argument("--guidance", type=float, default=10.0, help="muse: default guidance_scale, as diffusers counts it")
+    muse_sampler = MuseSamplerSettings()  # a flag left out takes its value from here
+    imp.add_argument("--steps", type=int, help=f"muse: default sampling steps (default: {muse_sampler.steps})")
+    guidance_help = f"muse: default guidance_scale, as diffusers counts it (default: {muse_sampler.guidance:g})"
+    imp.add_argument("--guidance", type=float, help=guidance_help)
     imp.set_defaults(func=_import)
 
     add_bench_suite = _add_bench_parser(commands)

@@ -28,7 +28,15 @@ class CLIPReward:
     Images (B, 3, H, W) in [0, 1] are resized (bicubic) to CLIP's input size and normalised as its image processor
     does; a square image is all a generator makes here, so no centre crop is needed."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, name: str, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        name: str,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
@@ -48,7 +56,9 @@ class CLIPReward:
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         limit = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-        ids = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt").to(self.device)
+        ids = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt").to(
+            self.device
+        )
         pooled = self.model.text_model(input_ids=ids.input_ids, attention_mask=ids.attention_mask).pooler_output
         return F.normalize(self.model.text_projection(pooled), dim=-1)
 

@@ -24,7 +24,8 @@ class ConditionerBase:
     conditioning: str  # "text" or "class"
 
     def request(self, prompt: str | None, class_label: int | None) -> torch.Tensor:
-        """Conditioning (1, ...) for one request, which gives exactly the one of prompt and class_label this model takes."""
+        """Conditioning (1, ...) for one request, which gives exactly the one of prompt and class_label this model
+        takes."""
         if self.conditioning == "text":
             if prompt is None:
                 raise ConditionError("this model is text-conditional: give prompt, not class_label")
@@ -127,7 +128,9 @@ class Conditioner(ConditionerBase):
         if self.conditioning != "text" or self.grammar != "shapes":
             return None
         texts = self.prompt_tokenizer.decode(condition.cpu())
-        found = [shapes.contrast_prompts(shapes.parse_prompt(text)) if text else () for text in texts]  # "": the null prompt
+        found = [
+            shapes.contrast_prompts(shapes.parse_prompt(text)) if text else () for text in texts
+        ]  # "": the null prompt
         has = torch.tensor([bool(c) for c in found])
         if not has.any():
             return None
@@ -154,6 +157,9 @@ class Conditioner(ConditionerBase):
     def from_dict(cls, d: dict) -> Conditioner:
         tokenizer = PromptTokenizer(tuple(d["vocabulary"]), d["length"]) if "vocabulary" in d else None
         return cls(
-            d["conditioning"], kinds=tuple(d["kinds"]), prompt_tokenizer=tokenizer,
-            num_classes=d.get("num_classes", 0), grammar=d.get("grammar"),
-        )  # fmt: skip
+            d["conditioning"],
+            kinds=tuple(d["kinds"]),
+            prompt_tokenizer=tokenizer,
+            num_classes=d.get("num_classes", 0),
+            grammar=d.get("grammar"),
+        )

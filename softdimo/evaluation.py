@@ -31,9 +31,8 @@ class Row:
     coverage: judge.Coverage | None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
-    samples: list[np.ndarray] = field(
-        default_factory=list, repr=False
-    )  # a few seeds of a few coverage prompts, by prompt
+    # a few seeds of a few coverage prompts, by prompt
+    samples: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
     def rates_total(self) -> int:
@@ -41,25 +40,31 @@ class Row:
 
     def as_dict(self) -> dict:
         return {
-            "name": self.name, "overall": round(self.rates.overall, 4),
+            "name": self.name,
+            "overall": round(self.rates.overall, 4),
             "per_kind": {k: round(v, 4) for k, v in self.rates.per_kind.items()},
-            "failures": self.rates.failures, "frechet": round(self.frechet, 3), "seconds": round(self.seconds, 1),
-            **({"coverage": coverage_dict(self.coverage)} if self.coverage else {}), **self.extra,
-        }  # fmt: skip
+            "failures": self.rates.failures,
+            "frechet": round(self.frechet, 3),
+            "seconds": round(self.seconds, 1),
+            **({"coverage": coverage_dict(self.coverage)} if self.coverage else {}),
+            **self.extra,
+        }
 
 
 def coverage_dict(coverage: judge.Coverage) -> dict:
     return {
-        "mean": round(coverage.mean, 4), "min": round(coverage.minimum, 4),
+        "mean": round(coverage.mean, 4),
+        "min": round(coverage.minimum, 4),
         "per_kind": {k: round(v, 4) for k, v in coverage.per_kind.items()},
-        "commonest": round(coverage.commonest, 4), "data_commonest": round(coverage.data_commonest, 4),
-        "prompts": len(coverage.prompts), "seeds": coverage.prompts[0].images,
-    }  # fmt: skip
+        "commonest": round(coverage.commonest, 4),
+        "data_commonest": round(coverage.data_commonest, 4),
+        "prompts": len(coverage.prompts),
+        "seeds": coverage.prompts[0].images,
+    }
 
 
 def real_images(prompts: Sequence[shapes.Prompt], seed: int = REAL_SEED, placement: str = "grid") -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [shapes.render(shapes.sample_scene(p, rng, placement)) for p in prompts]
+    return shapes.render_prompts(prompts, np.random.default_rng(seed), placement)
 
 
 @torch.no_grad()
@@ -81,9 +86,14 @@ class Evaluator:
     world's scenes of each."""
 
     def __init__(
-        self, prompts: Sequence[shapes.Prompt], features: FeatureNet, placement: str = "grid", *,
-        coverage_prompts: int = COVERAGE_PROMPTS, coverage_seeds: int = judge.COVERAGE_SEEDS,
-    ):  # fmt: skip
+        self,
+        prompts: Sequence[shapes.Prompt],
+        features: FeatureNet,
+        placement: str = "grid",
+        *,
+        coverage_prompts: int = COVERAGE_PROMPTS,
+        coverage_seeds: int = judge.COVERAGE_SEEDS,
+    ):
         self.prompts = list(prompts)
         self.features = features
         self.placement = placement
@@ -144,11 +154,23 @@ class EvaluationError(ValueError):
 
 
 def evaluate_bundle(
-    path, *, features: FeatureNet, prompts: int, steps: Sequence[int] | None, tteo_steps: Sequence[int],
-    best_of: Sequence[int], device, grid_dir=None, placement: str = "grid", sampler: dict | None = None,
-    tteo: dict | None = None, generator: dict | None = None, runtime=None, coverage_prompts: int = COVERAGE_PROMPTS,
+    path,
+    *,
+    features: FeatureNet,
+    prompts: int,
+    steps: Sequence[int] | None,
+    tteo_steps: Sequence[int],
+    best_of: Sequence[int],
+    device,
+    grid_dir=None,
+    placement: str = "grid",
+    sampler: dict | None = None,
+    tteo: dict | None = None,
+    generator: dict | None = None,
+    runtime=None,
+    coverage_prompts: int = COVERAGE_PROMPTS,
     coverage_seeds: int = judge.COVERAGE_SEEDS,
-) -> Table:  # fmt: skip
+) -> Table:
     """Every row for one bundle: reconstructions for a tokenizer; samples at each step count for a teacher;
     one step, TTEO at each step count and best-of-N (alone and with TTEO) for a one-step model.
     `sampler` overrides a teacher's sampler settings, `tteo` a one-step model's TTEO settings (target, lr) and
@@ -212,12 +234,14 @@ def evaluate_bundle(
             known = [f.name for f in fields(settings)]
             if unknown := sorted(set(overrides) - set(known)):
                 raise EvaluationError(
-                    f"{name}: no {type(settings).__name__} setting {', '.join(unknown)}; settings are {', '.join(known)}"
+                    f"{name}: no {type(settings).__name__} setting {', '.join(unknown)}; "
+                    f"settings are {', '.join(known)}"
                 )
             setattr(owner, attribute, replace(settings, **overrides))
             name = f"{name} ({', '.join(f'{k} {v}' for k, v in overrides.items())})"
         if run is not None:
-            name = f"{name} ({', '.join(f'{k} {v}' for k, v in runtime.to_dict().items() if v != getattr(RuntimeSettings(), k))})"
+            changed = {k: v for k, v in runtime.to_dict().items() if v != getattr(RuntimeSettings(), k)}
+            name = f"{name} ({', '.join(f'{k} {v}' for k, v in changed.items())})"
         if isinstance(pipeline, OneStepPipeline):
             add(f"{name} (1 step)", lambda p, s: pipeline.generate_prompts(p, s, runtime=run))
             if not pipeline.rewards and (tteo_steps or best_of):
@@ -290,11 +314,15 @@ def results_table(rows: Sequence[Row]) -> str:
 
     cells = [
         [
-            r.name, *(f"{r.rates.per_kind[k]:.3f}" for k in kinds), f"**{r.rates.overall:.3f}**",
-            *coverage_cells(r.coverage), f"{r.frechet:.2f}", f"{1000 * r.seconds / r.rates_total:.1f}" if r.seconds else None,
+            r.name,
+            *(f"{r.rates.per_kind[k]:.3f}" for k in kinds),
+            f"**{r.rates.overall:.3f}**",
+            *coverage_cells(r.coverage),
+            f"{r.frechet:.2f}",
+            f"{1000 * r.seconds / r.rates_total:.1f}" if r.seconds else None,
         ]
         for r in rows
-    ]  # fmt: skip
+    ]
     header = ["model", *kinds, "pass", "coverage", "min", "commonest", "Fréchet", "ms / image"]
     return markdown_table(header, cells)
 

@@ -38,7 +38,13 @@ class FeatureNet(nn.Module):
         layers: list[nn.Module] = []
         width = 3
         for c in cfg.channels:
-            layers += [nn.Conv2d(width, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, c, 3, stride=2, padding=1), nn.SiLU()]
+            layers += [
+                nn.Conv2d(width, c, 3, padding=1),
+                nn.GroupNorm(8, c),
+                nn.SiLU(),
+                nn.Conv2d(c, c, 3, stride=2, padding=1),
+                nn.SiLU(),
+            ]
             width = c
         self.convs = nn.Sequential(*layers)
         side = shapes.CANVAS // 2 ** len(cfg.channels)

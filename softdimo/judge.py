@@ -206,10 +206,14 @@ def prompt_coverage(images: Sequence[np.ndarray], data: Sequence[np.ndarray], pr
     passing = Counter(layout_of(objects) for objects, stray in read if verdict(objects, stray, prompt).passed)
     data_layouts = Counter(layout(image) for image in data)
     return PromptCoverage(
-        prompt=prompt, images=len(images), passed=sum(passing.values()), distinct=len(passing),
-        commonest=max(passing.values(), default=0), data_distinct=len(data_layouts),
+        prompt=prompt,
+        images=len(images),
+        passed=sum(passing.values()),
+        distinct=len(passing),
+        commonest=max(passing.values(), default=0),
+        data_distinct=len(data_layouts),
         data_commonest=max(data_layouts.values()),
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,13 @@ from softdimo.seeding import ImageNoise
 from softdimo.vq import to_uint8
 
 ARCHITECTURE = "diffusers-muse"
-COPIED = ("vqvae", "text_encoder", "tokenizer", "scheduler", "model_index.json")  # what a student shares with its teacher
+COPIED = (
+    "vqvae",
+    "text_encoder",
+    "tokenizer",
+    "scheduler",
+    "model_index.json",
+)  # what a student shares with its teacher
 
 
 def require_diffusers() -> None:
@@ -34,7 +40,9 @@ def require_diffusers() -> None:
         import diffusers  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
-        raise BundleError("diffusers MUSE models need the optional dependencies: pip install -e '.[diffusers]'") from exc
+        raise BundleError(
+            "diffusers MUSE models need the optional dependencies: pip install -e '.[diffusers]'"
+        ) from exc
 
 
 # ------------------------------------------------------------------ configuration
@@ -88,7 +96,7 @@ class MuseSamplerSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> MuseSamplerSettings:
-        return cls(**{**d, "temperature": tuple(d.get("temperature", (2.0, 0.0)))})
+        return cls(**{k: tuple(v) if k == "temperature" else v for k, v in d.items()})  # JSON holds a list
 
 
 # ------------------------------------------------------------------ the transformer
@@ -157,11 +165,15 @@ class MuseTransformer(nn.Module):
         logits, _ = self._run(embeddings, text, layers=())
         return logits.flatten(2).transpose(1, 2)  # (B, K, h, w) -> (B, N, K)
 
-    def hidden_states(self, embeddings: torch.Tensor, condition: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+    def hidden_states(
+        self, embeddings: torch.Tensor, condition: torch.Tensor, layers: tuple[int, ...]
+    ) -> list[torch.Tensor]:
         """The states (B, N', state_width) after each transformer layer in `layers` (0-based)."""
         return self._run(embeddings, self.encode_text(condition), layers=layers)[1]
 
-    def _run(self, embeddings: torch.Tensor, text: TextStates, layers: tuple[int, ...]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def _run(
+        self, embeddings: torch.Tensor, text: TextStates, layers: tuple[int, ...]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """UVit2DModel.forward from its embedding on, op for op; stops after the last of `layers` when there are any."""
         from diffusers.models.embeddings import get_timestep_embedding
 
@@ -169,19 +181,30 @@ class MuseTransformer(nn.Module):
         b = embeddings.shape[0]
         hidden = uvit.encoder_proj_layer_norm(uvit.encoder_proj(text.hidden))
         micro = torch.tensor(
-            [cfg.image_size, cfg.image_size, *cfg.micro.crop, cfg.micro.aesthetic_score], device=hidden.device, dtype=hidden.dtype
-        )[None].expand(b, -1)  # fmt: skip
-        micro = get_timestep_embedding(micro.flatten(), uvit.config.micro_cond_encode_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+            [cfg.image_size, cfg.image_size, *cfg.micro.crop, cfg.micro.aesthetic_score],
+            device=hidden.device,
+            dtype=hidden.dtype,
+        )[None].expand(b, -1)
+        micro = get_timestep_embedding(
+            micro.flatten(), uvit.config.micro_cond_encode_dim, flip_sin_to_cos=True, downscale_freq_shift=0
+        )
         pooled = torch.cat([text.pooled, micro.reshape((b, -1))], dim=1).to(dtype=uvit.dtype)
         pooled = uvit.cond_embed(pooled).to(hidden.dtype)
 
         x = embeddings.transpose(1, 2).reshape(b, -1, cfg.grid, cfg.grid)  # (B, D, h, w)
         x = uvit.down_block(x, pooled_text_emb=pooled, encoder_hidden_states=hidden, cross_attention_kwargs=None)
         _, channels, height, width = x.shape
-        x = uvit.project_to_hidden(uvit.project_to_hidden_norm(x.permute(0, 2, 3, 1).reshape(b, height * width, channels)))
+        x = uvit.project_to_hidden(
+            uvit.project_to_hidden_norm(x.permute(0, 2, 3, 1).reshape(b, height * width, channels))
+        )
         states = []
         for i, layer in enumerate(uvit.transformer_layers):
-            x = layer(x, encoder_hidden_states=hidden, cross_attention_kwargs=None, added_cond_kwargs={"pooled_text_emb": pooled})
+            x = layer(
+                x,
+                encoder_hidden_states=hidden,
+                cross_attention_kwargs=None,
+                added_cond_kwargs={"pooled_text_emb": pooled},
+            )
             if i in layers:
                 states.append(x)
                 if len(states) == len(layers):
@@ -236,7 +259,8 @@ class MuseTokenizer(nn.Module):
         return torch.cat([self._pixels(self._codes(part)) for part in padded.split(chunk)])[:n]
 
     def decode_soft(self, probs: torch.Tensor) -> torch.Tensor:
-        """Token distributions (B, N, K) -> images, differentiably: the decoder on the expected code `probs @ codebook`."""
+        """Token distributions (B, N, K) -> images, differentiably: the decoder on the expected code
+        `probs @ codebook`."""
         b, g = probs.shape[0], self.cfg.grid
         codes = (probs @ self.codebook).view(b, g, g, -1).permute(0, 3, 1, 2).contiguous()  # (B, C, h, w)
         return self._pixels(codes)
@@ -275,13 +299,17 @@ class TextConditioner(ConditionerBase):
     def check_prompt(self, prompt: str) -> None:
         count = len(self.tokenizer(prompt).input_ids)
         if count > self.length:
-            raise ConditionError(f"prompt is {count} CLIP tokens long (start and end included); this model reads at most {self.length}")
+            raise ConditionError(
+                f"prompt is {count} CLIP tokens long (start and end included); this model reads at most {self.length}"
+            )
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> CLIP ids (B, L), padded as AmusedPipeline pads them."""
         for p in prompts:
             self.check_prompt(p)
-        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.length, return_tensors="pt").input_ids
+        return self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.length, return_tensors="pt"
+        ).input_ids
 
     def encode_labels(self, labels: Sequence[int]) -> torch.Tensor:
         raise ConditionError("this model is text-conditional: give prompt, not class_label")
@@ -291,9 +319,16 @@ class TextConditioner(ConditionerBase):
 
 
 def unmask_step(
-    logits: torch.Tensor, tokens: torch.Tensor, *, step: int, steps: int, temperature: torch.Tensor, schedule: str,
-    mask_id: int, generator: torch.Generator,
-) -> torch.Tensor:  # fmt: skip
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    step: int,
+    steps: int,
+    temperature: torch.Tensor,
+    schedule: str,
+    mask_id: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """One MaskGIT step for one image: logits (1, N, K), tokens (1, N) -> tokens. It draws what AmusedScheduler.step
     draws from `generator`, in the same order and with the same arithmetic, so the tokens are the same."""
     unknown = tokens == mask_id
@@ -322,7 +357,9 @@ def unmask_step(
 
 
 @torch.no_grad()
-def sample(model: MuseTransformer, condition: torch.Tensor, noise: ImageNoise, settings: MuseSamplerSettings) -> torch.Tensor:
+def sample(
+    model: MuseTransformer, condition: torch.Tensor, noise: ImageNoise, settings: MuseSamplerSettings
+) -> torch.Tensor:
     """AmusedPipeline's decoding from an all-mask grid -> tokens (B, N), each image from its own generator: image i
     gets the tokens AmusedPipeline gives its prompt alone with `generator=torch.Generator().manual_seed(seed_i)`."""
     cfg = model.cfg
@@ -339,13 +376,21 @@ def sample(model: MuseTransformer, condition: torch.Tensor, noise: ImageNoise, s
         if guided:
             uncond, cond = logits.chunk(2)
             logits = uncond + settings.guidance * (cond - uncond)
-        tokens = torch.cat([
-            unmask_step(
-                logits[i : i + 1], tokens[i : i + 1], step=step, steps=settings.steps, temperature=temperatures[step],
-                schedule=cfg.schedule, mask_id=cfg.mask_id, generator=noise.generators[i],
-            )
-            for i in range(b)
-        ])  # fmt: skip
+        tokens = torch.cat(
+            [
+                unmask_step(
+                    logits[i : i + 1],
+                    tokens[i : i + 1],
+                    step=step,
+                    steps=settings.steps,
+                    temperature=temperatures[step],
+                    schedule=cfg.schedule,
+                    mask_id=cfg.mask_id,
+                    generator=noise.generators[i],
+                )
+                for i in range(b)
+            ]
+        )
     return tokens
 
 
@@ -372,11 +417,15 @@ class MuseTeacherPipeline:
         tokens = sample(self.model, condition.to(self.device), ImageNoise(seeds, self.device), settings)
         return to_uint8(self.tokenizer.decode_indices(tokens))
 
-    def generate_prompts(self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50) -> list[np.ndarray]:
+    def generate_prompts(
+        self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50
+    ) -> list[np.ndarray]:
         return generate_for_prompts(self, prompts, seeds, steps=steps, batch=batch)
 
 
-def load_parts(folder: Path, micro: MicroConditioning, device: torch.device | str = "cpu") -> tuple[MuseTransformer, MuseTokenizer, TextConditioner]:
+def load_parts(
+    folder: Path, micro: MicroConditioning, device: torch.device | str = "cpu"
+) -> tuple[MuseTransformer, MuseTokenizer, TextConditioner]:
     """The transformer, tokenizer and conditioner of a diffusers MUSE folder, from local files only, frozen."""
     require_diffusers()
     from diffusers import AmusedScheduler, UVit2DModel, VQModel
@@ -384,51 +433,85 @@ def load_parts(folder: Path, micro: MicroConditioning, device: torch.device | st
 
     def component(cls, name: str):
         if not (folder / name).is_dir():
-            raise BundleError(f"{folder}: no {name}/ folder; a MUSE bundle holds vqvae/, transformer/, text_encoder/, tokenizer/, scheduler/")
+            raise BundleError(
+                f"{folder}: no {name}/ folder; "
+                "a MUSE bundle holds vqvae/, transformer/, text_encoder/, tokenizer/, scheduler/"
+            )
         return cls.from_pretrained(folder / name, local_files_only=True)
 
     uvit, vqvae = component(UVit2DModel, "transformer"), component(VQModel, "vqvae")
-    text_encoder, clip_tokenizer = component(CLIPTextModelWithProjection, "text_encoder"), component(CLIPTokenizer, "tokenizer")
+    text_encoder, clip_tokenizer = (
+        component(CLIPTextModelWithProjection, "text_encoder"),
+        component(CLIPTokenizer, "tokenizer"),
+    )
     scheduler = component(AmusedScheduler, "scheduler")
     scale = 2 ** (len(vqvae.config.block_out_channels) - 1)  # pixels per token side, as AmusedPipeline computes it
     grid = uvit.config.sample_size
     length = clip_tokenizer.model_max_length
     cfg = MuseConfig(
-        codebook_size=uvit.config.codebook_size, mask_id=scheduler.config.mask_token_id, grid=grid,
-        width=uvit.config.block_out_channels, state_width=uvit.config.hidden_size, depth=uvit.config.num_hidden_layers,
-        text_length=length, image_size=grid * scale, schedule=scheduler.config.masking_schedule, micro=micro,
-    )  # fmt: skip
-    null_ids = clip_tokenizer([""], padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids
+        codebook_size=uvit.config.codebook_size,
+        mask_id=scheduler.config.mask_token_id,
+        grid=grid,
+        width=uvit.config.block_out_channels,
+        state_width=uvit.config.hidden_size,
+        depth=uvit.config.num_hidden_layers,
+        text_length=length,
+        image_size=grid * scale,
+        schedule=scheduler.config.masking_schedule,
+        micro=micro,
+    )
+    null_ids = clip_tokenizer(
+        [""], padding="max_length", truncation=True, max_length=length, return_tensors="pt"
+    ).input_ids
     model = MuseTransformer(uvit=uvit, text_encoder=text_encoder, null_ids=null_ids, cfg=cfg)
-    tokenizer = MuseTokenizer(vqvae, MuseImageConfig(image_size=cfg.image_size, grid=grid, codebook_size=cfg.codebook_size))
+    tokenizer = MuseTokenizer(
+        vqvae, MuseImageConfig(image_size=cfg.image_size, grid=grid, codebook_size=cfg.codebook_size)
+    )
     freeze = lambda m: m.to(device).eval().requires_grad_(False)  # noqa: E731
     return freeze(model), freeze(tokenizer), TextConditioner(clip_tokenizer, length)
 
 
 def write_teacher_bundle(
-    folder: str | Path, *, name: str, sampler: MuseSamplerSettings = MuseSamplerSettings(), micro: MicroConditioning = MicroConditioning(),
+    folder: str | Path,
+    *,
+    name: str,
+    sampler: MuseSamplerSettings = MuseSamplerSettings(),
+    micro: MicroConditioning = MicroConditioning(),
     source: str | Path | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """Make a teacher bundle of a diffusers MUSE folder: in place, or a copy of `source` when given."""
     folder = Path(folder)
     if source is not None and Path(source).resolve() != folder.resolve():
         top = Path(source).resolve()
-        skip = lambda where, names: [n for n in names if n.startswith(".") or (Path(where).resolve() == top and n in (CONFIG, MANIFEST))]  # noqa: E731
+        skip = lambda where, names: [
+            n for n in names if n.startswith(".") or (Path(where).resolve() == top and n in (CONFIG, MANIFEST))
+        ]  # noqa: E731
         shutil.copytree(source, folder, dirs_exist_ok=True, ignore=skip)
     for part in ("vqvae", "transformer", "text_encoder", "tokenizer", "scheduler"):
         if not (folder / part).is_dir():
             raise BundleError(f"{folder}: no {part}/ folder; give the folder diffusers' save_pretrained wrote")
     config = {
-        "name": name, "kind": "masked-diffusion", "architecture": ARCHITECTURE, "conditioning": "text",
-        "sampler": sampler.to_dict(), "micro_conditioning": micro.to_dict(),
-    }  # fmt: skip
+        "name": name,
+        "kind": "masked-diffusion",
+        "architecture": ARCHITECTURE,
+        "conditioning": "text",
+        "sampler": sampler.to_dict(),
+        "micro_conditioning": micro.to_dict(),
+    }
     return seal_folder(folder, config)
 
 
 def export_generator(
-    *, generator, teacher: Bundle, path: str | Path, name: str, reward_references: list[str], tteo: dict, training: dict,
+    *,
+    generator,
+    teacher: Bundle,
+    path: str | Path,
+    name: str,
+    reward_references: list[str],
+    tteo: dict,
+    training: dict,
     teacher_reference: str,
-) -> Path:  # fmt: skip
+) -> Path:
     """Write a distilled MUSE student: the teacher's folder with the student's UVit2DModel as `transformer/`, so
     that diffusers loads it as it loads the teacher, plus softdimo's one-step config."""
     out = Path(path)
@@ -443,8 +526,15 @@ def export_generator(
             shutil.copy2(source, out / part)
     generator.model.uvit.save_pretrained(out / "transformer")
     config = {
-        "name": name, "kind": "one-step", "architecture": ARCHITECTURE, "conditioning": "text",
-        "generator": generator.settings.to_dict(), "micro_conditioning": generator.model.cfg.micro.to_dict(),
-        "rewards": reward_references, "tteo": tteo, "teacher": teacher_reference, "training": training,
-    }  # fmt: skip
+        "name": name,
+        "kind": "one-step",
+        "architecture": ARCHITECTURE,
+        "conditioning": "text",
+        "generator": generator.settings.to_dict(),
+        "micro_conditioning": generator.model.cfg.micro.to_dict(),
+        "rewards": reward_references,
+        "tteo": tteo,
+        "teacher": teacher_reference,
+        "training": training,
+    }
     return seal_folder(out, config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -37,7 +38,9 @@ def load_tokenizer(bundle: Bundle, device: torch.device | str = "cpu") -> VQToke
     return tokenizer.to(device).eval().requires_grad_(False)
 
 
-def load_transformer(bundle: Bundle, stem: str = "transformer", device: torch.device | str = "cpu") -> MaskedTransformer:
+def load_transformer(
+    bundle: Bundle, stem: str = "transformer", device: torch.device | str = "cpu"
+) -> MaskedTransformer:
     model = MaskedTransformer(TransformerConfig.from_dict(bundle.config["transformer"]))
     model.load_state_dict(bundle.weights(stem), strict=True)
     return model.to(device).eval().requires_grad_(False)
@@ -67,8 +70,13 @@ class TeacherPipeline:
         return to_uint8(self.tokenizer.decode_indices(tokens))
 
     def generate_prompts(
-        self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50, runtime=None,
-    ) -> list[np.ndarray]:  # fmt: skip
+        self,
+        prompts: Sequence[shapes.Prompt],
+        seeds: Sequence[int],
+        steps: int | None = None,
+        batch: int = 50,
+        runtime=None,
+    ) -> list[np.ndarray]:
         return generate_for_prompts(self, prompts, seeds, steps=steps, batch=batch, runtime=runtime)
 
 
@@ -99,19 +107,35 @@ class OneStepPipeline:
         return to_uint8(self.tokenizer.decode_indices(tokens))
 
     def generate_prompts(
-        self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50, runtime=None,
-    ) -> list[np.ndarray]:  # fmt: skip
+        self,
+        prompts: Sequence[shapes.Prompt],
+        seeds: Sequence[int],
+        steps: int | None = None,
+        batch: int = 50,
+        runtime=None,
+    ) -> list[np.ndarray]:
         return generate_for_prompts(self, prompts, seeds, steps=steps, batch=batch, runtime=runtime)
 
     def refine(
-        self, condition: torch.Tensor, texts: Sequence[str], candidates: Sequence[Sequence[int]], settings: TTEOSettings,
-        reward: str | None = None, on_step: StepHook | None = None,
-    ) -> Refined:  # fmt: skip
+        self,
+        condition: torch.Tensor,
+        texts: Sequence[str],
+        candidates: Sequence[Sequence[int]],
+        settings: TTEOSettings,
+        reward: str | None = None,
+        on_step: StepHook | None = None,
+    ) -> Refined:
         """TTEO for a batch; `texts` are what the reward reads (prompts, or class names as prompts)."""
         return refine(
-            generator=self.generator, tokenizer=self.tokenizer, reward=self.rewards[reward or self.default_reward],
-            condition=condition, prompts=texts, candidates=candidates, settings=settings, on_step=on_step,
-        )  # fmt: skip
+            generator=self.generator,
+            tokenizer=self.tokenizer,
+            reward=self.rewards[reward or self.default_reward],
+            condition=condition,
+            prompts=texts,
+            candidates=candidates,
+            settings=settings,
+            on_step=on_step,
+        )
 
 
 def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> Reward:
@@ -127,7 +151,9 @@ def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> Reward:
     return AlignmentReward(model.to(device), name=bundle.config["name"])
 
 
-def load_pipeline(path: str | os.PathLike | Bundle, device: torch.device | str = "cpu") -> TeacherPipeline | OneStepPipeline:
+def load_pipeline(
+    path: str | os.PathLike | Bundle, device: torch.device | str = "cpu"
+) -> TeacherPipeline | OneStepPipeline:
     """Open a model bundle (verifying checksums), or take one already open, and build its pipeline on `device`."""
     bundle = path if isinstance(path, Bundle) else read_bundle(path)
     if bundle.config.get("architecture") == "diffusers-muse":
@@ -137,18 +163,25 @@ def load_pipeline(path: str | os.PathLike | Bundle, device: torch.device | str =
     conditioner = Conditioner.from_dict(bundle.config["conditioner"])
     if kind == "masked-diffusion":
         return TeacherPipeline(
-            model=load_transformer(bundle, device=device), tokenizer=tokenizer, conditioner=conditioner,
+            model=load_transformer(bundle, device=device),
+            tokenizer=tokenizer,
+            conditioner=conditioner,
             sampler=SamplerSettings(**bundle.config["sampler"]),
-        )  # fmt: skip
+        )
     if kind == "one-step":
         rewards = [load_reward(bundle.resolve(ref), device) for ref in bundle.config.get("rewards", [])]
         generator = OneStepGenerator(
-            load_transformer(bundle, device=device), GeneratorSettings(**bundle.config["generator"]), load_layout_prior(bundle, device),
-        )  # fmt: skip
+            load_transformer(bundle, device=device),
+            GeneratorSettings(**bundle.config["generator"]),
+            load_layout_prior(bundle, device),
+        )
         return OneStepPipeline(
-            generator=generator, tokenizer=tokenizer, conditioner=conditioner, rewards={r.name: r for r in rewards},
+            generator=generator,
+            tokenizer=tokenizer,
+            conditioner=conditioner,
+            rewards={r.name: r for r in rewards},
             tteo=TTEOSettings(**bundle.config.get("tteo", {})),
-        )  # fmt: skip
+        )
     raise BundleError(f"{bundle.path}: unknown model kind {kind!r}")
 
 
@@ -167,8 +200,11 @@ def _load_muse_pipeline(bundle: Bundle, device: torch.device | str = "cpu"):
     if config["kind"] == "one-step":
         rewards = [load_reward(bundle.resolve(ref), device) for ref in config.get("rewards", [])]
         return OneStepPipeline(
-            generator=OneStepGenerator(model, GeneratorSettings(**config["generator"])), tokenizer=tokenizer,
-            conditioner=conditioner, rewards={r.name: r for r in rewards}, tteo=TTEOSettings(**config.get("tteo", {})),
+            generator=OneStepGenerator(model, GeneratorSettings(**config["generator"])),
+            tokenizer=tokenizer,
+            conditioner=conditioner,
+            rewards={r.name: r for r in rewards},
+            tteo=TTEOSettings(**config.get("tteo", {})),
         )
     raise BundleError(f"{bundle.path}: unknown model kind {config['kind']!r}")
 
@@ -203,7 +239,9 @@ def _save(path, config: dict, training: dict | None, weights: dict, dtype: torch
     return save_bundle(path, config | ({"training": training} if training is not None else {}), weights, dtype=dtype)
 
 
-def save_tokenizer(tokenizer: VQTokenizer, path, *, name: str, training: dict | None = None, dtype=torch.float16) -> Path:
+def save_tokenizer(
+    tokenizer: VQTokenizer, path, *, name: str, training: dict | None = None, dtype=torch.float16
+) -> Path:
     config = {"name": name, "kind": "tokenizer", "tokenizer": tokenizer.cfg.to_dict()}
     return _save(path, config, training, {"tokenizer": tokenizer.state_dict()}, dtype)
 
@@ -215,34 +253,64 @@ def save_features(net, path, *, name: str, training: dict | None = None, dtype=t
 
 def save_reward(model: AlignmentModel, path, *, name: str, training: dict | None = None, dtype=torch.float16) -> Path:
     config = {
-        "name": name, "kind": "reward", "alignment": model.cfg.to_dict(),
-        "vocabulary": list(model.prompt_tokenizer.vocabulary), "length": model.prompt_tokenizer.length,
-    }  # fmt: skip
+        "name": name,
+        "kind": "reward",
+        "alignment": model.cfg.to_dict(),
+        "vocabulary": list(model.prompt_tokenizer.vocabulary),
+        "length": model.prompt_tokenizer.length,
+    }
     return _save(path, config, training, {"reward": model.state_dict()}, dtype)
 
 
 def save_teacher(
-    model: MaskedTransformer, path, *, name: str, conditioner: Conditioner, sampler: SamplerSettings, tokenizer_reference: str,
-    training: dict | None = None, dtype=torch.float16,
-) -> Path:  # fmt: skip
+    model: MaskedTransformer,
+    path,
+    *,
+    name: str,
+    conditioner: Conditioner,
+    sampler: SamplerSettings,
+    tokenizer_reference: str,
+    training: dict | None = None,
+    dtype=torch.float16,
+) -> Path:
     config = {
-        "name": name, "kind": "masked-diffusion", "conditioning": model.cfg.conditioning, "transformer": model.cfg.to_dict(),
-        "conditioner": conditioner.to_dict(), "sampler": sampler.to_dict(), "tokenizer": tokenizer_reference,
-    }  # fmt: skip
+        "name": name,
+        "kind": "masked-diffusion",
+        "conditioning": model.cfg.conditioning,
+        "transformer": model.cfg.to_dict(),
+        "conditioner": conditioner.to_dict(),
+        "sampler": sampler.to_dict(),
+        "tokenizer": tokenizer_reference,
+    }
     return _save(path, config, training, {"transformer": model.state_dict()}, dtype)
 
 
 def save_one_step(
-    generator: OneStepGenerator, path, *, name: str, conditioner: Conditioner, tokenizer_reference: str,
-    reward_references: Sequence[str], tteo: TTEOSettings, teacher_reference: str | None = None, training: dict | None = None,
-    encoder=None, dtype=torch.float16,
-) -> Path:  # fmt: skip
+    generator: OneStepGenerator,
+    path,
+    *,
+    name: str,
+    conditioner: Conditioner,
+    tokenizer_reference: str,
+    reward_references: Sequence[str],
+    tteo: TTEOSettings,
+    teacher_reference: str | None = None,
+    training: dict | None = None,
+    encoder=None,
+    dtype=torch.float16,
+) -> Path:
     """`encoder`: a latent stage's layout encoder (softdimo.train.latent), kept for fitting a layout prior to it."""
     config = {
-        "name": name, "kind": "one-step", "conditioning": generator.cfg.conditioning, "transformer": generator.cfg.to_dict(),
-        "generator": generator.settings.to_dict(), "conditioner": conditioner.to_dict(), "tokenizer": tokenizer_reference,
-        "rewards": list(reward_references), "tteo": tteo.to_dict(),
-    }  # fmt: skip
+        "name": name,
+        "kind": "one-step",
+        "conditioning": generator.cfg.conditioning,
+        "transformer": generator.cfg.to_dict(),
+        "generator": generator.settings.to_dict(),
+        "conditioner": conditioner.to_dict(),
+        "tokenizer": tokenizer_reference,
+        "rewards": list(reward_references),
+        "tteo": tteo.to_dict(),
+    }
     if teacher_reference is not None:
         config["teacher"] = teacher_reference
     weights = {"transformer": generator.model.state_dict()}

@@ -11,9 +11,14 @@ from softdimo import shapes
 
 
 def generate_for_prompts(
-    pipeline, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], *, steps: int | None = None, batch: int = 50,
+    pipeline,
+    prompts: Sequence[shapes.Prompt],
+    seeds: Sequence[int],
+    *,
+    steps: int | None = None,
+    batch: int = 50,
     runtime=None,
-) -> list[np.ndarray]:  # fmt: skip
+) -> list[np.ndarray]:
     """Images for Shapes prompts in batches, run plainly or through a softdimo.runtime.Runtime (bf16, compiled).
 
     `pipeline` is any pipeline: a `conditioner` with `for_prompt`, and `generate(condition, seeds, steps)`."""
@@ -22,5 +27,9 @@ def generate_for_prompts(
     for i in range(0, len(prompts), batch):
         condition = torch.cat([pipeline.conditioner.for_prompt(p)[0] for p in prompts[i : i + batch]])
         part = seeds[i : i + batch]
-        images.extend(pipeline.generate(condition, part, steps) if runtime is None else runtime.generate(pipeline, condition, part, steps))
+        images.extend(
+            pipeline.generate(condition, part, steps)
+            if runtime is None
+            else runtime.generate(pipeline, condition, part, steps)
+        )
     return images

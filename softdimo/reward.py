@@ -53,7 +53,13 @@ class ImageEncoder(nn.Module):
         layers: list[nn.Module] = []
         width = 3 + 2  # RGB plus two coordinate channels, so positions are easy to read for relations
         for c in cfg.channels:
-            layers += [nn.Conv2d(width, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, c, 3, stride=2, padding=1), nn.SiLU()]
+            layers += [
+                nn.Conv2d(width, c, 3, padding=1),
+                nn.GroupNorm(8, c),
+                nn.SiLU(),
+                nn.Conv2d(c, c, 3, stride=2, padding=1),
+                nn.SiLU(),
+            ]
             width = c
         self.convs = nn.Sequential(*layers)
         self.project = nn.Linear(width * 2, cfg.width)
@@ -78,7 +84,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, cfg.width)
         self.position = nn.Parameter(torch.randn(1, length, cfg.width) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.width, cfg.text_heads, 4 * cfg.width, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            cfg.width, cfg.text_heads, 4 * cfg.width, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
         self.project = nn.Linear(cfg.width, cfg.width)
 
@@ -178,7 +186,9 @@ class AlignmentModel(nn.Module):
         features = self.image.feature_map(images)
         cosine = (self.image.embed(features) * self.encode_prompts(prompts)).sum(-1)
         relations = relation_rows(prompts, images.device)
-        return self.log_scale.exp() * cosine + self.grounding.relation_scores(self.grounding.positions(features), relations)
+        return self.log_scale.exp() * cosine + self.grounding.relation_scores(
+            self.grounding.positions(features), relations
+        )
 
     def logits(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         return self.log_scale.exp() * image_embeddings @ text_embeddings.T

@@ -38,7 +38,9 @@ class RuntimeSettings:
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
     """Powers of two below the largest batch, and the largest batch itself: (1, 2, 4, 8, 16) for 16."""
-    return tuple(sorted({1 << k for k in range(max_batch_size.bit_length()) if 1 << k < max_batch_size} | {max_batch_size}))
+    return tuple(
+        sorted({1 << k for k in range(max_batch_size.bit_length()) if 1 << k < max_batch_size} | {max_batch_size})
+    )
 
 
 class Runtime:
@@ -55,7 +57,8 @@ class Runtime:
 
     def generate(self, pipeline, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None) -> np.ndarray:
         """pipeline.generate under these settings. A compiled batch is padded with copies of its last image to its
-        bucket and cut back after: every image depends on its own seed and conditioning only, so padding changes none."""
+        bucket and cut back after: every image depends on its own seed and conditioning only, so padding changes
+        none."""
         n = len(seeds)
         size = self.bucket(n)
         if size > n:
@@ -71,7 +74,9 @@ class Runtime:
         """Around any call of `pipeline` (TTEO too, which stays eager): bf16 autocast and pinned copies to host."""
         with contextlib.ExitStack() as stack:
             if PRECISIONS[self.settings.precision] is not None:
-                stack.enter_context(torch.autocast(device_type=pipeline.device.type, dtype=PRECISIONS[self.settings.precision]))
+                stack.enter_context(
+                    torch.autocast(device_type=pipeline.device.type, dtype=PRECISIONS[self.settings.precision])
+                )
             if self.settings.pin_memory:
                 token = HOST_COPY.set(self.to_host)
                 stack.callback(HOST_COPY.reset, token)
@@ -106,9 +111,13 @@ class Runtime:
             if self.settings.precision == "int8":
                 if pipeline.device.type != "cpu":
                     raise ValueError("int8 precision runs on CPU: use fp32 or bf16 on an accelerator")
-                with warnings.catch_warnings():  # torch marks its quantised tensors for a future move; they work as stated
+                with (
+                    warnings.catch_warnings()
+                ):  # torch marks its quantised tensors for a future move; they work as stated
                     warnings.simplefilter("ignore", UserWarning)
-                    forward = torch.ao.quantization.quantize_dynamic(network, {torch.nn.Linear}, dtype=torch.qint8).forward_embeddings
+                    forward = torch.ao.quantization.quantize_dynamic(
+                        network, {torch.nn.Linear}, dtype=torch.qint8
+                    ).forward_embeddings
             if self.settings.compile:
                 mode = "reduce-overhead" if pipeline.device.type == "cuda" else None  # reduce-overhead: CUDA graphs
                 forward = torch.compile(forward, dynamic=False, mode=mode)

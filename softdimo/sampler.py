@@ -25,10 +25,17 @@ def mask_ratio(progress: torch.Tensor | float, schedule: str = "cosine") -> torc
 
 @dataclass(frozen=True)
 class SamplerSettings:
+    """How a teacher samples. The defaults are the shipped text teachers' (recipes/shapes-teacher-text.toml); a
+    bundle stores every field in its config.json, and a field an older bundle lacks takes its default here."""
+
     steps: int = 16
-    guidance: float = 2.0  # classifier-free guidance w: logits = cond + w * (cond - uncond)
+    # Classifier-free guidance w: logits = cond + w * (cond - uncond). 3.0: the best pass rate of the text teacher's
+    # guidance search (weights/README.md, "Sampler search").
+    guidance: float = 3.0
     temperature: float = 1.0  # token sampling temperature
-    choice_temperature: float = 4.5  # Gumbel noise on confidences, annealed to 0 over the steps
+    # Gumbel noise on confidences, annealed to 0 over the steps. 2.0: without it every seed commits the same first
+    # tokens, so one layout a prompt; MaskGIT's 4.5 scatters the first committed tokens of a 64-token grid.
+    choice_temperature: float = 2.0
     schedule: str = "cosine"
     # Guidance only on the steps whose progress at their start lies in [guidance_start, guidance_end), a limited
     # interval as Kynkäänniemi et al. (2024) apply it in diffusion: MaskGIT's first steps commit where objects go.
@@ -36,6 +43,8 @@ class SamplerSettings:
     guidance_end: float = 1.0
     # Guide a prompt that has contrast prompts (Conditioner.contrasts: a relation's two perpendicular relations)
     # away from them instead of from the null prompt, as a negative prompt does; other prompts are unchanged.
+    # Off by default: only text prompts have contrasts (the text teachers' recipe turns it on), and the class
+    # teacher's config.json, written before this field, relies on this default.
     contrast: bool = False
 
     def __post_init__(self):
@@ -56,9 +65,12 @@ class SamplerSettings:
 
 
 def guided_logits(
-    model: MaskedTransformer, tokens: torch.Tensor, condition: torch.Tensor, guidance: float,
+    model: MaskedTransformer,
+    tokens: torch.Tensor,
+    condition: torch.Tensor,
+    guidance: float,
     contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Classifier-free guided logits, cond + w * (cond - reference), in one forward pass over the conditional rows
     and their references: the null prompt, or for rows with `contrasts` ((B, K, ...) conditions and (B,) which
     rows have them) the mean of their contrasts' logits. A row without contrasts takes the null prompt for each of
@@ -81,9 +93,12 @@ def guided_logits(
 
 @torch.no_grad()
 def sample(
-    model: MaskedTransformer, condition: torch.Tensor, noise: ImageNoise, settings: SamplerSettings,
+    model: MaskedTransformer,
+    condition: torch.Tensor,
+    noise: ImageNoise,
+    settings: SamplerSettings,
     contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """MaskGIT decoding from an all-mask grid -> tokens (B, N). Each image's randomness comes from its own seed;
     `contrasts` as guided_logits takes them (used when settings.contrast)."""
     cfg = model.cfg

@@ -167,7 +167,10 @@ def relation_offsets(first: tuple[float, float], second: tuple[float, float], re
 
 
 PERPENDICULAR = {
-    "left of": ("above", "below"), "right of": ("above", "below"), "above": ("left of", "right of"), "below": ("left of", "right of"),
+    "left of": ("above", "below"),
+    "right of": ("above", "below"),
+    "above": ("left of", "right of"),
+    "below": ("left of", "right of"),
 }
 
 
@@ -223,6 +226,11 @@ def sample_scene(prompt: Prompt, rng: np.random.Generator, placement: str = "gri
     else:
         triples = [(s.color, s.shape, side(s)) for s in prompt.objects]
     return _place(triples, rng, prompt.relation, placement)
+
+
+def render_prompts(prompts: Sequence[Prompt], rng: np.random.Generator, placement: str = "grid") -> list[np.ndarray]:
+    """A world image per prompt, the scenes drawn from `rng` in the prompts' order: the data models are judged by."""
+    return [render(sample_scene(p, rng, placement)) for p in prompts]
 
 
 # ---------------------------------------------------------------- prompts
@@ -344,7 +352,8 @@ def parse_prompt(text: str) -> Prompt:
 
 @dataclass(frozen=True)
 class Sample:
-    """One training example: the image, its prompt text, its class label (-1 unless a single-kind prompt), its objects."""
+    """One training example: the image, its prompt text, its class label (-1 unless a single-kind prompt), its
+    objects."""
 
     image: np.ndarray
     prompt: str

@@ -5,7 +5,11 @@ from pathlib import Path
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 SERVED = (
-    "shapes-softdimo-text", "shapes-softdimo-class", "shapes-teacher-text", "shapes-teacher-text-medium", "shapes-teacher-class",
+    "shapes-softdimo-text",
+    "shapes-softdimo-class",
+    "shapes-teacher-text",
+    "shapes-teacher-text-medium",
+    "shapes-teacher-class",
 )
 DEFAULT_MODEL = SHIPPED_WEIGHTS / SERVED[0]
 DEFAULT_FEATURES = SHIPPED_WEIGHTS / "shapes-features"

@@ -18,7 +18,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure(fn: Callable[[], object], *, repeats: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds of each of `repeats` calls of `fn`, after `warmup` untimed calls; the device is synchronised around each."""
+    """Seconds of each of `repeats` calls of `fn`, after `warmup` untimed calls; the device is synchronised around
+    each."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     for _ in range(warmup):
@@ -70,9 +71,13 @@ def compare_rounds(a: Sequence[float], b: Sequence[float]) -> dict:
     spread = (statistics.median(ratios), min(ratios), max(ratios)) if ratios else (None, None, None)
     ratio, least, greatest = spread
     return {
-        "a": statistics.median(a), "b": statistics.median(b), "ratio": ratio, "ratio_min": least, "ratio_max": greatest,
+        "a": statistics.median(a),
+        "b": statistics.median(b),
+        "ratio": ratio,
+        "ratio_min": least,
+        "ratio_max": greatest,
         "rounds": len(a),
-    }  # fmt: skip
+    }
 
 
 def ratio_range(stats: dict) -> str | None:

@@ -16,9 +16,10 @@ INIT_STD = 0.02  # the spread every weight and embedding starts at
 class TransformerConfig:
     codebook_size: int = 1000  # image-token vocabulary; id `codebook_size` is the mask token
     tokens: int = 64  # image tokens per image (a flattened grid)
-    width: int = 256
+    # The shipped text teacher's size (recipes/shapes-teacher-text.toml); every recipe states its own.
+    width: int = 192
     depth: int = 6
-    heads: int = 8
+    heads: int = 6
     mlp_ratio: float = 4.0
     text_vocab: int = 0  # > 0: text-conditional, prompts arrive as `text_length` word ids (0 = padding)
     text_length: int = 12
@@ -80,7 +81,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         hidden = int(cfg.width * cfg.mlp_ratio)
-        self.net = nn.Sequential(nn.Linear(cfg.width, hidden), nn.GELU(), nn.Linear(hidden, cfg.width), nn.Dropout(cfg.dropout))
+        self.net = nn.Sequential(
+            nn.Linear(cfg.width, hidden), nn.GELU(), nn.Linear(hidden, cfg.width), nn.Dropout(cfg.dropout)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -147,14 +150,19 @@ class MaskedTransformer(nn.Module):
         at the scale of a random embedding, so that neighbouring positions start alike instead of unrelated."""
         side = math.isqrt(self.cfg.tokens)
         if side * side != self.cfg.tokens or self.cfg.width % 4:
-            raise ValueError(f"a grid start needs a square token grid and a width divisible by 4: {self.cfg.tokens}, {self.cfg.width}")
+            raise ValueError(
+                "a grid start needs a square token grid and a width divisible by 4: "
+                f"{self.cfg.tokens}, {self.cfg.width}"
+            )
         half = self.cfg.width // 2
         frequencies = 10000.0 ** -(torch.arange(half // 2) / (half // 2))
         angles = torch.arange(side)[:, None] * frequencies[None]
         axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, half)
         grid = torch.cat([axis[:, None].expand(side, side, half), axis[None].expand(side, side, half)], dim=-1)
         with torch.no_grad():
-            self.position[0, self.cfg.prefix_length :] = grid.reshape(self.cfg.tokens, self.cfg.width) * INIT_STD * math.sqrt(2)
+            self.position[0, self.cfg.prefix_length :] = (
+                grid.reshape(self.cfg.tokens, self.cfg.width) * INIT_STD * math.sqrt(2)
+            )
 
     def null_condition(self, batch: int, device: torch.device | None = None) -> torch.Tensor:
         """The unconditional input used for classifier-free guidance."""
@@ -212,7 +220,9 @@ class MaskedTransformer(nn.Module):
             x = block(x)
         return self._logits(x[:, self.cfg.prefix_length :])
 
-    def hidden_states(self, embeddings: torch.Tensor, condition: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+    def hidden_states(
+        self, embeddings: torch.Tensor, condition: torch.Tensor, layers: tuple[int, ...]
+    ) -> list[torch.Tensor]:
         """The image-token states (B, N, D) after each block in `layers` (0-based), for discriminator heads."""
         x = self._sequence(embeddings, condition)
         states = []

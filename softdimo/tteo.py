@@ -36,7 +36,11 @@ class TTEOSettings:
         return asdict(self)
 
     def for_request(
-        self, *, steps: int | None = None, lr: float | None = None, best_of: int | None = None,
+        self,
+        *,
+        steps: int | None = None,
+        lr: float | None = None,
+        best_of: int | None = None,
         target: str | None = None,
     ) -> TTEOSettings:
         """A request's settings, built here only: what it asks for; for what it leaves out, these (the model's)
@@ -71,9 +75,16 @@ StepHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
 def refine(
-    *, generator: OneStepGenerator, tokenizer: VQTokenizer, reward: Reward, condition: torch.Tensor,
-    prompts: Sequence[str], candidates: Sequence[Sequence[int]], settings: TTEOSettings, on_step: StepHook | None = None,
-) -> Refined:  # fmt: skip
+    *,
+    generator: OneStepGenerator,
+    tokenizer: VQTokenizer,
+    reward: Reward,
+    condition: torch.Tensor,
+    prompts: Sequence[str],
+    candidates: Sequence[Sequence[int]],
+    settings: TTEOSettings,
+    on_step: StepHook | None = None,
+) -> Refined:
     """Optimise each image independently (the loss is a sum of per-image terms), all in one batch.
 
     `candidates` holds each image's `settings.best_of` candidate seeds (see `candidate_seeds`).
@@ -137,7 +148,10 @@ def refine(
         tokens_out = torch.where(worse[:, None], tokens_before, tokens_after)
         images_out = tokenizer.decode_indices(tokens_out) if worse.any() else images_after
     return Refined(
-        tokens=tokens_out, images=images_out, seeds=[candidates[i] for i in best.tolist()],
-        reward_before=reward_before, reward_after=torch.maximum(reward_after, reward_before),
+        tokens=tokens_out,
+        images=images_out,
+        seeds=[candidates[i] for i in best.tolist()],
+        reward_before=reward_before,
+        reward_after=torch.maximum(reward_after, reward_before),
         trace=torch.stack(trace) if trace else torch.empty(0, b),
-    )  # fmt: skip
+    )

@@ -66,9 +66,13 @@ class ResBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
-            nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
-        )  # fmt: skip
+            nn.GroupNorm(8, width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GroupNorm(8, width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -87,10 +91,15 @@ class PatchEncoder(nn.Module):
         super().__init__()
         width = cfg.encoder_width
         self.net = nn.Sequential(
-            nn.PixelUnshuffle(cfg.downsample), nn.Conv2d(3 * cfg.downsample**2, width, 1), nn.SiLU(),
-            nn.Conv2d(width, width, 1), nn.SiLU(), nn.Conv2d(width, width, 1), nn.SiLU(),
+            nn.PixelUnshuffle(cfg.downsample),
+            nn.Conv2d(3 * cfg.downsample**2, width, 1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 1),
+            nn.SiLU(),
             nn.Conv2d(width, len(cfg.levels), 1),
-        )  # fmt: skip
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)  # (B, d, g, g)
@@ -206,7 +215,8 @@ class VQTokenizer(nn.Module):
         return self._quantise(self.encoder(images * 2 - 1))[1]
 
     def decode_indices(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, g*g) -> images (B, 3, H, W) in [0, 1]; bit for bit the same whatever the batch with `decode_chunk`."""
+        """Tokens (B, g*g) -> images (B, 3, H, W) in [0, 1]; bit for bit the same whatever the batch with
+        `decode_chunk`."""
         n = tokens.shape[0]
         chunk = self.decode_chunk or max(n, 1)  # without a chunk size, the whole batch at once
         padded = torch.cat([tokens, tokens[:1].expand((-n) % chunk, -1)])

@@ -11,7 +11,8 @@ CONTRAST_EXAMPLE_PROMPT = "a red circle left of a blue square"  # a prompt with 
 
 
 def example_inputs(pipeline: TeacherPipeline | OneStepPipeline, batch_size: int) -> tuple[torch.Tensor, list[str]]:
-    """A batch of one fixed request: conditioning (B, ...) and the text a reward reads. Cost does not depend on content."""
+    """A batch of one fixed request: conditioning (B, ...) and the text a reward reads. Cost does not depend on
+    content."""
     conditioner = pipeline.conditioner
     prompt, label = (EXAMPLE_PROMPT, None) if conditioner.conditioning == "text" else (None, 0)
     condition = conditioner.request(prompt, label)

@@ -29,7 +29,13 @@ class WorldBatch:
     (B, 64, 64, 3) uint8, prompts, labels, and with `noise_seeds` then one seed per sample for its image noise."""
 
     def __init__(self, *, seed: int, size: int, kinds, placement: str, noise_seeds: bool = False):
-        self.seed, self.size, self.kinds, self.placement, self.noise_seeds = seed, size, tuple(kinds), placement, noise_seeds
+        self.seed, self.size, self.kinds, self.placement, self.noise_seeds = (
+            seed,
+            size,
+            tuple(kinds),
+            placement,
+            noise_seeds,
+        )
 
     def __call__(self, step: int) -> tuple:
         rng = np.random.default_rng([self.seed, step])
@@ -60,8 +66,14 @@ class BatchesAhead:
     (CUDA's, torch's pools), and a fork of a threaded process can deadlock."""
 
     def __init__(
-        self, draw: Callable[[int], Any], stop: int, device: torch.device, *, workers: int | None = None, ahead: int = 4,
-    ):  # fmt: skip
+        self,
+        draw: Callable[[int], Any],
+        stop: int,
+        device: torch.device,
+        *,
+        workers: int | None = None,
+        ahead: int = 4,
+    ):
         self.draw, self.stop, self.ahead = draw, stop, ahead
         self.workers = worker_count(device) if workers is None else workers
         self._drawn = None
@@ -72,9 +84,13 @@ class BatchesAhead:
             return self.draw(step)
         if step != self._next:
             loader = DataLoader(
-                _Steps(self.draw, step, self.stop), batch_size=None, num_workers=self.workers, prefetch_factor=self.ahead,
-                collate_fn=_unchanged, multiprocessing_context="spawn",
-            )  # fmt: skip
+                _Steps(self.draw, step, self.stop),
+                batch_size=None,
+                num_workers=self.workers,
+                prefetch_factor=self.ahead,
+                collate_fn=_unchanged,
+                multiprocessing_context="spawn",
+            )
             self._drawn = iter(loader)
         self._next = step + 1
         return next(self._drawn)

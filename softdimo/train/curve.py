@@ -1,4 +1,4 @@
-"""A training run's curve: the evaluations its metrics.jsonl logged, against training time across resumes, as a table."""
+"""A training run's curve: its metrics.jsonl evaluations against training time across resumes, as a table."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ def training_curve(run_dir, evaluated_only: bool = True) -> list[dict]:
         previous = step
         records[step] = record | {"minutes": (offset + record["elapsed_s"]) / 60}
     evaluated = [
-        r for _, r in sorted(records.items())
+        r
+        for _, r in sorted(records.items())
         if not evaluated_only or any(k.startswith(("pass", "recon_pass", "hard_negative")) for k in r)
-    ]  # fmt: skip
+    ]
     return [{k: v for k, v in r.items() if k not in ("elapsed_s", "loss")} for r in evaluated]
 
 
@@ -35,5 +36,7 @@ def curve_table(run_dir) -> str:
     keys = [k for k in rows[0] if k not in ("step", "minutes")]
     lines = ["| step | minutes | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
     for r in rows:
-        lines.append(f"| {r['step']} | {r['minutes']:.1f} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k in keys) + " |")
+        lines.append(
+            f"| {r['step']} | {r['minutes']:.1f} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k in keys) + " |"
+        )
     return "\n".join(lines)

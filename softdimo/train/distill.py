@@ -32,7 +32,9 @@ class DistillTraining:
     aux_lr: float = 1e-4  # auxiliary model
     warmup: int = 100
     guidance: float = 2.0  # the teacher's classifier-free guidance while distilling
-    dimo_weight: float = 1.0  # 0 leaves Di[M]O's divergence (and its auxiliary model) out: the GAN and reward terms alone
+    dimo_weight: float = (
+        1.0  # 0 leaves Di[M]O's divergence (and its auxiliary model) out: the GAN and reward terms alone
+    )
     beta: float = 0.0  # generalised Jeffreys divergence: (1 - beta) forward KL + beta reverse KL
     schedule: str = "arccos"  # how many generator tokens are re-masked before teacher and auxiliary see them
     aux_label_smoothing: float = 0.1
@@ -83,7 +85,8 @@ class DiscriminatorHeads(nn.Module):
     def __init__(self, width: int, layers: int):
         super().__init__()
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width // 2), nn.SiLU(), nn.Linear(width // 2, 1)) for _ in range(layers)
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width // 2), nn.SiLU(), nn.Linear(width // 2, 1))
+            for _ in range(layers)
         )
 
     def forward(self, states: list[torch.Tensor]) -> torch.Tensor:
@@ -91,9 +94,12 @@ class DiscriminatorHeads(nn.Module):
 
 
 def mask_replace(
-    embeddings: torch.Tensor, mask_embedding: torch.Tensor, max_ratio: float, generator: torch.Generator,
+    embeddings: torch.Tensor,
+    mask_embedding: torch.Tensor,
+    max_ratio: float,
+    generator: torch.Generator,
     world: distributed.World = distributed.World(),
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Replace a random share (uniform in [0, max_ratio] per row) of positions by the mask token's embedding.
 
     Under several processes `embeddings` are this rank's rows: the draws are the global batch's, sliced."""
@@ -129,7 +135,9 @@ class DistillParts:
     conditioner: Conditioner
     reward: Reward | None
     initial: MaskedTransformer | None = None  # the generator to continue from (a one-step model); the teacher when None
-    prior: LayoutPrior | None = None  # the layout prior of `initial`, if it has one: its latents are drawn from it (kept as is)
+    prior: LayoutPrior | None = (
+        None  # the layout prior of `initial`, if it has one: its latents are drawn from it (kept as is)
+    )
     # Prompts to distil on, drawn uniformly each step; None draws Shapes prompts and images. Without Shapes images
     # there are no real tokens for the discriminator, so own prompts leave the GAN out (Di[M]O and reward terms).
     prompts: Sequence[str] | None = None
@@ -142,10 +150,17 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 
 def train_distill(
-    *, run_dir: Path, parts: DistillParts, generator_settings: GeneratorSettings, training: DistillTraining, device: torch.device,
-) -> OneStepGenerator:  # fmt: skip
+    *,
+    run_dir: Path,
+    parts: DistillParts,
+    generator_settings: GeneratorSettings,
+    training: DistillTraining,
+    device: torch.device,
+) -> OneStepGenerator:
     if parts.prompts is not None and training.gan_weight:
-        raise ValueError("the GAN needs real images: distil on Shapes samples (no prompts of your own) or set gan_weight = 0")
+        raise ValueError(
+            "the GAN needs real images: distil on Shapes samples (no prompts of your own) or set gan_weight = 0"
+        )
     if parts.prompts is not None and not parts.prompts:
         raise ValueError("no prompts to distil on")
     torch.manual_seed(training.seed)
@@ -166,7 +181,8 @@ def train_distill(
     depth = teacher.cfg.depth
     layers = tuple(sorted({layer % depth for layer in training.gan_layers}))
     disc = DiscriminatorHeads(teacher.cfg.state_width, len(layers)).to(device)
-    # What each process calls: DDP wrappers (gradients averaged over ranks) under torchrun, the modules themselves alone.
+    # What each process calls: DDP wrappers (gradients averaged over ranks) under torchrun, the modules themselves
+    # alone.
     student_forward, aux_forward, disc_forward = (distributed.wrap(m) for m in (EmbeddingForward(student), aux, disc))
 
     trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
@@ -228,13 +244,17 @@ def train_distill(
 
         # -- auxiliary model: cross-entropy on a fresh re-masking of the generator's samples
         ratios = mask_ratio(torch.rand(b, generator=g), training.schedule).clamp(0.02, 0.98)
-        noisy, mask = mask_tokens(tokens, ratios[rows].to(device), torch.rand(b, n, generator=g)[rows].to(device), mask_id)
+        noisy, mask = mask_tokens(
+            tokens, ratios[rows].to(device), torch.rand(b, n, generator=g)[rows].to(device), mask_id
+        )
         if training.dimo_weight:
             aux_out = aux_forward(noisy, condition)
             if world.size == 1:
                 loss_aux = F.cross_entropy(aux_out[mask], tokens[mask], label_smoothing=training.aux_label_smoothing)
             else:  # this rank's share of the mean over the global batch's masked tokens
-                summed = F.cross_entropy(aux_out[mask], tokens[mask], label_smoothing=training.aux_label_smoothing, reduction="sum")
+                summed = F.cross_entropy(
+                    aux_out[mask], tokens[mask], label_smoothing=training.aux_label_smoothing, reduction="sum"
+                )
                 loss_aux = summed * world.size / mask_counts(ratios, n).sum()
             opt_aux.zero_grad(set_to_none=True)
             loss_aux.backward()
@@ -248,7 +268,9 @@ def train_distill(
                 real_tokens = tokenizer.encode(to_tensor(images).to(device))
                 mask_embedding = teacher.mask_embedding()
                 real = mask_replace(teacher.embed(real_tokens), mask_embedding, training.gan_mask_max, g, world)
-                fake = mask_replace(teacher.soft_embed(relaxed.detach()), mask_embedding, training.gan_mask_max, g, world)
+                fake = mask_replace(
+                    teacher.soft_embed(relaxed.detach()), mask_embedding, training.gan_mask_max, g, world
+                )
             d_real = disc_forward(teacher.hidden_states(real, condition, layers))
             d_fake = disc_forward(teacher.hidden_states(fake, condition, layers))
             loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
@@ -264,7 +286,9 @@ def train_distill(
         return metrics
 
     def eval_fn(step: int) -> dict[str, float]:
-        return loop.one_step_metrics(OneStepGenerator(ema, generator_settings, prior), tokenizer, parts.conditioner, eval_prompts)
+        return loop.one_step_metrics(
+            OneStepGenerator(ema, generator_settings, prior), tokenizer, parts.conditioner, eval_prompts
+        )
 
     loop.run(
         run_dir=run_dir,

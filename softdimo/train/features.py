@@ -42,6 +42,12 @@ def train_features(run_dir: Path, cfg: FeatureNetConfig, training: FeatureTraini
         optimizer.step()
         return {"loss": loss.item()}
 
-    loop.run(run_dir=run_dir, modules={"features": net}, optimizers={"features": optimizer}, step_fn=step_fn,
-             steps=training.steps, description="feature net")  # fmt: skip
+    loop.run(
+        run_dir=run_dir,
+        modules={"features": net},
+        optimizers={"features": optimizer},
+        step_fn=step_fn,
+        steps=training.steps,
+        description="feature net",
+    )
     return net.eval()

@@ -79,14 +79,23 @@ def latent_student(teacher: MaskedTransformer, latent_dim: int) -> MaskedTransfo
     student = MaskedTransformer(replace(teacher.cfg, latent_dim=latent_dim)).to(next(teacher.parameters()).device)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not key.startswith("latent_input.") for key in missing):
-        raise ValueError(f"the teacher's weights do not fit its own architecture: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"the teacher's weights do not fit its own architecture: missing {missing}, unexpected {unexpected}"
+        )
     return student
 
 
 def train_latent(
-    *, run_dir: Path, teacher: MaskedTransformer, tokenizer: VQTokenizer, conditioner: Conditioner, latent_dim: int,
-    generator_settings: GeneratorSettings, training: LatentTraining, device: torch.device,
-) -> tuple[OneStepGenerator, LayoutEncoder]:  # fmt: skip
+    *,
+    run_dir: Path,
+    teacher: MaskedTransformer,
+    tokenizer: VQTokenizer,
+    conditioner: Conditioner,
+    latent_dim: int,
+    generator_settings: GeneratorSettings,
+    training: LatentTraining,
+    device: torch.device,
+) -> tuple[OneStepGenerator, LayoutEncoder]:
     """The generator with its layout latent, and the encoder it was fitted with (a layout prior is fitted to it)."""
     if latent_dim < 1:
         raise ValueError(f"a layout latent needs latent_dim >= 1, got {latent_dim}")
@@ -94,7 +103,9 @@ def train_latent(
     student = latent_student(teacher.to(device), latent_dim).train()
     for p in student.input_parameters():  # as in Di[M]O, the embedding tables and positions stay the teacher's
         p.requires_grad_(False)
-    body = small_body(student.cfg, width=training.encoder_width, depth=training.encoder_depth, heads=training.encoder_heads)
+    body = small_body(
+        student.cfg, width=training.encoder_width, depth=training.encoder_depth, heads=training.encoder_heads
+    )
     encoder = LayoutEncoder(body, latent_dim).to(device)
     generator = OneStepGenerator(student, generator_settings)
     trainable = [p for p in (*student.parameters(), *encoder.parameters()) if p.requires_grad]
@@ -103,8 +114,12 @@ def train_latent(
     eval_prompts = loop.training_eval_prompts(training.eval_prompts, conditioner.kinds)
 
     draw = WorldBatch(
-        seed=training.seed, size=training.batch_size, kinds=conditioner.kinds, placement=training.placement, noise_seeds=True,
-    )  # fmt: skip
+        seed=training.seed,
+        size=training.batch_size,
+        kinds=conditioner.kinds,
+        placement=training.placement,
+        noise_seeds=True,
+    )
     batches = BatchesAhead(draw, training.steps, device)
 
     def step_fn(step: int) -> dict[str, float]:

@@ -128,8 +128,7 @@ def coverage_metrics(pipeline, prompts) -> dict[str, float]:
 
     seeds = list(range(judge.COVERAGE_SEEDS))
     repeated = [p for p in prompts for _ in seeds]
-    rng = np.random.default_rng(EVAL_SEED)
-    data = [shapes.render(shapes.sample_scene(p, rng)) for p in repeated]
+    data = shapes.render_prompts(repeated, np.random.default_rng(EVAL_SEED))
     return judge.coverage(pipeline.generate_prompts(repeated, seeds * len(prompts)), data, prompts).metrics()
 
 
@@ -201,9 +200,13 @@ def _evaluations(steps: int, eval_every: int) -> int:
 
 
 def _measure(
-    timing: tuple[int, float], modules: dict[str, nn.Module], step_fn: Callable[[int], dict[str, float]], steps: int,
-    eval_fn: Callable[[int], dict[str, float]] | None, eval_every: int,
-) -> StageCost:  # fmt: skip
+    timing: tuple[int, float],
+    modules: dict[str, nn.Module],
+    step_fn: Callable[[int], dict[str, float]],
+    steps: int,
+    eval_fn: Callable[[int], dict[str, float]] | None,
+    eval_every: int,
+) -> StageCost:
     measured, started = timing
     setup = time.monotonic() - started
     for mod in modules.values():

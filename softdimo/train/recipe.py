@@ -1,8 +1,8 @@
 """Recipes: one TOML file per shipped bundle, the single source of its hyper-parameters, run stage by stage.
 
 A recipe names its stage, the bundle it writes (`out`), the bundles it reads (an `[inputs]` table: `tokenizer`,
-`teacher`, `init`, `reward`) and one table per configuration dataclass (`[training]`, `[transformer]`, `[sampler]`, …); what a
-table leaves out takes the dataclass default. A stage is done when its run folder holds `done.json` for the
+`teacher`, `init`, `reward`) and one table per configuration dataclass (`[training]`, `[transformer]`, `[sampler]`,
+…); what a table leaves out takes the dataclass default. A stage is done when its run folder holds `done.json` for the
 same recipe; until then rerunning it resumes from the run's last checkpoint."""
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from softdimo.train import distributed, loop
 STAGES = ("tokenizer", "features", "reward", "teacher", "latent", "prior", "prior-reward", "distill")
 INPUTS = ("tokenizer", "teacher", "init", "reward")  # the bundles a stage may read, each perhaps another recipe's `out`
 DONE = "done.json"
-EXPORT_ONLY = ("sampler", "tteo")  # tables that shape only the written bundle: changing one re-exports without retraining
+EXPORT_ONLY = (
+    "sampler",
+    "tteo",
+)  # tables that shape only the written bundle: changing one re-exports without retraining
 LENGTH_ONLY = ("steps", "eval_every")  # [training] keys a run may change and go on: more steps continue it
 DISTRIBUTED = ("teacher", "distill")  # stages that train on every rank under torchrun; the others run on the first
 
@@ -118,7 +121,10 @@ def build(cls: type, table: dict[str, Any], **fixed: Any):
     unknown = sorted(set(table) - names)
     if unknown:
         raise RecipeError(f"{cls.__name__} has no field {', '.join(unknown)}; fields: {', '.join(sorted(names))}")
-    values = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v for k, v in table.items()}
+    values = {
+        k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+        for k, v in table.items()
+    }
     return cls(**(values | fixed))
 
 
@@ -172,7 +178,9 @@ def run_recipe(recipe: Recipe, device: torch.device) -> float:
     distributed.barrier()  # the bundle is written before any rank goes on to a stage that reads it
     seconds = max(time.monotonic() - began, _logged_training_seconds(run_dir))  # a resumed stage counts all its time
     if world.is_main:
-        (run_dir / DONE).write_text(json.dumps({"recipe": recipe.digest(), "bundle": str(out), "seconds": round(seconds, 1)}) + "\n")
+        (run_dir / DONE).write_text(
+            json.dumps({"recipe": recipe.digest(), "bundle": str(out), "seconds": round(seconds, 1)}) + "\n"
+        )
     distributed.barrier()
     return seconds
 
@@ -184,7 +192,9 @@ def training_precision(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def run_all(paths: Sequence[str | os.PathLike], device: torch.device, overrides: Sequence[str] = (), force: bool = False) -> None:
+def run_all(
+    paths: Sequence[str | os.PathLike], device: torch.device, overrides: Sequence[str] = (), force: bool = False
+) -> None:
     """Run recipes in dependency order, skipping stages already done; prints each stage's time.
 
     Under torchrun (`torchrun --nproc_per_node N -m server.cli train ...`) the processes train together."""
@@ -206,7 +216,9 @@ def run_all(paths: Sequence[str | os.PathLike], device: torch.device, overrides:
     say(f"== all stages: {total / 60:.1f} min")
 
 
-def run_parallel(paths: Sequence[str | os.PathLike], device: str, jobs: int, overrides: Sequence[str] = (), force: bool = False) -> None:
+def run_parallel(
+    paths: Sequence[str | os.PathLike], device: str, jobs: int, overrides: Sequence[str] = (), force: bool = False
+) -> None:
     """Run recipes as `jobs` stages at a time, each a `softdimo train` child process of its own with an equal share of
     the CPU threads, a stage starting once every bundle it reads is written; prints each stage's time and the wall
     time. A child's output goes to its run folder's train.log; a failed stage stops new ones and names its log.
@@ -244,7 +256,8 @@ def run_parallel(paths: Sequence[str | os.PathLike], device: str, jobs: int, ove
             log = open(ready.run_dir / "train.log", "ab")
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             running[ready.path] = (ready, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-            print(f"== {ready.path}: training {ready.stage} -> {ready.out} ({threads} threads, log {ready.run_dir / 'train.log'})")
+            log_path = ready.run_dir / "train.log"
+            print(f"== {ready.path}: training {ready.stage} -> {ready.out} ({threads} threads, log {log_path})")
         if not running:
             if failed or not pending:
                 break
@@ -327,9 +340,18 @@ def _teacher_parts(recipe: Recipe, device: torch.device) -> dict:
     if table.pop("code_features", False):
         table["code_dim"] = tokenizer.cfg.code_dim
     cfg = build(
-        TransformerConfig, table, codebook_size=tokenizer.cfg.codebook_size, tokens=tokenizer.cfg.grid**2, **conditioner.model_sizes()
+        TransformerConfig,
+        table,
+        codebook_size=tokenizer.cfg.codebook_size,
+        tokens=tokenizer.cfg.grid**2,
+        **conditioner.model_sizes(),
     )
-    return {"tokenizer": tokenizer, "conditioner": conditioner, "cfg": cfg, "training": build(TeacherTraining, recipe.table("training"))}
+    return {
+        "tokenizer": tokenizer,
+        "conditioner": conditioner,
+        "cfg": cfg,
+        "training": build(TeacherTraining, recipe.table("training")),
+    }
 
 
 def profile_recipe(recipe: Recipe, device: torch.device, steps: int) -> tuple[loop.StageCost, dict[str, float]]:
@@ -364,14 +386,25 @@ def _teacher(recipe: Recipe, device: torch.device) -> Path:
     tokenizer, conditioner, cfg, training = parts["tokenizer"], parts["conditioner"], parts["cfg"], parts["training"]
     sampler = build(SamplerSettings, recipe.table("sampler"))
     model = train_teacher(
-        run_dir=recipe.run_dir, tokenizer=tokenizer, conditioner=conditioner, cfg=cfg, training=training, sampler=sampler, device=device,
-    )  # fmt: skip
+        run_dir=recipe.run_dir,
+        tokenizer=tokenizer,
+        conditioner=conditioner,
+        cfg=cfg,
+        training=training,
+        sampler=sampler,
+        device=device,
+    )
     if not distributed.current().is_main:
         return recipe.out
     return save_teacher(
-        model.cpu(), recipe.out, name=recipe.out.name, conditioner=conditioner, sampler=sampler,
-        tokenizer_reference=_relative(recipe.inputs["tokenizer"], recipe.out), training=asdict(training),
-    )  # fmt: skip
+        model.cpu(),
+        recipe.out,
+        name=recipe.out.name,
+        conditioner=conditioner,
+        sampler=sampler,
+        tokenizer_reference=_relative(recipe.inputs["tokenizer"], recipe.out),
+        training=asdict(training),
+    )
 
 
 def _distill(recipe: Recipe, device: torch.device) -> Path:
@@ -390,17 +423,27 @@ def _distill(recipe: Recipe, device: torch.device) -> Path:
     if "init" in inputs:
         start = load_pipeline(inputs["init"], device)
         if not hasattr(start, "generator") or replace(start.generator.cfg, latent_dim=0) != teacher.model.cfg:
-            raise RecipeError(f"{recipe.path}: init {inputs['init']} is not a one-step model of the teacher's architecture")
+            raise RecipeError(
+                f"{recipe.path}: init {inputs['init']} is not a one-step model of the teacher's architecture"
+            )
         initial, prior = start.generator.model, start.generator.prior
     prompts = None
     if "prompts" in recipe.data:  # a text file of prompts, one a line, relative to the recipe
         lines = (recipe.path.parent / recipe.data["prompts"]).read_text().splitlines()
         prompts = [line.strip() for line in lines if line.strip()]
     parts = DistillParts(
-        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward, initial=initial, prior=prior, prompts=prompts,
-    )  # fmt: skip
+        teacher=teacher.model,
+        tokenizer=teacher.tokenizer,
+        conditioner=teacher.conditioner,
+        reward=reward,
+        initial=initial,
+        prior=prior,
+        prompts=prompts,
+    )
     settings = build(GeneratorSettings, recipe.table("generator"))
-    generator = train_distill(run_dir=recipe.run_dir, parts=parts, generator_settings=settings, training=training, device=device)
+    generator = train_distill(
+        run_dir=recipe.run_dir, parts=parts, generator_settings=settings, training=training, device=device
+    )
     if not distributed.current().is_main:
         return recipe.out
     return _save_generator(recipe, generator, teacher.conditioner, training=asdict(training))
@@ -415,12 +458,20 @@ def _latent(recipe: Recipe, device: torch.device) -> Path:
     training = build(LatentTraining, recipe.table("training"))
     table = recipe.table("transformer")
     if set(table) - {"latent_dim"}:
-        raise RecipeError(f"{recipe.path}: a latent stage's network is its teacher's; [transformer] sets latent_dim only")
+        raise RecipeError(
+            f"{recipe.path}: a latent stage's network is its teacher's; [transformer] sets latent_dim only"
+        )
     latent_dim = table.get("latent_dim", 0)
     generator, encoder = train_latent(
-        run_dir=recipe.run_dir, teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner,
-        latent_dim=latent_dim, generator_settings=build(GeneratorSettings, recipe.table("generator")), training=training, device=device,
-    )  # fmt: skip
+        run_dir=recipe.run_dir,
+        teacher=teacher.model,
+        tokenizer=teacher.tokenizer,
+        conditioner=teacher.conditioner,
+        latent_dim=latent_dim,
+        generator_settings=build(GeneratorSettings, recipe.table("generator")),
+        training=training,
+        device=device,
+    )
     return _save_generator(recipe, generator, teacher.conditioner, training=asdict(training), encoder=encoder.cpu())
 
 
@@ -436,10 +487,15 @@ def _prior(recipe: Recipe, device: torch.device) -> Path:
         raise RecipeError(f"{recipe.path}: init {recipe.inputs['init']} is not a one-step model with a layout latent")
     training = build(PriorTraining, recipe.table("training"))
     generator = train_prior(
-        run_dir=recipe.run_dir, generator=start.generator, encoder=load_layout_encoder(init, device),
-        tokenizer=start.tokenizer, conditioner=start.conditioner, network=build(PriorNetwork, recipe.table("prior")), training=training,
+        run_dir=recipe.run_dir,
+        generator=start.generator,
+        encoder=load_layout_encoder(init, device),
+        tokenizer=start.tokenizer,
+        conditioner=start.conditioner,
+        network=build(PriorNetwork, recipe.table("prior")),
+        training=training,
         device=device,
-    )  # fmt: skip
+    )
     return _save_generator(recipe, generator, start.conditioner, training=asdict(training))
 
 
@@ -455,9 +511,14 @@ def _prior_reward(recipe: Recipe, device: torch.device) -> Path:
         raise RecipeError(f"{recipe.path}: tuning a layout prior needs a `reward` bundle")
     training = build(PriorTuning, recipe.table("training"))
     generator = tune_prior(
-        run_dir=recipe.run_dir, generator=start.generator, tokenizer=start.tokenizer, conditioner=start.conditioner,
-        reward=load_reward(read_bundle(recipe.inputs["reward"]), device), training=training, device=device,
-    )  # fmt: skip
+        run_dir=recipe.run_dir,
+        generator=start.generator,
+        tokenizer=start.tokenizer,
+        conditioner=start.conditioner,
+        reward=load_reward(read_bundle(recipe.inputs["reward"]), device),
+        training=training,
+        device=device,
+    )
     return _save_generator(recipe, generator, start.conditioner, training=asdict(training))
 
 
@@ -479,18 +540,36 @@ def _save_generator(recipe: Recipe, generator, conditioner, training: dict, enco
         from softdimo import muse
 
         return muse.export_generator(
-            generator=generator, teacher=teacher_bundle, path=recipe.out, name=recipe.out.name, reward_references=reward_references,
-            tteo=tteo.to_dict(), training=training, teacher_reference=_relative(inputs["teacher"], recipe.out),
-        )  # fmt: skip
+            generator=generator,
+            teacher=teacher_bundle,
+            path=recipe.out,
+            name=recipe.out.name,
+            reward_references=reward_references,
+            tteo=tteo.to_dict(),
+            training=training,
+            teacher_reference=_relative(inputs["teacher"], recipe.out),
+        )
     return save_one_step(
-        generator, recipe.out, name=recipe.out.name, conditioner=conditioner,
+        generator,
+        recipe.out,
+        name=recipe.out.name,
+        conditioner=conditioner,
         tokenizer_reference=_relative(teacher_bundle.path / teacher_bundle.config["tokenizer"], recipe.out),
-        reward_references=reward_references, tteo=tteo, teacher_reference=_relative(inputs["teacher"], recipe.out), training=training,
+        reward_references=reward_references,
+        tteo=tteo,
+        teacher_reference=_relative(inputs["teacher"], recipe.out),
+        training=training,
         encoder=encoder,
-    )  # fmt: skip
+    )
 
 
 RUNNERS: dict[str, Callable[[Recipe, torch.device], Path]] = {
-    "tokenizer": _tokenizer, "features": _features, "reward": _reward, "teacher": _teacher, "latent": _latent, "prior": _prior,
-    "prior-reward": _prior_reward, "distill": _distill,
-}  # fmt: skip
+    "tokenizer": _tokenizer,
+    "features": _features,
+    "reward": _reward,
+    "teacher": _teacher,
+    "latent": _latent,
+    "prior": _prior,
+    "prior-reward": _prior_reward,
+    "distill": _distill,
+}

@@ -78,7 +78,9 @@ def _merged(a: shapes.ShapeObject, b: shapes.ShapeObject) -> bool:
     return bool((ndimage.binary_dilation(masks[0], structure=np.ones((3, 3), bool)) & masks[1]).any())
 
 
-def negative_scene(scene: list[shapes.ShapeObject], rng: np.random.Generator, placement: str = "grid") -> list[shapes.ShapeObject]:
+def negative_scene(
+    scene: list[shapes.ShapeObject], rng: np.random.Generator, placement: str = "grid"
+) -> list[shapes.ShapeObject]:
     """A scene one edit away that no longer shows its prompt, as a one-step generator fails: an object too many
     (a copy of one of its own, or of any other class, apart from the rest), one too few, or two objects moved
     together until their pixels meet."""
@@ -91,7 +93,9 @@ def negative_scene(scene: list[shapes.ShapeObject], rng: np.random.Generator, pl
         if edit.startswith("extra"):
             like = scene[rng.integers(len(scene))]
             if edit == "extra_other":
-                like = replace(like, color=int(rng.integers(len(shapes.COLORS))), shape=int(rng.integers(len(shapes.SHAPES))))
+                like = replace(
+                    like, color=int(rng.integers(len(shapes.COLORS))), shape=int(rng.integers(len(shapes.SHAPES)))
+                )
             x0, y0 = rng.choice(shapes.corner_positions(like.size, placement), size=2)
             extra = replace(like, x0=int(x0), y0=int(y0))
             if all(shapes.box_gap(extra, other) >= shapes.GAP for other in scene):
@@ -113,9 +117,12 @@ def rendered(scenes: list[list[shapes.ShapeObject]], device: torch.device) -> to
 
 
 def contrastive_loss(
-    model: AlignmentModel, images: torch.Tensor, prompts: list[str], negatives: list[list[str]],
+    model: AlignmentModel,
+    images: torch.Tensor,
+    prompts: list[str],
+    negatives: list[list[str]],
     negative_images: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Image -> (all batch prompts + its own hard negatives) and prompt -> (batch images + its own hard negative
     images (B, k', 3, H, W), if any) cross-entropy, over the model's scores (with grounding, each pair's relation
     score is part of its logit)."""
@@ -131,19 +138,27 @@ def contrastive_loss(
     if model.cfg.grounding:
         positions = model.grounding.positions(features)  # (B, 18, 2)
         every_prompt = relation_rows(prompts, images.device).repeat(b, 1)  # image i with prompt j at row i * B + j
-        batch_logits = batch_logits + model.grounding.relation_scores(positions.repeat_interleave(b, 0), every_prompt).view(b, b)
+        batch_logits = batch_logits + model.grounding.relation_scores(
+            positions.repeat_interleave(b, 0), every_prompt
+        ).view(b, b)
         own = relation_rows(flat_negatives, images.device)
-        own_negatives = own_negatives + model.grounding.relation_scores(positions.repeat_interleave(k, 0), own).view(b, k)
+        own_negatives = own_negatives + model.grounding.relation_scores(positions.repeat_interleave(k, 0), own).view(
+            b, k
+        )
     prompt_logits = batch_logits.T  # (B prompts, B images)
     if negative_images is not None:
-        prompt_logits = torch.cat([prompt_logits, _negative_image_scores(model, negative_images, prompts, text_emb)], dim=1)
+        prompt_logits = torch.cat(
+            [prompt_logits, _negative_image_scores(model, negative_images, prompts, text_emb)], dim=1
+        )
     target = torch.arange(b, device=images.device)
     image_to_text = F.cross_entropy(torch.cat([batch_logits, own_negatives], dim=1), target)
     text_to_image = F.cross_entropy(prompt_logits, target)
     return (image_to_text + text_to_image) / 2
 
 
-def _negative_image_scores(model: AlignmentModel, images: torch.Tensor, prompts: list[str], text_emb: torch.Tensor) -> torch.Tensor:
+def _negative_image_scores(
+    model: AlignmentModel, images: torch.Tensor, prompts: list[str], text_emb: torch.Tensor
+) -> torch.Tensor:
     """Each prompt's score on its own hard negative images (B, k', 3, H, W) -> (B, k')."""
     b, k = images.shape[:2]
     features = model.image.feature_map(images.flatten(0, 1))
@@ -167,7 +182,9 @@ def object_places(scenes: list[list[shapes.ShapeObject]], device: torch.device) 
     return places.to(device), (seen == 1).to(device)
 
 
-def grounding_loss(model: AlignmentModel, images: torch.Tensor, places: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+def grounding_loss(
+    model: AlignmentModel, images: torch.Tensor, places: torch.Tensor, known: torch.Tensor
+) -> torch.Tensor:
     """Squared distance between where the grounding finds each object and where it is, over the known objects."""
     found = model.grounding.positions(model.image.feature_map(images))  # (B, 18, 2)
     return ((found - places) ** 2).sum(-1)[known].mean()
@@ -183,7 +200,9 @@ def train_reward(run_dir: Path, cfg: AlignmentConfig, training: RewardTraining, 
         prompts = [shapes.sample_prompt(rng) for _ in range(training.batch_size)]
         scenes = [shapes.sample_scene(p, rng, training.placement) for p in prompts]
         negatives = [[hard_negative(p, rng).text() for _ in range(training.negatives)] for p in prompts]
-        negative_scenes = [negative_scene(scene, rng, training.placement) for scene in scenes for _ in range(training.image_negatives)]
+        negative_scenes = [
+            negative_scene(scene, rng, training.placement) for scene in scenes for _ in range(training.image_negatives)
+        ]
         noise = torch.Generator().manual_seed(step)
 
         def pixels(scene_list):
@@ -210,8 +229,16 @@ def train_reward(run_dir: Path, cfg: AlignmentConfig, training: RewardTraining, 
     def eval_fn(step: int) -> dict[str, float]:
         return hard_negative_accuracy(model, count=200, seed=30_000, placement=training.placement)
 
-    loop.run(run_dir=run_dir, modules={"reward": model}, optimizers={"reward": optimizer}, step_fn=step_fn,
-             steps=training.steps, eval_fn=eval_fn, eval_every=training.eval_every, description="reward")  # fmt: skip
+    loop.run(
+        run_dir=run_dir,
+        modules={"reward": model},
+        optimizers={"reward": optimizer},
+        step_fn=step_fn,
+        steps=training.steps,
+        eval_fn=eval_fn,
+        eval_every=training.eval_every,
+        description="reward",
+    )
     return model.eval()
 
 
@@ -244,4 +271,7 @@ def hard_negative_accuracy(model: AlignmentModel, count: int, seed: int, placeme
     """Shares of held-out images whose true prompt scores above every one of 4 hard negative prompts, and of
     held-out prompts whose true image scores above every one of 4 hard negative images."""
     _, prompt_wins, image_wins = hard_negative_wins(model, count, seed, placement)
-    return {"hard_negative_accuracy": prompt_wins.float().mean().item(), "hard_image_accuracy": image_wins.float().mean().item()}
+    return {
+        "hard_negative_accuracy": prompt_wins.float().mean().item(),
+        "hard_image_accuracy": image_wins.float().mean().item(),
+    }

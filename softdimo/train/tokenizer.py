@@ -15,13 +15,15 @@ from softdimo.vq import TokenizerConfig, VQTokenizer, to_tensor, to_uint8
 
 @dataclass(frozen=True)
 class TokenizerTraining:
-    steps: int = 3000
+    """The defaults are the shipped tokenizer's training (recipes/shapes-tokenizer.toml)."""
+
+    steps: int = 1500
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 100
     seed: int = 0
     eval_images: int = 200  # held-out reconstructions judged at each evaluation
-    eval_every: int = 250
+    eval_every: int = 500
     placement: str = "grid"  # where the world's objects sit (shapes.PLACEMENTS)
     dictionary_images: int = 2000  # images whose patches make a dictionary tokenizer's prototypes
     token_noise: float = 0.1  # a dictionary decoder learns to repair up to this share of random wrong tokens
@@ -32,7 +34,9 @@ def palette_targets(images: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(judge.palette_indices(images))
 
 
-def reconstruction_pass_rate(tokenizer: VQTokenizer, images: np.ndarray, prompts: list[shapes.Prompt], device: torch.device) -> float:
+def reconstruction_pass_rate(
+    tokenizer: VQTokenizer, images: np.ndarray, prompts: list[shapes.Prompt], device: torch.device
+) -> float:
     recon = []
     for i in range(0, len(images), 64):
         x = to_tensor(images[i : i + 64]).to(device)
@@ -42,8 +46,7 @@ def reconstruction_pass_rate(tokenizer: VQTokenizer, images: np.ndarray, prompts
 
 def held_out_images(count: int, seed: int, placement: str = "grid") -> tuple[np.ndarray, list[shapes.Prompt]]:
     prompts = judge.held_out_prompts(count, seed=seed)
-    rng = np.random.default_rng(seed)
-    return np.stack([shapes.render(shapes.sample_scene(p, rng, placement)) for p in prompts]), prompts
+    return np.stack(shapes.render_prompts(prompts, np.random.default_rng(seed), placement)), prompts
 
 
 def fit_dictionary(patches: torch.Tensor, size: int, seed: int = 0, iterations: int = 20) -> torch.Tensor:
@@ -66,12 +69,16 @@ def fit_dictionary(patches: torch.Tensor, size: int, seed: int = 0, iterations: 
 
 def dictionary_config(cfg: TokenizerConfig, training: TokenizerTraining) -> tuple[TokenizerConfig, torch.Tensor]:
     """A dictionary tokenizer's config sized to the patches the world draws, and its prototypes."""
-    images, _, _ = shapes.batch(np.random.default_rng([training.seed, 1 << 20]), training.dictionary_images, placement=training.placement)
+    images, _, _ = shapes.batch(
+        np.random.default_rng([training.seed, 1 << 20]), training.dictionary_images, placement=training.placement
+    )
     patches = image_patches(cfg, to_tensor(images))
     prototypes = fit_dictionary(patches, cfg.dictionary_size, seed=training.seed)
     distinct = len(patches.unique(dim=0))
-    print(f"tokenizer: {distinct} distinct {cfg.downsample}x{cfg.downsample} patches in {training.dictionary_images} images; "
-          f"{len(prototypes)} codes")  # fmt: skip
+    print(
+        f"tokenizer: {distinct} distinct {cfg.downsample}x{cfg.downsample} patches "
+        f"in {training.dictionary_images} images; {len(prototypes)} codes"
+    )
     return replace(cfg, dictionary_size=len(prototypes)), prototypes
 
 
@@ -82,7 +89,9 @@ def image_patches(cfg: TokenizerConfig, images: torch.Tensor) -> torch.Tensor:
     return DictionaryEncoder(cfg).patches(images).flatten(0, 1)
 
 
-def train_tokenizer(run_dir: Path, cfg: TokenizerConfig, training: TokenizerTraining, device: torch.device) -> VQTokenizer:
+def train_tokenizer(
+    run_dir: Path, cfg: TokenizerConfig, training: TokenizerTraining, device: torch.device
+) -> VQTokenizer:
     torch.manual_seed(training.seed)
     prototypes = None
     if cfg.encoder == "dictionary":
@@ -92,7 +101,9 @@ def train_tokenizer(run_dir: Path, cfg: TokenizerConfig, training: TokenizerTrai
         tokenizer.encoder.prototypes.copy_(prototypes)
     tokenizer = tokenizer.to(device)
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=training.lr)
-    eval_images, eval_prompts = held_out_images(training.eval_images, seed=10_000 + training.seed, placement=training.placement)
+    eval_images, eval_prompts = held_out_images(
+        training.eval_images, seed=10_000 + training.seed, placement=training.placement
+    )
 
     def corruption(generator: torch.Generator) -> torch.Tensor | None:
         """Replacement codes for a random share (up to token_noise) of each image's tokens, -1 where none."""
@@ -105,7 +116,9 @@ def train_tokenizer(run_dir: Path, cfg: TokenizerConfig, training: TokenizerTrai
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
-        images, _, _ = shapes.batch(np.random.default_rng([training.seed, step]), training.batch_size, placement=training.placement)
+        images, _, _ = shapes.batch(
+            np.random.default_rng([training.seed, step]), training.batch_size, placement=training.placement
+        )
         noise = corruption(torch.Generator().manual_seed(training.seed * 1_000_003 + step))
         loss = tokenizer.reconstruction_loss(to_tensor(images).to(device), palette_targets(images).to(device), noise)
         optimizer.zero_grad(set_to_none=True)

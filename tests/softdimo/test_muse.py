@@ -54,13 +54,21 @@ def test_sampler_reproduces_amused_pipeline_tokens_and_images(teacher, reference
         ours = sample(teacher.model, condition, ImageNoise(seeds), settings)
         for i, (prompt, seed) in enumerate(zip(PROMPTS, seeds)):
             theirs = reference(
-                prompt, num_inference_steps=settings.steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
+                prompt,
+                num_inference_steps=settings.steps,
+                guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(seed),
                 output_type="latent",
-            ).images  # fmt: skip
+            ).images
             assert torch.equal(ours[i], theirs.flatten()), (guidance, prompt)
     assert len({tuple(row.tolist()) for row in ours}) == 3  # the images differ
     images = teacher.generate(condition, seeds)
-    pixels = reference(PROMPTS[1], num_inference_steps=teacher.sampler.steps, generator=torch.Generator().manual_seed(4), output_type="pil")
+    pixels = reference(
+        PROMPTS[1],
+        num_inference_steps=teacher.sampler.steps,
+        generator=torch.Generator().manual_seed(4),
+        output_type="pil",
+    )
     assert np.array_equal(images[1], np.asarray(pixels.images[0]))
     assert images.shape == (3, 16, 16, 3) and images.std() > 0
 
@@ -78,9 +86,13 @@ def test_adapter_logits_are_the_uvit_s_and_soft_paths_equal_hard_ones_on_one_hot
     one_hot = torch.nn.functional.one_hot(tokens.clamp_max(cfg.codebook_size - 1), cfg.codebook_size).float()
     assert torch.allclose(model.soft_embed(one_hot), model.embed(tokens.clamp_max(cfg.codebook_size - 1)), atol=1e-5)
     assert torch.allclose(model.mask_embedding(), model.embed(torch.full((1, cfg.tokens), cfg.mask_id))[0, 5])
-    assert torch.allclose(tokenizer.decode_soft(one_hot), tokenizer.decode_indices(tokens.clamp_max(cfg.codebook_size - 1)), atol=1e-5)
+    assert torch.allclose(
+        tokenizer.decode_soft(one_hot), tokenizer.decode_indices(tokens.clamp_max(cfg.codebook_size - 1)), atol=1e-5
+    )
     states = model.hidden_states(model.embed(tokens), condition, layers=(0, 1))
-    assert [s.shape for s in states] == [(2, cfg.tokens // 4, cfg.state_width)] * 2  # the UVit works on a downsampled grid
+    assert [s.shape for s in states] == [
+        (2, cfg.tokens // 4, cfg.state_width)
+    ] * 2  # the UVit works on a downsampled grid
 
     probs = torch.randn(2, cfg.tokens, cfg.codebook_size, generator=g).softmax(-1).requires_grad_(True)
     tokenizer.decode_soft(probs).mean().backward()
@@ -112,8 +124,24 @@ def test_a_bundle_verifies_files_in_its_subfolders_and_says_what_is_missing(bund
     # the import command copies a diffusers folder into a bundle
     from softdimo.cli import main
 
-    assert main(["import", "muse", str(bundles["teacher"]), str(tmp_path / "imported"), "--name", "imported", "--steps", "3"]) == 0
-    assert read_bundle(tmp_path / "imported").config["sampler"]["steps"] == 3
+    assert (
+        main(
+            [
+                "import",
+                "muse",
+                str(bundles["teacher"]),
+                str(tmp_path / "imported"),
+                "--name",
+                "imported",
+                "--steps",
+                "3",
+            ]
+        )
+        == 0
+    )
+    # a flag left out (--guidance) takes MuseSamplerSettings' default
+    imported = MuseSamplerSettings.from_dict(read_bundle(tmp_path / "imported").config["sampler"])
+    assert imported == MuseSamplerSettings(steps=3)
 
 
 def test_a_distilled_student_is_read_by_softdimo_and_by_diffusers(bundles, teacher, tmp_path, one_thread):
@@ -125,10 +153,16 @@ def test_a_distilled_student_is_read_by_softdimo_and_by_diffusers(bundles, teach
     from softdimo.train.distill import DistillParts, DistillTraining, train_distill
 
     reward = load_reward(read_bundle(bundles["clip"]))
-    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward)
+    parts = DistillParts(
+        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward
+    )
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
-    training = DistillTraining(steps=2, batch_size=4, warmup=1, guidance=1.0, gan_weight=0.5, reward_weight=0.5, ema=0.0, eval_every=1)
-    student = train_distill(run_dir=tmp_path / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu")
+    training = DistillTraining(
+        steps=2, batch_size=4, warmup=1, guidance=1.0, gan_weight=0.5, reward_weight=0.5, ema=0.0, eval_every=1
+    )
+    student = train_distill(
+        run_dir=tmp_path / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu"
+    )
     assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in before.items()), "the teacher stays frozen"
     after = student.model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(("uvit.embed.", "text_encoder.")))
@@ -137,10 +171,15 @@ def test_a_distilled_student_is_read_by_softdimo_and_by_diffusers(bundles, teach
     assert len(log) == 2 and all(key in log[0] for key in ('"dimo"', '"gan_d"', '"reward"')) and '"pass"' not in log[-1]
 
     out = muse.export_generator(
-        generator=student, teacher=read_bundle(bundles["teacher"]), path=tmp_path / "student", name="tiny-student",
-        reward_references=[os.path.relpath(bundles["clip"], tmp_path / "student")], tteo={"steps": 2, "lr": 1.0}, training={},
+        generator=student,
+        teacher=read_bundle(bundles["teacher"]),
+        path=tmp_path / "student",
+        name="tiny-student",
+        reward_references=[os.path.relpath(bundles["clip"], tmp_path / "student")],
+        tteo={"steps": 2, "lr": 1.0},
+        training={},
         teacher_reference=os.path.relpath(bundles["teacher"], tmp_path / "student"),
-    )  # fmt: skip
+    )
     served = load_pipeline(out)
     assert isinstance(served, OneStepPipeline) and list(served.rewards) == ["tiny-clip-vit"]
     condition = served.conditioner.encode_prompts(["a red circle"])
@@ -155,18 +194,32 @@ def test_a_distilled_student_is_read_by_softdimo_and_by_diffusers(bundles, teach
     text = served.generator.model.encode_text(condition)
     micro = torch.tensor([16.0, 16.0, 0, 0, 6.0])[None]
     theirs = uvit(hybrid.view(1, 8, 8), text.hidden, text.pooled, micro).flatten(2).transpose(1, 2)
-    assert torch.allclose(noiseless.logits(noiseless.initial_embeddings(ImageNoise([7]), condition), condition), theirs, atol=1e-5)
+    assert torch.allclose(
+        noiseless.logits(noiseless.initial_embeddings(ImageNoise([7]), condition), condition), theirs, atol=1e-5
+    )
 
 
 def test_own_prompts_distil_without_a_gan(teacher, tmp_path):
     from softdimo.generator import GeneratorSettings
     from softdimo.train.distill import DistillParts, DistillTraining, train_distill
 
-    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=None,
-                         prompts=["a photo of a cat", "a watercolour of a harbour"])  # fmt: skip
+    parts = DistillParts(
+        teacher=teacher.model,
+        tokenizer=teacher.tokenizer,
+        conditioner=teacher.conditioner,
+        reward=None,
+        prompts=["a photo of a cat", "a watercolour of a harbour"],
+    )
     with pytest.raises(ValueError, match="GAN needs real images"):
-        train_distill(run_dir=tmp_path / "gan", parts=parts, generator_settings=GeneratorSettings(),
-                      training=DistillTraining(steps=1, gan_weight=1.0), device="cpu")  # fmt: skip
+        train_distill(
+            run_dir=tmp_path / "gan",
+            parts=parts,
+            generator_settings=GeneratorSettings(),
+            training=DistillTraining(steps=1, gan_weight=1.0),
+            device="cpu",
+        )
     training = DistillTraining(steps=1, batch_size=2, warmup=1, guidance=1.0, eval_every=1)
-    train_distill(run_dir=tmp_path / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu")
+    train_distill(
+        run_dir=tmp_path / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu"
+    )
     assert '"dimo"' in (tmp_path / "run" / "metrics.jsonl").read_text()

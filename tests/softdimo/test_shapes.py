@@ -10,7 +10,8 @@ from softdimo import shapes
 
 def test_circle_pixels_follow_the_centre_rule():
     mask = shapes.shape_mask(0, 12)
-    # Row 0 of a 12-px circle: centres at v = 0.5; inside when (u - 6)^2 <= 36 - 30.25 = 5.75, so u in 3.5..8.5 -> x 4..7.
+    # Row 0 of a 12-px circle: centres at v = 0.5; inside when (u - 6)^2 <= 36 - 30.25 = 5.75,
+    # so u in 3.5..8.5 -> x 4..7.
     assert mask[0].nonzero()[0].tolist() == [4, 5, 6, 7]
     assert mask[5].all()
     assert mask.sum() == 112
@@ -76,11 +77,13 @@ LARGE = shapes.SIZES["large"]
 @pytest.mark.parametrize("placement", shapes.PLACEMENTS)
 @pytest.mark.parametrize(
     "prompt",
-    [shapes.Prompt(kind, (shapes.ObjectSpec(0, 0, LARGE), shapes.ObjectSpec(2, 1, LARGE)), relation=relation)
-     for kind, relation in [("pair", None), *(("relation", r) for r in shapes.RELATIONS)]]
+    [
+        shapes.Prompt(kind, (shapes.ObjectSpec(0, 0, LARGE), shapes.ObjectSpec(2, 1, LARGE)), relation=relation)
+        for kind, relation in [("pair", None), *(("relation", r) for r in shapes.RELATIONS)]
+    ]
     + [shapes.parse_prompt("three red circles"), shapes.parse_prompt("a large green triangle")],
     ids=lambda p: f"{p.kind}-{p.relation}",
-)  # fmt: skip
+)
 def test_every_kind_is_drawable_even_with_two_large_objects(prompt, placement):
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -119,17 +122,24 @@ def test_every_kind_round_trips_through_the_parser():
         assert shapes.parse_prompt(prompt.text()) == prompt
         seen.add(prompt.kind)
     assert seen == set(shapes.KINDS)
-    assert shapes.parse_prompt("three cyan triangles") == shapes.Prompt(
-        "count", (shapes.ObjectSpec(5, 2),), count=3
-    )
+    assert shapes.parse_prompt("three cyan triangles") == shapes.Prompt("count", (shapes.ObjectSpec(5, 2),), count=3)
     assert shapes.parse_prompt("a large red circle").objects[0].size == 24
 
 
 @pytest.mark.parametrize(
     "text",
-    ["a purple circle", "A red circle", "a red  circle", "a red circle.", "four red circles",
-     "a red circle and a red circle", "a red circle left a blue square", "", "two red circle"],
-)  # fmt: skip
+    [
+        "a purple circle",
+        "A red circle",
+        "a red  circle",
+        "a red circle.",
+        "four red circles",
+        "a red circle and a red circle",
+        "a red circle left a blue square",
+        "",
+        "two red circle",
+    ],
+)
 def test_prompts_outside_the_grammar_are_refused_with_the_vocabulary(text):
     with pytest.raises(shapes.PromptError) as info:
         shapes.parse_prompt(text)
@@ -157,8 +167,13 @@ def test_the_prompt_pattern_matches_exactly_what_the_parser_accepts():
     for text in language:
         w = text.split(" ")
         i = int(rng.integers(len(w)))
-        misses += [" ".join(w[:i] + [words[rng.integers(len(words))]] + w[i + 1 :]), " ".join(w[:i] + w[i + 1 :]),
-                   " ".join(w[: i + 1] + w[i:]), text + "\n", " " + text]  # fmt: skip
+        misses += [
+            " ".join(w[:i] + [words[rng.integers(len(words))]] + w[i + 1 :]),
+            " ".join(w[:i] + w[i + 1 :]),
+            " ".join(w[: i + 1] + w[i:]),
+            text + "\n",
+            " " + text,
+        ]
     for text in misses:
         assert bool(pattern.fullmatch(text)) == _parses(text), text
     assert sum(map(_parses, misses)) > 100  # some replacements land on other prompts: both sides were tested
@@ -174,6 +189,18 @@ def test_class_labels_follow_the_spec():
     assert shapes.class_name(1) == "red square"
     with pytest.raises(shapes.PromptError):
         shapes.class_prompt(18)
+
+
+def test_prompts_render_in_order_from_one_generator():
+    prompts = [
+        shapes.parse_prompt(t) for t in ("a red circle", "two blue squares", "a green triangle above a red circle")
+    ]
+    images = shapes.render_prompts(prompts, np.random.default_rng(5), "free")
+    rng = np.random.default_rng(5)
+    for prompt, image in zip(prompts, images, strict=True):
+        assert (image == shapes.render(shapes.sample_scene(prompt, rng, "free"))).all()
+    # one generator for all: the second image is not the one a fresh generator would draw for its prompt
+    assert not (images[1] == shapes.render_prompts(prompts[1:2], np.random.default_rng(5), "free")[0]).all()
 
 
 def test_stream_is_seeded():

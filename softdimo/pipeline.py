@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from softdimo import shapes
+from softdimo import editing, shapes
 from softdimo.bundle import Bundle, BundleError, read_bundle, save_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
@@ -71,6 +71,28 @@ class TeacherPipeline:
     ) -> list[np.ndarray]:  # fmt: skip
         return generate_for_prompts(self, prompts, seeds, steps=steps, batch=batch, runtime=runtime)
 
+    @torch.inference_mode()
+    def edit_tokens(
+        self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """uint8 images (B, H, W, 3), the tokens to repaint (B, N) bool (softdimo.editing: repaint_from_mask or
+        repaint_at_strength), conditioning and one seed per image -> tokens (B, N), the unrepainted ones the images'."""
+        settings = self.sampler if steps is None else SamplerSettings(**{**self.sampler.to_dict(), "steps": steps})
+        condition = condition.to(self.device)
+        contrasts = self.conditioner.contrasts(condition) if settings.contrast else None
+        tokens = editing.image_tokens(self.tokenizer, images, self.device)
+        return editing.fill_teacher(self.model, tokens, repaint, condition, ImageNoise(seeds, self.device), settings, contrasts)
+
+    def edit(
+        self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """`edit_tokens` decoded: uint8 images (B, H, W, 3), the input's pixels away from the repainted tokens."""
+        tokens = self.edit_tokens(images, repaint, condition, seeds, steps)
+        with torch.inference_mode():
+            return editing.decode_edit(self.tokenizer, tokens, images, repaint)
+
 
 @dataclass
 class OneStepPipeline:
@@ -102,6 +124,26 @@ class OneStepPipeline:
         self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50, runtime=None,
     ) -> list[np.ndarray]:  # fmt: skip
         return generate_for_prompts(self, prompts, seeds, steps=steps, batch=batch, runtime=runtime)
+
+    @torch.inference_mode()
+    def edit_tokens(
+        self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """As TeacherPipeline.edit_tokens, the repainted tokens filled in one forward pass."""
+        if steps is not None:
+            raise ValueError("a one-step generator takes no sampling steps")
+        tokens = editing.image_tokens(self.tokenizer, images, self.device)
+        return editing.fill_one_step(self.generator, tokens, repaint, condition, ImageNoise(seeds, self.device))
+
+    def edit(
+        self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """`edit_tokens` decoded: uint8 images (B, H, W, 3), the input's pixels away from the repainted tokens."""
+        tokens = self.edit_tokens(images, repaint, condition, seeds, steps)
+        with torch.inference_mode():
+            return editing.decode_edit(self.tokenizer, tokens, images, repaint)
 
     def refine(
         self, condition: torch.Tensor, texts: Sequence[str], candidates: Sequence[Sequence[int]], settings: TTEOSettings,

@@ -20,7 +20,7 @@ from softdimo.runtime import Runtime, RuntimeSettings
 from softdimo.vq import to_uint8
 from softdimo.warmup import example_inputs, warm_up_conditions
 
-from server.jobs import GenerateJob, RefinedImage, RefineJob, split_counts
+from server.jobs import EditJob, GenerateJob, RefinedImage, RefineJob, split_counts
 
 log = logging.getLogger("softdimo.engine")
 
@@ -57,6 +57,22 @@ class ServedModel:
         seeds = [s for job in jobs for s in job.seeds]
         images = self.runtime.generate(self.pipeline, condition, seeds, steps=jobs[0].steps)
         return split_counts(list(images), [job.n for job in jobs])
+
+    @property
+    def edits(self) -> bool:
+        """Whether the model edits images (softdimo's teachers and one-step models; not diffusers' MUSE teachers)."""
+        return hasattr(self.pipeline, "edit")
+
+    def edit_batch(self, jobs: Sequence[EditJob]) -> list[list[np.ndarray]]:
+        """All jobs of one batch in one pass (they share `steps`): each image its request's, with its own tokens
+        repainted; returns each job's images."""
+        condition = torch.cat([job.condition.expand(job.n, *job.condition.shape[1:]) for job in jobs])
+        images = np.stack([job.image for job in jobs for _ in range(job.n)])
+        repaint = torch.cat([job.repaint for job in jobs])
+        seeds = [s for job in jobs for s in job.seeds]
+        with self.runtime.running(self.pipeline):  # eager, as TTEO: compiled buckets are /generate's
+            edited = self.pipeline.edit(images, repaint, condition, seeds, steps=jobs[0].steps)
+        return split_counts(list(edited), [job.n for job in jobs])
 
     def reward_text(self, prompt: str | None, class_label: int | None) -> str:
         return self.conditioner.reward_text(prompt, class_label)

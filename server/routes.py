@@ -8,10 +8,14 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
+from server import uploads
 from server.schemas import (
+    EditRequest,
     ErrorResponse,
     GenerateRequest,
     ImageResponse,
@@ -19,6 +23,7 @@ from server.schemas import (
     JobRequest,
     JobResponse,
     ModelList,
+    OpenAIEditRequest,
     OpenAIErrorResponse,
     OpenAIImage,
     OpenAIImageRequest,
@@ -31,8 +36,8 @@ from server.engine import ServedModel
 from server.job_runner import JOBS_PATH, JobRunner, job_response
 from server.job_store import FINISHED, JobRecord
 from server.jobs import RefineJob, RefineProgress
-from server.service import GENERATE, OPENAI, REFINE, GeneratedImages, Service, ServiceError
-from server.work import encoded, generate_job, generate_response, refine_job, refine_response
+from server.service import EDIT, GENERATE, OPENAI, OPENAI_EDITS, REFINE, GeneratedImages, Service, ServiceError
+from server.work import edit_job, encoded, generate_job, generate_response, refine_job, refine_response
 from softdimo.images import MEDIA_TYPES
 
 router = APIRouter()
@@ -57,6 +62,7 @@ IMAGE_RESPONSES = {
     200: {"content": {media: {} for media in MEDIA_TYPES.values()}, "description": "JSON, or with Accept: image/... and n = 1 the image"},
     406: {"model": ErrorResponse, "description": "an image body was asked for with n > 1"},
 }
+EDIT_RESPONSES = {status: answer for status, answer in IMAGE_RESPONSES.items() if status != 202}  # no jobs
 REFINE_RESPONSES = {
     **IMAGE_RESPONSES,
     200: {
@@ -157,7 +163,7 @@ def _wanted_image_format(request: Request, body_format: str) -> str | None:
     return None
 
 
-def _image_body_format(request: Request, body: GenerateRequest | RefineRequest) -> str | None:
+def _image_body_format(request: Request, body: GenerateRequest | RefineRequest | EditRequest) -> str | None:
     """The image format an `Accept: image/...` header asks for (None: JSON); 406 when it would hold several images."""
     image_format = _wanted_image_format(request, body.format)
     if image_format is not None and body.n != 1:
@@ -254,14 +260,59 @@ async def openai_generations(request: Request, body: OpenAIImageRequest):
     service = _service(request)
     async with _counted(service, OPENAI, body.model):
         model = service.model(body.model, endpoint=OPENAI)
-        side = f"{model.image_size}x{model.image_size}"
-        if body.size not in (None, "auto", side):
-            raise ServiceError(422, f"size {body.size!r} is not available: model {model.name!r} draws {side}")
+        _check_openai_size(model, body.size)
         request_body = GenerateRequest(prompt=body.prompt, n=body.n, seed=body.seed, model=body.model, format=body.output_format)
         result = await _generate(request, request_body, OPENAI)
         images = await encoded(service, OPENAI, result, body.output_format)
         data = [OpenAIImage(b64_json=service.b64(d)) for d in images]
         return OpenAIImageResponse(created=int(time.time()), data=data)
+
+
+@router.post("/edit", response_model=ImageResponse, responses=EDIT_RESPONSES)
+async def edit(request: Request, body: EditRequest):
+    """Inpainting and image-to-image: the image's tokens are kept except those repainted (every token whose patch
+    the mask's white pixels touch; without a mask, a `strength` share chosen by each image's seed), which the model
+    fills in: a one-step model in one forward pass, a teacher in its steps. Pixels farther than one patch from a
+    repainted token are the input's. Image i uses seed + i."""
+    service = _service(request)
+    began = time.perf_counter()
+    async with _counted(service, EDIT, body.model):
+        image_format = _image_body_format(request, body)
+        model = service.model(body.model, endpoint=EDIT)
+        job = edit_job(service, model, body)
+        result = await _unless_disconnected(request, service.edit(model=model, job=job))
+        images = await encoded(service, EDIT, result, image_format or body.format)
+        if image_format is not None:
+            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers={"X-Seed": str(result.seeds[0])})
+        return generate_response(service, result, images, began, id_prefix="edit")
+
+
+@router.post("/v1/images/edits", response_model=OpenAIImageResponse, responses=OPENAI_ERROR_RESPONSES)
+async def openai_edits(request: Request, form: Annotated[OpenAIEditRequest, Form(media_type="multipart/form-data")]):
+    """/edit in the OpenAI Images API's multipart shape."""
+    service = _service(request)
+    async with _counted(service, OPENAI_EDITS, form.model):
+        model = service.model(form.model, endpoint=OPENAI_EDITS)
+        _check_openai_size(model, form.size)
+        side = model.image_size
+        image = uploads.read_image(await form.image.read(), side)
+        mask = None if form.mask is None else uploads.read_openai_mask(await form.mask.read(), side)
+        condition = service.condition(model, form.prompt, None)
+        job = service.edit_job(
+            model=model, image=image, mask=mask, strength=None, condition=condition, seed=service.first_seed(form.seed),
+            n=form.n, steps=None,
+        )  # fmt: skip
+        result = await _unless_disconnected(request, service.edit(model=model, job=job))
+        images = await encoded(service, OPENAI_EDITS, result, form.output_format)
+        data = [OpenAIImage(b64_json=service.b64(d)) for d in images]
+        return OpenAIImageResponse(created=int(time.time()), data=data)
+
+
+def _check_openai_size(model: ServedModel, size: str | None) -> None:
+    """The Images API's `size`: the model's own, or "auto" (or none)."""
+    side = f"{model.image_size}x{model.image_size}"
+    if size not in (None, "auto", side):
+        raise ServiceError(422, f"size {size!r} is not available: model {model.name!r} draws {side}")
 
 
 JOB_ERROR_RESPONSES = {

@@ -18,20 +18,23 @@ import torch
 
 from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, NullObserver, QueueFull
 from server.engine import Engine, ServedModel
-from server.jobs import GenerateJob, RefinedImage, RefineJob, RefineProgress, run_splitting_on_oom
+from server.jobs import EditJob, GenerateJob, RefinedImage, RefineJob, RefineProgress, run_splitting_on_oom
 from server.lanes import BACKGROUND, INTERACTIVE, DeviceLanes
 from server.metrics import Metrics
 from server.settings import Settings
+from softdimo import editing
 from softdimo.conditioning import ConditionError
 from softdimo.images import encode_image
-from softdimo.seeding import MAX_SEED
+from softdimo.seeding import MAX_SEED, request_seeds
 
 log = logging.getLogger("softdimo.service")
 
 GENERATE = "/generate"
 REFINE = "/refine"
 OPENAI = "/v1/images/generations"
-ENDPOINTS = (GENERATE, REFINE, OPENAI)
+EDIT = "/edit"
+OPENAI_EDITS = "/v1/images/edits"
+ENDPOINTS = (GENERATE, REFINE, OPENAI, EDIT, OPENAI_EDITS)
 MODEL_THREAD = "softdimo-model"  # name prefix of the one thread that runs batches
 REQUEST_TIMEOUT = -1.0  # as a `timeout_s`: the settings' request_timeout_s (None: no deadline, as for jobs)
 
@@ -57,8 +60,9 @@ class GeneratedImages:
     refined: list[RefinedImage] | None = None  # /refine only: rewards and chosen candidates, per image
 
 
-def job_cost(model: ServedModel, job: GenerateJob | RefineJob) -> int:
-    """images x steps x best_of: the teacher's sampling steps or the TTEO steps; a one-step /generate is 1 step."""
+def job_cost(model: ServedModel, job: GenerateJob | RefineJob | EditJob) -> int:
+    """images x steps x best_of: the teacher's sampling steps or the TTEO steps; a one-step /generate or /edit is
+    1 step."""
     if isinstance(job, RefineJob):
         return job.n * job.settings.steps * job.settings.best_of
     if model.kind == "masked-diffusion":
@@ -140,6 +144,8 @@ class Service:
                 # A /refine batch computes for seconds: interactive batches waiting meanwhile run between its steps.
                 refine_batch = functools.partial(model.refine_batch, between_steps=self._lanes.run_waiting_interactive)
                 await self._add_batcher(REFINE, model, refine_batch, BACKGROUND)
+            if model.edits:  # edits batch apart from /generate: each image carries its own source and mask
+                await self._add_batcher(EDIT, model, model.edit_batch, INTERACTIVE)
         if self._start_jobs is not None:
             try:
                 self.jobs = await self._start_jobs(self)
@@ -253,6 +259,39 @@ class Service:
         images = [image for result in results for image in result]
         return GeneratedImages(model=model.name, images=images, seeds=job.seeds, queue_s=queue_s, compute_s=compute_s)
 
+    def edit_job(
+        self, *, model: ServedModel, image: np.ndarray, mask: np.ndarray | None, strength: float | None,
+        condition: torch.Tensor, seed: int, n: int, steps: int | None,
+    ) -> EditJob:  # fmt: skip
+        """An /edit request's work, checked before anything is queued: 4xx here, not later. `mask` (H, W) bool, True
+        where to repaint; without one, `strength` (editing.DEFAULT_STRENGTH when None) of the tokens, by seed."""
+        if not model.edits:
+            raise ServiceError(422, f"model {model.name!r} does not edit images; use one of softdimo's own models")
+        if steps is not None and model.kind != "masked-diffusion":
+            raise ServiceError(422, f"model {model.name!r} is one-step: steps applies only to masked-diffusion models")
+        grid, tokens = model.pipeline.tokenizer.cfg.grid, model.pipeline.tokenizer.cfg.grid ** 2
+        if mask is not None:
+            if not mask.any():
+                raise ServiceError(422, "nothing to edit: the mask has no white pixel")
+            repaint = editing.repaint_from_mask(mask[None], grid).expand(n, tokens)
+        else:
+            strength = editing.DEFAULT_STRENGTH if strength is None else strength
+            if editing.repaint_count(strength, tokens) == 0:
+                raise ServiceError(422, f"nothing to edit: strength {strength} repaints none of the {tokens} tokens")
+            repaint = editing.repaint_at_strength(request_seeds(seed, n), strength, tokens)
+        job = EditJob(image=image, repaint=repaint, condition=condition, seed=seed, n=n, steps=steps)
+        self._check_cost(model, job)
+        return job
+
+    async def edit(
+        self, *, model: ServedModel, job: EditJob, timeout_s: float | None = REQUEST_TIMEOUT,
+    ) -> GeneratedImages:  # fmt: skip
+        """Run a checked /edit job, failing with 504 after `timeout_s` (None: no deadline)."""
+        parts = self._chunks(job)
+        results, queue_s, compute_s = await self._run(EDIT, model, parts, lane=INTERACTIVE, timeout_s=timeout_s)
+        images = [image for result in results for image in result]
+        return GeneratedImages(model=model.name, images=images, seeds=job.seeds, queue_s=queue_s, compute_s=compute_s)
+
     def refine_job(
         self, *, model: ServedModel, condition: torch.Tensor, text: str, seed: int, n: int, steps: int | None,
         lr: float | None, best_of: int | None, reward: str | None, progress: RefineProgress | None = None,
@@ -284,7 +323,7 @@ class Service:
             compute_s=compute_s, refined=refined,
         )  # fmt: skip
 
-    def _check_cost(self, model: ServedModel, job: GenerateJob | RefineJob) -> None:
+    def _check_cost(self, model: ServedModel, job: GenerateJob | RefineJob | EditJob) -> None:
         cost, limit = job_cost(model, job), self.settings.max_request_cost
         if cost <= limit:
             return
@@ -294,7 +333,7 @@ class Service:
             terms = f"{job.n} images x {cost // job.n} sampling steps"
         raise ServiceError(422, f"this request costs {terms} = {cost}, over max_request_cost = {limit}; ask for fewer images or steps")
 
-    def _chunks(self, job: GenerateJob | RefineJob) -> list:
+    def _chunks(self, job: GenerateJob | RefineJob | EditJob) -> list:
         """Parts of a request of at most a batch each: one larger than a batch runs as several, seeds staying per image."""
         parts = []
         while job.n > self.settings.max_batch_size:

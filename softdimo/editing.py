@@ -35,6 +35,10 @@ def repaint_from_mask(masks: np.ndarray | torch.Tensor, grid: int) -> torch.Tens
     return touched.flatten(1).bool()
 
 
+# Image-to-image where neither a mask nor a strength is given: half of the tokens are repainted.
+DEFAULT_STRENGTH = 0.5
+
+
 def repaint_count(strength: float, tokens: int) -> int:
     """How many of `tokens` image-to-image at `strength` in [0, 1] repaints: round(strength * tokens)."""
     if not 0 <= strength <= 1:
@@ -88,7 +92,8 @@ def fill_one_step(
     device = generator.device
     tokens, repaint, condition = tokens.to(device), repaint.to(device), condition.to(device)
     start = torch.where(repaint, generator.initial_tokens(noise).to(device), tokens)
-    embeddings = generator.with_latent(generator.noisy_embeddings(start, noise), generator.layout_latent(noise, condition))
+    embeddings = generator.noisy_embeddings(start, noise)  # (B, N, D)
+    embeddings = generator.with_latent(embeddings, generator.layout_latent(noise, condition))
     drawn = generator.tokens_from(generator.logits(embeddings, condition), generator.token_noise(noise))
     return torch.where(repaint, drawn, tokens)
 

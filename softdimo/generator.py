@@ -72,8 +72,9 @@ class OneStepGenerator:
             return None
         if self.prior is None:
             return self.settings.latent_scale * noise.randn(self.cfg.latent_dim).to(self.device)
+        settings = self.settings
         return self.prior.sample(
-            condition.to(self.device), noise, scale=self.settings.latent_scale, temperature=self.settings.prior_temperature
+            condition.to(self.device), noise, scale=settings.latent_scale, temperature=settings.prior_temperature
         )
 
     def input_parts(self, noise: ImageNoise, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -82,7 +82,8 @@ class TeacherPipeline:
         condition = condition.to(self.device)
         contrasts = self.conditioner.contrasts(condition) if settings.contrast else None
         tokens = editing.image_tokens(self.tokenizer, images, self.device)
-        return editing.fill_teacher(self.model, tokens, repaint, condition, ImageNoise(seeds, self.device), settings, contrasts)
+        noise = ImageNoise(seeds, self.device)
+        return editing.fill_teacher(self.model, tokens, repaint, condition, noise, settings, contrasts)
 
     def edit(
         self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],

@@ -92,8 +92,8 @@ def sample(
 
 @torch.no_grad()
 def fill(
-    model: MaskedTransformer, tokens: torch.Tensor, condition: torch.Tensor, noise: ImageNoise, settings: SamplerSettings,
-    contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
+    model: MaskedTransformer, tokens: torch.Tensor, condition: torch.Tensor, noise: ImageNoise,
+    settings: SamplerSettings, contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """MaskGIT decoding of the positions of `tokens` (B, N) that hold the mask id; the others never change.
 

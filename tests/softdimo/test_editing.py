@@ -1,4 +1,4 @@
-"""Editing: which tokens a mask or a strength repaints, kept tokens and pixels exactly the input's, repainted ones filled."""
+"""Editing: the tokens a mask or a strength repaints; kept tokens and far pixels exactly the input's; the rest filled."""
 
 import numpy as np
 import pytest
@@ -96,4 +96,5 @@ def test_an_image_is_edited_the_same_alone_or_in_a_batch(pipeline, images):
 
 def test_images_of_another_size_are_refused(pipeline):
     with pytest.raises(ValueError, match=r"\(B, 64, 64, 3\)"):
-        pipeline.edit_tokens(np.zeros((1, 32, 32, 3), np.uint8), torch.ones(1, 64, dtype=torch.bool), torch.zeros(1), [0])
+        small = np.zeros((1, 32, 32, 3), np.uint8)
+        pipeline.edit_tokens(small, torch.ones(1, 64, dtype=torch.bool), torch.zeros(1), [0])

@@ -90,6 +90,15 @@ class RefineRequest(GenerateRequest):
 
 
 PNG_DESCRIPTION = "a PNG file as base64 (a `data:image/png;base64,` prefix is allowed)"
+# /edit's example: an empty 64x64 canvas (the Shapes models' size), and a mask over its right half.
+EXAMPLE_IMAGE = (
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAIklEQVR42u3BAQ0AAADCoPdPbQ8HFAAAAAAAAAAAAAAA8G4wQAAB7OHIlwAAAABJ"
+    "RU5ErkJggg=="
+)
+EXAMPLE_MASK = (
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAAAAACPAi4CAAAAL0lEQVR42u3MoQ0AAAjAMOD/n+EEBAbR2SXNWOrlVxwDAAAAAAAAAAAAAAAA8B0Y"
+    "ME0Bf4GC+EEAAAAASUVORK5CYII="
+)
 
 
 class EditRequest(GenerateRequest):
@@ -97,7 +106,10 @@ class EditRequest(GenerateRequest):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"image": "<base64 PNG>", "mask": "<base64 PNG>", "prompt": "two red circles"}],
+            "examples": [
+                {"image": EXAMPLE_IMAGE, "mask": EXAMPLE_MASK, "prompt": "a red circle", "n": 2, "seed": 7},
+                {"image": EXAMPLE_IMAGE, "strength": 0.25, "prompt": "two blue squares"},
+            ],
             "oneOf": ONE_CONDITION,
         }
     )

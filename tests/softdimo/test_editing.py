@@ -1,4 +1,4 @@
-"""Editing: the tokens a mask or a strength repaints; kept tokens and far pixels exactly the input's; the rest filled."""
+"""Editing: the tokens a mask or a strength repaints; kept tokens and far pixels are the input's; the rest filled in."""
 
 import numpy as np
 import pytest

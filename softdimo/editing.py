@@ -3,6 +3,8 @@ in by a one-step generator in one forward pass or by a teacher in its MaskGIT st
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -13,7 +15,7 @@ from softdimo.generator import OneStepGenerator
 from softdimo.sampler import SamplerSettings, fill
 from softdimo.seeding import ImageNoise
 from softdimo.transformer import MaskedTransformer
-from softdimo.vq import to_tensor, to_uint8
+from softdimo.vq import to_tensor
 
 
 def image_tokens(tokenizer, images: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -66,45 +68,75 @@ def patch_dilation(repaint: torch.Tensor, grid: int, reach: int = BLEND_REACH) -
     return spread.flatten(1).bool()
 
 
-def decode_edit(tokenizer, tokens: torch.Tensor, images: np.ndarray, repaint: torch.Tensor) -> np.ndarray:
-    """Edited tokens (B, N) -> uint8 images (B, H, W, 3): the decoder's pixels in the patches within BLEND_REACH of
-    a repainted token, the input `images`' pixels everywhere else.
+@dataclass(frozen=True)
+class Kept:
+    """What an edit keeps of its images: their tokens outside `repaint`, and their pixels farther than BLEND_REACH
+    tokens from a repainted one.
 
-    Kept tokens alone do not keep pixels: the decoder's normalisation and its 3x3 convolutions reach across the
-    whole grid, so a repainted token moves pixels of distant kept patches a little; the input's own pixels there
-    also spare the kept part the tokenizer's reconstruction error."""
-    decoded = to_uint8(tokenizer.decode_indices(tokens))
-    grid, size = tokenizer.cfg.grid, tokenizer.cfg.image_size
-    blended = patch_dilation(repaint.cpu(), grid).view(-1, grid, grid)
-    pixels = blended.repeat_interleave(size // grid, 1).repeat_interleave(size // grid, 2).numpy()  # (B, H, W)
-    return np.where(pixels[..., None], decoded, images)
+    Kept tokens alone would not keep pixels: the decoder's normalisation and its 3x3 convolutions reach across the
+    whole grid, so a repainted token moves the pixels of distant kept patches a little; the input's own pixels
+    there also spare the kept part the tokenizer's reconstruction error."""
+
+    tokens: torch.Tensor  # (B, N) the images' tokens
+    repaint: torch.Tensor  # (B, N) bool: where the model draws new tokens
+    pixels: torch.Tensor  # (B, 3, H, W) in [0, 1]: the images
+
+    @classmethod
+    def of(cls, tokenizer, images: np.ndarray, repaint: torch.Tensor, device: torch.device | str) -> Kept:
+        """uint8 images (B, H, W, 3) at the tokenizer's size and their tokens to repaint (B, N), on `device`."""
+        tokens = image_tokens(tokenizer, images, device)
+        return cls(tokens=tokens, repaint=repaint.to(device), pixels=to_tensor(images).to(device))
+
+    def rows(self, index: torch.Tensor) -> Kept:
+        """The images at `index` (B',), in its order: a selection, or each image repeated."""
+        return Kept(tokens=self.tokens[index], repaint=self.repaint[index], pixels=self.pixels[index])
+
+    def tokens_with(self, drawn: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N): `drawn` where repainted, the images' own elsewhere."""
+        return torch.where(self.repaint, drawn, self.tokens)
+
+    def probs_with(self, probs: torch.Tensor) -> torch.Tensor:
+        """Token distributions (B, N, K): `probs` where repainted, certain of the images' own tokens elsewhere."""
+        own = F.one_hot(self.tokens, probs.shape[-1]).to(probs.dtype)
+        return torch.where(self.repaint[..., None], probs, own)
+
+    def images_with(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W): `decoded` within BLEND_REACH tokens of a repainted one, the images' own elsewhere."""
+        grid, size = math.isqrt(self.tokens.shape[1]), self.pixels.shape[-1]
+        near = patch_dilation(self.repaint, grid).view(-1, 1, grid, grid)
+        near = near.repeat_interleave(size // grid, 2).repeat_interleave(size // grid, 3)  # (B, 1, H, W)
+        return torch.where(near, decoded, self.pixels)
+
+
+def one_step_inputs(
+    generator: OneStepGenerator, kept: Kept, condition: torch.Tensor, noise: ImageNoise
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An edit's input to a one-step generator, in the parts `OneStepGenerator.input_parts` gives: its own start at
+    the repainted positions (the mask token or a random one, as it starts a new image) and the images' tokens
+    elsewhere, all with its embedding noise (B, N, D); then its layout latent."""
+    start = kept.tokens_with(generator.initial_tokens(noise).to(generator.device))
+    return generator.noisy_embeddings(start, noise), generator.layout_latent(noise, condition)
 
 
 @torch.no_grad()
-def fill_one_step(
-    generator: OneStepGenerator, tokens: torch.Tensor, repaint: torch.Tensor, condition: torch.Tensor,
-    noise: ImageNoise,
-) -> torch.Tensor:  # fmt: skip
-    """One forward pass: image tokens (B, N) with the `repaint` (B, N) ones filled in; the others kept exactly.
-
-    The generator's input is its own start at the repainted positions (the mask token or a random one, as it
-    starts a new image) and the image's tokens elsewhere, all with its embedding noise; then its layout latent."""
-    device = generator.device
-    tokens, repaint, condition = tokens.to(device), repaint.to(device), condition.to(device)
-    start = torch.where(repaint, generator.initial_tokens(noise).to(device), tokens)
-    embeddings = generator.noisy_embeddings(start, noise)  # (B, N, D)
-    embeddings = generator.with_latent(embeddings, generator.layout_latent(noise, condition))
+def fill_one_step(generator: OneStepGenerator, kept: Kept, condition: torch.Tensor, noise: ImageNoise) -> torch.Tensor:
+    """One forward pass: the images' tokens (B, N) with the repainted ones drawn anew; the others kept exactly."""
+    condition = condition.to(generator.device)
+    embeddings = generator.with_latent(*one_step_inputs(generator, kept, condition, noise))
     drawn = generator.tokens_from(generator.logits(embeddings, condition), generator.token_noise(noise))
-    return torch.where(repaint, drawn, tokens)
+    return kept.tokens_with(drawn)
 
 
 @torch.no_grad()
 def fill_teacher(
-    model: MaskedTransformer, tokens: torch.Tensor, repaint: torch.Tensor, condition: torch.Tensor, noise: ImageNoise,
-    settings: SamplerSettings, contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
+    model: MaskedTransformer, kept: Kept, condition: torch.Tensor, noise: ImageNoise, settings: SamplerSettings,
+    contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """MaskGIT in the teacher's steps from the image's tokens with the `repaint` (B, N) ones masked."""
-    device = condition.device
-    tokens, repaint = tokens.to(device), repaint.to(device)
-    filled = fill(model, torch.where(repaint, model.cfg.mask_id, tokens), condition, noise, settings, contrasts)
-    return torch.where(repaint, filled, tokens)
+    """MaskGIT in the teacher's steps from the images' tokens with the repainted ones masked."""
+    masked = kept.tokens_with(torch.full_like(kept.tokens, model.cfg.mask_id))
+    return kept.tokens_with(fill(model, masked, condition, noise, settings, contrasts))
+
+
+def decode_edit(tokenizer, tokens: torch.Tensor, kept: Kept) -> torch.Tensor:
+    """Edited tokens (B, N) -> images (B, 3, H, W) in [0, 1], the kept pixels the input's."""
+    return kept.images_with(tokenizer.decode_indices(tokens))

@@ -72,27 +72,32 @@ class TeacherPipeline:
         return generate_for_prompts(self, prompts, seeds, steps=steps, batch=batch, runtime=runtime)
 
     @torch.inference_mode()
+    def fill(
+        self, kept: editing.Kept, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """An edit's tokens (B, N): the kept ones, and the repainted ones drawn in the teacher's steps."""
+        settings = self.sampler if steps is None else SamplerSettings(**{**self.sampler.to_dict(), "steps": steps})
+        condition = condition.to(self.device)
+        contrasts = self.conditioner.contrasts(condition) if settings.contrast else None
+        return editing.fill_teacher(self.model, kept, condition, ImageNoise(seeds, self.device), settings, contrasts)
+
+    @torch.inference_mode()
     def edit_tokens(
         self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
         steps: int | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """uint8 images (B, H, W, 3), the tokens to repaint (B, N) bool (softdimo.editing: repaint_from_mask or
         repaint_at_strength), conditioning and one seed per image -> tokens (B, N), the unrepainted ones the images'."""
-        settings = self.sampler if steps is None else SamplerSettings(**{**self.sampler.to_dict(), "steps": steps})
-        condition = condition.to(self.device)
-        contrasts = self.conditioner.contrasts(condition) if settings.contrast else None
-        tokens = editing.image_tokens(self.tokenizer, images, self.device)
-        noise = ImageNoise(seeds, self.device)
-        return editing.fill_teacher(self.model, tokens, repaint, condition, noise, settings, contrasts)
+        return self.fill(editing.Kept.of(self.tokenizer, images, repaint, self.device), condition, seeds, steps)
 
+    @torch.inference_mode()
     def edit(
         self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
         steps: int | None = None,
     ) -> np.ndarray:  # fmt: skip
         """`edit_tokens` decoded: uint8 images (B, H, W, 3), the input's pixels away from the repainted tokens."""
-        tokens = self.edit_tokens(images, repaint, condition, seeds, steps)
-        with torch.inference_mode():
-            return editing.decode_edit(self.tokenizer, tokens, images, repaint)
+        kept = editing.Kept.of(self.tokenizer, images, repaint, self.device)
+        return to_uint8(editing.decode_edit(self.tokenizer, self.fill(kept, condition, seeds, steps), kept))
 
 
 @dataclass
@@ -127,24 +132,30 @@ class OneStepPipeline:
         return generate_for_prompts(self, prompts, seeds, steps=steps, batch=batch, runtime=runtime)
 
     @torch.inference_mode()
+    def fill(
+        self, kept: editing.Kept, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """An edit's tokens (B, N): the kept ones, and the repainted ones drawn in one forward pass."""
+        if steps is not None:
+            raise ValueError("a one-step generator takes no sampling steps")
+        return editing.fill_one_step(self.generator, kept, condition, ImageNoise(seeds, self.device))
+
+    @torch.inference_mode()
     def edit_tokens(
         self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
         steps: int | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """As TeacherPipeline.edit_tokens, the repainted tokens filled in one forward pass."""
-        if steps is not None:
-            raise ValueError("a one-step generator takes no sampling steps")
-        tokens = editing.image_tokens(self.tokenizer, images, self.device)
-        return editing.fill_one_step(self.generator, tokens, repaint, condition, ImageNoise(seeds, self.device))
+        return self.fill(editing.Kept.of(self.tokenizer, images, repaint, self.device), condition, seeds, steps)
 
+    @torch.inference_mode()
     def edit(
         self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
         steps: int | None = None,
     ) -> np.ndarray:  # fmt: skip
         """`edit_tokens` decoded: uint8 images (B, H, W, 3), the input's pixels away from the repainted tokens."""
-        tokens = self.edit_tokens(images, repaint, condition, seeds, steps)
-        with torch.inference_mode():
-            return editing.decode_edit(self.tokenizer, tokens, images, repaint)
+        kept = editing.Kept.of(self.tokenizer, images, repaint, self.device)
+        return to_uint8(editing.decode_edit(self.tokenizer, self.fill(kept, condition, seeds, steps), kept))
 
     def refine(
         self, condition: torch.Tensor, texts: Sequence[str], candidates: Sequence[Sequence[int]], settings: TTEOSettings,

@@ -52,7 +52,7 @@ def test_schemathesis_run_with_every_check_finds_nothing(url, tmp_path):
     har = tmp_path / "run.har"
     # A job's id is random: schemathesis can only draw unknown ones, which answer the 404 the description declares.
     # An edit's image and mask are base64 or binary PNGs of the model's size, which no schema can say: drawn at random,
-    # they are refused with 422 (mostly, hence no warning about it), as the description says in words (server/openapi.py).
+    # they are refused with 422 (mostly: hence no warning about it), as the description says (server/openapi.py).
     (tmp_path / "schemathesis.toml").write_text(
         '[[operations]]\ninclude-path-regex = "^/v1/jobs/\\\\{job_id\\\\}"\nwarnings = false\n'
         '[[operations]]\ninclude-path-regex = "^/(edit|v1/images/edits)$"\nwarnings = false\n'

@@ -167,6 +167,20 @@ class OneStepPipeline:
             condition=condition, prompts=texts, candidates=candidates, settings=settings, on_step=on_step,
         )  # fmt: skip
 
+    def refine_edit(
+        self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, texts: Sequence[str],
+        candidates: Sequence[Sequence[int]], settings: TTEOSettings, reward: str | None = None,
+        on_step: StepHook | None = None,
+    ) -> Refined:  # fmt: skip
+        """TTEO on edits (as `edit` takes them): each starts from the edit its candidate seed draws, and its kept
+        tokens and pixels stay the input's."""
+        with torch.no_grad():
+            kept = editing.Kept.of(self.tokenizer, images, repaint, self.device)
+        return refine(
+            generator=self.generator, tokenizer=self.tokenizer, reward=self.rewards[reward or self.default_reward],
+            condition=condition, prompts=texts, candidates=candidates, settings=settings, on_step=on_step, kept=kept,
+        )  # fmt: skip
+
 
 def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> Reward:
     if bundle.config.get("kind") != "reward":

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from softdimo import editing, shapes
+from softdimo import editing, shapes, tteo
 from softdimo.pipeline import load_pipeline
+from softdimo.vq import to_uint8
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a red circle"]
 SEEDS = [5, 6, 7]
@@ -98,3 +99,38 @@ def test_images_of_another_size_are_refused(pipeline):
     with pytest.raises(ValueError, match=r"\(B, 64, 64, 3\)"):
         small = np.zeros((1, 32, 32, 3), np.uint8)
         pipeline.edit_tokens(small, torch.ones(1, 64, dtype=torch.bool), torch.zeros(1), [0])
+
+
+@pytest.fixture(scope="module")
+def one_step(tiny_bundles):
+    torch.set_num_threads(1)
+    return load_pipeline(tiny_bundles["one-step"])
+
+
+def test_refining_an_edit_starts_from_the_edit(one_step, images):
+    repaint = editing.repaint_from_mask(right_half_masks(3), grid=8)
+    condition = one_step.conditioner.encode_prompts(PROMPTS)
+    settings = one_step.tteo.for_request(steps=0)
+    candidates = [[seed] for seed in SEEDS]
+    refined = one_step.refine_edit(images, repaint, condition, PROMPTS, candidates, settings)
+    assert torch.equal(refined.tokens, one_step.edit_tokens(images, repaint, condition, SEEDS))
+    assert (to_uint8(refined.images) == one_step.edit(images, repaint, condition, SEEDS)).all()
+
+
+@pytest.mark.parametrize("target", ["input", "logits"])
+def test_refining_an_edit_keeps_its_kept_tokens_and_pixels(one_step, images, target):
+    masks = right_half_masks(3)
+    repaint = editing.repaint_from_mask(masks, grid=8)
+    condition = one_step.conditioner.encode_prompts(PROMPTS)
+    settings = one_step.tteo.for_request(steps=3, lr=50.0, target=target, best_of=2)
+    candidates = tteo.candidate_seeds(SEEDS, settings.best_of)
+    refined = one_step.refine_edit(images, repaint, condition, PROMPTS, candidates, settings)
+    source = editing.image_tokens(one_step.tokenizer, images, one_step.device)
+    assert torch.equal(refined.tokens[~repaint], source[~repaint])
+    assert (refined.tokens < one_step.tokenizer.cfg.codebook_size).all()
+    edited = to_uint8(refined.images)
+    far = np.ones((3, 64, 64), dtype=bool)
+    far[:, 0:48, 24:64] = False
+    assert (edited[far] == images[far]).all()
+    assert (refined.reward_after >= refined.reward_before).all() and refined.trace.shape == (3, 3)
+    assert (refined.reward_after > refined.reward_before).any()  # the steps moved some edit

@@ -67,6 +67,41 @@ class EditJob:
         return first, replace(self, repaint=self.repaint[k:], seed=seed_at(self.seed, k), n=self.n - k)
 
 
+@dataclass(frozen=True, eq=False)
+class EditRefineJob:
+    """An /edit request with `refine`: its edit, and TTEO on it; requests batch together as /refine's do."""
+
+    edit: EditJob
+    text: str  # what the reward reads
+    settings: TTEOSettings
+    reward: str
+    candidates: tuple[tuple[int, ...], ...]  # each image's best_of candidate seeds, as RefineJob's
+    progress: RefineProgress | None = None  # never set: edits do not stream (yet); the TTEO step hook reads it
+
+    @classmethod
+    def for_request(cls, *, edit: EditJob, text: str, settings: TTEOSettings, reward: str) -> EditRefineJob:
+        rows = candidate_seeds(edit.seeds, settings.best_of)
+        return cls(edit=edit, text=text, settings=settings, reward=reward, candidates=tuple(map(tuple, rows)))
+
+    @property
+    def n(self) -> int:
+        return self.edit.n
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.edit.seeds
+
+    @property
+    def key(self) -> tuple:
+        return (self.settings, self.reward)
+
+    def split(self, k: int) -> tuple[EditRefineJob, EditRefineJob]:
+        """The first k images and the rest, each keeping its own seed, repainted tokens and candidates."""
+        first, rest = self.edit.split(k)
+        head = replace(self, edit=first, candidates=self.candidates[:k])
+        return head, replace(self, edit=rest, candidates=self.candidates[k:])
+
+
 @dataclass(eq=False)
 class RefineProgress:
     """A streaming /refine's line to the model thread: each TTEO step's rewards come out on `queue` as
@@ -128,7 +163,7 @@ class RefinedImage:
     candidate_seed: int
 
 
-Job = TypeVar("Job", GenerateJob, RefineJob, EditJob)
+Job = TypeVar("Job", GenerateJob, RefineJob, EditJob, EditRefineJob)
 
 
 # How allocators other than CUDA's word running out: MPS and HIP say "out of memory", the CPU allocator

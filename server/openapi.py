@@ -134,6 +134,8 @@ def _branch(model: ServedModel, *, endpoint: str, fields: dict, default: bool, o
         required.append("class_label")
     if endpoint in (GENERATE, EDIT) and model.kind != "masked-diffusion":
         properties["steps"] = {"type": "null"}  # sampling steps are for masked-diffusion models only
+    if endpoint == EDIT and not model.rewards:
+        properties["refine"] = {"type": "null"}  # TTEO needs a reward
     if endpoint == OPENAI:
         side = f"{model.image_size}x{model.image_size}"
         properties["size"] = {"enum": [None, "auto", side]}

@@ -35,7 +35,7 @@ from server.schemas import (
 from server.engine import ServedModel
 from server.job_runner import JOBS_PATH, JobRunner, job_response
 from server.job_store import FINISHED, JobRecord
-from server.jobs import RefineJob, RefineProgress
+from server.jobs import EditRefineJob, RefineJob, RefineProgress
 from server.service import EDIT, GENERATE, OPENAI, OPENAI_EDITS, REFINE, GeneratedImages, Service, ServiceError
 from server.work import edit_job, encoded, generate_job, generate_response, refine_job, refine_response
 from softdimo.images import MEDIA_TYPES
@@ -189,7 +189,7 @@ async def generate(request: Request, body: GenerateRequest):
         result = await _generate(request, body, GENERATE)
         images = await encoded(service, GENERATE, result, image_format or body.format)
         if image_format is not None:
-            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers={"X-Seed": str(result.seeds[0])})
+            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers=_image_headers(result))
         return generate_response(service, result, images, began)
 
 
@@ -220,10 +220,17 @@ async def refine(request: Request, body: RefineRequest):
         result = await _unless_disconnected(request, service.refine(model=model, job=job))
         images = await encoded(service, REFINE, result, image_format or body.format)
         if image_format is not None:
-            item = result.refined[0]
-            headers = {"X-Seed": str(result.seeds[0]), "X-Reward-Before": f"{item.reward_before:.6f}", "X-Reward-After": f"{item.reward_after:.6f}"}
-            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers=headers)
+            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers=_image_headers(result))
         return refine_response(service, result, images, began)
+
+
+def _image_headers(result: GeneratedImages) -> dict[str, str]:
+    """What an image body carries beside the image: its seed, and where refined its rewards."""
+    headers = {"X-Seed": str(result.seeds[0])}
+    if result.refined is not None:
+        item = result.refined[0]
+        headers |= {"X-Reward-Before": f"{item.reward_before:.6f}", "X-Reward-After": f"{item.reward_after:.6f}"}
+    return headers
 
 
 def _event(name: str, data: dict) -> bytes:
@@ -273,18 +280,22 @@ async def edit(request: Request, body: EditRequest):
     """Inpainting and image-to-image: the image's tokens are kept except those repainted (every token whose patch
     the mask's white pixels touch; without a mask, a `strength` share chosen by each image's seed), which the model
     fills in: a one-step model in one forward pass, a teacher in its steps. Pixels farther than one patch from a
-    repainted token are the input's. Image i uses seed + i."""
+    repainted token are the input's. Image i uses seed + i. With `refine`, TTEO on the edit, batched as /refine
+    is, and each image carries its rewards."""
     service = _service(request)
     began = time.perf_counter()
     async with _counted(service, EDIT, body.model):
         image_format = _image_body_format(request, body)
         model = service.model(body.model, endpoint=EDIT)
         job = edit_job(service, model, body)
-        result = await _unless_disconnected(request, service.edit(model=model, job=job))
+        refined = isinstance(job, EditRefineJob)
+        work = service.refine(model=model, job=job) if refined else service.edit(model=model, job=job)
+        result = await _unless_disconnected(request, work)
         images = await encoded(service, EDIT, result, image_format or body.format)
         if image_format is not None:
-            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers={"X-Seed": str(result.seeds[0])})
-        return generate_response(service, result, images, began, id_prefix="edit")
+            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers=_image_headers(result))
+        answer = refine_response if refined else generate_response
+        return answer(service, result, images, began, id_prefix="edit")
 
 
 @router.post("/v1/images/edits", response_model=OpenAIImageResponse, responses=OPENAI_ERROR_RESPONSES)

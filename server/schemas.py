@@ -101,6 +101,17 @@ EXAMPLE_MASK = (
 )
 
 
+class EditRefinement(StrictRequest):
+    """/edit's `refine`: TTEO on the edit, with the settings of /refine (the model's where left out)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{"steps": 10, "lr": 0.5}]})
+
+    steps: int | None = RefineRequest.model_fields["steps"]
+    lr: float | None = RefineRequest.model_fields["lr"]
+    reward: str | None = RefineRequest.model_fields["reward"]
+    best_of: int = RefineRequest.model_fields["best_of"]
+
+
 class EditRequest(GenerateRequest):
     """The fields of /generate plus the image to edit, and where to repaint it: a mask, or else a strength."""
 
@@ -123,6 +134,10 @@ class EditRequest(GenerateRequest):
         None, ge=0, le=1, allow_inf_nan=False,
         description=f"without a mask: the share of the image's tokens to repaint (image-to-image), chosen at random by "
         f"each image's seed; {DEFAULT_STRENGTH} when absent too. Ignored with a mask.",
+    )  # fmt: skip
+    refine: EditRefinement | None = Field(
+        None, description="TTEO on the edit (one-step models with a reward): it starts from the edit drawn without "
+        "it, and the kept tokens and pixels stay the input's; each image then carries reward_before and reward_after",
     )  # fmt: skip
 
 

@@ -6,7 +6,7 @@ import time
 
 from server import uploads
 from server.engine import ServedModel
-from server.jobs import EditJob, GenerateJob, RefineJob, RefineProgress
+from server.jobs import EditJob, EditRefineJob, GenerateJob, RefineJob, RefineProgress
 from server.schemas import EditRequest, GenerateRequest, ImageData, ImageResponse, RefineRequest, Timing
 from server.service import GeneratedImages, Service
 
@@ -19,15 +19,22 @@ def generate_job(service: Service, model: ServedModel, body: GenerateRequest) ->
     )
 
 
-def edit_job(service: Service, model: ServedModel, body: EditRequest) -> EditJob:
-    """The checked work of an /edit body for `model`: ServiceError (4xx) for anything the model cannot take, an
-    image or mask that is not a PNG of the model's size among them."""
+def edit_job(service: Service, model: ServedModel, body: EditRequest) -> EditJob | EditRefineJob:
+    """The checked work of an /edit body for `model` (with `refine`, TTEO on it): ServiceError (4xx) for anything
+    the model cannot take, an image or mask that is not a PNG of the model's size among them."""
     condition = service.condition(model, body.prompt, body.class_label)
     image = uploads.read_image(uploads.from_base64(body.image, "image"), model.image_size)
     mask = None if body.mask is None else uploads.read_mask(uploads.from_base64(body.mask, "mask"), model.image_size)
-    return service.edit_job(
+    edit = service.edit_job(
         model=model, image=image, mask=mask, strength=body.strength, condition=condition,
         seed=service.first_seed(body.seed), n=body.n, steps=body.steps,
+    )  # fmt: skip
+    if body.refine is None:
+        return edit
+    asked = body.refine
+    return service.edit_refine_job(
+        model=model, edit=edit, text=model.reward_text(body.prompt, body.class_label), steps=asked.steps, lr=asked.lr,
+        best_of=asked.best_of, reward=asked.reward,
     )  # fmt: skip
 
 
@@ -79,9 +86,12 @@ def generate_response(
     )
 
 
-def refine_response(service: Service, result: GeneratedImages, images: list[bytes], began: float) -> ImageResponse:
+def refine_response(
+    service: Service, result: GeneratedImages, images: list[bytes], began: float, id_prefix: str = "ref"
+) -> ImageResponse:
+    """The answer of /refine (and of /edit with `refine`, whose ids start "edit-")."""
     return ImageResponse(
-        id=service.new_id("ref"),
+        id=service.new_id(id_prefix),
         model=result.model,
         created=int(time.time()),
         data=[

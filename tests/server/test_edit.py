@@ -131,6 +131,24 @@ def test_an_image_body_and_the_metrics(url, scenes):
     assert metric(text, "softdimo_requests_total", **counted, status="200") >= 2
 
 
+def test_refine_runs_tteo_on_the_edit_keeping_the_kept_part(url, scenes):
+    steps_before = metric(httpx.get(f"{url}/metrics").text, "softdimo_tteo_steps_total", model="tiny-one-step")
+    body = {"image": b64(png(scenes[0])), "mask": b64(png(RIGHT)), "prompt": "a red circle", "n": 2, "seed": 8}
+    r = httpx.post(f"{url}/edit", json=body | {"refine": {"steps": 2, "lr": 50.0}})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["id"].startswith("edit-") and [d["seed"] for d in answer["data"]] == [8, 9]
+    for item, image in zip(answer["data"], images_of(answer)):
+        assert item["reward_after"] >= item["reward_before"] and item["candidate_seed"] == item["seed"]
+        assert (image[FAR_FROM_RIGHT] == scenes[0][FAR_FROM_RIGHT]).all()
+    text = httpx.get(f"{url}/metrics").text
+    assert metric(text, "softdimo_tteo_steps_total", model="tiny-one-step") == steps_before + 2 * 2
+    one = body | {"n": 1, "refine": {"steps": 2, "lr": 50.0}}
+    raw = httpx.post(f"{url}/edit", json=one, headers={"Accept": "image/png"})
+    assert raw.status_code == 200 and float(raw.headers["x-reward-after"]) == answer["data"][0]["reward_after"]
+    assert (decode_image(raw.content) == images_of(answer)[0]).all()
+
+
 SCENE = shapes.batch(np.random.default_rng(11), 1)[0][0]
 GOOD = {"image": b64(png(SCENE)), "prompt": "a red circle"}
 JPEG = b64(encode_image(SCENE, "jpeg"))
@@ -165,12 +183,19 @@ TRUNCATED = b64(png(SCENE)[:60])
         ({"prompt": None, "class_label": 3, "model": "tiny-text"}, "text-conditional"),
         ({"model": "nope"}, "unknown model"),
         ({"colour": "red"}, "Extra inputs"),
+        ({"refine": {"steps": 2}, "model": "tiny-text"}, "TTEO needs a one-step model with one"),
+        ({"refine": {"reward": "nope"}}, "unknown reward 'nope'"),
+        ({"refine": {"steps": 201}}, "less than or equal to 200"),
+        ({"refine": {"lr": 0}}, "greater than 0"),
+        ({"refine": {"best_of": 17}}, "less than or equal to 16"),
+        ({"refine": {"stream": True}}, "Extra inputs"),
+        ({"refine": {"steps": 200, "best_of": 16}, "n": 16}, "over max_request_cost"),
     ],
 )  # fmt: skip
 def test_bad_edits_get_clear_client_errors(url, fields, fragment):
     body = {k: v for k, v in (GOOD | fields).items() if v is not None or k != "prompt"}
     r = httpx.post(f"{url}/edit", json=body)
-    assert r.status_code == (404 if fragment == "unknown model" else 422), r.text
+    assert r.status_code == (404 if fragment.startswith("unknown") else 422), r.text
     assert fragment in r.text
 
 

@@ -80,7 +80,8 @@ class ServedModel:
         images, repaint, condition = _edit_inputs([job.edit for job in jobs])
         texts = [job.text for job in jobs for _ in range(job.n)]
         candidates = [list(row) for job in jobs for row in job.candidates]
-        on_step = _step_reports(jobs, between_steps) if between_steps is not None else None
+        reports = any(job.progress is not None for job in jobs)
+        on_step = _step_reports(jobs, between_steps) if reports or between_steps is not None else None
         with self.runtime.running(self.pipeline):
             refined = self.pipeline.refine_edit(
                 images, repaint, condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward, on_step=on_step

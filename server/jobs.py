@@ -76,12 +76,15 @@ class EditRefineJob:
     settings: TTEOSettings
     reward: str
     candidates: tuple[tuple[int, ...], ...]  # each image's best_of candidate seeds, as RefineJob's
-    progress: RefineProgress | None = None  # never set: edits do not stream (yet); the TTEO step hook reads it
+    progress: RefineProgress | None = None  # a streaming request's step reports and cancellation
 
     @classmethod
-    def for_request(cls, *, edit: EditJob, text: str, settings: TTEOSettings, reward: str) -> EditRefineJob:
+    def for_request(
+        cls, *, edit: EditJob, text: str, settings: TTEOSettings, reward: str, progress: RefineProgress | None = None,
+    ) -> EditRefineJob:  # fmt: skip
         rows = candidate_seeds(edit.seeds, settings.best_of)
-        return cls(edit=edit, text=text, settings=settings, reward=reward, candidates=tuple(map(tuple, rows)))
+        candidates = tuple(map(tuple, rows))
+        return cls(edit=edit, text=text, settings=settings, reward=reward, candidates=candidates, progress=progress)
 
     @property
     def n(self) -> int:

@@ -62,7 +62,6 @@ IMAGE_RESPONSES = {
     200: {"content": {media: {} for media in MEDIA_TYPES.values()}, "description": "JSON, or with Accept: image/... and n = 1 the image"},
     406: {"model": ErrorResponse, "description": "an image body was asked for with n > 1"},
 }
-EDIT_RESPONSES = {status: answer for status, answer in IMAGE_RESPONSES.items() if status != 202}  # no jobs
 REFINE_RESPONSES = {
     **IMAGE_RESPONSES,
     200: {
@@ -70,6 +69,7 @@ REFINE_RESPONSES = {
         "description": "JSON; with Accept: image/... and n = 1 the image; with stream, server-sent events",
     },
 }
+EDIT_RESPONSES = {status: answer for status, answer in REFINE_RESPONSES.items() if status != 202}  # no jobs
 
 
 def _service(request: Request) -> Service:
@@ -163,6 +163,12 @@ def _wanted_image_format(request: Request, body_format: str) -> str | None:
     return None
 
 
+def _check_stream_accepted(request: Request, body: RefineRequest | EditRequest) -> None:
+    """406 for a stream asked for with `Accept: image/...`: its events are JSON."""
+    if _wanted_image_format(request, body.format) is not None:
+        raise ServiceError(406, "a stream carries JSON events: use Accept: text/event-stream or application/json")
+
+
 def _image_body_format(request: Request, body: GenerateRequest | RefineRequest | EditRequest) -> str | None:
     """The image format an `Accept: image/...` header asks for (None: JSON); 406 when it would hold several images."""
     image_format = _wanted_image_format(request, body.format)
@@ -206,8 +212,7 @@ async def refine(request: Request, body: RefineRequest):
     began = time.perf_counter()
     if body.stream:  # checked here, so a refused request is an ordinary JSON error before any event
         async with _counted(service, REFINE, body.model, count_success=False):
-            if _wanted_image_format(request, body.format) is not None:
-                raise ServiceError(406, "a stream carries JSON events: use Accept: text/event-stream or application/json")
+            _check_stream_accepted(request, body)
             progress = RefineProgress(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
             model = service.model(body.model, endpoint=REFINE)
             job = refine_job(service, model, body, progress)
@@ -237,13 +242,17 @@ def _event(name: str, data: dict) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _refine_events(service: Service, model: ServedModel, job: RefineJob, body: RefineRequest, began: float):
-    """A streaming /refine: `step` events while TTEO runs, then `result` (or `error`). When the client goes
-    away, the generator is cancelled: its images stop at the next step and its queued parts are dropped."""
+async def _refine_events(
+    service: Service, model: ServedModel, job: RefineJob | EditRefineJob, body: RefineRequest | EditRequest,
+    began: float, *, endpoint: str = REFINE, id_prefix: str = "ref",
+):  # fmt: skip
+    """A streaming /refine (or /edit with `refine`): `step` events while TTEO runs, then `result` (or `error`). When
+    the client goes away, the generator is cancelled: its images stop at the next step and its queued parts are
+    dropped."""
     progress = job.progress
     work = asyncio.ensure_future(service.refine(model=model, job=job))
     try:
-        async with _counted(service, REFINE, body.model):
+        async with _counted(service, endpoint, body.model):
             while not work.done() or not progress.queue.empty():
                 report = asyncio.ensure_future(progress.queue.get())
                 await asyncio.wait({work, report}, return_when=asyncio.FIRST_COMPLETED)
@@ -253,8 +262,9 @@ async def _refine_events(service: Service, model: ServedModel, job: RefineJob, b
                 step, seeds, rewards = report.result()
                 yield _event("step", {"step": step, "images": [{"seed": s, "reward": round(r, 6)} for s, r in zip(seeds, rewards)]})
             result = work.result()
-            images = await encoded(service, REFINE, result, body.format)
-            yield _event("result", refine_response(service, result, images, began).model_dump(mode="json"))
+            images = await encoded(service, endpoint, result, body.format)
+            answer = refine_response(service, result, images, began, id_prefix=id_prefix)
+            yield _event("result", answer.model_dump(mode="json"))
     except ServiceError as exc:
         yield _event("error", {"status": exc.status, "detail": exc.detail})
     finally:
@@ -281,9 +291,17 @@ async def edit(request: Request, body: EditRequest):
     the mask's white pixels touch; without a mask, a `strength` share chosen by each image's seed), which the model
     fills in: a one-step model in one forward pass, a teacher in its steps. Pixels farther than one patch from a
     repainted token are the input's. Image i uses seed + i. With `refine`, TTEO on the edit, batched as /refine
-    is, and each image carries its rewards."""
+    is, and each image carries its rewards; with its `stream`, server-sent events as /refine's."""
     service = _service(request)
     began = time.perf_counter()
+    if body.refine is not None and body.refine.stream:  # checked here, so a refused request is plain JSON
+        async with _counted(service, EDIT, body.model, count_success=False):
+            _check_stream_accepted(request, body)
+            progress = RefineProgress(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
+            model = service.model(body.model, endpoint=EDIT)
+            job = edit_job(service, model, body, progress)
+        events = _refine_events(service, model, job, body, began, endpoint=EDIT, id_prefix="edit")
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     async with _counted(service, EDIT, body.model):
         image_format = _image_body_format(request, body)
         model = service.model(body.model, endpoint=EDIT)

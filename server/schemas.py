@@ -110,6 +110,7 @@ class EditRefinement(StrictRequest):
     lr: float | None = RefineRequest.model_fields["lr"]
     reward: str | None = RefineRequest.model_fields["reward"]
     best_of: int = RefineRequest.model_fields["best_of"]
+    stream: bool = RefineRequest.model_fields["stream"]
 
 
 class EditRequest(GenerateRequest):

@@ -316,11 +316,11 @@ class Service:
 
     def edit_refine_job(
         self, *, model: ServedModel, edit: EditJob, text: str, steps: int | None, lr: float | None,
-        best_of: int | None, reward: str | None,
+        best_of: int | None, reward: str | None, progress: RefineProgress | None = None,
     ) -> EditRefineJob:  # fmt: skip
         """An /edit request with `refine`: its checked edit, with TTEO settings checked as /refine's."""
         settings, reward = self._tteo_settings(model, steps=steps, lr=lr, best_of=best_of, reward=reward)
-        job = EditRefineJob.for_request(edit=edit, text=text, settings=settings, reward=reward)
+        job = EditRefineJob.for_request(edit=edit, text=text, settings=settings, reward=reward, progress=progress)
         self._check_cost(model, job)
         return job
 

@@ -19,7 +19,9 @@ def generate_job(service: Service, model: ServedModel, body: GenerateRequest) ->
     )
 
 
-def edit_job(service: Service, model: ServedModel, body: EditRequest) -> EditJob | EditRefineJob:
+def edit_job(
+    service: Service, model: ServedModel, body: EditRequest, progress: RefineProgress | None = None
+) -> EditJob | EditRefineJob:
     """The checked work of an /edit body for `model` (with `refine`, TTEO on it): ServiceError (4xx) for anything
     the model cannot take, an image or mask that is not a PNG of the model's size among them."""
     condition = service.condition(model, body.prompt, body.class_label)
@@ -34,7 +36,7 @@ def edit_job(service: Service, model: ServedModel, body: EditRequest) -> EditJob
     asked = body.refine
     return service.edit_refine_job(
         model=model, edit=edit, text=model.reward_text(body.prompt, body.class_label), steps=asked.steps, lr=asked.lr,
-        best_of=asked.best_of, reward=asked.reward,
+        best_of=asked.best_of, reward=asked.reward, progress=progress,
     )  # fmt: skip
 
 

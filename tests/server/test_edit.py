@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
@@ -188,7 +189,7 @@ TRUNCATED = b64(png(SCENE)[:60])
         ({"refine": {"steps": 201}}, "less than or equal to 200"),
         ({"refine": {"lr": 0}}, "greater than 0"),
         ({"refine": {"best_of": 17}}, "less than or equal to 16"),
-        ({"refine": {"stream": True}}, "Extra inputs"),
+        ({"refine": {"target": "latent"}}, "Extra inputs"),
         ({"refine": {"steps": 200, "best_of": 16}, "n": 16}, "over max_request_cost"),
     ],
 )  # fmt: skip
@@ -271,3 +272,23 @@ def test_an_openai_edit_without_an_image_names_it(url):
     files = {"mask": ("m.png", png(RIGHT), "image/png")}
     r = httpx.post(f"{url}/v1/images/edits", data={"prompt": "a red circle"}, files=files)
     assert r.status_code == 422 and r.json()["error"]["param"] == "image"
+
+
+def test_a_refined_edit_streams_its_steps_then_the_plain_answer(url, scenes):
+    body = {"image": b64(png(scenes[1])), "strength": 0.5, "prompt": "two blue squares", "n": 2, "seed": 21}
+    refine = {"steps": 3, "lr": 50.0}
+    with httpx.stream("POST", f"{url}/edit", json=body | {"refine": refine | {"stream": True}}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        received = []
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                received.append((name, json.loads(line.removeprefix("data: "))))
+    steps = [data for name, data in received if name == "step"]
+    assert [s["step"] for s in steps] == [1, 2, 3] and all([i["seed"] for i in s["images"]] == [21, 22] for s in steps)
+    (name, final), = [(n, d) for n, d in received if n != "step"]  # fmt: skip
+    plain = httpx.post(f"{url}/edit", json=body | {"refine": refine}, timeout=60).json()
+    assert name == "result" and final["id"].startswith("edit-") and final["data"] == plain["data"]
+    refused = httpx.post(f"{url}/edit", json=body | {"model": "tiny-text", "refine": {"stream": True}})
+    assert refused.status_code == 422 and refused.headers["content-type"] == "application/json"

@@ -254,8 +254,7 @@ class Service:
         self, *, model: ServedModel, condition: torch.Tensor, seed: int, n: int, steps: int | None,
     ) -> GenerateJob:  # fmt: skip
         """A /generate request's work, checked before anything is queued: 4xx here, not later."""
-        if steps is not None and model.kind != "masked-diffusion":
-            raise ServiceError(422, f"model {model.name!r} is one-step: steps applies only to masked-diffusion models")
+        self._check_sampling_steps(model, steps)
         job = GenerateJob(condition=condition, seed=seed, n=n, steps=steps)
         self._check_cost(model, job)
         return job
@@ -278,8 +277,7 @@ class Service:
         where to repaint; without one, `strength` (editing.DEFAULT_STRENGTH when None) of the tokens, by seed."""
         if not model.edits:
             raise ServiceError(422, f"model {model.name!r} does not edit images; use one of softdimo's own models")
-        if steps is not None and model.kind != "masked-diffusion":
-            raise ServiceError(422, f"model {model.name!r} is one-step: steps applies only to masked-diffusion models")
+        self._check_sampling_steps(model, steps)
         grid, tokens = model.pipeline.tokenizer.cfg.grid, model.pipeline.tokenizer.cfg.grid ** 2
         if mask is not None:
             if not mask.any():
@@ -354,6 +352,11 @@ class Service:
             model=model.name, images=[r.image for r in refined], seeds=job.seeds, queue_s=queue_s,
             compute_s=compute_s, refined=refined,
         )  # fmt: skip
+
+    @staticmethod
+    def _check_sampling_steps(model: ServedModel, steps: int | None) -> None:
+        if steps is not None and model.kind != "masked-diffusion":
+            raise ServiceError(422, f"model {model.name!r} is one-step: steps applies only to masked-diffusion models")
 
     def _check_cost(self, model: ServedModel, job: GenerateJob | RefineJob | EditJob | EditRefineJob) -> None:
         cost, limit = job_cost(model, job), self.settings.max_request_cost

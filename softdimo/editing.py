@@ -50,7 +50,8 @@ def repaint_count(strength: float, tokens: int) -> int:
 
 def repaint_at_strength(seeds: Sequence[int], strength: float, tokens: int) -> torch.Tensor:
     """Image-to-image: for each seed, `repaint_count(strength, tokens)` tokens chosen at random by that seed alone
-    (B, tokens). The choice draws from a stream of its own, so it is the same for a teacher and a one-step model."""
+    (B, tokens). The choice is the first draw of a generator of its own on the seed, so it is the same for a teacher
+    and a one-step model, and whatever else the request asks."""
     order = ImageNoise(seeds).permutation_scores(tokens).argsort(-1)  # (B, tokens)
     repaint = torch.zeros(len(seeds), tokens, dtype=torch.bool)
     return repaint.scatter(1, order[:, : repaint_count(strength, tokens)], True)

@@ -17,10 +17,11 @@ from softdimo.conditioning import Conditioner
 from softdimo.device import resolve_device
 from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
 from softdimo.runtime import Runtime, RuntimeSettings
+from softdimo.tteo import Refined
 from softdimo.vq import to_uint8
 from softdimo.warmup import example_inputs, warm_up_conditions
 
-from server.jobs import GenerateJob, RefinedImage, RefineJob, split_counts
+from server.jobs import EditJob, EditRefineJob, GenerateJob, RefinedImage, RefineJob, split_counts
 
 log = logging.getLogger("softdimo.engine")
 
@@ -58,6 +59,36 @@ class ServedModel:
         images = self.runtime.generate(self.pipeline, condition, seeds, steps=jobs[0].steps)
         return split_counts(list(images), [job.n for job in jobs])
 
+    @property
+    def edits(self) -> bool:
+        """Whether the model edits images (softdimo's teachers and one-step models; not diffusers' MUSE teachers)."""
+        return hasattr(self.pipeline, "edit")
+
+    def edit_batch(self, jobs: Sequence[EditJob]) -> list[list[np.ndarray]]:
+        """All jobs of one batch in one pass (they share `steps`): each image its request's, with its own tokens
+        repainted; returns each job's images."""
+        images, repaint, condition = _edit_inputs(jobs)
+        seeds = [s for job in jobs for s in job.seeds]
+        with self.runtime.running(self.pipeline):  # eager, as TTEO: compiled buckets are /generate's
+            edited = self.pipeline.edit(images, repaint, condition, seeds, steps=jobs[0].steps)
+        return split_counts(list(edited), [job.n for job in jobs])
+
+    def refine_edit_batch(
+        self, jobs: Sequence[EditRefineJob], *, between_steps: Callable[[], object] | None = None,
+    ) -> list[list[RefinedImage]]:  # fmt: skip
+        """TTEO on the edits of one batch (they share settings and reward), as `refine_batch`."""
+        images, repaint, condition = _edit_inputs([job.edit for job in jobs])
+        texts = [job.text for job in jobs for _ in range(job.n)]
+        candidates = [list(row) for job in jobs for row in job.candidates]
+        reports = any(job.progress is not None for job in jobs)
+        on_step = _step_reports(jobs, between_steps) if reports or between_steps is not None else None
+        with self.runtime.running(self.pipeline):
+            refined = self.pipeline.refine_edit(
+                images, repaint, condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward, on_step=on_step
+            )
+            items = _refined_images(refined)
+        return split_counts(items, [job.n for job in jobs])
+
     def reward_text(self, prompt: str | None, class_label: int | None) -> str:
         return self.conditioner.reward_text(prompt, class_label)
 
@@ -73,10 +104,22 @@ class ServedModel:
         on_step = _step_reports(jobs, between_steps) if reports or between_steps is not None else None
         with self.runtime.running(self.pipeline):  # eager: TTEO takes gradients through the network
             refined = self.pipeline.refine(condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward, on_step=on_step)
-            images = to_uint8(refined.images)
-        before, after = refined.reward_before.tolist(), refined.reward_after.tolist()
-        items = [RefinedImage(images[i], before[i], after[i], refined.seeds[i]) for i in range(len(candidates))]
+            items = _refined_images(refined)  # in `running`: its copy to host
         return split_counts(items, [job.n for job in jobs])
+
+
+def _edit_inputs(jobs: Sequence[EditJob]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """A batch of edits as a pipeline takes them: images (B, H, W, 3), repainted tokens (B, N), conditioning."""
+    images = np.stack([job.image for job in jobs for _ in range(job.n)])
+    repaint = torch.cat([job.repaint for job in jobs])
+    condition = torch.cat([job.condition.expand(job.n, *job.condition.shape[1:]) for job in jobs])
+    return images, repaint, condition
+
+
+def _refined_images(refined: Refined) -> list[RefinedImage]:
+    images = to_uint8(refined.images)
+    before, after = refined.reward_before.tolist(), refined.reward_after.tolist()
+    return [RefinedImage(images[i], before[i], after[i], refined.seeds[i]) for i in range(len(images))]
 
 
 def _step_reports(jobs: Sequence[RefineJob], between_steps: Callable[[], object] | None = None):

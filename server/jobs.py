@@ -41,6 +41,70 @@ class GenerateJob:
         return replace(self, n=k), replace(self, seed=seed_at(self.seed, k), n=self.n - k)
 
 
+@dataclass(frozen=True, eq=False)
+class EditJob:
+    """One /edit request's work: the image (H, W, 3) every one of its images starts from, which tokens each repaints,
+    its conditioning (one row), first seed, image count and sampling steps."""
+
+    image: np.ndarray
+    repaint: torch.Tensor  # (n, N) bool: an image's repainted tokens (a strength draws them per seed)
+    condition: torch.Tensor
+    seed: int
+    n: int
+    steps: int | None = None
+
+    @property
+    def seeds(self) -> list[int]:
+        return request_seeds(self.seed, self.n)
+
+    @property
+    def key(self) -> int | None:
+        return self.steps
+
+    def split(self, k: int) -> tuple[EditJob, EditJob]:
+        """The first k images and the rest, each keeping its own seed and repainted tokens."""
+        first = replace(self, n=k, repaint=self.repaint[:k])
+        return first, replace(self, repaint=self.repaint[k:], seed=seed_at(self.seed, k), n=self.n - k)
+
+
+@dataclass(frozen=True, eq=False)
+class EditRefineJob:
+    """An /edit request with `refine`: its edit, and TTEO on it; requests batch together as /refine's do."""
+
+    edit: EditJob
+    text: str  # what the reward reads
+    settings: TTEOSettings
+    reward: str
+    candidates: tuple[tuple[int, ...], ...]  # each image's best_of candidate seeds, as RefineJob's
+    progress: RefineProgress | None = None  # a streaming request's step reports and cancellation
+
+    @classmethod
+    def for_request(
+        cls, *, edit: EditJob, text: str, settings: TTEOSettings, reward: str, progress: RefineProgress | None = None,
+    ) -> EditRefineJob:  # fmt: skip
+        rows = candidate_seeds(edit.seeds, settings.best_of)
+        candidates = tuple(map(tuple, rows))
+        return cls(edit=edit, text=text, settings=settings, reward=reward, candidates=candidates, progress=progress)
+
+    @property
+    def n(self) -> int:
+        return self.edit.n
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.edit.seeds
+
+    @property
+    def key(self) -> tuple:
+        return (self.settings, self.reward)
+
+    def split(self, k: int) -> tuple[EditRefineJob, EditRefineJob]:
+        """The first k images and the rest, each keeping its own seed, repainted tokens and candidates."""
+        first, rest = self.edit.split(k)
+        head = replace(self, edit=first, candidates=self.candidates[:k])
+        return head, replace(self, edit=rest, candidates=self.candidates[k:])
+
+
 @dataclass(eq=False)
 class RefineProgress:
     """A streaming /refine's line to the model thread: each TTEO step's rewards come out on `queue` as
@@ -102,7 +166,7 @@ class RefinedImage:
     candidate_seed: int
 
 
-Job = TypeVar("Job", GenerateJob, RefineJob)
+Job = TypeVar("Job", GenerateJob, RefineJob, EditJob, EditRefineJob)
 
 
 # How allocators other than CUDA's word running out: MPS and HIP say "out of memory", the CPU allocator

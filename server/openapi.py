@@ -3,8 +3,9 @@ bodies narrowed to the loaded models, as far as JSON Schema can say it.
 
 A request the description admits is one the server serves, or answers 404, 429 or 503 for what no schema can know
 (a name it does not have, a full queue, a drain), or 422 for a cost over max_request_cost, which the description
-states in words; a request it refuses, the server refuses with a 4xx. Until the models are loaded it describes the
-fields alone and is computed again on each call."""
+states in words, or for an /edit image or mask that is not a PNG of the model's size or a mask with nothing white,
+which no schema can say of base64 text; a request it refuses, the server refuses with a 4xx. Until the models are
+loaded it describes the fields alone and is computed again on each call."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from server.engine import ServedModel
-from server.schemas import GenerateJobRequest, GenerateRequest, OpenAIImageRequest, RefineJobRequest, RefineRequest
-from server.service import GENERATE, OPENAI, REFINE
+from server.schemas import (
+    EditRequest, GenerateJobRequest, GenerateRequest, OpenAIImageRequest, RefineJobRequest, RefineRequest,
+)  # fmt: skip
+from server.service import EDIT, GENERATE, OPENAI, REFINE
 from server.settings import Settings
 
 REQUESTS: list[tuple[str, type[BaseModel]]] = [
-    (GENERATE, GenerateRequest), (REFINE, RefineRequest), (OPENAI, OpenAIImageRequest),
+    (GENERATE, GenerateRequest), (REFINE, RefineRequest), (OPENAI, OpenAIImageRequest), (EDIT, EditRequest),
     (GENERATE, GenerateJobRequest), (REFINE, RefineJobRequest),  # POST /v1/jobs: checked as the endpoint checks them
 ]
 NOTHING = {"not": {}}  # the schema no value satisfies
@@ -108,6 +111,8 @@ def _serves(model: ServedModel, endpoint: str) -> bool:
         return bool(model.rewards)  # /refine needs a one-step model with a reward
     if endpoint == OPENAI:
         return model.conditioning == "text"  # the Images API has prompts only
+    if endpoint == EDIT:
+        return model.edits
     return True
 
 
@@ -127,8 +132,10 @@ def _branch(model: ServedModel, *, endpoint: str, fields: dict, default: bool, o
         properties["class_label"] = {"type": "integer", "maximum": conditioner.num_classes - 1}
         properties["prompt"] = {"type": "null"}
         required.append("class_label")
-    if endpoint == GENERATE and model.kind != "masked-diffusion":
+    if endpoint in (GENERATE, EDIT) and model.kind != "masked-diffusion":
         properties["steps"] = {"type": "null"}  # sampling steps are for masked-diffusion models only
+    if endpoint == EDIT and not model.rewards:
+        properties["refine"] = {"type": "null"}  # TTEO needs a reward
     if endpoint == OPENAI:
         side = f"{model.image_size}x{model.image_size}"
         properties["size"] = {"enum": [None, "auto", side]}

@@ -8,10 +8,14 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
+from server import uploads
 from server.schemas import (
+    EditRequest,
     ErrorResponse,
     GenerateRequest,
     ImageResponse,
@@ -19,6 +23,7 @@ from server.schemas import (
     JobRequest,
     JobResponse,
     ModelList,
+    OpenAIEditRequest,
     OpenAIErrorResponse,
     OpenAIImage,
     OpenAIImageRequest,
@@ -30,9 +35,9 @@ from server.schemas import (
 from server.engine import ServedModel
 from server.job_runner import JOBS_PATH, JobRunner, job_response
 from server.job_store import FINISHED, JobRecord
-from server.jobs import RefineJob, RefineProgress
-from server.service import GENERATE, OPENAI, REFINE, GeneratedImages, Service, ServiceError
-from server.work import encoded, generate_job, generate_response, refine_job, refine_response
+from server.jobs import EditRefineJob, RefineJob, RefineProgress
+from server.service import EDIT, GENERATE, OPENAI, OPENAI_EDITS, REFINE, GeneratedImages, Service, ServiceError
+from server.work import edit_job, encoded, generate_job, generate_response, refine_job, refine_response
 from softdimo.images import MEDIA_TYPES
 
 router = APIRouter()
@@ -64,6 +69,7 @@ REFINE_RESPONSES = {
         "description": "JSON; with Accept: image/... and n = 1 the image; with stream, server-sent events",
     },
 }
+EDIT_RESPONSES = {status: answer for status, answer in REFINE_RESPONSES.items() if status != 202}  # no jobs
 
 
 def _service(request: Request) -> Service:
@@ -157,7 +163,13 @@ def _wanted_image_format(request: Request, body_format: str) -> str | None:
     return None
 
 
-def _image_body_format(request: Request, body: GenerateRequest | RefineRequest) -> str | None:
+def _check_stream_accepted(request: Request, body: RefineRequest | EditRequest) -> None:
+    """406 for a stream asked for with `Accept: image/...`: its events are JSON."""
+    if _wanted_image_format(request, body.format) is not None:
+        raise ServiceError(406, "a stream carries JSON events: use Accept: text/event-stream or application/json")
+
+
+def _image_body_format(request: Request, body: GenerateRequest | RefineRequest | EditRequest) -> str | None:
     """The image format an `Accept: image/...` header asks for (None: JSON); 406 when it would hold several images."""
     image_format = _wanted_image_format(request, body.format)
     if image_format is not None and body.n != 1:
@@ -183,7 +195,7 @@ async def generate(request: Request, body: GenerateRequest):
         result = await _generate(request, body, GENERATE)
         images = await encoded(service, GENERATE, result, image_format or body.format)
         if image_format is not None:
-            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers={"X-Seed": str(result.seeds[0])})
+            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers=_image_headers(result))
         return generate_response(service, result, images, began)
 
 
@@ -200,8 +212,7 @@ async def refine(request: Request, body: RefineRequest):
     began = time.perf_counter()
     if body.stream:  # checked here, so a refused request is an ordinary JSON error before any event
         async with _counted(service, REFINE, body.model, count_success=False):
-            if _wanted_image_format(request, body.format) is not None:
-                raise ServiceError(406, "a stream carries JSON events: use Accept: text/event-stream or application/json")
+            _check_stream_accepted(request, body)
             progress = RefineProgress(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
             model = service.model(body.model, endpoint=REFINE)
             job = refine_job(service, model, body, progress)
@@ -214,23 +225,34 @@ async def refine(request: Request, body: RefineRequest):
         result = await _unless_disconnected(request, service.refine(model=model, job=job))
         images = await encoded(service, REFINE, result, image_format or body.format)
         if image_format is not None:
-            item = result.refined[0]
-            headers = {"X-Seed": str(result.seeds[0]), "X-Reward-Before": f"{item.reward_before:.6f}", "X-Reward-After": f"{item.reward_after:.6f}"}
-            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers=headers)
+            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers=_image_headers(result))
         return refine_response(service, result, images, began)
+
+
+def _image_headers(result: GeneratedImages) -> dict[str, str]:
+    """What an image body carries beside the image: its seed, and where refined its rewards."""
+    headers = {"X-Seed": str(result.seeds[0])}
+    if result.refined is not None:
+        item = result.refined[0]
+        headers |= {"X-Reward-Before": f"{item.reward_before:.6f}", "X-Reward-After": f"{item.reward_after:.6f}"}
+    return headers
 
 
 def _event(name: str, data: dict) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _refine_events(service: Service, model: ServedModel, job: RefineJob, body: RefineRequest, began: float):
-    """A streaming /refine: `step` events while TTEO runs, then `result` (or `error`). When the client goes
-    away, the generator is cancelled: its images stop at the next step and its queued parts are dropped."""
+async def _refine_events(
+    service: Service, model: ServedModel, job: RefineJob | EditRefineJob, body: RefineRequest | EditRequest,
+    began: float, *, endpoint: str = REFINE, id_prefix: str = "ref",
+):  # fmt: skip
+    """A streaming /refine (or /edit with `refine`): `step` events while TTEO runs, then `result` (or `error`). When
+    the client goes away, the generator is cancelled: its images stop at the next step and its queued parts are
+    dropped."""
     progress = job.progress
     work = asyncio.ensure_future(service.refine(model=model, job=job))
     try:
-        async with _counted(service, REFINE, body.model):
+        async with _counted(service, endpoint, body.model):
             while not work.done() or not progress.queue.empty():
                 report = asyncio.ensure_future(progress.queue.get())
                 await asyncio.wait({work, report}, return_when=asyncio.FIRST_COMPLETED)
@@ -240,8 +262,9 @@ async def _refine_events(service: Service, model: ServedModel, job: RefineJob, b
                 step, seeds, rewards = report.result()
                 yield _event("step", {"step": step, "images": [{"seed": s, "reward": round(r, 6)} for s, r in zip(seeds, rewards)]})
             result = work.result()
-            images = await encoded(service, REFINE, result, body.format)
-            yield _event("result", refine_response(service, result, images, began).model_dump(mode="json"))
+            images = await encoded(service, endpoint, result, body.format)
+            answer = refine_response(service, result, images, began, id_prefix=id_prefix)
+            yield _event("result", answer.model_dump(mode="json"))
     except ServiceError as exc:
         yield _event("error", {"status": exc.status, "detail": exc.detail})
     finally:
@@ -254,14 +277,71 @@ async def openai_generations(request: Request, body: OpenAIImageRequest):
     service = _service(request)
     async with _counted(service, OPENAI, body.model):
         model = service.model(body.model, endpoint=OPENAI)
-        side = f"{model.image_size}x{model.image_size}"
-        if body.size not in (None, "auto", side):
-            raise ServiceError(422, f"size {body.size!r} is not available: model {model.name!r} draws {side}")
+        _check_openai_size(model, body.size)
         request_body = GenerateRequest(prompt=body.prompt, n=body.n, seed=body.seed, model=body.model, format=body.output_format)
         result = await _generate(request, request_body, OPENAI)
         images = await encoded(service, OPENAI, result, body.output_format)
         data = [OpenAIImage(b64_json=service.b64(d)) for d in images]
         return OpenAIImageResponse(created=int(time.time()), data=data)
+
+
+@router.post("/edit", response_model=ImageResponse, responses=EDIT_RESPONSES)
+async def edit(request: Request, body: EditRequest):
+    """Inpainting and image-to-image: the image's tokens are kept except those repainted (every token whose patch
+    the mask's white pixels touch; without a mask, a `strength` share chosen by each image's seed), which the model
+    fills in: a one-step model in one forward pass, a teacher in its steps. Pixels farther than one patch from a
+    repainted token are the input's. Image i uses seed + i. With `refine`, TTEO on the edit, batched as /refine
+    is, and each image carries its rewards; with its `stream`, server-sent events as /refine's."""
+    service = _service(request)
+    began = time.perf_counter()
+    if body.refine is not None and body.refine.stream:  # checked here, so a refused request is plain JSON
+        async with _counted(service, EDIT, body.model, count_success=False):
+            _check_stream_accepted(request, body)
+            progress = RefineProgress(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
+            model = service.model(body.model, endpoint=EDIT)
+            job = edit_job(service, model, body, progress)
+        events = _refine_events(service, model, job, body, began, endpoint=EDIT, id_prefix="edit")
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    async with _counted(service, EDIT, body.model):
+        image_format = _image_body_format(request, body)
+        model = service.model(body.model, endpoint=EDIT)
+        job = edit_job(service, model, body)
+        refined = isinstance(job, EditRefineJob)
+        work = service.refine(model=model, job=job) if refined else service.edit(model=model, job=job)
+        result = await _unless_disconnected(request, work)
+        images = await encoded(service, EDIT, result, image_format or body.format)
+        if image_format is not None:
+            return Response(images[0], media_type=MEDIA_TYPES[image_format], headers=_image_headers(result))
+        answer = refine_response if refined else generate_response
+        return answer(service, result, images, began, id_prefix="edit")
+
+
+@router.post("/v1/images/edits", response_model=OpenAIImageResponse, responses=OPENAI_ERROR_RESPONSES)
+async def openai_edits(request: Request, form: Annotated[OpenAIEditRequest, Form(media_type="multipart/form-data")]):
+    """/edit in the OpenAI Images API's multipart shape."""
+    service = _service(request)
+    async with _counted(service, OPENAI_EDITS, form.model):
+        model = service.model(form.model, endpoint=OPENAI_EDITS)
+        _check_openai_size(model, form.size)
+        side = model.image_size
+        image = uploads.read_image(await form.image.read(), side)
+        mask = None if form.mask is None else uploads.read_openai_mask(await form.mask.read(), side)
+        condition = service.condition(model, form.prompt, None)
+        job = service.edit_job(
+            model=model, image=image, mask=mask, strength=None, condition=condition, seed=service.first_seed(form.seed),
+            n=form.n, steps=None,
+        )  # fmt: skip
+        result = await _unless_disconnected(request, service.edit(model=model, job=job))
+        images = await encoded(service, OPENAI_EDITS, result, form.output_format)
+        data = [OpenAIImage(b64_json=service.b64(d)) for d in images]
+        return OpenAIImageResponse(created=int(time.time()), data=data)
+
+
+def _check_openai_size(model: ServedModel, size: str | None) -> None:
+    """The Images API's `size`: the model's own, or "auto" (or none)."""
+    side = f"{model.image_size}x{model.image_size}"
+    if size not in (None, "auto", side):
+        raise ServiceError(422, f"size {size!r} is not available: model {model.name!r} draws {side}")
 
 
 JOB_ERROR_RESPONSES = {

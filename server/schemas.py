@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from softdimo import seeding, shapes
+from softdimo.editing import DEFAULT_STRENGTH
 from softdimo.tteo import REQUEST_BEST_OF
 
 LARGEST_SEED = seeding.MAX_SEED - 1  # seeds are 0 <= seed < seeding.MAX_SEED
+MAX_IMAGES = 16  # images one request may ask for (`n`)
 ImageFormat = Literal["png", "jpeg", "webp"]
 
 
@@ -56,7 +59,7 @@ class GenerateRequest(StrictRequest):
 
     prompt: Prompt | None = Field(None, description="for text-conditional models: a prompt of the model's grammar (Shapes)")
     class_label: int | None = Field(None, ge=0, description="for class-conditional models")
-    n: int = Field(1, ge=1, le=16, description="number of images; image i uses seed + i (modulo 2^63)")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description="number of images; image i uses seed + i (modulo 2^63)")
     seed: int | None = Field(None, ge=0, le=LARGEST_SEED, description="random when absent; returned per image")
     model: str | None = Field(None, description="a name from /v1/models; the server's default model when absent")
     format: ImageFormat = "png"
@@ -83,6 +86,59 @@ class RefineRequest(GenerateRequest):
     stream: bool = Field(
         False, description="answer text/event-stream: a `step` event per TTEO step (each image's reward), then a `result` "
         "event with the JSON a non-streaming call returns (or an `error` event)",
+    )  # fmt: skip
+
+
+PNG_DESCRIPTION = "a PNG file as base64 (a `data:image/png;base64,` prefix is allowed)"
+# /edit's example: an empty 64x64 canvas (the Shapes models' size), and a mask over its right half.
+EXAMPLE_IMAGE = (
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAIklEQVR42u3BAQ0AAADCoPdPbQ8HFAAAAAAAAAAAAAAA8G4wQAAB7OHIlwAAAABJ"
+    "RU5ErkJggg=="
+)
+EXAMPLE_MASK = (
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAAAAACPAi4CAAAAL0lEQVR42u3MoQ0AAAjAMOD/n+EEBAbR2SXNWOrlVxwDAAAAAAAAAAAAAAAA8B0Y"
+    "ME0Bf4GC+EEAAAAASUVORK5CYII="
+)
+
+
+class EditRefinement(StrictRequest):
+    """/edit's `refine`: TTEO on the edit, with the settings of /refine (the model's where left out)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{"steps": 10, "lr": 0.5}]})
+
+    steps: int | None = RefineRequest.model_fields["steps"]
+    lr: float | None = RefineRequest.model_fields["lr"]
+    reward: str | None = RefineRequest.model_fields["reward"]
+    best_of: int = RefineRequest.model_fields["best_of"]
+    stream: bool = RefineRequest.model_fields["stream"]
+
+
+class EditRequest(GenerateRequest):
+    """The fields of /generate plus the image to edit, and where to repaint it: a mask, or else a strength."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"image": EXAMPLE_IMAGE, "mask": EXAMPLE_MASK, "prompt": "a red circle", "n": 2, "seed": 7},
+                {"image": EXAMPLE_IMAGE, "strength": 0.25, "prompt": "two blue squares"},
+            ],
+            "oneOf": ONE_CONDITION,
+        }
+    )
+
+    image: str = Field(..., min_length=1, description=f"the image to edit: {PNG_DESCRIPTION}, at the model's size")
+    mask: str | None = Field(
+        None, min_length=1, description=f"where to repaint: {PNG_DESCRIPTION} of the image's size; white pixels "
+        "(luminance 128 or more) are repainted, and with them every token whose patch they touch",
+    )  # fmt: skip
+    strength: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description=f"without a mask: the share of the image's tokens to repaint (image-to-image), chosen at random by "
+        f"each image's seed; {DEFAULT_STRENGTH} when absent too. Ignored with a mask.",
+    )  # fmt: skip
+    refine: EditRefinement | None = Field(
+        None, description="TTEO on the edit (one-step models with a reward): it starts from the edit drawn without "
+        "it, and the kept tokens and pixels stay the input's; each image then carries reward_before and reward_after",
     )  # fmt: skip
 
 
@@ -178,7 +234,27 @@ class OpenAIImageRequest(StrictRequest):
     )  # fmt: skip
 
     prompt: Prompt = Field(..., description="a prompt of the model's grammar (Shapes)")
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    model: str | None = None
+    response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: there is no image storage")
+    output_format: ImageFormat = "png"
+    size: str | None = Field(None, description="accepted when it is the model's size or 'auto'")
+    seed: int | None = Field(None, ge=0, le=LARGEST_SEED)
+
+
+class OpenAIEditRequest(BaseModel):
+    """The OpenAI Images API's edit request, multipart/form-data; fields it has that mean nothing here are ignored."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    image: UploadFile = Field(..., description="the image to edit: a PNG at the model's size")
+    mask: UploadFile | None = Field(
+        None, description="a PNG of the image's size: where it is fully transparent (or, without an alpha channel, "
+        "white), the image is repainted, and with it every token whose patch it touches. Without a mask, "
+        f"image-to-image repaints a share of {DEFAULT_STRENGTH} of the tokens, chosen by each image's seed",
+    )  # fmt: skip
+    prompt: Prompt = Field(..., description="a prompt of the model's grammar (Shapes)")
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
     model: str | None = None
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: there is no image storage")
     output_format: ImageFormat = "png"

@@ -18,20 +18,26 @@ import torch
 
 from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, NullObserver, QueueFull
 from server.engine import Engine, ServedModel
-from server.jobs import GenerateJob, RefinedImage, RefineJob, RefineProgress, run_splitting_on_oom
+from server.jobs import (
+    EditJob, EditRefineJob, GenerateJob, RefinedImage, RefineJob, RefineProgress, run_splitting_on_oom,
+)  # fmt: skip
 from server.lanes import BACKGROUND, INTERACTIVE, DeviceLanes
 from server.metrics import Metrics
 from server.settings import Settings
+from softdimo import editing
 from softdimo.conditioning import ConditionError
 from softdimo.images import encode_image
-from softdimo.seeding import MAX_SEED
+from softdimo.seeding import MAX_SEED, request_seeds
+from softdimo.tteo import TTEOSettings
 
 log = logging.getLogger("softdimo.service")
 
 GENERATE = "/generate"
 REFINE = "/refine"
 OPENAI = "/v1/images/generations"
-ENDPOINTS = (GENERATE, REFINE, OPENAI)
+EDIT = "/edit"
+OPENAI_EDITS = "/v1/images/edits"
+ENDPOINTS = (GENERATE, REFINE, OPENAI, EDIT, OPENAI_EDITS)
 MODEL_THREAD = "softdimo-model"  # name prefix of the one thread that runs batches
 REQUEST_TIMEOUT = -1.0  # as a `timeout_s`: the settings' request_timeout_s (None: no deadline, as for jobs)
 
@@ -57,9 +63,10 @@ class GeneratedImages:
     refined: list[RefinedImage] | None = None  # /refine only: rewards and chosen candidates, per image
 
 
-def job_cost(model: ServedModel, job: GenerateJob | RefineJob) -> int:
-    """images x steps x best_of: the teacher's sampling steps or the TTEO steps; a one-step /generate is 1 step."""
-    if isinstance(job, RefineJob):
+def job_cost(model: ServedModel, job: GenerateJob | RefineJob | EditJob | EditRefineJob) -> int:
+    """images x steps x best_of: the teacher's sampling steps or the TTEO steps; a one-step /generate or /edit is
+    1 step."""
+    if isinstance(job, (RefineJob, EditRefineJob)):
         return job.n * job.settings.steps * job.settings.best_of
     if model.kind == "masked-diffusion":
         return job.n * (job.steps or model.defaults["steps"])
@@ -140,6 +147,12 @@ class Service:
                 # A /refine batch computes for seconds: interactive batches waiting meanwhile run between its steps.
                 refine_batch = functools.partial(model.refine_batch, between_steps=self._lanes.run_waiting_interactive)
                 await self._add_batcher(REFINE, model, refine_batch, BACKGROUND)
+            if model.edits:  # edits batch apart from /generate: each image carries its own source and mask
+                await self._add_batcher(EDIT, model, model.edit_batch, INTERACTIVE)
+            if model.edits and model.rewards:  # edits with `refine`, batched as /refine is
+                between_steps = self._lanes.run_waiting_interactive
+                refine_edit_batch = functools.partial(model.refine_edit_batch, between_steps=between_steps)
+                await self._add_batcher(EDIT, model, refine_edit_batch, BACKGROUND, refine=True)
         if self._start_jobs is not None:
             try:
                 self.jobs = await self._start_jobs(self)
@@ -150,13 +163,17 @@ class Service:
         # A drain that began while the models were loading keeps the server unready.
         self.ready = not self.draining
 
-    async def _add_batcher(self, endpoint: str, model: ServedModel, run_batch, lane: str) -> None:
+    async def _add_batcher(
+        self, endpoint: str, model: ServedModel, run_batch, lane: str, *, refine: bool | None = None,
+    ) -> None:  # fmt: skip
+        """A batcher for `endpoint`'s work on `model` in `lane`; `refine` (by default: for /refine) batches compute
+        for seconds, so they always wait refine_max_wait_ms for company."""
         splits = self.metrics.batch_splits.labels(endpoint, model.name)
 
         def run(jobs):  # a batch that runs out of memory is retried in halves before any request fails
             return _timed(lambda jobs: run_splitting_on_oom(run_batch, jobs, on_split=splits.inc), jobs)
 
-        refine = endpoint == REFINE
+        refine = endpoint == REFINE if refine is None else refine
         batcher = Batcher(
             run,
             max_batch_size=self.settings.max_batch_size,
@@ -237,8 +254,7 @@ class Service:
         self, *, model: ServedModel, condition: torch.Tensor, seed: int, n: int, steps: int | None,
     ) -> GenerateJob:  # fmt: skip
         """A /generate request's work, checked before anything is queued: 4xx here, not later."""
-        if steps is not None and model.kind != "masked-diffusion":
-            raise ServiceError(422, f"model {model.name!r} is one-step: steps applies only to masked-diffusion models")
+        self._check_sampling_steps(model, steps)
         job = GenerateJob(condition=condition, seed=seed, n=n, steps=steps)
         self._check_cost(model, job)
         return job
@@ -253,28 +269,81 @@ class Service:
         images = [image for result in results for image in result]
         return GeneratedImages(model=model.name, images=images, seeds=job.seeds, queue_s=queue_s, compute_s=compute_s)
 
+    def edit_job(
+        self, *, model: ServedModel, image: np.ndarray, mask: np.ndarray | None, strength: float | None,
+        condition: torch.Tensor, seed: int, n: int, steps: int | None,
+    ) -> EditJob:  # fmt: skip
+        """An /edit request's work, checked before anything is queued: 4xx here, not later. `mask` (H, W) bool, True
+        where to repaint; without one, `strength` (editing.DEFAULT_STRENGTH when None) of the tokens, by seed."""
+        if not model.edits:
+            raise ServiceError(422, f"model {model.name!r} does not edit images; use one of softdimo's own models")
+        self._check_sampling_steps(model, steps)
+        grid, tokens = model.pipeline.tokenizer.cfg.grid, model.pipeline.tokenizer.cfg.grid ** 2
+        if mask is not None:
+            if not mask.any():
+                raise ServiceError(422, "nothing to edit: the mask has no white pixel")
+            repaint = editing.repaint_from_mask(mask[None], grid).expand(n, tokens)
+        else:
+            strength = editing.DEFAULT_STRENGTH if strength is None else strength
+            if editing.repaint_count(strength, tokens) == 0:
+                raise ServiceError(422, f"nothing to edit: strength {strength} repaints none of the {tokens} tokens")
+            repaint = editing.repaint_at_strength(request_seeds(seed, n), strength, tokens)
+        job = EditJob(image=image, repaint=repaint, condition=condition, seed=seed, n=n, steps=steps)
+        self._check_cost(model, job)
+        return job
+
+    async def edit(
+        self, *, model: ServedModel, job: EditJob, timeout_s: float | None = REQUEST_TIMEOUT,
+    ) -> GeneratedImages:  # fmt: skip
+        """Run a checked /edit job, failing with 504 after `timeout_s` (None: no deadline)."""
+        parts = self._chunks(job)
+        results, queue_s, compute_s = await self._run(EDIT, model, parts, lane=INTERACTIVE, timeout_s=timeout_s)
+        images = [image for result in results for image in result]
+        return GeneratedImages(model=model.name, images=images, seeds=job.seeds, queue_s=queue_s, compute_s=compute_s)
+
     def refine_job(
         self, *, model: ServedModel, condition: torch.Tensor, text: str, seed: int, n: int, steps: int | None,
         lr: float | None, best_of: int | None, reward: str | None, progress: RefineProgress | None = None,
     ) -> RefineJob:  # fmt: skip
         """A /refine request's work, checked before anything is queued (or streamed): 4xx here, not later.
         Settings the request leaves out (None) are the model's (`TTEOSettings.for_request`)."""
-        if not model.rewards:
-            raise ServiceError(422, f"model {model.name!r} is {model.kind} without a reward: /refine needs a one-step model with one")
-        reward = model.rewards[0] if reward is None else reward
-        if reward not in model.rewards:
-            raise ServiceError(404, f"unknown reward {reward!r}; model {model.name!r} has: {', '.join(model.rewards)}")
-        settings = model.pipeline.tteo.for_request(steps=steps, lr=lr, best_of=best_of)
+        settings, reward = self._tteo_settings(model, steps=steps, lr=lr, best_of=best_of, reward=reward)
         job = RefineJob.for_request(condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, progress=progress)
         self._check_cost(model, job)
         return job
 
+    def edit_refine_job(
+        self, *, model: ServedModel, edit: EditJob, text: str, steps: int | None, lr: float | None,
+        best_of: int | None, reward: str | None, progress: RefineProgress | None = None,
+    ) -> EditRefineJob:  # fmt: skip
+        """An /edit request with `refine`: its checked edit, with TTEO settings checked as /refine's."""
+        settings, reward = self._tteo_settings(model, steps=steps, lr=lr, best_of=best_of, reward=reward)
+        job = EditRefineJob.for_request(edit=edit, text=text, settings=settings, reward=reward, progress=progress)
+        self._check_cost(model, job)
+        return job
+
+    @staticmethod
+    def _tteo_settings(
+        model: ServedModel, *, steps: int | None, lr: float | None, best_of: int | None, reward: str | None,
+    ) -> tuple[TTEOSettings, str]:  # fmt: skip
+        """A request's TTEO settings and reward name (the model's where it leaves them out), or a 4xx."""
+        if not model.rewards:
+            raise ServiceError(
+                422, f"model {model.name!r} is {model.kind} without a reward: TTEO needs a one-step model with one"
+            )
+        reward = model.rewards[0] if reward is None else reward
+        if reward not in model.rewards:
+            raise ServiceError(404, f"unknown reward {reward!r}; model {model.name!r} has: {', '.join(model.rewards)}")
+        return model.pipeline.tteo.for_request(steps=steps, lr=lr, best_of=best_of), reward
+
     async def refine(
-        self, *, model: ServedModel, job: RefineJob, timeout_s: float | None = REQUEST_TIMEOUT,
+        self, *, model: ServedModel, job: RefineJob | EditRefineJob, timeout_s: float | None = REQUEST_TIMEOUT,
     ) -> GeneratedImages:  # fmt: skip
+        """Run a checked /refine job, or an /edit job with `refine`, in the background lane."""
         n = job.n
         parts = self._chunks(job)
-        results, queue_s, compute_s = await self._run(REFINE, model, parts, lane=BACKGROUND, timeout_s=timeout_s)
+        endpoint = EDIT if isinstance(job, EditRefineJob) else REFINE
+        results, queue_s, compute_s = await self._run(endpoint, model, parts, lane=BACKGROUND, timeout_s=timeout_s)
         refined = [item for result in results for item in result]
         self.metrics.tteo_steps.labels(model.name).inc(job.settings.steps * n)
         for item in refined:
@@ -284,17 +353,22 @@ class Service:
             compute_s=compute_s, refined=refined,
         )  # fmt: skip
 
-    def _check_cost(self, model: ServedModel, job: GenerateJob | RefineJob) -> None:
+    @staticmethod
+    def _check_sampling_steps(model: ServedModel, steps: int | None) -> None:
+        if steps is not None and model.kind != "masked-diffusion":
+            raise ServiceError(422, f"model {model.name!r} is one-step: steps applies only to masked-diffusion models")
+
+    def _check_cost(self, model: ServedModel, job: GenerateJob | RefineJob | EditJob | EditRefineJob) -> None:
         cost, limit = job_cost(model, job), self.settings.max_request_cost
         if cost <= limit:
             return
-        if isinstance(job, RefineJob):
+        if isinstance(job, (RefineJob, EditRefineJob)):
             terms = f"{job.n} images x {job.settings.steps} TTEO steps x best_of {job.settings.best_of}"
         else:
             terms = f"{job.n} images x {cost // job.n} sampling steps"
         raise ServiceError(422, f"this request costs {terms} = {cost}, over max_request_cost = {limit}; ask for fewer images or steps")
 
-    def _chunks(self, job: GenerateJob | RefineJob) -> list:
+    def _chunks(self, job: GenerateJob | RefineJob | EditJob | EditRefineJob) -> list:
         """Parts of a request of at most a batch each: one larger than a batch runs as several, seeds staying per image."""
         parts = []
         while job.n > self.settings.max_batch_size:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
+from server import uploads
 from server.engine import ServedModel
-from server.jobs import GenerateJob, RefineJob, RefineProgress
-from server.schemas import GenerateRequest, ImageData, ImageResponse, RefineRequest, Timing
+from server.jobs import EditJob, EditRefineJob, GenerateJob, RefineJob, RefineProgress
+from server.schemas import EditRequest, GenerateRequest, ImageData, ImageResponse, RefineRequest, Timing
 from server.service import GeneratedImages, Service
 
 
@@ -16,6 +17,27 @@ def generate_job(service: Service, model: ServedModel, body: GenerateRequest) ->
     return service.generate_job(
         model=model, condition=condition, seed=service.first_seed(body.seed), n=body.n, steps=body.steps
     )
+
+
+def edit_job(
+    service: Service, model: ServedModel, body: EditRequest, progress: RefineProgress | None = None
+) -> EditJob | EditRefineJob:
+    """The checked work of an /edit body for `model` (with `refine`, TTEO on it): ServiceError (4xx) for anything
+    the model cannot take, an image or mask that is not a PNG of the model's size among them."""
+    condition = service.condition(model, body.prompt, body.class_label)
+    image = uploads.read_image(uploads.from_base64(body.image, "image"), model.image_size)
+    mask = None if body.mask is None else uploads.read_mask(uploads.from_base64(body.mask, "mask"), model.image_size)
+    edit = service.edit_job(
+        model=model, image=image, mask=mask, strength=body.strength, condition=condition,
+        seed=service.first_seed(body.seed), n=body.n, steps=body.steps,
+    )  # fmt: skip
+    if body.refine is None:
+        return edit
+    asked = body.refine
+    return service.edit_refine_job(
+        model=model, edit=edit, text=model.reward_text(body.prompt, body.class_label), steps=asked.steps, lr=asked.lr,
+        best_of=asked.best_of, reward=asked.reward, progress=progress,
+    )  # fmt: skip
 
 
 def refine_job(
@@ -53,9 +75,12 @@ def timing(result: GeneratedImages, began: float) -> Timing:
     )
 
 
-def generate_response(service: Service, result: GeneratedImages, images: list[bytes], began: float) -> ImageResponse:
+def generate_response(
+    service: Service, result: GeneratedImages, images: list[bytes], began: float, id_prefix: str = "gen"
+) -> ImageResponse:
+    """The answer of /generate (and of /edit, whose ids start "edit-")."""
     return ImageResponse(
-        id=service.new_id("gen"),
+        id=service.new_id(id_prefix),
         model=result.model,
         created=int(time.time()),
         data=[ImageData(b64_json=service.b64(data), seed=seed) for data, seed in zip(images, result.seeds)],
@@ -63,9 +88,12 @@ def generate_response(service: Service, result: GeneratedImages, images: list[by
     )
 
 
-def refine_response(service: Service, result: GeneratedImages, images: list[bytes], began: float) -> ImageResponse:
+def refine_response(
+    service: Service, result: GeneratedImages, images: list[bytes], began: float, id_prefix: str = "ref"
+) -> ImageResponse:
+    """The answer of /refine (and of /edit with `refine`, whose ids start "edit-")."""
     return ImageResponse(
-        id=service.new_id("ref"),
+        id=service.new_id(id_prefix),
         model=result.model,
         created=int(time.time()),
         data=[

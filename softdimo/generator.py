@@ -59,22 +59,28 @@ class OneStepGenerator:
 
     def token_embeddings(self, noise: ImageNoise) -> torch.Tensor:
         """The input's first part: embedded hybrid tokens plus Gaussian noise (B, N, D), on the model's device."""
-        tokens = self.initial_tokens(noise).to(self.device)
+        return self.noisy_embeddings(self.initial_tokens(noise).to(self.device), noise)
+
+    def noisy_embeddings(self, tokens: torch.Tensor, noise: ImageNoise) -> torch.Tensor:
+        """Tokens (B, N) on the model's device -> their embeddings plus the generator's Gaussian noise (B, N, D)."""
         eps = noise.randn(self.cfg.tokens, self.cfg.width).to(self.device)
         return perturb_embeddings(self.model.embed(tokens), self.settings.sigma, eps)
 
-    def input_parts(self, noise: ImageNoise, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The input's two parts: `token_embeddings`, then the layout latent (B, latent_dim) for the conditioning,
-        None for a model without one; both on the model's device."""
-        device = self.device
-        embeddings = self.token_embeddings(noise)
+    def layout_latent(self, noise: ImageNoise, condition: torch.Tensor) -> torch.Tensor | None:
+        """The layout latent (B, latent_dim) drawn for the conditioning, on the model's device; None without one."""
         if not self.cfg.latent_dim:
-            return embeddings, None
+            return None
         if self.prior is None:
-            return embeddings, self.settings.latent_scale * noise.randn(self.cfg.latent_dim).to(device)
-        return embeddings, self.prior.sample(
-            condition.to(device), noise, scale=self.settings.latent_scale, temperature=self.settings.prior_temperature
+            return self.settings.latent_scale * noise.randn(self.cfg.latent_dim).to(self.device)
+        settings = self.settings
+        return self.prior.sample(
+            condition.to(self.device), noise, scale=settings.latent_scale, temperature=settings.prior_temperature
         )
+
+    def input_parts(self, noise: ImageNoise, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The input's two parts: `token_embeddings`, then `layout_latent`; both on the model's device."""
+        embeddings = self.token_embeddings(noise)
+        return embeddings, self.layout_latent(noise, condition)
 
     def with_latent(self, embeddings: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
         """Input embeddings from the parts `input_parts` gives (or a latent put in the drawn one's place)."""

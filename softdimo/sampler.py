@@ -101,10 +101,24 @@ def sample(
 ) -> torch.Tensor:
     """MaskGIT decoding from an all-mask grid -> tokens (B, N). Each image's randomness comes from its own seed;
     `contrasts` as guided_logits takes them (used when settings.contrast)."""
+    tokens = torch.full((len(noise), model.cfg.tokens), model.cfg.mask_id, dtype=torch.long, device=condition.device)
+    return fill(model, tokens, condition, noise, settings, contrasts)
+
+
+@torch.no_grad()
+def fill(
+    model: MaskedTransformer, tokens: torch.Tensor, condition: torch.Tensor, noise: ImageNoise,
+    settings: SamplerSettings, contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """MaskGIT decoding of the positions of `tokens` (B, N) that hold the mask id; the others never change.
+
+    Each row's schedule runs over the tokens it starts with masked (all N for `sample`): after a step at progress
+    p, floor(masked * mask_ratio(p)) of them are still masked."""
     cfg = model.cfg
-    b, n = len(noise), cfg.tokens
+    n = cfg.tokens
     device = condition.device
-    tokens = torch.full((b, n), cfg.mask_id, dtype=torch.long, device=device)
+    tokens = tokens.to(device)
+    to_fill = (tokens == cfg.mask_id).sum(-1).tolist()
     for step in range(settings.steps):
         masked = tokens == cfg.mask_id
         guidance = settings.guidance_at(step)
@@ -114,17 +128,18 @@ def sample(
         drawn = (log_probs + gumbel).argmax(-1) if settings.temperature > 0 else log_probs.argmax(-1)
         drawn = torch.where(masked, drawn, tokens)
         progress = (step + 1) / settings.steps
-        keep_masked = int(math.floor(n * float(mask_ratio(progress, settings.schedule))))
-        if keep_masked == 0:
+        ratio = float(mask_ratio(progress, settings.schedule))
+        scheduled = [int(math.floor(count * ratio)) for count in to_fill]
+        if max(scheduled) == 0:
             tokens = drawn
             break
         confidence = torch.gather(log_probs, -1, drawn[..., None])[..., 0]
         confidence = confidence + settings.choice_temperature * (1 - progress) * noise.gumbel(n).to(device)
         confidence = torch.where(masked, confidence, torch.full_like(confidence, math.inf))
-        # Re-mask the least confident of the still-masked positions; never more than were masked.
-        keep_masked = min(keep_masked, int(masked.sum(-1).min()) - 1) if masked.any() else 0
-        threshold = confidence.sort(-1).values[:, keep_masked : keep_masked + 1] if keep_masked > 0 else None
-        tokens = drawn if threshold is None else torch.where(confidence < threshold, cfg.mask_id, drawn)
+        # Re-mask each row's least confident still-masked positions; always fewer than are masked now.
+        keep_masked = torch.minimum(torch.tensor(scheduled, device=device), masked.sum(-1) - 1).clamp_min(0)  # (B,)
+        threshold = confidence.sort(-1).values.gather(1, keep_masked[:, None])  # (B, 1); below the least: none
+        tokens = torch.where(confidence < threshold, cfg.mask_id, drawn)
     return tokens
 
 

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from softdimo.editing import Kept, one_step_inputs
 from softdimo.generator import OneStepGenerator
 from softdimo.reward import Reward
 from softdimo.seeding import ImageNoise, seed_at
@@ -84,10 +85,13 @@ def refine(
     candidates: Sequence[Sequence[int]],
     settings: TTEOSettings,
     on_step: StepHook | None = None,
+    kept: Kept | None = None,
 ) -> Refined:
     """Optimise each image independently (the loss is a sum of per-image terms), all in one batch.
 
-    `candidates` holds each image's `settings.best_of` candidate seeds (see `candidate_seeds`).
+    `candidates` holds each image's `settings.best_of` candidate seeds (see `candidate_seeds`). With `kept`, an
+    edit of each image: it starts from the edit `editing.fill_one_step` draws, and its kept tokens and pixels stay
+    the input's in every step, in what the reward sees and in the result.
     `on_step(step, rewards)`, called after each step with every image's reward (B,), may return which images
     are still wanted (B,) bool: the others stop being optimised (their gradient is zeroed, so the images of
     the rest come out exactly as they would have), and when none is wanted the loop ends early."""
@@ -99,14 +103,28 @@ def refine(
         raise ValueError("TTEO on the layout latent needs a model with one (latent_dim > 0)")
     candidates = [s for row in candidates for s in row]
     noise = ImageNoise(candidates, device)
+    each = torch.arange(b, device=device).repeat_interleave(n_best)  # the image of each candidate
+    candidate_kept = None if kept is None else kept.rows(each)
+
+    def hard_tokens(logits: torch.Tensor, gumbel: torch.Tensor, kept: Kept | None) -> torch.Tensor:
+        drawn = generator.tokens_from(logits, gumbel)
+        return drawn if kept is None else kept.tokens_with(drawn)
+
+    def decoded(tokens: torch.Tensor, kept: Kept | None) -> torch.Tensor:
+        images = tokenizer.decode_indices(tokens)
+        return images if kept is None else kept.images_with(images)
+
     with torch.no_grad():
-        repeated = condition.to(device).repeat_interleave(n_best, dim=0)
-        base, latent = generator.input_parts(noise, repeated)  # (B*n, N, D), (B*n, latent_dim) or None
+        repeated = condition.to(device)[each]
+        if kept is None:
+            base, latent = generator.input_parts(noise, repeated)  # (B*n, N, D), (B*n, latent_dim) or None
+        else:
+            base, latent = one_step_inputs(generator, candidate_kept, repeated, noise)
         embeddings = generator.with_latent(base, latent)
         logits = generator.logits(embeddings, repeated)
-        gumbel = generator.token_noise(noise)  # the same draw /generate samples its tokens with
-        tokens = generator.tokens_from(logits, gumbel)
-        scores = reward.score(tokenizer.decode_indices(tokens), [p for p in prompts for _ in range(n_best)])
+        gumbel = generator.token_noise(noise)  # the same draw /generate (or the edit) samples its tokens with
+        tokens = hard_tokens(logits, gumbel, candidate_kept)
+        scores = reward.score(decoded(tokens, candidate_kept), [p for p in prompts for _ in range(n_best)])
         best = scores.view(b, n_best).argmax(-1) + torch.arange(b, device=device) * n_best  # (B,)
     start = {"input": embeddings, "logits": logits, "latent": latent}[settings.target][best]
     condition, gumbel, tokens_before, reward_before = repeated[best], gumbel[best], tokens[best], scores[best]
@@ -126,7 +144,9 @@ def refine(
     with torch.enable_grad():
         for step in range(settings.steps):
             z = output_logits(variable)
-            score = reward.score(tokenizer.decode_soft(z.float().softmax(-1)), prompts)
+            probs = z.float().softmax(-1)
+            soft = tokenizer.decode_soft(probs if kept is None else kept.probs_with(probs))
+            score = reward.score(soft if kept is None else kept.images_with(soft), prompts)
             optimizer.zero_grad(set_to_none=True)
             (-score.sum()).backward()
             variable.grad[~wanted] = 0
@@ -140,13 +160,13 @@ def refine(
                         break
     with torch.no_grad():
         z = output_logits(variable)
-        tokens_after = generator.tokens_from(z, gumbel)
-        images_after = tokenizer.decode_indices(tokens_after)
+        tokens_after = hard_tokens(z, gumbel, kept)
+        images_after = decoded(tokens_after, kept)
         reward_after = reward.score(images_after, prompts)
         # Never hand back an image the reward likes less than the one we started from.
         worse = reward_after < reward_before
         tokens_out = torch.where(worse[:, None], tokens_before, tokens_after)
-        images_out = tokenizer.decode_indices(tokens_out) if worse.any() else images_after
+        images_out = decoded(tokens_out, kept) if worse.any() else images_after
     return Refined(
         tokens=tokens_out,
         images=images_out,

@@ -23,7 +23,7 @@ def _bearer(token: str) -> dict:
 
 
 def test_without_a_key_post_endpoints_answer_401_with_a_bearer_challenge(url):
-    for path in ("/generate", "/refine", "/v1/images/generations"):
+    for path in ("/generate", "/refine", "/v1/images/generations", "/edit", "/v1/images/edits"):
         r = httpx.post(f"{url}{path}", json={"prompt": "a red circle"})
         assert r.status_code == 401, path
         assert r.headers["www-authenticate"].startswith("Bearer")

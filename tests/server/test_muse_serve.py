@@ -1,12 +1,14 @@
 """A diffusers MUSE model end to end: a tiny aMUSEd on disk is loaded, distilled a few steps, and both teacher and
-one-step student are served over a real socket, /generate (with steps) and /refine, with bad input refused."""
+one-step student are served over a real socket, /generate (with steps), /refine and /edit, with bad input refused."""
 
 import base64
+import io
 import os
 
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -85,3 +87,24 @@ def test_bad_input_is_a_clear_4xx(url):
     assert steps.status_code == 422 and "one-step" in steps.json()["detail"]
     assert httpx.post(f"{url}/refine", json={"model": "tiny-amused", "prompt": "a red circle"}).status_code == 422
     assert httpx.get(f"{url}/openapi.json").status_code == 200
+
+
+def _b64_png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_the_one_step_student_edits_and_the_diffusers_teacher_says_it_does_not(url):
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, 12:] = 255  # token columns 6 and 7 of the 8x8 grid
+    body = {"image": _b64_png(image), "mask": _b64_png(mask), "prompt": "A lighthouse at dusk", "seed": 2}
+    edited = httpx.post(f"{url}/edit", json=body | {"n": 2})
+    assert edited.status_code == 200, edited.text
+    assert [e.shape for e in _images(edited)] == [(16, 16, 3)] * 2
+    assert all((e[:, :8] == image[:, :8]).all() for e in _images(edited))  # beyond one patch of the mask: the input's
+    refined = httpx.post(f"{url}/edit", json=body | {"refine": {"steps": 1}}, timeout=60)
+    assert refined.status_code == 200 and refined.json()["data"][0]["reward_after"] is not None, refined.text
+    teacher = httpx.post(f"{url}/edit", json=body | {"model": "tiny-amused", "steps": 2})
+    assert teacher.status_code == 422 and "does not edit images" in teacher.json()["detail"]

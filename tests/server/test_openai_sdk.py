@@ -1,12 +1,18 @@
-"""The official OpenAI Python SDK against /v1: images come back, and a refused request's message reaches the SDK user."""
+"""The official OpenAI Python SDK against /v1: images come back, generated and edited, and a refused request's
+message reaches the SDK user."""
 
 import base64
+import io
 
+import numpy as np
 import openai
 import pytest
 from benchmarks.running import server_thread
+from PIL import Image
 
 from server.settings import Settings
+from softdimo import shapes
+from softdimo.images import decode_image
 
 KEY = "sdk-test-key"
 
@@ -59,3 +65,28 @@ def test_native_endpoints_keep_detail(client):
     unknown = httpx.get(f"{base}/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"})
     error = unknown.json()["error"]
     assert unknown.status_code == 404 and "GET /v1/nothing-here" in error["message"] and error["code"] == "unknown_url"
+
+
+def _png(array: np.ndarray, mode: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_sdk_edits_images(client):
+    scene = shapes.batch(np.random.default_rng(2), 1)[0][0]
+    mask = np.zeros((64, 64, 4), dtype=np.uint8)
+    mask[..., 3] = 255
+    mask[:, 32:, 3] = 0  # fully transparent: repaint the right half
+
+    result = client.images.edit(
+        image=("scene.png", _png(scene, "RGB"), "image/png"), mask=("mask.png", _png(mask, "RGBA"), "image/png"),
+        prompt="a red circle", n=2, response_format="b64_json", size="64x64", model="tiny-one-step",
+    )  # fmt: skip
+    assert len(result.data) == 2
+    for item in result.data:
+        image = decode_image(base64.b64decode(item.b64_json))
+        assert (image[:, :24] == scene[:, :24]).all()  # beyond one patch of the repainted half: the input's pixels
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.images.edit(image=("small.png", _png(scene[:32, :32], "RGB"), "image/png"), prompt="a red circle")
+    assert "image is 32x32; it must be 64x64" in info.value.message and info.value.code == "invalid_value"

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from benchmarks.load import run_load, target_for
+from benchmarks.hey import require_hey
+from benchmarks.load import BUILTIN, HEY, LOAD_GENERATORS, Load, run_load, target_for
 from benchmarks.options import ServerBench, model_info
 from benchmarks.running import ServerStartError, child_server
 from benchmarks.server_under_test import model_cards, running_server
@@ -90,6 +91,7 @@ class ServeBench(ServerBench):
     endpoint: str = "generate"  # "generate" or "refine"
     tteo_steps: int | None = None  # /refine: TTEO steps per request; None: the bundle's
     peer: str | None = None  # "litserve": the model behind LitServe (benchmarks/litserve_peer.py) is arm B
+    load_generator: str = BUILTIN  # a key of benchmarks.load.LOAD_GENERATORS: this project's client, or hey
 
     def __post_init__(self):
         if isinstance(self.model, str):  # one folder may be given as a string
@@ -99,6 +101,10 @@ class ServeBench(ServerBench):
         check_options(positive=positive)
         if self.endpoint not in ("generate", "refine"):
             raise BenchError("--endpoint is generate or refine")
+        if self.load_generator not in LOAD_GENERATORS:
+            raise BenchError(f"--load-generator is one of {', '.join(LOAD_GENERATORS)}")
+        if self.load_generator == HEY:
+            require_hey()
         arms = self.serve_arms()  # one value or two for each option
         if self.peer is not None:
             if self.peer not in PEERS:
@@ -108,6 +114,14 @@ class ServeBench(ServerBench):
 
     def serve_arms(self) -> list[dict]:
         return self.arms({"model": self.model})
+
+    def load(self, concurrency: int) -> Load:
+        return replace(super().load(concurrency), generator=self.load_generator)
+
+
+def load_words(config: dict) -> str:
+    """Which load generator a result's figures come from, for the line above its table."""
+    return "load: " + LOAD_GENERATORS[config["load_generator"]]
 
 
 def run_serve(config: ServeBench, command: str) -> dict:
@@ -259,7 +273,7 @@ def serve_comparison_table(result: dict) -> str:
     server = lambda x: x.get("server", "softdimo")  # noqa: E731
     return (
         f"{machine_header(result['machine'])}\n\n`{result['endpoint']}`, A: {server(a)} serving {arm(a)}, B: {server(b)} serving "
-        f"{arm(b)}; both servers up at once (largest batch {cfg['max_batch_size']}), closed loop. Each level: "
+        f"{arm(b)}; both servers up at once (largest batch {cfg['max_batch_size']}), {load_words(cfg)}. Each level: "
         f"{cfg['warmup_s']:g} s warm-up on each, then {cfg['rounds']} rounds of {cfg['duration_s'] / cfg['rounds']:g} s per "
         f"server interleaved A, B, B, A, …; images/s is each server's median round, B / A the median of the rounds' ratios "
         f"and its range their least and greatest, p50 and p99 the median round's.\n\n{table}\n"
@@ -272,7 +286,8 @@ def serve_table(result: dict) -> str:
     model, offline = result["model"], result["offline"]
     parts = [
         machine_header(result["machine"]),
-        f"`{result['endpoint']}` on `{model['name']}` ({model['kind']}; {runtime_words(result['runtime'])}), closed loop, "
+        f"`{result['endpoint']}` on `{model['name']}` ({model['kind']}; {runtime_words(result['runtime'])}), "
+        f"{load_words(result['config'])}, "
         f"{result['config']['duration_s']:g} s per level after {result['config']['warmup_s']:g} s warm-up.",
     ]
     for label, run in result["runs"].items():

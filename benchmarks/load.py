@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.hey import HeyAnswer, run_hey
 from benchmarks.load_client import Connection, LoadClientError
+from benchmarks.server_metrics import Counters, batches, changes, server_counters, stages
 from softdimo.timing import latency_summary
 from softdimo.warmup import EXAMPLE_PROMPT
 
@@ -120,26 +120,17 @@ def fixed_requests(target: Target, seeds: Iterator[int]) -> WorkerRequests:
     return lambda worker: lambda: (target.path, target.request(next(seeds)))
 
 
-async def batch_counters(client: httpx.AsyncClient, target: Target) -> tuple[float, float]:
-    """(sum, count) of the server's softdimo_batch_size histogram for the target's endpoint and model."""
-    text = (await client.get("/metrics")).text
-    found = {"softdimo_batch_size_sum": 0.0, "softdimo_batch_size_count": 0.0}
-    wanted = {"endpoint": target.path, "model": target.model}
-    for family in text_string_to_metric_families(text):
-        if family.name != "softdimo_batch_size":
-            continue
-        for sample in family.samples:
-            if sample.name in found and all(sample.labels.get(k) == v for k, v in wanted.items()):
-                found[sample.name] = sample.value
-    return found["softdimo_batch_size_sum"], found["softdimo_batch_size_count"]
-
-
 async def run_load(url: str, target: Target, load: Load, server_metrics: bool = True) -> dict:
-    """Warm up, then run `load.rounds` measured rounds; the summary covers the measured rounds only. Batch sizes come
-    from the server's /metrics (`server_metrics`; a peer server has none)."""
+    """Warm up, then run `load.rounds` measured rounds; the summary covers the measured rounds only. Batch sizes and
+    the requests' stages come from the server's /metrics (`server_metrics`; a peer server has none)."""
     seeds = itertools.count()
     async with httpx.AsyncClient(base_url=url, timeout=load.timeout_s, trust_env=False) as client:
-        counters = (lambda: batch_counters(client, target)) if server_metrics else _no_counters
+
+        async def counters() -> Counters:
+            if not server_metrics:
+                return {}
+            return await server_counters(client, endpoint=target.path, model=target.model)
+
         if load.warmup_s > 0:
             await load_round(url, target, load, seeds, duration_s=load.warmup_s)
         before = await counters()
@@ -148,12 +139,11 @@ async def run_load(url: str, target: Target, load: Load, server_metrics: bool = 
             round_samples, wall = await load_round(url, target, load, seeds, duration_s=load.duration_s)
             samples += round_samples
             walls.append(wall)
-        after = await counters()
-    batches = (after[0] - before[0], after[1] - before[1])
-    summary = summarize(samples, walls, concurrency=load.concurrency, batches=batches)
+        changed = changes(before, await counters())
+    summary = summarize(samples, walls, concurrency=load.concurrency, batches=batches(changed))
     if load.generator == HEY:
         summary["errors"] = None  # not known: hey lists only the requests that got an HTTP answer
-    return {**summary, "load_generator": load.generator}
+    return {**summary, "load_generator": load.generator, "stages": stages(changed) if server_metrics else None}
 
 
 async def load_round(
@@ -174,16 +164,12 @@ async def load_round(
 
 
 def hey_results(answers: Sequence[HeyAnswer], target: Target) -> list[RequestResult]:
-    """hey's answers to requests for `target` as results; hey reads no body, so an answer 200 counts the images asked."""
+    """hey's answers to requests for `target` as results; hey reads no body: an answer 200 has the images asked."""
     images = target.body["n"]
     return [
         RequestResult(a.latency_s, a.status, images=images if a.status == 200 else 0, path=target.path)
         for a in answers
     ]
-
-
-async def _no_counters() -> tuple[float, float]:
-    return 0.0, 0.0
 
 
 def summarize(samples: Sequence[RequestResult], walls: Sequence[float], *, concurrency: int, batches: tuple[float, float]) -> dict:

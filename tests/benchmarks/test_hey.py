@@ -71,6 +71,7 @@ def test_hey_against_a_real_server_counts_what_the_server_answered(tiny_bundles)
     assert 0 < level["latency_ms"]["p50"] <= level["latency_ms"]["p95"] <= level["latency_ms"]["p99"]
     assert 0.5 < level["elapsed_s"] < 5 and level["images_per_s"] == pytest.approx(level["images"] / level["elapsed_s"])
     assert level["batches"] >= 1 and 1 <= level["mean_batch_size"] <= 2  # from the server's /metrics, as for builtin
+    assert all(stage["count"] == level["ok"] for stage in level["stages"].values())
     assert refused["other_status"] == refused["requests"] == after[1] - before[1] > 0 and refused["ok"] == 0
 
 
@@ -84,7 +85,9 @@ def test_serve_comparison_under_hey_says_so_in_its_table(tiny_bundles):
     for measured in level["rounds_measured"]["A"] + level["rounds_measured"]["B"]:
         assert measured["load_generator"] == "hey" and measured["ok"] == measured["requests"] > 0
     assert level["ratio"] > 0
-    assert "load: closed loop of `hey` (external)" in serve_table(result)
+    table = serve_table(result)
+    assert "load: closed loop of `hey` (external)" in table
+    assert table.count("| concurrency | parse ms | queue ms |") == 2  # each softdimo arm's stages, under hey too
 
 
 def test_hey_missing_is_named_before_anything_starts(monkeypatch, tmp_path):

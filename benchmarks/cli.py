@@ -39,6 +39,7 @@ def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
     soak.set_defaults(func=_soak)
 
     from benchmarks import lanes, plots, refine, serve, steps
+    from benchmarks.load import LOAD_GENERATORS
 
     def plot(result: dict, args: argparse.Namespace) -> None:
         if args.plot:
@@ -66,6 +67,8 @@ def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
         (("--tteo-steps",), {"type": int, "help": "/refine: TTEO steps per request (default: the bundle's)"}),
         (("--rounds",), {"type": int, "help": "comparisons: interleaved rounds per server and level, sharing --duration-s"}),
         (("--peer",), {"choices": list(serve.PEERS), "help": "compare with the model behind this general-purpose server"}),
+        (("--load-generator",), {"choices": list(LOAD_GENERATORS),
+                                 "help": "who sends the load: this project's client (builtin) or hey (Debian hey)"}),
         *options,
     ], run=serve.run_serve, table=serve.serve_table, config=serve.ServeBench, after=plot,
         extra=[(("--plot",), {"help": "folder for throughput.png and latency.png (needs matplotlib)"})])  # fmt: skip

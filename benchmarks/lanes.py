@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
-from benchmarks.load import Target, run_load, target_for
+from benchmarks.load import BUILTIN, LOAD_GENERATORS, Target, run_load, target_for
 from benchmarks.options import ServerBench, model_info
 from benchmarks.server_under_test import model_cards, running_server
 from softdimo.bench_run import BenchError, check_options, machine_header, machine_info
@@ -134,4 +134,4 @@ def lanes_table(result: dict) -> str:
         f"p99 under jobs / alone: {result['p99_ratio']:.2f}. Jobs finished meanwhile: {jobs['succeeded']} "
         f"(compute per job {batch}); failed: {jobs['failed']}."
     )
-    return f"{machine_header(result['machine'])}\n\n{table}\n\n{notes}"
+    return f"{machine_header(result['machine'])}\n\nLoad: {LOAD_GENERATORS[BUILTIN]}.\n\n{table}\n\n{notes}"

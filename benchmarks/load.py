@@ -1,4 +1,5 @@
-"""The closed-loop load generator: workers each sending a request and awaiting its answer, and the summary of a load."""
+"""The closed-loop load: workers each sending a request and awaiting its answer, made by this project's client or by
+hey (benchmarks/hey.py), and the summary of a load."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.hey import HeyAnswer, run_hey
 from benchmarks.load_client import Connection, LoadClientError
+from benchmarks.server_metrics import Counters, batches, changes, server_counters, stages
 from softdimo.timing import latency_summary
 from softdimo.warmup import EXAMPLE_PROMPT
 
@@ -49,6 +51,11 @@ class RequestResult:
     error: str | None = None  # why there is no status: the exception's type
 
 
+BUILTIN = "builtin"  # this project's client: closed_loop below, on benchmarks/load_client.py
+HEY = "hey"  # the external hey, which never sees the server's `timing` and lists no request that went unanswered
+LOAD_GENERATORS = {BUILTIN: "closed loop of `benchmarks/load.py`", HEY: "closed loop of `hey` (external)"}
+
+
 @dataclass(frozen=True)
 class Load:
     """A closed loop: `concurrency` workers each send a request and wait for its answer before the next.
@@ -62,6 +69,7 @@ class Load:
     warmup_s: float = 0.0  # one warm-up round of this length (same concurrency and request bound); 0: none
     rounds: int = 1
     timeout_s: float = 120.0
+    generator: str = BUILTIN  # a key of LOAD_GENERATORS; hey runs each round for its duration, whatever max_requests
 
 
 WorkerRequests = Callable[[int], Callable[[], tuple[str, dict]]]  # worker index -> that worker's next (path, body)
@@ -112,41 +120,56 @@ def fixed_requests(target: Target, seeds: Iterator[int]) -> WorkerRequests:
     return lambda worker: lambda: (target.path, target.request(next(seeds)))
 
 
-async def batch_counters(client: httpx.AsyncClient, target: Target) -> tuple[float, float]:
-    """(sum, count) of the server's softdimo_batch_size histogram for the target's endpoint and model."""
-    text = (await client.get("/metrics")).text
-    found = {"softdimo_batch_size_sum": 0.0, "softdimo_batch_size_count": 0.0}
-    wanted = {"endpoint": target.path, "model": target.model}
-    for family in text_string_to_metric_families(text):
-        if family.name != "softdimo_batch_size":
-            continue
-        for sample in family.samples:
-            if sample.name in found and all(sample.labels.get(k) == v for k, v in wanted.items()):
-                found[sample.name] = sample.value
-    return found["softdimo_batch_size_sum"], found["softdimo_batch_size_count"]
-
-
 async def run_load(url: str, target: Target, load: Load, server_metrics: bool = True) -> dict:
-    """Warm up, then run `load.rounds` measured rounds; the summary covers the measured rounds only. Batch sizes come
-    from the server's /metrics (`server_metrics`; a peer server has none)."""
+    """Warm up, then run `load.rounds` measured rounds; the summary covers the measured rounds only. Batch sizes and
+    the requests' stages come from the server's /metrics (`server_metrics`; a peer server has none)."""
     seeds = itertools.count()
     async with httpx.AsyncClient(base_url=url, timeout=load.timeout_s, trust_env=False) as client:
-        counters = (lambda: batch_counters(client, target)) if server_metrics else _no_counters
-        bound = {"concurrency": load.concurrency, "max_requests": load.max_requests, "timeout_s": load.timeout_s}
+
+        async def counters() -> Counters:
+            if not server_metrics:
+                return {}
+            return await server_counters(client, endpoint=target.path, model=target.model)
+
         if load.warmup_s > 0:
-            await closed_loop(url, fixed_requests(target, seeds), duration_s=load.warmup_s, **bound)
+            await load_round(url, target, load, seeds, duration_s=load.warmup_s)
         before = await counters()
         samples, walls = [], []
         for _ in range(load.rounds):
-            round_samples, wall = await closed_loop(url, fixed_requests(target, seeds), duration_s=load.duration_s, **bound)
+            round_samples, wall = await load_round(url, target, load, seeds, duration_s=load.duration_s)
             samples += round_samples
             walls.append(wall)
-        after = await counters()
-    return summarize(samples, walls, concurrency=load.concurrency, batches=(after[0] - before[0], after[1] - before[1]))
+        changed = changes(before, await counters())
+    summary = summarize(samples, walls, concurrency=load.concurrency, batches=batches(changed))
+    if load.generator == HEY:
+        summary["errors"] = None  # not known: hey lists only the requests that got an HTTP answer
+    return {**summary, "load_generator": load.generator, "stages": stages(changed) if server_metrics else None}
 
 
-async def _no_counters() -> tuple[float, float]:
-    return 0.0, 0.0
+async def load_round(
+    url: str, target: Target, load: Load, seeds: Iterator[int], *, duration_s: float,
+) -> tuple[list[RequestResult], float]:  # fmt: skip
+    """One round of `load` for `duration_s` by its generator: every request's result, and the round's wall time.
+    The builtin client gives each request the next of `seeds`; hey sends the target's body as it is, so the server
+    draws each request's seed."""
+    if load.generator == HEY:
+        answers, wall = await run_hey(
+            url, target.path, target.body, concurrency=load.concurrency, duration_s=duration_s, timeout_s=load.timeout_s
+        )
+        return hey_results(answers, target), wall
+    return await closed_loop(
+        url, fixed_requests(target, seeds), concurrency=load.concurrency, duration_s=duration_s,
+        max_requests=load.max_requests, timeout_s=load.timeout_s,
+    )  # fmt: skip
+
+
+def hey_results(answers: Sequence[HeyAnswer], target: Target) -> list[RequestResult]:
+    """hey's answers to requests for `target` as results; hey reads no body: an answer 200 has the images asked."""
+    images = target.body["n"]
+    return [
+        RequestResult(a.latency_s, a.status, images=images if a.status == 200 else 0, path=target.path)
+        for a in answers
+    ]
 
 
 def summarize(samples: Sequence[RequestResult], walls: Sequence[float], *, concurrency: int, batches: tuple[float, float]) -> dict:
@@ -159,8 +182,8 @@ def summarize(samples: Sequence[RequestResult], walls: Sequence[float], *, concu
         "concurrency": concurrency, "requests": len(samples), "ok": len(ok), "images": images, "elapsed_s": elapsed,
         "round_s": list(walls), "images_per_s": images / elapsed if elapsed > 0 else 0.0,
         "latency_ms": latency_summary([s.latency_s for s in ok]),
-        "queue_ms": latency_summary([s.queue_s for s in ok])["mean"],
-        "compute_ms": latency_summary([s.compute_s for s in ok])["mean"],
+        "queue_ms": latency_summary([s.queue_s for s in ok if s.queue_s is not None])["mean"],
+        "compute_ms": latency_summary([s.compute_s for s in ok if s.compute_s is not None])["mean"],
         "batches": int(batch_count), "mean_batch_size": images_sum / batch_count if batch_count else None,
         "status_429": sum(s.status == 429 for s in samples), "status_5xx": sum(500 <= s.status < 600 for s in samples),
         "errors": sum(s.status == 0 for s in samples),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict, dataclass
 
-from benchmarks.load import Load, run_load, target_for
+from benchmarks.load import BUILTIN, LOAD_GENERATORS, Load, run_load, target_for
 from benchmarks.options import ServerBench, model_info
 from benchmarks.server_under_test import model_cards, running_server
 from softdimo.bench import tteo_step_cost
@@ -74,5 +74,6 @@ def refine_table(result: dict) -> str:
         f"{machine_header(result['machine'])}\n\nTTEO on `{result['model']['name']}`: one step against one forward + decode "
         f"(offline, median of {cfg['repeats']}).\n\n{cost_table}\n\n"
         f"{cfg['requests']} concurrent `/refine` requests ({result['tteo_steps']} steps each), {cfg['rounds']} bursts per server "
-        f"after one warm-up burst; batched / serial = {result['ratio']:.2f}×.\n\n{burst_table}\n"
+        f"after one warm-up burst; batched / serial = {result['ratio']:.2f}×; load: {LOAD_GENERATORS[BUILTIN]}.\n\n"
+        f"{burst_table}\n"
     )

@@ -12,10 +12,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from benchmarks.load import run_load, target_for
+from benchmarks.hey import require_hey
+from benchmarks.load import BUILTIN, HEY, LOAD_GENERATORS, Load, run_load, target_for
 from benchmarks.options import ServerBench, model_info
 from benchmarks.running import ServerStartError, child_server
+from benchmarks.server_metrics import stage_summary
 from benchmarks.server_under_test import model_cards, running_server
+from server.metrics import REQUEST_STAGES
 from server.settings import Settings
 from softdimo.bench import refine_call
 from softdimo.bench_run import (
@@ -90,6 +93,7 @@ class ServeBench(ServerBench):
     endpoint: str = "generate"  # "generate" or "refine"
     tteo_steps: int | None = None  # /refine: TTEO steps per request; None: the bundle's
     peer: str | None = None  # "litserve": the model behind LitServe (benchmarks/litserve_peer.py) is arm B
+    load_generator: str = BUILTIN  # a key of benchmarks.load.LOAD_GENERATORS: this project's client, or hey
 
     def __post_init__(self):
         if isinstance(self.model, str):  # one folder may be given as a string
@@ -99,6 +103,10 @@ class ServeBench(ServerBench):
         check_options(positive=positive)
         if self.endpoint not in ("generate", "refine"):
             raise BenchError("--endpoint is generate or refine")
+        if self.load_generator not in LOAD_GENERATORS:
+            raise BenchError(f"--load-generator is one of {', '.join(LOAD_GENERATORS)}")
+        if self.load_generator == HEY:
+            require_hey()
         arms = self.serve_arms()  # one value or two for each option
         if self.peer is not None:
             if self.peer not in PEERS:
@@ -108,6 +116,14 @@ class ServeBench(ServerBench):
 
     def serve_arms(self) -> list[dict]:
         return self.arms({"model": self.model})
+
+    def load(self, concurrency: int) -> Load:
+        return replace(super().load(concurrency), generator=self.load_generator)
+
+
+def load_words(config: dict) -> str:
+    """Which load generator a result's figures come from, for the line above its table."""
+    return "load: " + LOAD_GENERATORS[config["load_generator"]]
 
 
 def run_serve(config: ServeBench, command: str) -> dict:
@@ -202,6 +218,25 @@ def peer_server(config: ServeBench, model: str) -> Iterator[str]:
         raise BenchError(str(exc)) from exc
 
 
+STAGES_LINE = (
+    "Where the requests spent their time in the server (its softdimo_request_stage_seconds, server/timeline.py), "
+    "mean / p99 ms per request; p99 is read from the histogram's buckets, so it is only as fine as they are."
+)
+
+
+def stage_table(levels: list[tuple[int, list[dict]]]) -> str:
+    """One row per (concurrency, the measured rounds' stages): each stage's mean / p99 ms over those rounds."""
+    rows = []
+    for concurrency, rounds in levels:
+        summary = stage_summary(rounds)
+        cells = [
+            None if summary[s]["mean_ms"] is None else f"{summary[s]['mean_ms']:.3g} / {summary[s]['p99_ms']:.3g}"
+            for s in REQUEST_STAGES
+        ]
+        rows.append([concurrency, *cells])
+    return markdown_table(["concurrency", *(f"{stage} ms" for stage in REQUEST_STAGES)], rows)
+
+
 def serve_comparisons(runs: dict, offline: dict[int, float], max_batch_size: int) -> dict:
     """Every derived figure of `bench serve`, computed from the measured numbers it is returned with."""
     batched = {level["concurrency"]: level for level in runs["batched"]["levels"]}
@@ -257,12 +292,18 @@ def serve_comparison_table(result: dict) -> str:
     )  # fmt: skip
     arm = lambda x: f"`{x['name']}` from `{x['path']}` ({x['kind']}; {runtime_words(x['runtime'])})"  # noqa: E731
     server = lambda x: x.get("server", "softdimo")  # noqa: E731
+    stage_tables = ""
+    for label in "AB":  # softdimo's arms: a peer server reports no stages
+        levels = [(level["concurrency"], level["rounds_measured"][label]) for level in result["comparison"]]
+        if all(r["stages"] is not None for _, rounds in levels for r in rounds):
+            table_rows = [(concurrency, [r["stages"] for r in rounds]) for concurrency, rounds in levels]
+            stage_tables += f"\n{label}: {STAGES_LINE} Over all its rounds.\n\n{stage_table(table_rows)}\n"
     return (
         f"{machine_header(result['machine'])}\n\n`{result['endpoint']}`, A: {server(a)} serving {arm(a)}, B: {server(b)} serving "
-        f"{arm(b)}; both servers up at once (largest batch {cfg['max_batch_size']}), closed loop. Each level: "
+        f"{arm(b)}; both servers up at once (largest batch {cfg['max_batch_size']}), {load_words(cfg)}. Each level: "
         f"{cfg['warmup_s']:g} s warm-up on each, then {cfg['rounds']} rounds of {cfg['duration_s'] / cfg['rounds']:g} s per "
         f"server interleaved A, B, B, A, …; images/s is each server's median round, B / A the median of the rounds' ratios "
-        f"and its range their least and greatest, p50 and p99 the median round's.\n\n{table}\n"
+        f"and its range their least and greatest, p50 and p99 the median round's.\n\n{table}\n{stage_tables}"
     )
 
 
@@ -272,12 +313,14 @@ def serve_table(result: dict) -> str:
     model, offline = result["model"], result["offline"]
     parts = [
         machine_header(result["machine"]),
-        f"`{result['endpoint']}` on `{model['name']}` ({model['kind']}; {runtime_words(result['runtime'])}), closed loop, "
+        f"`{result['endpoint']}` on `{model['name']}` ({model['kind']}; {runtime_words(result['runtime'])}), "
+        f"{load_words(result['config'])}, "
         f"{result['config']['duration_s']:g} s per level after {result['config']['warmup_s']:g} s warm-up.",
     ]
     for label, run in result["runs"].items():
         table = markdown_table(LEVEL_COLUMNS, [_level_row(level) for level in run["levels"]])
-        parts.append(f"**{label}: --max-batch-size {run['max_batch_size']}**\n\n{table}")
+        stages = stage_table([(level["concurrency"], [level["stages"]]) for level in run["levels"]])
+        parts.append(f"**{label}: --max-batch-size {run['max_batch_size']}**\n\n{table}\n\n{STAGES_LINE}\n\n{stages}")
     b, u = result["runs"]["batched"]["max_batch_size"], result["runs"]["unbatched"]["max_batch_size"]
     rows = [[c["concurrency"], c["batched_images_per_s"], c["unbatched_images_per_s"], c["ratio"]] for c in result["comparison"]]
     parts.append(markdown_table(["concurrency", f"images/s (max batch {b})", f"images/s (max batch {u})", "ratio"], rows))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict, dataclass
 
-from benchmarks.load import run_load, target_for
+from benchmarks.load import BUILTIN, LOAD_GENERATORS, run_load, target_for
 from benchmarks.options import ServerBench, model_info
 from benchmarks.server_under_test import model_cards, running_server
 from softdimo.bench_run import BenchError, check_options, machine_header, machine_info
@@ -67,5 +67,5 @@ def steps_table(result: dict) -> str:
     return (
         f"{machine_header(result['machine'])}\n\n`{result['one_step']['name']}` against `{result['teacher']['name']}` "
         f"through one server (--max-batch-size {cfg['max_batch_size']}), concurrency {cfg['concurrency']}, "
-        f"{cfg['duration_s']:g} s per model and steps value.\n\n{table}\n"
+        f"{cfg['duration_s']:g} s per model and steps value; load: {LOAD_GENERATORS[BUILTIN]}.\n\n{table}\n"
     )

@@ -28,6 +28,7 @@ from server.metrics import Metrics
 from server.routes import router
 from server.service import ENDPOINTS, MODEL_THREAD, Service, ServiceError
 from server.settings import Settings
+from server.timeline import RequestTimer
 
 log = logging.getLogger("softdimo.server")
 
@@ -74,6 +75,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             ApiKeyGuard, api_key=settings.api_key, exempt=settings.auth_exempt_paths,
             on_refused=lambda path: count_refusal(path, 401),
         )  # fmt: skip
+    app.add_middleware(RequestTimer)  # outermost: a request's time counts from its arrival, before any check
 
     def served() -> openapi.Served | None:
         engine = service.engine

@@ -37,6 +37,7 @@ from server.job_runner import JOBS_PATH, JobRunner, job_response
 from server.job_store import FINISHED, JobRecord
 from server.jobs import EditRefineJob, RefineJob, RefineProgress
 from server.service import EDIT, GENERATE, OPENAI, OPENAI_EDITS, REFINE, GeneratedImages, Service, ServiceError
+from server.timeline import RequestTimeline
 from server.work import edit_job, encoded, generate_job, generate_response, refine_job, refine_response
 from softdimo.images import MEDIA_TYPES
 
@@ -177,11 +178,16 @@ def _image_body_format(request: Request, body: GenerateRequest | RefineRequest |
     return image_format
 
 
-async def _generate(request: Request, body: GenerateRequest, endpoint: str) -> GeneratedImages:
+async def _generate(
+    request: Request, body: GenerateRequest, endpoint: str, timeline: RequestTimeline
+) -> GeneratedImages:
     service = _service(request)
     model = service.model(body.model, endpoint=endpoint)
     job = generate_job(service, model, body)
-    return await _unless_disconnected(request, service.generate(model=model, job=job))
+    timeline.queued()
+    result = await _unless_disconnected(request, service.generate(model=model, job=job))
+    timeline.returned(result.compute_s)
+    return result
 
 
 @router.post("/generate", response_model=ImageResponse, responses=IMAGE_RESPONSES)
@@ -190,10 +196,12 @@ async def generate(request: Request, body: GenerateRequest):
     if _prefers_async(request):
         return _accepted(await _job_runner(request).submit(body), preference_applied=True)
     began = time.perf_counter()
+    timeline = RequestTimeline.begin(request.scope, service.metrics, GENERATE)
     async with _counted(service, GENERATE, body.model):
         image_format = _image_body_format(request, body)
-        result = await _generate(request, body, GENERATE)
+        result = await _generate(request, body, GENERATE, timeline)
         images = await encoded(service, GENERATE, result, image_format or body.format)
+        timeline.encoded()
         if image_format is not None:
             return Response(images[0], media_type=MEDIA_TYPES[image_format], headers=_image_headers(result))
         return generate_response(service, result, images, began)
@@ -218,12 +226,16 @@ async def refine(request: Request, body: RefineRequest):
             job = refine_job(service, model, body, progress)
         events = _refine_events(service, model, job, body, began)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    timeline = RequestTimeline.begin(request.scope, service.metrics, REFINE)
     async with _counted(service, REFINE, body.model):
         image_format = _image_body_format(request, body)
         model = service.model(body.model, endpoint=REFINE)
         job = refine_job(service, model, body)
+        timeline.queued()
         result = await _unless_disconnected(request, service.refine(model=model, job=job))
+        timeline.returned(result.compute_s)
         images = await encoded(service, REFINE, result, image_format or body.format)
+        timeline.encoded()
         if image_format is not None:
             return Response(images[0], media_type=MEDIA_TYPES[image_format], headers=_image_headers(result))
         return refine_response(service, result, images, began)
@@ -275,12 +287,14 @@ async def _refine_events(
 @router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=OPENAI_ERROR_RESPONSES)
 async def openai_generations(request: Request, body: OpenAIImageRequest):
     service = _service(request)
+    timeline = RequestTimeline.begin(request.scope, service.metrics, OPENAI)
     async with _counted(service, OPENAI, body.model):
         model = service.model(body.model, endpoint=OPENAI)
         _check_openai_size(model, body.size)
         request_body = GenerateRequest(prompt=body.prompt, n=body.n, seed=body.seed, model=body.model, format=body.output_format)
-        result = await _generate(request, request_body, OPENAI)
+        result = await _generate(request, request_body, OPENAI, timeline)
         images = await encoded(service, OPENAI, result, body.output_format)
+        timeline.encoded()
         data = [OpenAIImage(b64_json=service.b64(d)) for d in images]
         return OpenAIImageResponse(created=int(time.time()), data=data)
 

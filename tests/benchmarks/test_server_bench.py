@@ -30,6 +30,9 @@ def _check_level(level: dict, concurrency: int) -> None:
     assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
     assert level["queue_ms"] >= 0 and level["compute_ms"] > 0
     assert level["batches"] >= 1
+    # the server observed every answered request in every stage of its way (server/timeline.py)
+    assert [stage["count"] for stage in level["stages"].values()] == [level["ok"]] * len(level["stages"])
+    assert all(stage["sum_s"] > 0 for stage in level["stages"].values())
 
 
 def _processes_running(*words: str) -> list[int]:
@@ -98,6 +101,7 @@ def test_serve_sweeps_batched_against_unbatched(tiny_bundles, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["machine"]["command"] == "softdimo bench serve " + " ".join(argv[2:])
     assert printed.out.startswith("**machine**") and "| concurrency | requests | images/s |" in printed.out
+    assert "| concurrency | parse ms | queue ms | compute ms | encode ms | write ms |" in printed.out
 
     runs = result["runs"]
     assert (runs["batched"]["max_batch_size"], runs["unbatched"]["max_batch_size"]) == (4, 1)

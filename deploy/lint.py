@@ -174,7 +174,8 @@ def in_cluster_redis(url: str, namespace: str, by_kind: dict[str, list[dict]], f
         return
     svc = services[name]
     f.check(
-        any(p["port"] == port for p in svc["spec"].get("ports", [])), f"SOFTDIMO_REDIS_URL port {port}: not a port of Service {name}"
+        any(p["port"] == port for p in svc["spec"].get("ports", [])),
+        f"SOFTDIMO_REDIS_URL port {port}: not a port of Service {name}",
     )
     backing = [
         s for s in by_kind.get("StatefulSet", [])
@@ -183,27 +184,33 @@ def in_cluster_redis(url: str, namespace: str, by_kind: dict[str, list[dict]], f
     if not f.check(len(backing) == 1, f"Service {name} (SOFTDIMO_REDIS_URL) should select one StatefulSet's pods"):
         return
     sts = backing[0]
+    where = f"StatefulSet {sts['metadata']['name']}"
     claims = {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates", [])}
     pod_spec = sts["spec"]["template"]["spec"]
     mounted = {m["name"] for c in pod_spec["containers"] for m in c.get("volumeMounts", [])}
-    f.check(bool(claims & mounted), f"StatefulSet {sts['metadata']['name']}: Redis data needs a mounted volumeClaimTemplate")
+    f.check(bool(claims & mounted), f"{where}: Redis data needs a mounted volumeClaimTemplate")
     maps = {m["metadata"]["name"]: m.get("data", {}) for m in by_kind.get("ConfigMap", [])}
-    config = " ".join(
-        " ".join(c.get("command", []) + c.get("args", [])) for c in pod_spec["containers"]
-    ) + "\n".join(
-        text for v in pod_spec.get("volumes", []) if "configMap" in v for text in maps.get(v["configMap"]["name"], {}).values()
+    # Redis's settings: its command line and the ConfigMaps it mounts (a redis.conf).
+    config = "\n".join(
+        [" ".join(c.get("command", []) + c.get("args", [])) for c in pod_spec["containers"]]
+        + [
+            text
+            for v in pod_spec.get("volumes", [])
+            if "configMap" in v
+            for text in maps.get(v["configMap"]["name"], {}).values()
+        ]
     )
     f.check(
         re.search(r"(^|--)appendonly\s+yes\b", config, re.M) is not None,
-        f"StatefulSet {sts['metadata']['name']}: Redis needs appendonly yes, or a restart loses accepted jobs",
+        f"{where}: Redis needs appendonly yes, or a restart loses accepted jobs",
     )
     policy_set = re.search(r"(?:^|--)maxmemory-policy\s+(\S+)", config, re.M)
     f.check(
         policy_set is None or policy_set.group(1) == "noeviction",
-        f"StatefulSet {sts['metadata']['name']}: Redis must not evict keys (maxmemory-policy noeviction): they are jobs",
+        f"{where}: Redis must not evict keys (maxmemory-policy noeviction): they are jobs",
     )
     for c in pod_spec["containers"]:
-        hardened(pod_spec, c, f, f"StatefulSet {sts['metadata']['name']} container {c['name']}")
+        hardened(pod_spec, c, f, f"{where} container {c['name']}")
 
 
 def policy(docs: list[dict], f: Findings) -> None:
@@ -318,7 +325,8 @@ def policy(docs: list[dict], f: Findings) -> None:
     most = scaler["spec"].get("maxReplicaCount", 100) if scaler else 1  # KEDA's default maximum is 100
     f.check(
         store == "redis" or most <= 1,
-        f"up to {most} replicas with SOFTDIMO_JOB_STORE={store}: each pod would keep its own jobs (use components/redis)",
+        f"up to {most} replicas with SOFTDIMO_JOB_STORE={store}: each pod would keep its own jobs"
+        " (use components/redis)",
     )
     if store == "redis":
         url = settings.get("SOFTDIMO_REDIS_URL")

@@ -575,10 +575,16 @@ def cmd_dashboard(path: str) -> int:
         "rejected",
         "reward_gain",
         "inflight",
+        "jobs_queued",
+        "jobs_total",
     ]
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
     for w in wanted:
         f.check(w in exprs, f"no panel shows {w}")
+    f.check(
+        re.search(r"by \([^)]*\blane\b[^)]*\) \(rate\(softdimo_queue_wait_seconds", exprs) is not None,
+        "no panel shows queue wait by lane",
+    )
     print(f"  {n} panels, variables: {', '.join(variables)}")
     return f.finish("dashboard")
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(DEPLOY.parent))
 from prometheus_client.metrics import MetricWrapperBase  # noqa: E402
 
 from server.metrics import REJECT_REASONS, Metrics  # noqa: E402
+from server.schemas import JobResponse  # noqa: E402
 from server.service import ENDPOINTS as SERVED_ENDPOINTS  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
@@ -53,6 +54,9 @@ def _contract() -> tuple[dict[str, set[str]], set[str]]:
 METRICS, HISTOGRAMS = _contract()
 REASONS = set(REJECT_REASONS)
 ENDPOINTS = set(SERVED_ENDPOINTS)
+# The softdimo_jobs* metrics label a job by its kind ("generate", "refine") and its final status ("succeeded", ...).
+JOB_ENDPOINTS = set(typing.get_args(JobResponse.model_fields["endpoint"].annotation))
+JOB_STATUSES = set(typing.get_args(JobResponse.model_fields["status"].annotation))
 # Labels every scraped series can carry besides its own: Prometheus target
 # labels, the ServiceMonitor's, and a histogram bucket's `le`.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "le"}
@@ -622,8 +626,12 @@ def cmd_scrape(url: str) -> int:
             if "le" in smp.labels and smp.labels["le"] != "+Inf":
                 les.add(float(smp.labels["le"]))
             v = smp.labels
-            f.check(v.get("endpoint", "/generate") in ENDPOINTS, f"{name}: endpoint={v.get('endpoint')!r}")
             f.check(v.get("reason", "queue_full") in REASONS, f"{name}: reason={v.get('reason')!r}")
+            if name.startswith("softdimo_jobs"):
+                f.check(v.get("endpoint", "generate") in JOB_ENDPOINTS, f"{name}: endpoint={v.get('endpoint')!r}")
+                f.check(v.get("status", "succeeded") in JOB_STATUSES, f"{name}: status={v.get('status')!r}")
+                continue
+            f.check(v.get("endpoint", "/generate") in ENDPOINTS, f"{name}: endpoint={v.get('endpoint')!r}")
             f.check(v.get("status", "200").isdigit(), f"{name}: status={v.get('status')!r} is not an HTTP code")
         if name == "softdimo_request_duration_seconds" and les:
             f.check(max(les) >= 120, f"{name}: largest bucket {max(les):g}s, expected >= 120s")

@@ -76,8 +76,10 @@ fi
 
 echo "== Kubernetes ($("$KUBECTL" version --client 2>/dev/null | tr '\n' ' '))"
 check "k8s base: kustomize build + kubernetes-validate --strict + CRD models" k8s base k8s-schema
-check "k8s overlays/gpu: kustomize build + kubernetes-validate --strict + CRD models + rules" k8s overlays/gpu k8s
-check "k8s overlays/cpu: kustomize build + kubernetes-validate --strict + CRD models + rules" k8s overlays/cpu k8s
+for overlay in deploy/k8s/overlays/*/; do
+    overlay="overlays/$(basename "$overlay")"
+    check "k8s $overlay: kustomize build + kubernetes-validate --strict + CRD models + rules" k8s "$overlay" k8s
+done
 
 echo "== Prometheus ($(promtool --version 2>&1 | head -n1))"
 check "promtool check config deploy/prometheus/prometheus.yml" promtool check config deploy/prometheus/prometheus.yml

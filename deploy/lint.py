@@ -19,6 +19,7 @@ import subprocess
 import sys
 import typing
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(DEPLOY.parent))
 from prometheus_client.metrics import MetricWrapperBase  # noqa: E402
 
 from server.metrics import REJECT_REASONS, Metrics  # noqa: E402
+from server.schemas import JobResponse  # noqa: E402
 from server.service import ENDPOINTS as SERVED_ENDPOINTS  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
@@ -52,6 +54,9 @@ def _contract() -> tuple[dict[str, set[str]], set[str]]:
 METRICS, HISTOGRAMS = _contract()
 REASONS = set(REJECT_REASONS)
 ENDPOINTS = set(SERVED_ENDPOINTS)
+# The softdimo_jobs* metrics label a job by its kind ("generate", "refine") and its final status ("succeeded", ...).
+JOB_ENDPOINTS = set(typing.get_args(JobResponse.model_fields["endpoint"].annotation))
+JOB_STATUSES = set(typing.get_args(JobResponse.model_fields["status"].annotation))
 # Labels every scraped series can carry besides its own: Prometheus target
 # labels, the ServiceMonitor's, and a histogram bucket's `le`.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "le"}
@@ -140,6 +145,78 @@ def labels_match(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+def image_tag(image: str) -> str:
+    return image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+
+
+def hardened(pod_spec: dict, c: dict, f: Findings, cname: str) -> None:
+    """The restricted Pod Security Standard and then some, for every container of every workload."""
+    psc, csc = pod_spec.get("securityContext", {}), c.get("securityContext", {})
+    f.check(csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, f"{cname}: runAsNonRoot must be true")
+    f.check(csc.get("readOnlyRootFilesystem") is True, f"{cname}: readOnlyRootFilesystem must be true")
+    f.check(csc.get("allowPrivilegeEscalation") is False, f"{cname}: allowPrivilegeEscalation must be false")
+    f.check("ALL" in csc.get("capabilities", {}).get("drop", []), f"{cname}: must drop ALL capabilities")
+    res = c.get("resources", {})
+    for r in ("cpu", "memory"):
+        f.check(
+            r in res.get("requests", {}) and r in res.get("limits", {}), f"{cname}: needs {r} request and limit"
+        )
+    tag = image_tag(c.get("image", ""))
+    f.check(bool(tag) and tag != "latest", f"{cname}: image {c.get('image')!r} needs an explicit tag other than latest")
+
+
+def in_cluster_redis(url: str, namespace: str, by_kind: dict[str, list[dict]], f: Findings) -> None:
+    """A Redis URL naming a Service of these manifests: that Service leads to a StatefulSet whose data is on a
+    PersistentVolumeClaim and whose config keeps an append-only file, so accepted jobs outlive a restart of Redis."""
+    parsed = urlsplit(url)
+    host, port = parsed.hostname or "", parsed.port or 6379
+    services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
+    name = host.removesuffix(f".{namespace}.svc.cluster.local").removesuffix(f".{namespace}.svc")
+    name = name.removesuffix(f".{namespace}")
+    if "." in name or name not in services:
+        print(f"  job store: Redis at {host}:{port}, outside these manifests (not checked)")
+        return
+    svc = services[name]
+    f.check(
+        any(p["port"] == port for p in svc["spec"].get("ports", [])),
+        f"SOFTDIMO_REDIS_URL port {port}: not a port of Service {name}",
+    )
+    backing = [
+        s for s in by_kind.get("StatefulSet", [])
+        if labels_match(svc["spec"].get("selector", {}), s["spec"]["template"]["metadata"].get("labels", {}))
+    ]  # fmt: skip
+    if not f.check(len(backing) == 1, f"Service {name} (SOFTDIMO_REDIS_URL) should select one StatefulSet's pods"):
+        return
+    sts = backing[0]
+    where = f"StatefulSet {sts['metadata']['name']}"
+    claims = {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates", [])}
+    pod_spec = sts["spec"]["template"]["spec"]
+    mounted = {m["name"] for c in pod_spec["containers"] for m in c.get("volumeMounts", [])}
+    f.check(bool(claims & mounted), f"{where}: Redis data needs a mounted volumeClaimTemplate")
+    maps = {m["metadata"]["name"]: m.get("data", {}) for m in by_kind.get("ConfigMap", [])}
+    # Redis's settings: its command line and the ConfigMaps it mounts (a redis.conf).
+    config = "\n".join(
+        [" ".join(c.get("command", []) + c.get("args", [])) for c in pod_spec["containers"]]
+        + [
+            text
+            for v in pod_spec.get("volumes", [])
+            if "configMap" in v
+            for text in maps.get(v["configMap"]["name"], {}).values()
+        ]
+    )
+    f.check(
+        re.search(r"(^|--)appendonly\s+yes\b", config, re.M) is not None,
+        f"{where}: Redis needs appendonly yes, or a restart loses accepted jobs",
+    )
+    policy_set = re.search(r"(?:^|--)maxmemory-policy\s+(\S+)", config, re.M)
+    f.check(
+        policy_set is None or policy_set.group(1) == "noeviction",
+        f"{where}: Redis must not evict keys (maxmemory-policy noeviction): they are jobs",
+    )
+    for c in pod_spec["containers"]:
+        hardened(pod_spec, c, f, f"{where} container {c['name']}")
+
+
 def policy(docs: list[dict], f: Findings) -> None:
     by_kind: dict[str, list[dict]] = {}
     for d in docs:
@@ -150,13 +227,24 @@ def policy(docs: list[dict], f: Findings) -> None:
         f.check(len(items) == 1, f"expected exactly one {kind}, found {len(items)}")
         return items[0] if items else None
 
-    dep, svc, pdb = one("Deployment"), one("Service"), one("PodDisruptionBudget")
+    dep, pdb = one("Deployment"), one("PodDisruptionBudget")
     mon, scaler = one("ServiceMonitor"), one("ScaledObject")
     if dep is None:
         return
     namespace = dep["metadata"].get("namespace")
+    for d in docs:
+        if d["kind"] != "Namespace":
+            f.check(
+                d["metadata"].get("namespace") == namespace,
+                f"{d['kind']}/{d['metadata']['name']} is in namespace {d['metadata'].get('namespace')!r}, "
+                f"the Deployment in {namespace!r}",
+            )
     pod = dep["spec"]["template"]
     pod_labels = pod["metadata"].get("labels", {})
+    # The server's Service, beside others (the job store's) that select other pods.
+    serving = [s for s in by_kind.get("Service", []) if labels_match(s["spec"].get("selector", {}), pod_labels)]
+    f.check(len(serving) == 1, f"expected exactly one Service selecting the server's pods, found {len(serving)}")
+    svc = serving[0] if serving else None
     spec = pod["spec"]
     containers = spec["containers"]
     f.check(len(containers) == 1, "the pod should run exactly one container")
@@ -172,10 +260,7 @@ def policy(docs: list[dict], f: Findings) -> None:
             settings.update(maps[ref])
     settings.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
 
-    # Image.
-    image = c.get("image", "")
-    tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
-    f.check(bool(tag) and tag != "latest", f"{cname}: image {image!r} needs an explicit tag other than latest")
+    tag = image_tag(c.get("image", ""))
 
     # Port and probes.
     ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
@@ -213,12 +298,8 @@ def policy(docs: list[dict], f: Findings) -> None:
             f"preStop sleep {sleep}s + drain {drain:g}s must be < terminationGracePeriodSeconds {grace}s",
         )
 
-    # Security.
-    psc, csc = spec.get("securityContext", {}), c.get("securityContext", {})
-    f.check(csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, f"{cname}: runAsNonRoot must be true")
-    f.check(csc.get("readOnlyRootFilesystem") is True, f"{cname}: readOnlyRootFilesystem must be true")
-    f.check(csc.get("allowPrivilegeEscalation") is False, f"{cname}: allowPrivilegeEscalation must be false")
-    f.check("ALL" in csc.get("capabilities", {}).get("drop", []), f"{cname}: must drop ALL capabilities")
+    # Security, resources and image.
+    hardened(spec, c, f, cname)
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
     f.check(
@@ -229,8 +310,6 @@ def policy(docs: list[dict], f: Findings) -> None:
     # Resources, and the device the server is told to use.
     res = c.get("resources", {})
     req, lim = res.get("requests", {}), res.get("limits", {})
-    for r in ("cpu", "memory"):
-        f.check(r in req and r in lim, f"{cname}: needs {r} request and limit")
     gpus = lim.get("nvidia.com/gpu")
     f.check(req.get("nvidia.com/gpu") == gpus, f"{cname}: nvidia.com/gpu request must equal its limit")
     device = settings.get("SOFTDIMO_DEVICE", Settings.model_fields["device"].default)
@@ -243,6 +322,33 @@ def policy(docs: list[dict], f: Findings) -> None:
 
     # Autoscaled: the Deployment must not pin a replica count.
     f.check("replicas" not in dep["spec"], "Deployment sets spec.replicas; the ScaledObject owns the count")
+
+    # Jobs: replicas must share one store. SQLite is a file in each pod's /tmp emptyDir: a job would be known
+    # only to the pod that took it, and gone with that pod.
+    store = settings.get("SOFTDIMO_JOB_STORE", Settings.model_fields["job_store"].default)
+    most = scaler["spec"].get("maxReplicaCount", 100) if scaler else 1  # KEDA's default maximum is 100
+    f.check(
+        store == "redis" or most <= 1,
+        f"up to {most} replicas with SOFTDIMO_JOB_STORE={store}: each pod would keep its own jobs"
+        " (use components/redis)",
+    )
+    if store == "redis":
+        url = settings.get("SOFTDIMO_REDIS_URL")
+        from_secret = [
+            e for e in c.get("env", [])
+            if e["name"] == "SOFTDIMO_REDIS_URL" and "secretKeyRef" in e.get("valueFrom", {})
+        ]  # fmt: skip
+        f.check(
+            url is not None or bool(from_secret),
+            "SOFTDIMO_JOB_STORE=redis without SOFTDIMO_REDIS_URL: the server would look for Redis on its own loopback",
+        )
+        for e in from_secret:
+            f.check(
+                e["valueFrom"]["secretKeyRef"].get("optional") is not True,
+                "SOFTDIMO_REDIS_URL from an optional Secret: without it the server would look on its own loopback",
+            )
+        if url is not None and not from_secret:
+            in_cluster_redis(url, namespace, by_kind, f)
 
     # Service -> pods, PDB -> pods.
     if svc:
@@ -294,11 +400,22 @@ def policy(docs: list[dict], f: Findings) -> None:
         )
         lo, hi = scaler["spec"].get("minReplicaCount", 0), scaler["spec"].get("maxReplicaCount", 100)
         f.check(2 <= lo <= hi, f"ScaledObject replicas {lo}..{hi}: want at least 2 and min <= max")
+        queries = [t["metadata"].get("query", "") for t in scaler["spec"]["triggers"] if t["type"] == "prometheus"]
+        for series in ("softdimo_queue_depth", "softdimo_jobs_queued"):
+            f.check(any(series in q for q in queries), f"the autoscaler needs a trigger on {series}")
         for t in scaler["spec"]["triggers"]:
             if t["type"] != "prometheus":
                 continue
             q = t["metadata"].get("query", "")
-            f.check("softdimo_queue_depth" in q, "autoscaler query should be on softdimo_queue_depth")
+            f.check(
+                "softdimo_queue_depth" in q or "softdimo_jobs_queued" in q,
+                f"autoscaler query should be on softdimo_queue_depth or softdimo_jobs_queued: {q}",
+            )
+            # Every pod reports the whole shared store's backlog: a sum would count it once per pod.
+            f.check(
+                "softdimo_jobs_queued" not in q or re.match(r"\s*max\b", q) is not None,
+                f"autoscaler query on softdimo_jobs_queued must take the max over pods, not add them up: {q}",
+            )
             f.check(
                 f'namespace="{namespace}"' in q,
                 f'autoscaler query must select namespace="{namespace}" (the manifests\' namespace): {q}',
@@ -462,10 +579,16 @@ def cmd_dashboard(path: str) -> int:
         "rejected",
         "reward_gain",
         "inflight",
+        "jobs_queued",
+        "jobs_total",
     ]
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
     for w in wanted:
         f.check(w in exprs, f"no panel shows {w}")
+    f.check(
+        re.search(r"by \([^)]*\blane\b[^)]*\) \(rate\(softdimo_queue_wait_seconds", exprs) is not None,
+        "no panel shows queue wait by lane",
+    )
     print(f"  {n} panels, variables: {', '.join(variables)}")
     return f.finish("dashboard")
 
@@ -503,8 +626,12 @@ def cmd_scrape(url: str) -> int:
             if "le" in smp.labels and smp.labels["le"] != "+Inf":
                 les.add(float(smp.labels["le"]))
             v = smp.labels
-            f.check(v.get("endpoint", "/generate") in ENDPOINTS, f"{name}: endpoint={v.get('endpoint')!r}")
             f.check(v.get("reason", "queue_full") in REASONS, f"{name}: reason={v.get('reason')!r}")
+            if name.startswith("softdimo_jobs"):
+                f.check(v.get("endpoint", "generate") in JOB_ENDPOINTS, f"{name}: endpoint={v.get('endpoint')!r}")
+                f.check(v.get("status", "succeeded") in JOB_STATUSES, f"{name}: status={v.get('status')!r}")
+                continue
+            f.check(v.get("endpoint", "/generate") in ENDPOINTS, f"{name}: endpoint={v.get('endpoint')!r}")
             f.check(v.get("status", "200").isdigit(), f"{name}: status={v.get('status')!r} is not an HTTP code")
         if name == "softdimo_request_duration_seconds" and les:
             f.check(max(les) >= 120, f"{name}: largest bucket {max(les):g}s, expected >= 120s")

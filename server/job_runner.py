@@ -36,6 +36,7 @@ JOBS_PATH = "/v1/jobs"
 _IDLE_POLL_S = 0.5  # how often an idle process looks for jobs another process stored (or a dead one left)
 _PROGRESS_EVERY_S = 0.1  # progress is written to the store at most this often per job (and at the last step)
 _PURGE_EVERY_S = 60.0
+_COUNT_QUEUED_EVERY_S = 5.0  # softdimo_jobs_queued's refresh: a third of the scrape and KEDA polling intervals
 
 
 def open_store(settings: Settings) -> JobStore:
@@ -196,9 +197,15 @@ class JobRunner:
         await asyncio.to_thread(self.store.close)
 
     async def _claim_loop(self) -> None:
-        last_purge = 0.0
+        last_purge = last_count = 0.0
         while self._claiming:
             self._wake.clear()
+            if time.monotonic() - last_count > _COUNT_QUEUED_EVERY_S:
+                last_count = time.monotonic()
+                try:
+                    self.service.metrics.jobs_queued.set(await asyncio.to_thread(self.store.count_all_queued))
+                except Exception:
+                    log.exception("counting the queued jobs failed; trying again")
             job = None
             if len(self._running) < self.settings.job_concurrency:
                 try:

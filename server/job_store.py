@@ -66,6 +66,9 @@ class JobStore(Protocol):
 
     def count_queued(self, owner: str) -> int: ...
 
+    def count_all_queued(self) -> int:
+        """Jobs waiting to be claimed, whoever submitted them: the backlog every process sharing the store sees."""
+
     def purge_expired(self) -> int:
         """Delete finished jobs past their expiry; how many."""
 
@@ -247,6 +250,10 @@ class SQLiteJobStore:
                 "SELECT count(*) FROM jobs WHERE owner = ? AND status = ?", (owner, QUEUED)
             ).fetchone()[0]
 
+    def count_all_queued(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
+
     def purge_expired(self) -> int:
         with self._lock:
             return self._db.execute(
@@ -424,6 +431,10 @@ class RedisJobStore:
 
     def count_queued(self, owner: str) -> int:
         return self._redis.scard(self._keys[2] + owner)
+
+    def count_all_queued(self) -> int:
+        # The queue list holds exactly the queued ids: a cancel removes its id, a claim pops it.
+        return self._redis.llen(self._keys[0])
 
     def purge_expired(self) -> int:
         return 0  # Redis deletes expired jobs itself

@@ -58,6 +58,9 @@ class Metrics:
         self.jobs_submitted = Counter(
             "softdimo_jobs_submitted", "Jobs accepted into the store.", ["endpoint"], registry=r
         )
+        # The store's backlog, not this process's: every process sharing a store reports the same count, so
+        # aggregate it with max, not sum. Refreshed by each process's job runner every few seconds.
+        self.jobs_queued = Gauge("softdimo_jobs_queued", "Jobs in the store waiting to be claimed.", registry=r)
         self.webhook_deliveries = Counter(
             "softdimo_webhook_deliveries", "Webhook calls, by outcome (delivered, retried, abandoned).", ["outcome"],
             registry=r,

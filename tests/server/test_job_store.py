@@ -86,6 +86,21 @@ def test_an_owner_may_hold_only_so_many_queued_jobs(store):
     assert store.count_queued("k") == 1 and store.add(job("c", owner="k"), max_queued_per_owner=2)
 
 
+def test_the_queued_count_covers_every_owner_and_only_jobs_waiting_to_be_claimed(store):
+    assert store.count_all_queued() == 0
+    for name, owner in (("a", "k"), ("b", None), ("c", "other"), ("d", None)):
+        store.add(job(name, owner=owner), max_queued_per_owner=None)
+    assert store.count_all_queued() == 4
+    store.claim(worker="w", lease_s=30)  # "a" runs
+    store.cancel("c", ttl_s=60)
+    assert store.count_all_queued() == 2
+    store.release("a", worker="w")  # a drain hands "a" back: waiting again
+    assert store.count_all_queued() == 3
+    for _ in range(3):
+        store.claim(worker="w", lease_s=30)
+    assert store.count_all_queued() == 0
+
+
 def test_finished_jobs_expire(store):
     store.add(job("a"), max_queued_per_owner=None)
     store.claim(worker="w", lease_s=30)

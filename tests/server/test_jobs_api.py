@@ -2,6 +2,7 @@
 for what that endpoint refuses, reports TTEO progress (also as SSE), and can be cancelled queued or running."""
 
 import json
+import re
 import time
 
 import httpx
@@ -211,6 +212,32 @@ def test_an_api_key_may_hold_only_max_queued_jobs_per_key_queued_jobs(tiny_bundl
         assert room.status_code == 202
         for job_id in [*ids, room.json()["id"]]:
             client.delete(f"/v1/jobs/{job_id}")
+
+
+def test_the_store_backlog_is_exported_as_softdimo_jobs_queued(tiny_bundles, tmp_path):
+    settings = Settings(
+        weights=[str(tiny_bundles["one-step"])],
+        device="cpu",
+        max_batch_size=8,
+        job_concurrency=1,
+        job_db_path=str(tmp_path / "jobs.sqlite3"),
+    )
+
+    def queued_gauge_reaches(base: str, count: int) -> bool:
+        deadline = time.monotonic() + 15  # the runner refreshes it every 5 s
+        while time.monotonic() < deadline:
+            if re.search(rf"^softdimo_jobs_queued {count}\.0$", httpx.get(f"{base}/metrics").text, re.M):
+                return True
+            time.sleep(0.2)
+        return False
+
+    with server_thread(settings) as base:
+        ids = [submit(base, {**LONG, "seed": seed}) for seed in (1, 2, 3)]
+        wait_for(base, ids[0], statuses=("running",))  # one runs (job_concurrency 1), two wait
+        assert queued_gauge_reaches(base, 2)
+        for job_id in ids:
+            httpx.delete(f"{base}/v1/jobs/{job_id}")
+        assert queued_gauge_reaches(base, 0)
 
 
 def test_a_job_whose_process_died_each_time_it_ran_fails_instead_of_taking_down_the_next(tiny_bundles, tmp_path):

@@ -9,25 +9,18 @@ directions the generator does not read; how far a draw strays from a component's
 
 Tuning (`tune_prior`): a latent is read relative to the prompt (the encoder reads both), so a component placed at
 an image of two objects sits among those of three-object images, and likelihood cannot tell the prompts it suits
-apart. Tuning asks the generator: every component is drawn into an image and scored by the reward once for each
-of a set of prompts (a table), and each prompt's weights are fitted, by cross-entropy over all components, to an
-even spread over the share `keep` of its components that scored best. Even, not by reward: among the components
-that draw a prompt right the reward's order is noise, and weighting by it concentrates a prompt on a few layouts.
-Which components draw right depends on the prompt's structure (kinds, counts, the axis of a relation) far more
-than on its colours and shapes, so the weights learnt for the table's prompts carry over to others. Components,
-generator and reward stay as they are."""
+apart. Tuning asks the generator: each prompt's weights move towards the components whose images the reward
+scores highest for it (a policy gradient over the discrete choice of component), held near the fitted weights by
+a KL term. Components, generator and reward stay as they are."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
 
 from softdimo import shapes
 from softdimo.conditioning import Conditioner
@@ -119,18 +112,15 @@ def _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, trainin
 
 @dataclass(frozen=True)
 class PriorTuning:
-    prompts: int = 240  # prompts (an equal share of each kind) whose every component is drawn and scored once
-    keep: float = 0.25  # share of a prompt's components, the best scored, among which its weight is spread evenly
-    steps: int = 600  # fitting steps, each on `batch` of those prompts
-    batch: int = 32
-    lr: float = 1e-3
+    steps: int = 300
+    prompts: int = 32  # prompts a step
+    samples: int = 8  # components drawn per prompt, each drawn into an image and scored
+    lr: float = 3e-4
     warmup: int = 20
+    kl_weight: float = 0.1  # KL(tuned weights || fitted weights) per prompt
     seed: int = 0
-    eval_every: int = 200
+    eval_every: int = 100
     eval_prompts: int = 100
-
-
-TABLE_FILE = "reward_table.safetensors"  # in the run folder: a resumed stage scores nothing again
 
 
 def component_rewards(
@@ -150,36 +140,6 @@ def component_rewards(
     return reward.score(tokenizer.decode_indices(tokens), [t for t in texts for _ in range(m)]).float().view(b, m)
 
 
-@torch.no_grad()
-def reward_table(
-    generator: OneStepGenerator, tokenizer: VQTokenizer, reward: Reward, conditions: torch.Tensor, texts: list[str],
-    seed: int, chunk: int = 256,
-) -> torch.Tensor:  # fmt: skip
-    """The reward of every prompt's image from every component (P, K), component k drawn with the same seed for
-    every prompt; scored under bfloat16 autocast, since which components draw a prompt best does not hinge on the
-    last bits of a float."""
-    components = generator.prior.cfg.components
-    seeds = np.random.default_rng(seed).integers(0, 2**62, size=components).tolist()
-    rows = []
-    for condition, text in zip(conditions, texts):
-        row = []
-        for start in range(0, components, chunk):
-            chosen = torch.arange(start, min(components, start + chunk), device=conditions.device)[None]
-            noise = ImageNoise(seeds[start : start + chunk], conditions.device)
-            with torch.autocast(conditions.device.type, dtype=torch.bfloat16):
-                row.append(component_rewards(generator, tokenizer, reward, condition[None], [text], chosen, noise)[0].float())
-        rows.append(torch.cat(row))
-    return torch.stack(rows)
-
-
-def kept_components(table: torch.Tensor, keep: float) -> torch.Tensor:
-    """Each prompt's target weights (P, K): even over the `keep` share of its components that scored best, zero
-    elsewhere."""
-    count = max(1, round(keep * table.shape[1]))
-    best = table.topk(count, dim=-1).indices
-    return torch.zeros_like(table).scatter_(1, best, 1.0 / count)
-
-
 def tune_prior(
     *, run_dir: Path, generator: OneStepGenerator, tokenizer: VQTokenizer, conditioner: Conditioner, reward: Reward,
     training: PriorTuning, device: torch.device,
@@ -190,53 +150,33 @@ def tune_prior(
     torch.manual_seed(training.seed)
     generator.model.to(device).eval().requires_grad_(False)
     prior = generator.prior.to(device)
+    fitted = copy.deepcopy(prior).eval().requires_grad_(False)
     tokenizer = tokenizer.to(device).eval()
     optimizer = torch.optim.AdamW(prior.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng = np.random.default_rng([training.seed, 1])
-    kinds = conditioner.kinds
-    prompts = [shapes.sample_prompt(rng, kinds=(kinds[i % len(kinds)],)) for i in range(training.prompts)]
-    conditions = torch.cat([conditioner.for_prompt(p)[0] for p in prompts]).to(device)
-    texts = [conditioner.for_prompt(p)[1] for p in prompts]
-    table = _stored_table(
-        Path(run_dir) / TABLE_FILE, texts,
-        lambda rows: reward_table(generator, tokenizer, reward, conditions[rows], texts[rows], seed=training.seed),
-    )  # fmt: skip
-    targets = kept_components(table.to(device), training.keep)
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
-        rows = torch.from_numpy(np.random.default_rng([training.seed, 2, step]).choice(len(prompts), training.batch))
-        log_weights, _, _ = prior.mixture(conditions[rows])
-        loss = -(targets[rows] * log_weights).sum(-1).mean()
+        rng = np.random.default_rng([training.seed, step])
+        drawn = [conditioner.for_prompt(shapes.sample_prompt(rng, conditioner.kinds)) for _ in range(training.prompts)]
+        condition = torch.cat([c for c, _ in drawn]).to(device)
+        log_weights, _, _ = prior.mixture(condition)
+        g = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
+        chosen = torch.multinomial(log_weights.detach().exp().cpu(), training.samples, replacement=True, generator=g).to(device)
+        noise = ImageNoise(rng.integers(0, 2**62, size=training.prompts * training.samples).tolist(), device)
+        with torch.no_grad():
+            scores = component_rewards(generator, tokenizer, reward, condition, [t for _, t in drawn], chosen, noise)
+        advantage = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-3)
+        policy = -(advantage * log_weights.gather(1, chosen)).mean()
+        with torch.no_grad():
+            reference, _, _ = fitted.mixture(condition)
+        kl = (log_weights.exp() * (log_weights - reference)).sum(-1).mean()
+        loss = policy + training.kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
         optimizer.step()
-        with torch.no_grad():  # the weight on the kept components, and how many components it spreads over
-            kept = (log_weights.exp() * (targets[rows] > 0)).sum(-1).mean()
+        with torch.no_grad():  # how many components a prompt's weights spread over, as exp(entropy)
             in_use = (-(log_weights.exp() * log_weights).sum(-1)).exp().mean()
-        return {"loss": loss.item(), "kept_weight": kept.item(), "components_in_use": in_use.item()}
+        return {"reward": scores.mean().item(), "kl": kl.item(), "components_in_use": in_use.item()}
 
     return _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, training, "layout prior tuning")
-
-
-def _stored_table(
-    path: Path, texts: list[str], score: Callable[[slice], torch.Tensor], every: int = 16
-) -> torch.Tensor:  # fmt: skip
-    """The reward table of these prompts, scored `every` prompts at a time and saved in the run folder after each,
-    so that a stopped stage goes on from the last saved prompt (and a finished one scores nothing again)."""
-    key = "\n".join(texts)
-    table = torch.zeros(0)
-    if path.exists():
-        with safe_open(path, framework="pt") as saved:
-            if saved.metadata().get("prompts") == key:
-                table = saved.get_tensor("table")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(texts), initial=len(table), desc="scoring every component", leave=False) as progress:
-        while len(table) < len(texts):
-            rows = slice(len(table), min(len(texts), len(table) + every))
-            scored = score(rows).cpu()
-            table = torch.cat([table, scored]) if len(table) else scored
-            save_file({"table": table.contiguous()}, path, metadata={"prompts": key})
-            progress.update(rows.stop - rows.start)
-    return table

@@ -100,11 +100,11 @@ def test_the_latent_prior_tuning_and_distillation_stages_train_in_a_chain(tmp_pa
 
     tuning_recipe = _recipe(
         tmp_path, "tuned", "prior-reward", {"teacher": bundles["text"], "init": tmp_path / "prior", "reward": bundles["reward"]},
-        "[training]\nsteps = 2\nprompts = 2\nbatch = 2\nwarmup = 1\neval_every = 2\neval_prompts = 3\n",
+        "[training]\nsteps = 2\nprompts = 2\nsamples = 2\nwarmup = 1\neval_every = 2\neval_prompts = 3\n",
     )
     run_all([tuning_recipe], torch.device("cpu"))
     metrics = (tmp_path / "runs" / "tuned" / "metrics.jsonl").read_text().splitlines()
-    assert len(metrics) == 2 and '"kept_weight"' in metrics[0] and '"components_in_use"' in metrics[0]
+    assert len(metrics) == 2 and '"reward"' in metrics[0] and '"kl"' in metrics[0] and '"components_in_use"' in metrics[0]
     assert '"pass"' in metrics[-1] and '"coverage"' in metrics[-1]  # the one-step stages log coverage beside the pass rate
     tuned = load_pipeline(tmp_path / "tuned")
     assert torch.equal(tuned.generator.prior.means, with_prior.generator.prior.means)  # the same components

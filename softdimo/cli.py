@@ -422,9 +422,11 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
         "--edits", type=int, default=EDITS, help="held-out inpainting edits, and image-to-image inputs, judged"
     )
     edits.add_argument(
-        "--tteo-steps", type=int, nargs="*", default=[], help="one-step models: also refine the edits with TTEO for these steps"
+        "--tteo-steps", type=int, nargs="*", default=[], help="one-step models: also TTEO on the edits, these steps"
     )
-    edits.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="image-to-image: share of tokens repainted")
+    edits.add_argument(
+        "--strength", type=float, default=DEFAULT_STRENGTH, help="image-to-image: the share of tokens repainted"
+    )
     edits.add_argument(
         "--coverage-prompts",
         type=int,

@@ -299,7 +299,9 @@ class EditTables:
         }
 
 
-def inpainting_rows(pipeline, name: str, edits: Sequence[InpaintingEdit], tteo_steps: Sequence[int]) -> list[InpaintingRow]:
+def inpainting_rows(
+    pipeline, name: str, edits: Sequence[InpaintingEdit], tteo_steps: Sequence[int]
+) -> list[InpaintingRow]:
     """The model's edits in its own way (one step, or a teacher's steps), with TTEO at each of `tteo_steps`, and the
     edits' solutions (each a world scene that answers its prompt) as the reference."""
     from softdimo.pipeline import OneStepPipeline

@@ -80,7 +80,8 @@ def test_a_moved_or_damaged_kept_object_is_not_unchanged(small_square_on_the_lef
     # its right edge blacked out, where the decoder paints next to the repainted half: read elsewhere, misshaped
     cut = shapes.render([kept, new])
     cut[:, 30:32] = 0
-    assert score_edit(cut, edit) == EditScore(passed=False, kept=False, reason="shape: an object fits no shape (best IoU 0.83)")
+    misshaped = "shape: an object fits no shape (best IoU 0.83)"
+    assert score_edit(cut, edit) == EditScore(passed=False, kept=False, reason=misshaped)
     # a hole in its middle: read with the same box, but in a shape the judge would not pass
     holed = shapes.render([kept, new])
     holed[31:37, 23:29] = 0

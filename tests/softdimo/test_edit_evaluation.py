@@ -146,6 +146,10 @@ def test_a_class_model_gets_image_to_image_only(tiny_bundles, tmp_path, capsys, 
             "--coverage-seeds", "2", "--json", str(out), "--device", "cpu"]  # fmt: skip
     assert main(args) == 0
     result = json.loads(out.read_text())
+    assert result["command"] == (  # no TTEO steps asked for: none in the command
+        f"softdimo eval-edits {tiny_bundles['one-step-class']} --edits 3 --strength 0.5 --coverage-prompts 1 "
+        "--coverage-seeds 2 --device cpu"
+    )
     assert result["inpainting"] == [] and len(result["image_to_image"]) == 3
     assert "takes no relation prompts" in result["notes"][0]
     assert "inpainting the free half" not in capsys.readouterr().out

@@ -5,6 +5,7 @@ layout coverage across seeds."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -204,11 +205,8 @@ class InpaintingRow:
         return float(np.mean([getattr(s, of) for s in self.scores]))
 
     def failures(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for s in self.scores:
-            if not s.passed:
-                counts[s.reason.split(":")[0]] = counts.get(s.reason.split(":")[0], 0) + 1
-        return counts
+        """How many edits fail the prompt, by the judge's failure category."""
+        return dict(Counter(s.reason.split(":")[0] for s in self.scores if not s.passed))
 
     def as_dict(self) -> dict:
         return {
@@ -385,6 +383,10 @@ def evaluate_edits(
     from softdimo.bundle import read_bundle
     from softdimo.pipeline import OneStepPipeline, load_pipeline
 
+    if edits < 1:
+        raise EvaluationError(f"an edit evaluation needs at least one edit, got {edits}")
+    if not 0 < strength <= 1:
+        raise EvaluationError(f"image-to-image strength is in (0, 1]: the share of tokens repainted, got {strength}")
     bundle = read_bundle(path)
     if bundle.config.get("kind") not in ("one-step", "masked-diffusion"):
         raise EvaluationError(f"{path}: a {bundle.config.get('kind')} bundle draws no images to edit")

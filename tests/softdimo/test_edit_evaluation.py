@@ -155,6 +155,15 @@ def test_a_class_model_gets_image_to_image_only(tiny_bundles, tmp_path, capsys, 
     assert "inpainting the free half" not in capsys.readouterr().out
 
 
-def test_eval_edits_refuses_a_bundle_that_draws_nothing(tiny_bundles, capsys):
-    assert main(["eval-edits", str(tiny_bundles["tokenizer"]), "--device", "cpu"]) == 2
-    assert "draws no images to edit" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "bundle,options,message",
+    [
+        ("tokenizer", [], "draws no images to edit"),
+        ("one-step", ["--strength", "1.5"], "strength is in (0, 1]"),
+        ("one-step", ["--strength", "0"], "strength is in (0, 1]"),
+        ("one-step", ["--edits", "0"], "at least one edit"),
+    ],
+)
+def test_eval_edits_refuses_what_it_cannot_run(tiny_bundles, capsys, bundle, options, message):
+    assert main(["eval-edits", str(tiny_bundles[bundle]), *options, "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err

@@ -118,6 +118,28 @@ def _eval(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _eval_edits(args: argparse.Namespace) -> None:
+    from softdimo.bench_run import command_line
+    from softdimo.edit_evaluation import evaluate_edits
+
+    flags = [("--edits", args.edits), ("--tteo-steps", args.tteo_steps or None), ("--strength", args.strength),
+             ("--coverage-prompts", args.coverage_prompts), ("--coverage-seeds", args.coverage_seeds),
+             ("--device", args.device)]  # fmt: skip
+    tables = evaluate_edits(
+        args.model,
+        command=command_line(["softdimo", "eval-edits", args.model], flags),
+        edits=args.edits,
+        tteo_steps=args.tteo_steps,
+        strength=args.strength,
+        coverage_prompts=args.coverage_prompts,
+        coverage_seeds=args.coverage_seeds,
+        device=_device(args),
+    )
+    print(f"\n{tables.markdown()}\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(tables.as_dict(), indent=2) + "\n")
+
+
 def _curve(args: argparse.Namespace) -> None:
     from softdimo.train.curve import curve_table
 
@@ -386,6 +408,37 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
         help="one-step models: override TTEO settings, e.g. target=logits lr=0.05",
     )
     ev.set_defaults(func=_eval)
+
+    from softdimo.editing import DEFAULT_STRENGTH
+    from softdimo.edit_evaluation import EDITS
+
+    edits = commands.add_parser(
+        "eval-edits",
+        help="judge a model's edits: held-out inpainting edits (pass, kept object unchanged, both), with TTEO, and "
+        "image-to-image (pass beside layout coverage)",
+    )
+    edits.add_argument("model", help="a one-step or teacher bundle folder")
+    edits.add_argument(
+        "--edits", type=int, default=EDITS, help="held-out inpainting edits, and image-to-image inputs, judged"
+    )
+    edits.add_argument(
+        "--tteo-steps", type=int, nargs="*", default=[], help="one-step models: also TTEO on the edits, these steps"
+    )
+    edits.add_argument(
+        "--strength", type=float, default=DEFAULT_STRENGTH, help="image-to-image: the share of tokens repainted"
+    )
+    edits.add_argument(
+        "--coverage-prompts",
+        type=int,
+        default=COVERAGE_PROMPTS,
+        help="image-to-image: the first N held-out prompts whose layout coverage is measured (0: none)",
+    )
+    edits.add_argument(
+        "--coverage-seeds", type=int, default=COVERAGE_SEEDS, help="images of each coverage prompt, seeds 0 .. N-1"
+    )
+    edits.add_argument("--json", help="also write the results here")
+    edits.add_argument("--device", default="auto")
+    edits.set_defaults(func=_eval_edits)
 
     curve = commands.add_parser(
         "curve", help="a training run's evaluations against training time (from its metrics.jsonl)"

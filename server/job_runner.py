@@ -151,6 +151,7 @@ class JobRunner:
             detail = f"this API key has {limit} queued jobs (max_queued_jobs_per_key); wait for some to start"
             raise ServiceError(429, detail, {"Retry-After": "5"})
         service.metrics.jobs_submitted.labels(job.endpoint).inc()
+        await self._count_queued()
         self._wake.set()
         return job
 
@@ -200,12 +201,9 @@ class JobRunner:
         last_purge = last_count = 0.0
         while self._claiming:
             self._wake.clear()
-            if time.monotonic() - last_count > _COUNT_QUEUED_EVERY_S:
+            if time.monotonic() - last_count > _COUNT_QUEUED_EVERY_S:  # others' jobs too: replicas share a store
                 last_count = time.monotonic()
-                try:
-                    self.service.metrics.jobs_queued.set(await asyncio.to_thread(self.store.count_all_queued))
-                except Exception:
-                    log.exception("counting the queued jobs failed; trying again")
+                await self._count_queued()
             job = None
             if len(self._running) < self.settings.job_concurrency:
                 try:
@@ -224,12 +222,20 @@ class JobRunner:
                 running = _Running(job)
                 self._running[job.id] = running
                 running.task = asyncio.create_task(self._run(running), name=f"job-{job.id}")
+                await self._count_queued()
                 continue
             try:
                 async with asyncio.timeout(_IDLE_POLL_S):
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    async def _count_queued(self) -> None:
+        """softdimo_jobs_queued from the store: after this process adds or claims a job, and every few seconds."""
+        try:
+            self.service.metrics.jobs_queued.set(await asyncio.to_thread(self.store.count_all_queued))
+        except Exception:
+            log.exception("counting the queued jobs failed; trying again")
 
     # ------------------------------------------------------------ one job
     async def _run(self, running: _Running) -> None:

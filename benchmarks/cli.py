@@ -55,47 +55,96 @@ def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
         (("--max-requests",), {"type": int, "help": "requests per load level at most"}),
         (("--timeout-s",), {"type": float, "help": "client-side timeout per request"}),
         (("--repeats",), {"type": int, "help": "timed calls per offline measurement (median)"}),
-        (("--server",), {"choices": ["process", "thread"],
-                         "help": "run `softdimo serve` as a child process, or uvicorn in a thread of this one"}),
+        (
+            ("--server",),
+            {
+                "choices": ["process", "thread"],
+                "help": "run `softdimo serve` as a child process, or uvicorn in a thread of this one",
+            },
+        ),
         *cli.RUNTIME_OPTIONS,
-    ]  # fmt: skip
-    add_bench_suite("serve", "concurrency sweep, batched against --compare-batch-size; or two models or settings side by side", [
-        (("--model",), {"required": True, "nargs": "+", "help": "bundle folder; two to compare them"}),
-        (("--concurrency",), {"type": int, "nargs": "+", "help": "closed-loop clients per load level (default 1 2 4 … 64)"}),
-        (("--compare-batch-size",), {"type": int, "help": "the other server's --max-batch-size"}),
-        (("--endpoint",), {"choices": ["generate", "refine"]}),
-        (("--tteo-steps",), {"type": int, "help": "/refine: TTEO steps per request (default: the bundle's)"}),
-        (("--rounds",), {"type": int, "help": "comparisons: interleaved rounds per server and level, sharing --duration-s"}),
-        (("--peer",), {"choices": list(serve.PEERS), "help": "compare with the model behind this general-purpose server"}),
-        (("--load-generator",), {"choices": list(LOAD_GENERATORS),
-                                 "help": "who sends the load: this project's client (builtin) or hey (Debian hey)"}),
-        *options,
-    ], run=serve.run_serve, table=serve.serve_table, config=serve.ServeBench, after=plot,
-        extra=[(("--plot",), {"help": "folder for throughput.png and latency.png (needs matplotlib)"})])  # fmt: skip
-    add_bench_suite("steps", "one-step model against its teacher at each sampling-steps value, through one server", [
-        (("--one-step",), {"required": True, "help": "one-step bundle folder"}),
-        (("--teacher",), {"required": True, "help": "masked-diffusion bundle folder"}),
-        (("--steps",), {"type": int, "nargs": "+", "help": "teacher sampling steps, one row each (default 4 8 16)"}),
-        (("--concurrency",), {"type": int}),
-        *options,
-    ], run=steps.run_steps, table=steps.steps_table, config=steps.StepsBench)  # fmt: skip
-    add_bench_suite("refine", "one TTEO step against one forward; concurrent /refine batched against serial", [
-        (("--model",), {"required": True, "help": "one-step bundle folder with a reward"}),
-        (("--requests",), {"type": int, "help": "concurrent /refine requests per burst"}),
-        (("--tteo-steps",), {"type": int, "help": "TTEO steps (default: the bundle's)"}),
-        (("--rounds",), {"type": int, "help": "measured bursts per server"}),
-        *[o for o in options if o[0][0] not in ("--duration-s", "--warmup-s", "--max-requests")],
-    ], run=refine.run_refine, table=refine.refine_table, config=refine.RefineBench)  # fmt: skip
-    add_bench_suite("lanes", "/generate p50 and p99 alone, then under a saturating load of /refine jobs", [
-        (("--model",), {"required": True, "help": "one-step bundle folder with a reward"}),
-        (("--concurrency",), {"type": int, "help": "closed-loop /generate clients"}),
-        (("--jobs",), {"type": int, "help": "/refine jobs kept submitted during the loaded run"}),
-        (("--job-images",), {"type": int, "help": "images per job"}),
-        (("--tteo-steps",), {"type": int, "help": "TTEO steps per job (default: the bundle's)"}),
-        *options,
-    ], run=lanes.run_lanes, table=lanes.lanes_table, config=lanes.LanesBench)  # fmt: skip
-
-
+    ]
+    add_bench_suite(
+        "serve",
+        "concurrency sweep, batched against --compare-batch-size; or two models or settings side by side",
+        [
+            (("--model",), {"required": True, "nargs": "+", "help": "bundle folder; two to compare them"}),
+            (
+                ("--concurrency",),
+                {"type": int, "nargs": "+", "help": "closed-loop clients per load level (default 1 2 4 … 64)"},
+            ),
+            (("--compare-batch-size",), {"type": int, "help": "the other server's --max-batch-size"}),
+            (("--endpoint",), {"choices": ["generate", "refine"]}),
+            (("--tteo-steps",), {"type": int, "help": "/refine: TTEO steps per request (default: the bundle's)"}),
+            (
+                ("--rounds",),
+                {"type": int, "help": "comparisons: interleaved rounds per server and level, sharing --duration-s"},
+            ),
+            (
+                ("--peer",),
+                {"choices": list(serve.PEERS), "help": "compare with the model behind this general-purpose server"},
+            ),
+            (
+                ("--load-generator",),
+                {
+                    "choices": list(LOAD_GENERATORS),
+                    "help": "who sends the load: this project's client (builtin) or hey (Debian hey)",
+                },
+            ),
+            *options,
+        ],
+        run=serve.run_serve,
+        table=serve.serve_table,
+        config=serve.ServeBench,
+        after=plot,
+        extra=[(("--plot",), {"help": "folder for throughput.png and latency.png (needs matplotlib)"})],
+    )
+    add_bench_suite(
+        "steps",
+        "one-step model against its teacher at each sampling-steps value, through one server",
+        [
+            (("--one-step",), {"required": True, "help": "one-step bundle folder"}),
+            (("--teacher",), {"required": True, "help": "masked-diffusion bundle folder"}),
+            (
+                ("--steps",),
+                {"type": int, "nargs": "+", "help": "teacher sampling steps, one row each (default 4 8 16)"},
+            ),
+            (("--concurrency",), {"type": int}),
+            *options,
+        ],
+        run=steps.run_steps,
+        table=steps.steps_table,
+        config=steps.StepsBench,
+    )
+    add_bench_suite(
+        "refine",
+        "one TTEO step against one forward; concurrent /refine batched against serial",
+        [
+            (("--model",), {"required": True, "help": "one-step bundle folder with a reward"}),
+            (("--requests",), {"type": int, "help": "concurrent /refine requests per burst"}),
+            (("--tteo-steps",), {"type": int, "help": "TTEO steps (default: the bundle's)"}),
+            (("--rounds",), {"type": int, "help": "measured bursts per server"}),
+            *[o for o in options if o[0][0] not in ("--duration-s", "--warmup-s", "--max-requests")],
+        ],
+        run=refine.run_refine,
+        table=refine.refine_table,
+        config=refine.RefineBench,
+    )
+    add_bench_suite(
+        "lanes",
+        "/generate p50 and p99 alone, then under a saturating load of /refine jobs",
+        [
+            (("--model",), {"required": True, "help": "one-step bundle folder with a reward"}),
+            (("--concurrency",), {"type": int, "help": "closed-loop /generate clients"}),
+            (("--jobs",), {"type": int, "help": "/refine jobs kept submitted during the loaded run"}),
+            (("--job-images",), {"type": int, "help": "images per job"}),
+            (("--tteo-steps",), {"type": int, "help": "TTEO steps per job (default: the bundle's)"}),
+            *options,
+        ],
+        run=lanes.run_lanes,
+        table=lanes.lanes_table,
+        config=lanes.LanesBench,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,9 +40,23 @@ def require_hey() -> str:
 def hey_command(url: str, path: str, body: dict, *, concurrency: int, duration_s: float, timeout_s: float) -> list[str]:
     """hey posting `body` as JSON to `url + path` from `concurrency` workers for `duration_s`: a CSV row per answer."""
     return [
-        require_hey(), "-z", f"{duration_s:g}s", "-c", str(concurrency), "-t", str(math.ceil(timeout_s)),
-        "-m", "POST", "-T", "application/json", "-d", json.dumps(body), "-o", "csv", url + path,
-    ]  # fmt: skip
+        require_hey(),
+        "-z",
+        f"{duration_s:g}s",
+        "-c",
+        str(concurrency),
+        "-t",
+        str(math.ceil(timeout_s)),
+        "-m",
+        "POST",
+        "-T",
+        "application/json",
+        "-d",
+        json.dumps(body),
+        "-o",
+        "csv",
+        url + path,
+    ]
 
 
 def parse_csv(text: str) -> list[HeyAnswer]:
@@ -66,8 +80,14 @@ def answered_within_s(answers: list[HeyAnswer]) -> float:
 
 
 async def run_hey(
-    url: str, path: str, body: dict, *, concurrency: int, duration_s: float, timeout_s: float,
-) -> tuple[list[HeyAnswer], float]:  # fmt: skip
+    url: str,
+    path: str,
+    body: dict,
+    *,
+    concurrency: int,
+    duration_s: float,
+    timeout_s: float,
+) -> tuple[list[HeyAnswer], float]:
     """One round of hey: every answer, and the round's wall time, from the run's start to its last answer (the hey
     process's own time when nothing was answered)."""
     command = hey_command(url, path, body, concurrency=concurrency, duration_s=duration_s, timeout_s=timeout_s)

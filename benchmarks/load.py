@@ -76,9 +76,16 @@ WorkerRequests = Callable[[int], Callable[[], tuple[str, dict]]]  # worker index
 
 
 async def closed_loop(
-    url: str, requests: WorkerRequests, *, concurrency: int, duration_s: float, max_requests: int, timeout_s: float,
-    headers: dict[str, str] | None = None, backoff_max_s: float = 0.0,
-) -> tuple[list[RequestResult], float]:  # fmt: skip
+    url: str,
+    requests: WorkerRequests,
+    *,
+    concurrency: int,
+    duration_s: float,
+    max_requests: int,
+    timeout_s: float,
+    headers: dict[str, str] | None = None,
+    backoff_max_s: float = 0.0,
+) -> tuple[list[RequestResult], float]:
     """One round of `concurrency` workers, each sending its next request and waiting for the answer; returns every
     request's result and the round's wall time. Each worker keeps its own connection. With `backoff_max_s`, a worker
     answered 429 or 503 pauses for Retry-After (1 s without one), at most that long, as a polite client would."""
@@ -101,8 +108,16 @@ async def closed_loop(
                         payload = json.loads(content)
                         result.images = len(payload["data"])
                         if "timing" in payload:  # a peer server answers without the contract's timing
-                            result.queue_s, result.compute_s = payload["timing"]["queue_s"], payload["timing"]["compute_s"]
-                except (LoadClientError, TimeoutError, ValueError, KeyError) as exc:  # no answer, or a 200 without the contract's body
+                            result.queue_s, result.compute_s = (
+                                payload["timing"]["queue_s"],
+                                payload["timing"]["compute_s"],
+                            )
+                except (
+                    LoadClientError,
+                    TimeoutError,
+                    ValueError,
+                    KeyError,
+                ) as exc:  # no answer, or a 200 without the contract's body
                     result = RequestResult(time.perf_counter() - sent, 0, path=path, error=type(exc).__name__)
                 results.append(result)
                 if backoff_max_s and result.status in (429, 503):
@@ -147,8 +162,13 @@ async def run_load(url: str, target: Target, load: Load, server_metrics: bool = 
 
 
 async def load_round(
-    url: str, target: Target, load: Load, seeds: Iterator[int], *, duration_s: float,
-) -> tuple[list[RequestResult], float]:  # fmt: skip
+    url: str,
+    target: Target,
+    load: Load,
+    seeds: Iterator[int],
+    *,
+    duration_s: float,
+) -> tuple[list[RequestResult], float]:
     """One round of `load` for `duration_s` by its generator: every request's result, and the round's wall time.
     The builtin client gives each request the next of `seeds`; hey sends the target's body as it is, so the server
     draws each request's seed."""
@@ -158,34 +178,46 @@ async def load_round(
         )
         return hey_results(answers, target), wall
     return await closed_loop(
-        url, fixed_requests(target, seeds), concurrency=load.concurrency, duration_s=duration_s,
-        max_requests=load.max_requests, timeout_s=load.timeout_s,
-    )  # fmt: skip
+        url,
+        fixed_requests(target, seeds),
+        concurrency=load.concurrency,
+        duration_s=duration_s,
+        max_requests=load.max_requests,
+        timeout_s=load.timeout_s,
+    )
 
 
 def hey_results(answers: Sequence[HeyAnswer], target: Target) -> list[RequestResult]:
     """hey's answers to requests for `target` as results; hey reads no body: an answer 200 has the images asked."""
     images = target.body["n"]
     return [
-        RequestResult(a.latency_s, a.status, images=images if a.status == 200 else 0, path=target.path)
-        for a in answers
+        RequestResult(a.latency_s, a.status, images=images if a.status == 200 else 0, path=target.path) for a in answers
     ]
 
 
-def summarize(samples: Sequence[RequestResult], walls: Sequence[float], *, concurrency: int, batches: tuple[float, float]) -> dict:
+def summarize(
+    samples: Sequence[RequestResult], walls: Sequence[float], *, concurrency: int, batches: tuple[float, float]
+) -> dict:
     """Throughput over the measured wall time, client-side latency percentiles of answered requests, error counts."""
     ok = [s for s in samples if s.status == 200]
     images = sum(s.images for s in ok)
     elapsed = sum(walls)
     images_sum, batch_count = batches
     return {
-        "concurrency": concurrency, "requests": len(samples), "ok": len(ok), "images": images, "elapsed_s": elapsed,
-        "round_s": list(walls), "images_per_s": images / elapsed if elapsed > 0 else 0.0,
+        "concurrency": concurrency,
+        "requests": len(samples),
+        "ok": len(ok),
+        "images": images,
+        "elapsed_s": elapsed,
+        "round_s": list(walls),
+        "images_per_s": images / elapsed if elapsed > 0 else 0.0,
         "latency_ms": latency_summary([s.latency_s for s in ok]),
         "queue_ms": latency_summary([s.queue_s for s in ok if s.queue_s is not None])["mean"],
         "compute_ms": latency_summary([s.compute_s for s in ok if s.compute_s is not None])["mean"],
-        "batches": int(batch_count), "mean_batch_size": images_sum / batch_count if batch_count else None,
-        "status_429": sum(s.status == 429 for s in samples), "status_5xx": sum(500 <= s.status < 600 for s in samples),
+        "batches": int(batch_count),
+        "mean_batch_size": images_sum / batch_count if batch_count else None,
+        "status_429": sum(s.status == 429 for s in samples),
+        "status_5xx": sum(500 <= s.status < 600 for s in samples),
         "errors": sum(s.status == 0 for s in samples),
         "other_status": sum(s.status not in (0, 200, 429) and not 500 <= s.status < 600 for s in samples),
-    }  # fmt: skip
+    }

@@ -28,9 +28,13 @@ class ServerBench(RuntimeOptions):
     def __post_init__(self):
         super().__post_init__()
         positive = {
-            "max_batch_size": self.max_batch_size, "duration_s": self.duration_s, "max_requests": self.max_requests,
-            "timeout_s": self.timeout_s, "repeats": self.repeats, "max_wait_ms": self.max_wait_ms,
-        }  # fmt: skip
+            "max_batch_size": self.max_batch_size,
+            "duration_s": self.duration_s,
+            "max_requests": self.max_requests,
+            "timeout_s": self.timeout_s,
+            "repeats": self.repeats,
+            "max_wait_ms": self.max_wait_ms,
+        }
         check_options(positive=positive, non_negative={"warmup_s": self.warmup_s})
 
     def runtime(self) -> RuntimeSettings:
@@ -40,18 +44,27 @@ class ServerBench(RuntimeOptions):
             raise BenchError("two runtime settings are compared by bench serve or bench offline; give one value here")
         return arms[0]["runtime"]
 
-    def spec(self, weights: Sequence[str], max_batch_size: int, runtime: RuntimeSettings = RuntimeSettings()) -> ServerSpec:
+    def spec(
+        self, weights: Sequence[str], max_batch_size: int, runtime: RuntimeSettings = RuntimeSettings()
+    ) -> ServerSpec:
         absolute = tuple(str(Path(w).resolve()) for w in weights)
         return ServerSpec(
-            weights=absolute, device=self.device, max_batch_size=max_batch_size, max_wait_ms=self.max_wait_ms, mode=self.server,
+            weights=absolute,
+            device=self.device,
+            max_batch_size=max_batch_size,
+            max_wait_ms=self.max_wait_ms,
+            mode=self.server,
             runtime=runtime,
-        )  # fmt: skip
+        )
 
     def load(self, concurrency: int) -> Load:
         return Load(
-            concurrency=concurrency, duration_s=self.duration_s, warmup_s=self.warmup_s, max_requests=self.max_requests,
+            concurrency=concurrency,
+            duration_s=self.duration_s,
+            warmup_s=self.warmup_s,
+            max_requests=self.max_requests,
             timeout_s=self.timeout_s,
-        )  # fmt: skip
+        )
 
 
 def model_info(path: str) -> dict:

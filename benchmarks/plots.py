@@ -15,7 +15,10 @@ def plot_serve(result: dict, folder: str | os.PathLike) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("softdimo bench: skipping --plot: matplotlib is not installed (pip install 'softdimo[bench]')", file=sys.stderr)
+        print(
+            "softdimo bench: skipping --plot: matplotlib is not installed (pip install 'softdimo[bench]')",
+            file=sys.stderr,
+        )
         return []
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -29,7 +32,10 @@ def plot_serve(result: dict, folder: str | os.PathLike) -> list[Path]:
     latency = {" p50": lambda level: level["latency_ms"]["p50"], " p99": lambda level: level["latency_ms"]["p99"]}
     device = result["machine"].get("gpu") or result["machine"]["device"]
     written = []
-    for name, ylabel, keys in (("throughput.png", "images/s", throughput), ("latency.png", "client-side latency (ms)", latency)):
+    for name, ylabel, keys in (
+        ("throughput.png", "images/s", throughput),
+        ("latency.png", "client-side latency (ms)", latency),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for colour, label in enumerate(runs):  # one colour per server, one line style per statistic
             for style, (suffix, key) in zip(("-", "--"), keys.items()):

@@ -38,36 +38,65 @@ def run_refine(config: RefineBench, command: str) -> dict:
     step_cost = tteo_step_cost(pipeline, steps=steps, batch_size=1, repeats=config.repeats, warmup=WARMUP_CALLS)
     del pipeline
     burst = Load(
-        concurrency=config.requests, max_requests=config.requests, rounds=config.rounds,
-        duration_s=config.timeout_s, warmup_s=config.timeout_s, timeout_s=config.timeout_s,
-    )  # each round is exactly one burst: bounded by count, the duration only a backstop  # fmt: skip
+        concurrency=config.requests,
+        max_requests=config.requests,
+        rounds=config.rounds,
+        duration_s=config.timeout_s,
+        warmup_s=config.timeout_s,
+        timeout_s=config.timeout_s,
+    )  # each round is exactly one burst: bounded by count, the duration only a backstop
     runs = {}
     for label, batch_size in (("batched", config.max_batch_size), ("serial", 1)):
         with running_server(config.spec([config.model], batch_size, runtime)) as url:
             target = target_for(model_cards(url)[model["name"]], "/refine", steps)
             runs[label] = {"max_batch_size": batch_size, **asyncio.run(run_load(url, target, burst))}
     return {
-        "bench": "refine", "machine": machine_info(device, command), "config": asdict(config), "model": model,
-        "tteo_steps": steps, "step_cost": step_cost, "runs": runs,
+        "bench": "refine",
+        "machine": machine_info(device, command),
+        "config": asdict(config),
+        "model": model,
+        "tteo_steps": steps,
+        "step_cost": step_cost,
+        "runs": runs,
         "ratio": ratio(runs["batched"]["images_per_s"], runs["serial"]["images_per_s"]),
-    }  # fmt: skip
+    }
 
 
 def refine_table(result: dict) -> str:
     cost = result["step_cost"]
     cost_table = markdown_table(
         [
-            "TTEO steps", "batch", "forward ms", f"refine ms ({cost['tteo_steps']} steps)", "refine ms (0 steps)", "ms / step",
+            "TTEO steps",
+            "batch",
+            "forward ms",
+            f"refine ms ({cost['tteo_steps']} steps)",
+            "refine ms (0 steps)",
+            "ms / step",
             "step / forward",
         ],
-        [[cost["tteo_steps"], cost["batch_size"], cost["forward_s"] * 1000, cost["refine_s"] * 1000,
-          cost["refine_zero_steps_s"] * 1000, cost["step_s"] * 1000, cost["step_over_forward"]]],
-    )  # fmt: skip
+        [
+            [
+                cost["tteo_steps"],
+                cost["batch_size"],
+                cost["forward_s"] * 1000,
+                cost["refine_s"] * 1000,
+                cost["refine_zero_steps_s"] * 1000,
+                cost["step_s"] * 1000,
+                cost["step_over_forward"],
+            ]
+        ],
+    )
     rows = [
-        [f"{label} (--max-batch-size {run['max_batch_size']})", run["images_per_s"], run["latency_ms"]["p50"],
-         run["latency_ms"]["p99"], run["mean_batch_size"], run["status_429"] + run["status_5xx"] + run["errors"]]
+        [
+            f"{label} (--max-batch-size {run['max_batch_size']})",
+            run["images_per_s"],
+            run["latency_ms"]["p50"],
+            run["latency_ms"]["p99"],
+            run["mean_batch_size"],
+            run["status_429"] + run["status_5xx"] + run["errors"],
+        ]
         for label, run in result["runs"].items()
-    ]  # fmt: skip
+    ]
     burst_table = markdown_table(["server", "images/s", "p50 ms", "p99 ms", "mean batch", "failed"], rows)
     cfg = result["config"]
     return (

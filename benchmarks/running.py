@@ -31,8 +31,13 @@ def free_port() -> int:
 
 
 def wait_until_ready(
-    url: str, *, alive: Callable[[], bool], timeout_s: float, describe: Callable[[], str] = str, path: str = "/readyz",
-) -> None:  # fmt: skip
+    url: str,
+    *,
+    alive: Callable[[], bool],
+    timeout_s: float,
+    describe: Callable[[], str] = str,
+    path: str = "/readyz",
+) -> None:
     """Poll `path` until it answers 200; ServerStartError when the server dies, reports a failed load, or time runs
     out. `describe` adds what the server printed to the error."""
     deadline = time.monotonic() + timeout_s
@@ -66,7 +71,9 @@ def server_thread(settings, engine=None, ready_timeout_s: float = 60.0) -> Itera
 
     port = free_port()
     settings = settings.model_copy(update={"host": HOST, "port": port})
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, engine), host=HOST, port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, engine), host=HOST, port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True, name="softdimo-server")
     thread.start()
     url = f"http://{HOST}:{port}"
@@ -80,23 +87,34 @@ def server_thread(settings, engine=None, ready_timeout_s: float = 60.0) -> Itera
 
 @contextmanager
 def server_process(
-    args: list[str], *, log_path: Path | None = None, env: dict[str, str] | None = None, ready_timeout_s: float = 90.0,
+    args: list[str],
+    *,
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 90.0,
     graceful_stop: bool = False,
-) -> Iterator[tuple[subprocess.Popen, str]]:  # fmt: skip
+) -> Iterator[tuple[subprocess.Popen, str]]:
     """`softdimo serve ARGS --host 127.0.0.1 --port FREE` as a child process; yields (process, URL) once ready.
 
     Its output goes to `log_path` (a temporary file when None). `env` is the whole environment when given. At the
     end a process still running is stopped: with SIGTERM and a wait for its drain when `graceful_stop`, else killed."""
     command = lambda port: [sys.executable, "-m", "server.cli", "serve", *args, "--host", HOST, "--port", str(port)]  # noqa: E731
-    with child_server(command, log_path=log_path, env=env, ready_timeout_s=ready_timeout_s, graceful_stop=graceful_stop) as started:
+    with child_server(
+        command, log_path=log_path, env=env, ready_timeout_s=ready_timeout_s, graceful_stop=graceful_stop
+    ) as started:
         yield started
 
 
 @contextmanager
 def child_server(
-    command: Callable[[int], list[str]], *, ready_path: str = "/readyz", log_path: Path | None = None,
-    env: dict[str, str] | None = None, ready_timeout_s: float = 90.0, graceful_stop: bool = False,
-) -> Iterator[tuple[subprocess.Popen, str]]:  # fmt: skip
+    command: Callable[[int], list[str]],
+    *,
+    ready_path: str = "/readyz",
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 90.0,
+    graceful_stop: bool = False,
+) -> Iterator[tuple[subprocess.Popen, str]]:
     """Any HTTP server as a child process: `command(port)` on a free loopback port, ready when `ready_path` answers
     200; yields (process, URL), and stops it at the end as server_process does."""
     port = free_port()
@@ -110,9 +128,13 @@ def child_server(
 
         # A session of its own: the server's own children (a peer's worker processes) are stopped with it.
         environment = os.environ.copy() if env is None else env
-        process = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+        process = subprocess.Popen(
+            command(port), stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+        )
         try:
-            wait_until_ready(url, alive=lambda: process.poll() is None, timeout_s=ready_timeout_s, describe=printed, path=ready_path)
+            wait_until_ready(
+                url, alive=lambda: process.poll() is None, timeout_s=ready_timeout_s, describe=printed, path=ready_path
+            )
             yield process, url
         finally:
             if process.poll() is None:

@@ -41,9 +41,15 @@ LATENCY_TARGET_MS = 5.0  # p50 at concurrency 1 may exceed the offline forward t
 
 
 def _offline_seconds(
-    model: str, device, *, endpoint: str, batch_sizes: Sequence[int], tteo_steps: int | None, repeats: int,
+    model: str,
+    device,
+    *,
+    endpoint: str,
+    batch_sizes: Sequence[int],
+    tteo_steps: int | None,
+    repeats: int,
     runtime: RuntimeSettings = RuntimeSettings(),
-) -> tuple[dict[int, float], int | None]:  # fmt: skip
+) -> tuple[dict[int, float], int | None]:
     """Median seconds of one batch at each size, run in this process as the server's batch function runs it."""
     pipeline = load_pipeline(model, device)
     run = Runtime(runtime, max_batch_size=max(batch_sizes))
@@ -73,16 +79,35 @@ def _offline_seconds(
 def _level_row(level: dict) -> list:
     lat = level["latency_ms"]
     return [
-        level["concurrency"], level["requests"], level["images_per_s"], lat["p50"], lat["p95"], lat["p99"],
-        level["mean_batch_size"], level["queue_ms"], level["compute_ms"], level["status_429"], level["status_5xx"],
+        level["concurrency"],
+        level["requests"],
+        level["images_per_s"],
+        lat["p50"],
+        lat["p95"],
+        lat["p99"],
+        level["mean_batch_size"],
+        level["queue_ms"],
+        level["compute_ms"],
+        level["status_429"],
+        level["status_5xx"],
         level["errors"],
-    ]  # fmt: skip
+    ]
 
 
 LEVEL_COLUMNS = [
-    "concurrency", "requests", "images/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "queue ms", "compute ms",
-    "429", "5xx", "errors",
-]  # fmt: skip
+    "concurrency",
+    "requests",
+    "images/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "mean batch",
+    "queue ms",
+    "compute ms",
+    "429",
+    "5xx",
+    "errors",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +124,11 @@ class ServeBench(ServerBench):
         if isinstance(self.model, str):  # one folder may be given as a string
             object.__setattr__(self, "model", (self.model,))
         super().__post_init__()
-        positive = {"concurrency": self.concurrency, "compare_batch_size": self.compare_batch_size, "tteo_steps": self.tteo_steps}
+        positive = {
+            "concurrency": self.concurrency,
+            "compare_batch_size": self.compare_batch_size,
+            "tteo_steps": self.tteo_steps,
+        }
         check_options(positive=positive)
         if self.endpoint not in ("generate", "refine"):
             raise BenchError("--endpoint is generate or refine")
@@ -136,9 +165,14 @@ def run_serve(config: ServeBench, command: str) -> dict:
     model_path, runtime = arms[0]["model"], arms[0]["runtime"]
     model = model_info(model_path)
     offline, steps = _offline_seconds(
-        model_path, device, endpoint=config.endpoint, batch_sizes=sorted({1, config.max_batch_size}),
-        tteo_steps=config.tteo_steps, repeats=config.repeats, runtime=runtime,
-    )  # fmt: skip
+        model_path,
+        device,
+        endpoint=config.endpoint,
+        batch_sizes=sorted({1, config.max_batch_size}),
+        tteo_steps=config.tteo_steps,
+        repeats=config.repeats,
+        runtime=runtime,
+    )
     path = f"/{config.endpoint}"
     runs = {}
     for label, batch_size in (("batched", config.max_batch_size), ("unbatched", config.compare_batch_size)):
@@ -147,10 +181,15 @@ def run_serve(config: ServeBench, command: str) -> dict:
             levels = [asyncio.run(run_load(url, target, config.load(c))) for c in config.concurrency]
         runs[label] = {"max_batch_size": batch_size, "levels": levels}
     return {
-        "bench": "serve", "machine": machine_info(device, command), "config": asdict(config), "model": model,
-        "runtime": runtime.to_dict(), "endpoint": path, "tteo_steps": steps,
+        "bench": "serve",
+        "machine": machine_info(device, command),
+        "config": asdict(config),
+        "model": model,
+        "runtime": runtime.to_dict(),
+        "endpoint": path,
+        "tteo_steps": steps,
         **serve_comparisons(runs, offline, config.max_batch_size),
-    }  # fmt: skip
+    }
 
 
 def run_serve_comparison(config: ServeBench, command: str, arms: list[dict]) -> dict:
@@ -168,7 +207,9 @@ def run_serve_comparison(config: ServeBench, command: str, arms: list[dict]) -> 
         servers = []  # (url, target, whether it has softdimo's /metrics, how the table describes it)
         for arm in arms:
             model = model_info(arm["model"])
-            url = stack.enter_context(running_server(config.spec([arm["model"]], config.max_batch_size, arm["runtime"])))
+            url = stack.enter_context(
+                running_server(config.spec([arm["model"]], config.max_batch_size, arm["runtime"]))
+            )
             target = target_for(model_cards(url)[model["name"]], path, config.tteo_steps)
             servers.append((url, target, True, {**model, "runtime": arm["runtime"].to_dict()}))
         if peer is not None:
@@ -178,16 +219,30 @@ def run_serve_comparison(config: ServeBench, command: str, arms: list[dict]) -> 
         for concurrency in config.concurrency:
             if config.warmup_s > 0:
                 for url, target, metrics, _ in servers:
-                    asyncio.run(run_load(url, target, replace(round_load, concurrency=concurrency, duration_s=config.warmup_s), metrics))
+                    asyncio.run(
+                        run_load(
+                            url,
+                            target,
+                            replace(round_load, concurrency=concurrency, duration_s=config.warmup_s),
+                            metrics,
+                        )
+                    )
             load = replace(round_load, concurrency=concurrency)
-            measures = [lambda u=url, t=target, m=metrics: asyncio.run(run_load(u, t, load, m)) for url, target, metrics, _ in servers]
+            measures = [
+                lambda u=url, t=target, m=metrics: asyncio.run(run_load(u, t, load, m))
+                for url, target, metrics, _ in servers
+            ]
             a, b = interleaved(measures, rounds=config.rounds)
             stats = compare_rounds([r["images_per_s"] for r in a], [r["images_per_s"] for r in b])
             levels.append({"concurrency": concurrency, **stats, "rounds_measured": {"A": a, "B": b}})
     return {
-        "bench": "serve", "machine": machine_info(device, command), "config": asdict(config), "endpoint": path,
-        "arms": [{"label": label, **described} for label, (*_, described) in zip("AB", servers)], "comparison": levels,
-    }  # fmt: skip
+        "bench": "serve",
+        "machine": machine_info(device, command),
+        "config": asdict(config),
+        "endpoint": path,
+        "arms": [{"label": label, **described} for label, (*_, described) in zip("AB", servers)],
+        "comparison": levels,
+    }
 
 
 def _litserve_version() -> str:
@@ -208,9 +263,20 @@ def peer_server(config: ServeBench, model: str) -> Iterator[str]:
     does: the same largest batch and the same wait for company (the server's default when not given)."""
     wait_ms = config.max_wait_ms if config.max_wait_ms is not None else Settings.model_fields["max_wait_ms"].default
     command = lambda port: [  # noqa: E731
-        sys.executable, "-m", "benchmarks.litserve_peer", "--model", str(Path(model).resolve()), "--port", str(port),
-        "--device", config.device, "--max-batch-size", str(config.max_batch_size), "--batch-timeout-ms", str(wait_ms),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "benchmarks.litserve_peer",
+        "--model",
+        str(Path(model).resolve()),
+        "--port",
+        str(port),
+        "--device",
+        config.device,
+        "--max-batch-size",
+        str(config.max_batch_size),
+        "--batch-timeout-ms",
+        str(wait_ms),
+    ]
     try:
         with child_server(command, ready_path="/health", ready_timeout_s=300) as (_, url):
             yield url
@@ -243,29 +309,42 @@ def serve_comparisons(runs: dict, offline: dict[int, float], max_batch_size: int
     unbatched = {level["concurrency"]: level for level in runs["unbatched"]["levels"]}
     comparison = [
         {
-            "concurrency": c, "batched_images_per_s": batched[c]["images_per_s"],
+            "concurrency": c,
+            "batched_images_per_s": batched[c]["images_per_s"],
             "unbatched_images_per_s": unbatched[c]["images_per_s"],
             "ratio": ratio(batched[c]["images_per_s"], unbatched[c]["images_per_s"]),
         }
-        for c in batched if c in unbatched
-    ]  # fmt: skip
+        for c in batched
+        if c in unbatched
+    ]
     latency_at_1 = None
     if 1 in batched and batched[1]["latency_ms"]["p50"] is not None:
         p50, forward = batched[1]["latency_ms"]["p50"], offline[1] * 1000
-        latency_at_1 = {"p50_ms": p50, "forward_ms": forward, "overhead_ms": p50 - forward, "target_ms": LATENCY_TARGET_MS}
+        latency_at_1 = {
+            "p50_ms": p50,
+            "forward_ms": forward,
+            "overhead_ms": p50 - forward,
+            "target_ms": LATENCY_TARGET_MS,
+        }
     best = max(batched.values(), key=lambda level: level["images_per_s"])
     offline_rate = max_batch_size / offline[max_batch_size]
     return {
         "offline": {
-            "batch_1_s": offline[1], "batch_size": max_batch_size, "batch_s": offline[max_batch_size],
+            "batch_1_s": offline[1],
+            "batch_size": max_batch_size,
+            "batch_s": offline[max_batch_size],
             "batched_images_per_s": offline_rate,
         },
-        "runs": runs, "comparison": comparison, "latency_at_1": latency_at_1,
+        "runs": runs,
+        "comparison": comparison,
+        "latency_at_1": latency_at_1,
         "saturation": {
-            "server_images_per_s": best["images_per_s"], "at_concurrency": best["concurrency"],
-            "offline_images_per_s": offline_rate, "fraction": ratio(best["images_per_s"], offline_rate),
+            "server_images_per_s": best["images_per_s"],
+            "at_concurrency": best["concurrency"],
+            "offline_images_per_s": offline_rate,
+            "fraction": ratio(best["images_per_s"], offline_rate),
         },
-    }  # fmt: skip
+    }
 
 
 def serve_comparison_table(result: dict) -> str:
@@ -282,14 +361,37 @@ def serve_comparison_table(result: dict) -> str:
         p50 = lambda r: r["latency_ms"]["p50"]  # noqa: E731
         p99 = lambda r: r["latency_ms"]["p99"]  # noqa: E731
         failed = lambda rounds: sum(r["requests"] - r["ok"] for r in rounds)  # noqa: E731
-        rows.append([
-            level["concurrency"], level["a"], level["b"], level["ratio"], ratio_range(level), median(ra, p50), median(rb, p50),
-            median(ra, p99), median(rb, p99), failed(ra), failed(rb),
-        ])  # fmt: skip
+        rows.append(
+            [
+                level["concurrency"],
+                level["a"],
+                level["b"],
+                level["ratio"],
+                ratio_range(level),
+                median(ra, p50),
+                median(rb, p50),
+                median(ra, p99),
+                median(rb, p99),
+                failed(ra),
+                failed(rb),
+            ]
+        )
     table = markdown_table(
-        ["concurrency", "A images/s", "B images/s", "B / A", "B / A range", "A p50 ms", "B p50 ms", "A p99 ms", "B p99 ms",
-         "A failed", "B failed"], rows,
-    )  # fmt: skip
+        [
+            "concurrency",
+            "A images/s",
+            "B images/s",
+            "B / A",
+            "B / A range",
+            "A p50 ms",
+            "B p50 ms",
+            "A p99 ms",
+            "B p99 ms",
+            "A failed",
+            "B failed",
+        ],
+        rows,
+    )
     arm = lambda x: f"`{x['name']}` from `{x['path']}` ({x['kind']}; {runtime_words(x['runtime'])})"  # noqa: E731
     server = lambda x: x.get("server", "softdimo")  # noqa: E731
     stage_tables = ""
@@ -322,8 +424,13 @@ def serve_table(result: dict) -> str:
         stages = stage_table([(level["concurrency"], [level["stages"]]) for level in run["levels"]])
         parts.append(f"**{label}: --max-batch-size {run['max_batch_size']}**\n\n{table}\n\n{STAGES_LINE}\n\n{stages}")
     b, u = result["runs"]["batched"]["max_batch_size"], result["runs"]["unbatched"]["max_batch_size"]
-    rows = [[c["concurrency"], c["batched_images_per_s"], c["unbatched_images_per_s"], c["ratio"]] for c in result["comparison"]]
-    parts.append(markdown_table(["concurrency", f"images/s (max batch {b})", f"images/s (max batch {u})", "ratio"], rows))
+    rows = [
+        [c["concurrency"], c["batched_images_per_s"], c["unbatched_images_per_s"], c["ratio"]]
+        for c in result["comparison"]
+    ]
+    parts.append(
+        markdown_table(["concurrency", f"images/s (max batch {b})", f"images/s (max batch {u})", "ratio"], rows)
+    )
     lines = []
     if result["latency_at_1"]:
         lat = result["latency_at_1"]

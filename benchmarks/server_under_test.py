@@ -38,9 +38,15 @@ def running_server(spec: ServerSpec, ready_timeout_s: float = 300.0) -> Iterator
     flags = {"max_wait_ms": spec.max_wait_ms} if spec.max_wait_ms is not None else {}
     jobs = tempfile.TemporaryDirectory(prefix="softdimo-bench-jobs-")  # a job store of its own, left nowhere
     settings = Settings(
-        weights=list(spec.weights), device=spec.device, max_batch_size=spec.max_batch_size, api_key=None,
-        log_level="warning", job_db_path=str(Path(jobs.name) / "jobs.sqlite3"), **flags, **spec.runtime.to_dict(),
-    )  # fmt: skip
+        weights=list(spec.weights),
+        device=spec.device,
+        max_batch_size=spec.max_batch_size,
+        api_key=None,
+        log_level="warning",
+        job_db_path=str(Path(jobs.name) / "jobs.sqlite3"),
+        **flags,
+        **spec.runtime.to_dict(),
+    )
     try:
         if spec.mode == "thread":
             with server_thread(settings, ready_timeout_s=ready_timeout_s) as url:
@@ -48,7 +54,9 @@ def running_server(spec: ServerSpec, ready_timeout_s: float = 300.0) -> Iterator
             return
         # SOFTDIMO_* settings of the calling shell (an API key, a smaller queue) would change what is measured.
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTDIMO_")}
-        with server_process(serve_arguments(settings), env=env, ready_timeout_s=ready_timeout_s, graceful_stop=True) as (_, url):
+        with server_process(
+            serve_arguments(settings), env=env, ready_timeout_s=ready_timeout_s, graceful_stop=True
+        ) as (_, url):
             yield url
     except ServerStartError as exc:
         raise BenchError(str(exc)) from exc
@@ -60,11 +68,23 @@ def serve_arguments(settings: Settings) -> list[str]:
     """The `softdimo serve` flags that reproduce `settings`' weights, device, batching and runtime."""
     runtime = settings.runtime()
     return [
-        "--weights", *settings.weights, "--device", settings.device, "--max-batch-size", str(settings.max_batch_size),
-        "--max-wait-ms", str(settings.max_wait_ms), "--log-level", settings.log_level, "--precision", runtime.precision,
-        "--compile" if runtime.compile else "--no-compile", "--pin-memory" if runtime.pin_memory else "--no-pin-memory",
-        "--job-db-path", settings.job_db_path,
-    ]  # fmt: skip
+        "--weights",
+        *settings.weights,
+        "--device",
+        settings.device,
+        "--max-batch-size",
+        str(settings.max_batch_size),
+        "--max-wait-ms",
+        str(settings.max_wait_ms),
+        "--log-level",
+        settings.log_level,
+        "--precision",
+        runtime.precision,
+        "--compile" if runtime.compile else "--no-compile",
+        "--pin-memory" if runtime.pin_memory else "--no-pin-memory",
+        "--job-db-path",
+        settings.job_db_path,
+    ]
 
 
 def model_cards(url: str) -> dict[str, dict]:

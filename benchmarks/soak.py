@@ -15,9 +15,13 @@ from benchmarks.load import closed_loop
 from softdimo.timing import latency_summary
 
 PROMPTS = (
-    "a red circle", "two blue squares", "a green triangle", "three cyan triangles", "a large yellow circle",
+    "a red circle",
+    "two blue squares",
+    "a green triangle",
+    "three cyan triangles",
+    "a large yellow circle",
     "a blue square above a red circle",
-)  # fmt: skip
+)
 MAX_BACKOFF_S = 5.0  # longest pause a worker takes on a 429 or 503, whatever Retry-After says
 
 
@@ -70,7 +74,12 @@ class SoakReport:
 
 def _routes(models: list[dict]) -> list[tuple[str, dict]]:
     """(endpoint, model card) pairs: /generate for every model, /refine for those whose card lists rewards."""
-    return [(endpoint, m) for m in models for endpoint in ("/generate", "/refine") if endpoint == "/generate" or m.get("rewards")]
+    return [
+        (endpoint, m)
+        for m in models
+        for endpoint in ("/generate", "/refine")
+        if endpoint == "/generate" or m.get("rewards")
+    ]
 
 
 def _pick(routes: list[tuple[str, dict]], rng: random.Random) -> tuple[str, dict]:
@@ -98,8 +107,14 @@ async def _resident_memory(client: httpx.AsyncClient) -> float | None:
 
 
 async def soak(
-    url: str, *, duration_s: float, concurrency: int, api_key: str | None = None, seed: int = 0, timeout_s: float = 300.0,
-) -> SoakReport:  # fmt: skip
+    url: str,
+    *,
+    duration_s: float,
+    concurrency: int,
+    api_key: str | None = None,
+    seed: int = 0,
+    timeout_s: float = 300.0,
+) -> SoakReport:
     """Keep `concurrency` requests in flight for `duration_s` seconds (the benchmarks' closed loop: each worker waits
     for its answer, and backs off on 429 and 503), each worker drawing its own mix of routes from `seed`."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -113,9 +128,15 @@ async def soak(
         rss_start = await _resident_memory(client)
         requests = lambda worker: functools.partial(_pick, routes, random.Random(seed * 1000 + worker))  # noqa: E731
         results, elapsed = await closed_loop(
-            url, requests, concurrency=concurrency, duration_s=duration_s, max_requests=2**62, timeout_s=timeout_s,
-            headers=headers, backoff_max_s=MAX_BACKOFF_S,
-        )  # fmt: skip
+            url,
+            requests,
+            concurrency=concurrency,
+            duration_s=duration_s,
+            max_requests=2**62,
+            timeout_s=timeout_s,
+            headers=headers,
+            backoff_max_s=MAX_BACKOFF_S,
+        )
         rss_end = await _resident_memory(client)
 
     statuses: dict[str, Counter] = {}
@@ -131,16 +152,25 @@ async def soak(
         if r.status == 200:
             latencies.setdefault(r.path, []).append(r.latency_s)
     return SoakReport(
-        url=url, duration_s=elapsed, concurrency=concurrency, requests=len(results), by_status=dict(by_status),
-        by_endpoint={e: dict(c) for e, c in statuses.items()}, errors=dict(errors),
-        latency_ms={e: latency_summary(v) for e, v in latencies.items()}, rss_start_bytes=rss_start, rss_end_bytes=rss_end,
+        url=url,
+        duration_s=elapsed,
+        concurrency=concurrency,
+        requests=len(results),
+        by_status=dict(by_status),
+        by_endpoint={e: dict(c) for e, c in statuses.items()},
+        errors=dict(errors),
+        latency_ms={e: latency_summary(v) for e, v in latencies.items()},
+        rss_start_bytes=rss_start,
+        rss_end_bytes=rss_end,
         models=[m["name"] for m in models],
-    )  # fmt: skip
+    )
 
 
 def run_soak(url: str, *, minutes: float, concurrency: int, api_key: str | None = None, seed: int = 0) -> SoakReport:
     """The `softdimo soak` command's work: run the soak and return its report."""
-    return asyncio.run(soak(url.rstrip("/"), duration_s=minutes * 60, concurrency=concurrency, api_key=api_key, seed=seed))
+    return asyncio.run(
+        soak(url.rstrip("/"), duration_s=minutes * 60, concurrency=concurrency, api_key=api_key, seed=seed)
+    )
 
 
 def write_report(report: SoakReport, path: str) -> None:

@@ -36,19 +36,27 @@ def run_steps(config: StepsBench, command: str) -> dict:
         cards = model_cards(url)
         load = config.load(config.concurrency)
         fast = asyncio.run(run_load(url, target_for(cards[one_step["name"]], "/generate"), load))
-        slow = {s: asyncio.run(run_load(url, target_for(cards[teacher["name"]], "/generate", s), load)) for s in config.steps}
+        slow = {
+            s: asyncio.run(run_load(url, target_for(cards[teacher["name"]], "/generate", s), load))
+            for s in config.steps
+        }
     rows = [
         {
-            "steps": s, "one_step_images_per_s": fast["images_per_s"], "teacher_images_per_s": slow[s]["images_per_s"],
+            "steps": s,
+            "one_step_images_per_s": fast["images_per_s"],
+            "teacher_images_per_s": slow[s]["images_per_s"],
             "ratio": ratio(fast["images_per_s"], slow[s]["images_per_s"]),
         }
         for s in config.steps
-    ]  # fmt: skip
+    ]
     return {
-        "bench": "steps", "machine": machine_info(device, command), "config": asdict(config),
-        "one_step": {**one_step, "load": fast}, "teacher": {**teacher, "loads": [{"steps": s, **slow[s]} for s in config.steps]},
+        "bench": "steps",
+        "machine": machine_info(device, command),
+        "config": asdict(config),
+        "one_step": {**one_step, "load": fast},
+        "teacher": {**teacher, "loads": [{"steps": s, **slow[s]} for s in config.steps]},
         "rows": rows,
-    }  # fmt: skip
+    }
 
 
 def steps_table(result: dict) -> str:
@@ -56,11 +64,15 @@ def steps_table(result: dict) -> str:
     slow = {load["steps"]: load for load in result["teacher"]["loads"]}
     rows = [
         [
-            r["steps"], r["one_step_images_per_s"], r["teacher_images_per_s"], r["ratio"], fast["latency_ms"]["p50"],
+            r["steps"],
+            r["one_step_images_per_s"],
+            r["teacher_images_per_s"],
+            r["ratio"],
+            fast["latency_ms"]["p50"],
             slow[r["steps"]]["latency_ms"]["p50"],
         ]
         for r in result["rows"]
-    ]  # fmt: skip
+    ]
     columns = ["teacher steps", "one-step images/s", "teacher images/s", "ratio", "one-step p50 ms", "teacher p50 ms"]
     table = markdown_table(columns, rows)
     cfg = result["config"]

@@ -158,9 +158,7 @@ def hardened(pod_spec: dict, c: dict, f: Findings, cname: str) -> None:
     f.check("ALL" in csc.get("capabilities", {}).get("drop", []), f"{cname}: must drop ALL capabilities")
     res = c.get("resources", {})
     for r in ("cpu", "memory"):
-        f.check(
-            r in res.get("requests", {}) and r in res.get("limits", {}), f"{cname}: needs {r} request and limit"
-        )
+        f.check(r in res.get("requests", {}) and r in res.get("limits", {}), f"{cname}: needs {r} request and limit")
     tag = image_tag(c.get("image", ""))
     f.check(bool(tag) and tag != "latest", f"{cname}: image {c.get('image')!r} needs an explicit tag other than latest")
 

@@ -72,9 +72,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(
-            ApiKeyGuard, api_key=settings.api_key, exempt=settings.auth_exempt_paths,
+            ApiKeyGuard,
+            api_key=settings.api_key,
+            exempt=settings.auth_exempt_paths,
             on_refused=lambda path: count_refusal(path, 401),
-        )  # fmt: skip
+        )
     app.add_middleware(RequestTimer)  # outermost: a request's time counts from its arrival, before any check
 
     def served() -> openapi.Served | None:
@@ -98,17 +100,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return error_response(request.url.path, 413, exc.detail)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):  # unknown paths, wrong methods, unreadable bodies
+    async def http_error(
+        request: Request, exc: StarletteHTTPException
+    ):  # unknown paths, wrong methods, unreadable bodies
         headers = getattr(exc, "headers", None)
         if exc.status_code == 404 and exc.detail == "Not Found":  # no route, as opposed to a route answering 404
             detail = f"no endpoint {request.method} {request.url.path}; see /openapi.json for the endpoints"
             return error_response(request.url.path, 404, detail, headers, code="unknown_url")
         if exc.status_code == 405:
             # Every route of the path, not just the first that matched it: GET and DELETE /v1/jobs/{id} are two routes.
-            allowed = sorted({
-                method for route in _leaf_routes(app.routes) if route.matches(request.scope)[0] is Match.PARTIAL
-                for method in getattr(route, "methods", None) or ()
-            })  # fmt: skip
+            allowed = sorted(
+                {
+                    method
+                    for route in _leaf_routes(app.routes)
+                    if route.matches(request.scope)[0] is Match.PARTIAL
+                    for method in getattr(route, "methods", None) or ()
+                }
+            )
             detail = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
             return error_response(request.url.path, 405, detail, {**(headers or {}), "Allow": ", ".join(allowed)})
         return error_response(request.url.path, exc.status_code, exc.detail, headers)
@@ -136,10 +144,13 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, app: FastAPI, settings: Settings):
         super().__init__(
             uvicorn.Config(
-                app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                app,
+                host=settings.host,
+                port=settings.port,
+                log_level=settings.log_level,
                 timeout_graceful_shutdown=_RESPONSE_GRACE_S,
             )
-        )  # fmt: skip
+        )
         self.service: Service = app.state.service
         self.forced = False
         self._drain_task: asyncio.Task | None = None
@@ -162,12 +173,18 @@ class DrainingServer(uvicorn.Server):
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
         if self._drain_task is None:
-            log.info("%s: draining; new work gets 503, queued work has %gs to finish", name, self.service.settings.drain_timeout_s)
+            log.info(
+                "%s: draining; new work gets 503, queued work has %gs to finish",
+                name,
+                self.service.settings.drain_timeout_s,
+            )
             self._drain_task = asyncio.create_task(self._drain_then_exit())
             return
         log.warning("%s again: stopping now; queued work gets 503", name)
         self.forced = True
-        self.should_exit = self.force_exit = True  # uvicorn then neither waits for connections nor runs the lifespan's end
+        self.should_exit = self.force_exit = (
+            True  # uvicorn then neither waits for connections nor runs the lifespan's end
+        )
         self._abort_task = asyncio.create_task(self.service.abort())
 
     async def _drain_then_exit(self) -> None:

@@ -193,9 +193,7 @@ class Batcher(Generic[In, Out]):
         if self._given_executor is None:
             # One thread: the model runs one batch at a time, and a dedicated thread keeps other
             # blocking work on the loop's default executor from queueing behind a long batch.
-            self._owned_executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=self.name
-            )
+            self._owned_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
         self._loop_task = asyncio.create_task(self._serve_until_stopped(), name=f"{self.name}-loop")
 
     async def stop(self, *, drain: bool = True, timeout_s: float | None = None) -> None:
@@ -234,17 +232,25 @@ class Batcher(Generic[In, Out]):
             raise ValueError(f"an item must cost 1 to {self._max_batch_size} images, this one costs {size}")
         cost = self._cost_of(item)
         if self._max_queue_cost is not None and cost > self._max_queue_cost:
-            raise ValueError(f"an item must cost at most max_queue_cost = {self._max_queue_cost}, this one costs {cost}")
+            raise ValueError(
+                f"an item must cost at most max_queue_cost = {self._max_queue_cost}, this one costs {cost}"
+            )
         key = self._key_of(item)
         if deadline is not None and deadline <= time.monotonic():
             self._observer_call(self._observer.rejected, "deadline")
             raise DeadlineExceeded(f"{self.name}: the deadline had passed before the request was queued")
         if self._queued_images + size > self._max_queue:
-            self._refuse_full(f"{self._queued_images} of {self._max_queue} images queued, no room for {size} more",
-                              limit="max_queue", value=self._max_queue)  # fmt: skip
+            self._refuse_full(
+                f"{self._queued_images} of {self._max_queue} images queued, no room for {size} more",
+                limit="max_queue",
+                value=self._max_queue,
+            )
         if self._max_queue_cost is not None and self._queued_cost + cost > self._max_queue_cost:
-            self._refuse_full(f"a cost of {self._queued_cost} of {self._max_queue_cost} queued, no room for {cost} more",
-                              limit="max_queue_cost", value=self._max_queue_cost)  # fmt: skip
+            self._refuse_full(
+                f"a cost of {self._queued_cost} of {self._max_queue_cost} queued, no room for {cost} more",
+                limit="max_queue_cost",
+                value=self._max_queue_cost,
+            )
 
         queued_at = time.monotonic()
         self._note_arrival(queued_at)
@@ -284,7 +290,9 @@ class Batcher(Generic[In, Out]):
         if self._last_arrival is not None:
             gap = now - self._last_arrival
             self._mean_gap_s = (
-                gap if self._mean_gap_s is None else _ARRIVAL_SMOOTHING * gap + (1 - _ARRIVAL_SMOOTHING) * self._mean_gap_s
+                gap
+                if self._mean_gap_s is None
+                else _ARRIVAL_SMOOTHING * gap + (1 - _ARRIVAL_SMOOTHING) * self._mean_gap_s
             )
         self._last_arrival = now
 

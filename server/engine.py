@@ -48,9 +48,14 @@ class ServedModel:
 
     def card(self) -> dict:
         return {
-            "name": self.name, "kind": self.kind, "conditioning": self.conditioning, "image_size": self.image_size,
-            "classes": self.conditioner.class_names or None, "rewards": self.rewards, "default": self.defaults,
-        }  # fmt: skip
+            "name": self.name,
+            "kind": self.kind,
+            "conditioning": self.conditioning,
+            "image_size": self.image_size,
+            "classes": self.conditioner.class_names or None,
+            "rewards": self.rewards,
+            "default": self.defaults,
+        }
 
     def generate_batch(self, jobs: Sequence[GenerateJob]) -> list[list[np.ndarray]]:
         """All jobs of one batch in one pass (they share `steps`); returns each job's images."""
@@ -74,8 +79,11 @@ class ServedModel:
         return split_counts(list(edited), [job.n for job in jobs])
 
     def refine_edit_batch(
-        self, jobs: Sequence[EditRefineJob], *, between_steps: Callable[[], object] | None = None,
-    ) -> list[list[RefinedImage]]:  # fmt: skip
+        self,
+        jobs: Sequence[EditRefineJob],
+        *,
+        between_steps: Callable[[], object] | None = None,
+    ) -> list[list[RefinedImage]]:
         """TTEO on the edits of one batch (they share settings and reward), as `refine_batch`."""
         images, repaint, condition = _edit_inputs([job.edit for job in jobs])
         texts = [job.text for job in jobs for _ in range(job.n)]
@@ -93,8 +101,11 @@ class ServedModel:
         return self.conditioner.reward_text(prompt, class_label)
 
     def refine_batch(
-        self, jobs: Sequence[RefineJob], *, between_steps: Callable[[], object] | None = None,
-    ) -> list[list[RefinedImage]]:  # fmt: skip
+        self,
+        jobs: Sequence[RefineJob],
+        *,
+        between_steps: Callable[[], object] | None = None,
+    ) -> list[list[RefinedImage]]:
         """TTEO for all jobs of one batch at once (they share settings and reward); each image on its own.
         `between_steps` runs after each step (other work that must not wait for the whole batch)."""
         condition = torch.cat([job.condition.expand(job.n, *job.condition.shape[1:]) for job in jobs])
@@ -103,7 +114,9 @@ class ServedModel:
         reports = any(job.progress is not None for job in jobs)
         on_step = _step_reports(jobs, between_steps) if reports or between_steps is not None else None
         with self.runtime.running(self.pipeline):  # eager: TTEO takes gradients through the network
-            refined = self.pipeline.refine(condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward, on_step=on_step)
+            refined = self.pipeline.refine(
+                condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward, on_step=on_step
+            )
             items = _refined_images(refined)  # in `running`: its copy to host
         return split_counts(items, [job.n for job in jobs])
 
@@ -168,9 +181,14 @@ def load_model(path: str | Path, device: torch.device, runtime: Runtime | None =
         defaults = {"refine": {**pipeline.tteo.for_request().to_dict(), "reward": pipeline.default_reward}}
         rewards = list(pipeline.rewards)
     return ServedModel(
-        name=bundle.config["name"], kind=kind, pipeline=pipeline, image_size=pipeline.tokenizer.cfg.image_size,
-        defaults=defaults, rewards=rewards, runtime=runtime or Runtime(),
-    )  # fmt: skip
+        name=bundle.config["name"],
+        kind=kind,
+        pipeline=pipeline,
+        image_size=pipeline.tokenizer.cfg.image_size,
+        defaults=defaults,
+        rewards=rewards,
+        runtime=runtime or Runtime(),
+    )
 
 
 class Engine:
@@ -188,8 +206,13 @@ class Engine:
 
     @classmethod
     def load(
-        cls, paths: Sequence[str], device_name: str, *, runtime: RuntimeSettings = RuntimeSettings(), max_batch_size: int = 1,
-    ) -> Engine:  # fmt: skip
+        cls,
+        paths: Sequence[str],
+        device_name: str,
+        *,
+        runtime: RuntimeSettings = RuntimeSettings(),
+        max_batch_size: int = 1,
+    ) -> Engine:
         """The bundles at `paths` on the device, run with `runtime` in batches of at most `max_batch_size` images."""
         device = resolve_device(device_name)
         torch.set_grad_enabled(False)
@@ -214,6 +237,8 @@ class Engine:
                     model.generate_batch([GenerateJob(condition=warming, seed=0, n=size)])
             if model.rewards:
                 settings = model.pipeline.tteo.for_request(steps=1)
-                job = RefineJob.for_request(condition=condition, text=text, seed=0, n=max_batch_size, settings=settings, reward=model.rewards[0])
+                job = RefineJob.for_request(
+                    condition=condition, text=text, seed=0, n=max_batch_size, settings=settings, reward=model.rewards[0]
+                )
                 model.refine_batch([job])
             log.info("warmed %s at batch %d in %.2fs", model.name, max_batch_size, time.perf_counter() - began)

@@ -50,8 +50,12 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
 
 
 def error_response(
-    path: str, status: int, detail: Any, headers: dict[str, str] | None = None, code: str | None = None,
-) -> ErrorJSON:  # fmt: skip
+    path: str,
+    status: int,
+    detail: Any,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
+) -> ErrorJSON:
     """The error answer for `path`: an OpenAI error object under /v1/, else {"detail": detail} (a message or
     FastAPI's list of validation issues)."""
     if not path.startswith(OPENAI_PREFIX):
@@ -60,6 +64,8 @@ def error_response(
         first = detail[0] if detail else {}
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(location) or None
-        message = "; ".join(f"{'.'.join(str(p) for p in i.get('loc', ()) if p != 'body') or 'body'}: {i.get('msg')}" for i in detail)
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in i.get('loc', ()) if p != 'body') or 'body'}: {i.get('msg')}" for i in detail
+        )
         return ErrorJSON(openai_error(status, message, param), status_code=status, headers=headers)
     return ErrorJSON(openai_error(status, str(detail), code=code), status_code=status, headers=headers)

@@ -80,8 +80,14 @@ class EditRefineJob:
 
     @classmethod
     def for_request(
-        cls, *, edit: EditJob, text: str, settings: TTEOSettings, reward: str, progress: RefineProgress | None = None,
-    ) -> EditRefineJob:  # fmt: skip
+        cls,
+        *,
+        edit: EditJob,
+        text: str,
+        settings: TTEOSettings,
+        reward: str,
+        progress: RefineProgress | None = None,
+    ) -> EditRefineJob:
         rows = candidate_seeds(edit.seeds, settings.best_of)
         candidates = tuple(map(tuple, rows))
         return cls(edit=edit, text=text, settings=settings, reward=reward, candidates=candidates, progress=progress)
@@ -135,14 +141,27 @@ class RefineJob:
 
     @classmethod
     def for_request(
-        cls, *, condition: torch.Tensor, text: str, seed: int, n: int, settings: TTEOSettings, reward: str,
+        cls,
+        *,
+        condition: torch.Tensor,
+        text: str,
+        seed: int,
+        n: int,
+        settings: TTEOSettings,
+        reward: str,
         progress: RefineProgress | None = None,
-    ) -> RefineJob:  # fmt: skip
+    ) -> RefineJob:
         rows = candidate_seeds(request_seeds(seed, n), settings.best_of)
         return cls(
-            condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, candidates=tuple(map(tuple, rows)),
+            condition=condition,
+            text=text,
+            seed=seed,
+            n=n,
+            settings=settings,
+            reward=reward,
+            candidates=tuple(map(tuple, rows)),
             progress=progress,
-        )  # fmt: skip
+        )
 
     @property
     def seeds(self) -> list[int]:
@@ -181,8 +200,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def run_splitting_on_oom(
-    run: Callable[[list[Job]], list[list]], jobs: Sequence[Job], *, on_split: Callable[[], None] = lambda: None,
-) -> list[list]:  # fmt: skip
+    run: Callable[[list[Job]], list[list]],
+    jobs: Sequence[Job],
+    *,
+    on_split: Callable[[], None] = lambda: None,
+) -> list[list]:
     """`run(jobs)`, but a batch that runs out of memory is split into halves by images, run one after the other,
     recursively down to a single image: the batch fails only if one image alone does not fit.
 

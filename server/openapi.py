@@ -18,14 +18,23 @@ from pydantic import BaseModel
 
 from server.engine import ServedModel
 from server.schemas import (
-    EditRequest, GenerateJobRequest, GenerateRequest, OpenAIImageRequest, RefineJobRequest, RefineRequest,
-)  # fmt: skip
+    EditRequest,
+    GenerateJobRequest,
+    GenerateRequest,
+    OpenAIImageRequest,
+    RefineJobRequest,
+    RefineRequest,
+)
 from server.service import EDIT, GENERATE, OPENAI, REFINE
 from server.settings import Settings
 
 REQUESTS: list[tuple[str, type[BaseModel]]] = [
-    (GENERATE, GenerateRequest), (REFINE, RefineRequest), (OPENAI, OpenAIImageRequest), (EDIT, EditRequest),
-    (GENERATE, GenerateJobRequest), (REFINE, RefineJobRequest),  # POST /v1/jobs: checked as the endpoint checks them
+    (GENERATE, GenerateRequest),
+    (REFINE, RefineRequest),
+    (OPENAI, OpenAIImageRequest),
+    (EDIT, EditRequest),
+    (GENERATE, GenerateJobRequest),
+    (REFINE, RefineJobRequest),  # POST /v1/jobs: checked as the endpoint checks them
 ]
 NOTHING = {"not": {}}  # the schema no value satisfies
 
@@ -59,9 +68,12 @@ def describe(base: dict, *, settings: Settings, served: Served | None) -> dict:
         if served is not None:
             models, default = served
             narrow(
-                components[request.__name__], endpoint=endpoint, models=models, default=default,
+                components[request.__name__],
+                endpoint=endpoint,
+                models=models,
+                default=default,
                 max_request_cost=settings.max_request_cost,
-            )  # fmt: skip
+            )
         webhook = components[request.__name__]["properties"].get("webhook")
         if webhook is not None and settings.webhook_secret is None:  # no secret to sign with: no webhooks taken
             described = {"type": "null", "description": webhook.get("description", "")}
@@ -102,7 +114,9 @@ def narrow(request: dict, *, endpoint: str, models: Sequence[ServedModel], defau
     own = bool(patterns - {_field_pattern(fields["prompt"])})
     if own:
         _drop_field_pattern(fields["prompt"])
-    branches = [_branch(m, endpoint=endpoint, fields=fields, default=m.name == default, own_pattern=own) for m in serving]
+    branches = [
+        _branch(m, endpoint=endpoint, fields=fields, default=m.name == default, own_pattern=own) for m in serving
+    ]
     request["anyOf"] = branches or [NOTHING]
 
 

@@ -43,7 +43,9 @@ from softdimo.images import MEDIA_TYPES
 
 router = APIRouter()
 IMAGE_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
-AUTH_RESPONSES = {401: {"model": ErrorResponse, "description": "an API key is configured and the request lacks it or has a wrong one"}}
+AUTH_RESPONSES = {
+    401: {"model": ErrorResponse, "description": "an API key is configured and the request lacks it or has a wrong one"}
+}
 ERROR_RESPONSES = {
     **AUTH_RESPONSES,
     400: {"model": ErrorResponse, "description": "the body could not be read (e.g. a number of more than 4300 digits)"},
@@ -56,11 +58,16 @@ ERROR_RESPONSES = {
     504: {"model": ErrorResponse, "description": "the deadline passed before the request could be served"},
 }
 # The same statuses under /v1/, each answered with an OpenAI error object.
-OPENAI_ERROR_RESPONSES = {status: {**answer, "model": OpenAIErrorResponse} for status, answer in ERROR_RESPONSES.items()}
+OPENAI_ERROR_RESPONSES = {
+    status: {**answer, "model": OpenAIErrorResponse} for status, answer in ERROR_RESPONSES.items()
+}
 IMAGE_RESPONSES = {
     **ERROR_RESPONSES,
     202: {"model": JobAccepted, "description": "with `Prefer: respond-async`: accepted as a job (see Location)"},
-    200: {"content": {media: {} for media in MEDIA_TYPES.values()}, "description": "JSON, or with Accept: image/... and n = 1 the image"},
+    200: {
+        "content": {media: {} for media in MEDIA_TYPES.values()},
+        "description": "JSON, or with Accept: image/... and n = 1 the image",
+    },
     406: {"model": ErrorResponse, "description": "an image body was asked for with n > 1"},
 }
 REFINE_RESPONSES = {
@@ -255,9 +262,15 @@ def _event(name: str, data: dict) -> bytes:
 
 
 async def _refine_events(
-    service: Service, model: ServedModel, job: RefineJob | EditRefineJob, body: RefineRequest | EditRequest,
-    began: float, *, endpoint: str = REFINE, id_prefix: str = "ref",
-):  # fmt: skip
+    service: Service,
+    model: ServedModel,
+    job: RefineJob | EditRefineJob,
+    body: RefineRequest | EditRequest,
+    began: float,
+    *,
+    endpoint: str = REFINE,
+    id_prefix: str = "ref",
+):
     """A streaming /refine (or /edit with `refine`): `step` events while TTEO runs, then `result` (or `error`). When
     the client goes away, the generator is cancelled: its images stop at the next step and its queued parts are
     dropped."""
@@ -272,7 +285,10 @@ async def _refine_events(
                     report.cancel()
                     continue
                 step, seeds, rewards = report.result()
-                yield _event("step", {"step": step, "images": [{"seed": s, "reward": round(r, 6)} for s, r in zip(seeds, rewards)]})
+                yield _event(
+                    "step",
+                    {"step": step, "images": [{"seed": s, "reward": round(r, 6)} for s, r in zip(seeds, rewards)]},
+                )
             result = work.result()
             images = await encoded(service, endpoint, result, body.format)
             answer = refine_response(service, result, images, began, id_prefix=id_prefix)
@@ -291,7 +307,9 @@ async def openai_generations(request: Request, body: OpenAIImageRequest):
     async with _counted(service, OPENAI, body.model):
         model = service.model(body.model, endpoint=OPENAI)
         _check_openai_size(model, body.size)
-        request_body = GenerateRequest(prompt=body.prompt, n=body.n, seed=body.seed, model=body.model, format=body.output_format)
+        request_body = GenerateRequest(
+            prompt=body.prompt, n=body.n, seed=body.seed, model=body.model, format=body.output_format
+        )
         result = await _generate(request, request_body, OPENAI, timeline)
         images = await encoded(service, OPENAI, result, body.output_format)
         timeline.encoded()
@@ -342,9 +360,15 @@ async def openai_edits(request: Request, form: Annotated[OpenAIEditRequest, Form
         mask = None if form.mask is None else uploads.read_openai_mask(await form.mask.read(), side)
         condition = service.condition(model, form.prompt, None)
         job = service.edit_job(
-            model=model, image=image, mask=mask, strength=None, condition=condition, seed=service.first_seed(form.seed),
-            n=form.n, steps=None,
-        )  # fmt: skip
+            model=model,
+            image=image,
+            mask=mask,
+            strength=None,
+            condition=condition,
+            seed=service.first_seed(form.seed),
+            n=form.n,
+            steps=None,
+        )
         result = await _unless_disconnected(request, service.edit(model=model, job=job))
         images = await encoded(service, OPENAI_EDITS, result, form.output_format)
         data = [OpenAIImage(b64_json=service.b64(d)) for d in images]
@@ -439,7 +463,9 @@ async def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Status, responses={503: {"model": Status, "description": "loading, draining or failed"}})
+@router.get(
+    "/readyz", response_model=Status, responses={503: {"model": Status, "description": "loading, draining or failed"}}
+)
 async def readyz(request: Request):
     service = _service(request)
     if service.ready:

@@ -44,20 +44,29 @@ class StrictRequest(BaseModel):
     def _whole_numbers(cls, data):
         if not isinstance(data, dict):
             return data
-        integers = {name for name, field in cls.model_fields.items() if int in (field.annotation, *get_args(field.annotation))}
+        integers = {
+            name for name, field in cls.model_fields.items() if int in (field.annotation, *get_args(field.annotation))
+        }
         return {k: int(v) if k in integers and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
 
 
 class GenerateRequest(StrictRequest):
     model_config = ConfigDict(
-        extra="forbid", protected_namespaces=(), strict=True,  # strict: true is not 1 and "3" is not 3
+        extra="forbid",
+        protected_namespaces=(),
+        strict=True,  # strict: true is not 1 and "3" is not 3
         json_schema_extra={
-            "examples": [{"prompt": "two blue squares", "n": 2, "seed": 7}, {"prompt": "a red circle", "format": "webp"}],
+            "examples": [
+                {"prompt": "two blue squares", "n": 2, "seed": 7},
+                {"prompt": "a red circle", "format": "webp"},
+            ],
             "oneOf": ONE_CONDITION,
         },
-    )  # fmt: skip
+    )
 
-    prompt: Prompt | None = Field(None, description="for text-conditional models: a prompt of the model's grammar (Shapes)")
+    prompt: Prompt | None = Field(
+        None, description="for text-conditional models: a prompt of the model's grammar (Shapes)"
+    )
     class_label: int | None = Field(None, ge=0, description="for class-conditional models")
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="number of images; image i uses seed + i (modulo 2^63)")
     seed: int | None = Field(None, ge=0, le=LARGEST_SEED, description="random when absent; returned per image")
@@ -74,7 +83,10 @@ class GenerateRequest(StrictRequest):
 
 class RefineRequest(GenerateRequest):
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"prompt": "a red circle", "seed": 3, "steps": 2, "lr": 0.5}], "oneOf": ONE_CONDITION}
+        json_schema_extra={
+            "examples": [{"prompt": "a red circle", "seed": 3, "steps": 2, "lr": 0.5}],
+            "oneOf": ONE_CONDITION,
+        }
     )
 
     steps: int | None = Field(None, ge=1, le=200, description="TTEO gradient steps")
@@ -84,9 +96,10 @@ class RefineRequest(GenerateRequest):
         REQUEST_BEST_OF, ge=1, le=16, description="candidates per image; the best by reward is optimised"
     )
     stream: bool = Field(
-        False, description="answer text/event-stream: a `step` event per TTEO step (each image's reward), then a `result` "
+        False,
+        description="answer text/event-stream: a `step` event per TTEO step (each image's reward), then a `result` "
         "event with the JSON a non-streaming call returns (or an `error` event)",
-    )  # fmt: skip
+    )
 
 
 PNG_DESCRIPTION = "a PNG file as base64 (a `data:image/png;base64,` prefix is allowed)"
@@ -128,18 +141,24 @@ class EditRequest(GenerateRequest):
 
     image: str = Field(..., min_length=1, description=f"the image to edit: {PNG_DESCRIPTION}, at the model's size")
     mask: str | None = Field(
-        None, min_length=1, description=f"where to repaint: {PNG_DESCRIPTION} of the image's size; white pixels "
+        None,
+        min_length=1,
+        description=f"where to repaint: {PNG_DESCRIPTION} of the image's size; white pixels "
         "(luminance 128 or more) are repainted, and with them every token whose patch they touch",
-    )  # fmt: skip
+    )
     strength: float | None = Field(
-        None, ge=0, le=1, allow_inf_nan=False,
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
         description=f"without a mask: the share of the image's tokens to repaint (image-to-image), chosen at random by "
         f"each image's seed; {DEFAULT_STRENGTH} when absent too. Ignored with a mask.",
-    )  # fmt: skip
+    )
     refine: EditRefinement | None = Field(
-        None, description="TTEO on the edit (one-step models with a reward): it starts from the edit drawn without "
+        None,
+        description="TTEO on the edit (one-step models with a reward): it starts from the edit drawn without "
         "it, and the kept tokens and pixels stay the input's; each image then carries reward_before and reward_after",
-    )  # fmt: skip
+    )
 
 
 class Timing(BaseModel):
@@ -153,7 +172,9 @@ class ImageData(BaseModel):
     seed: int
     reward_before: float | None = None
     reward_after: float | None = None
-    candidate_seed: int | None = Field(None, description="/refine: the seed of the best_of candidate that was optimised")
+    candidate_seed: int | None = Field(
+        None, description="/refine: the seed of the best_of candidate that was optimised"
+    )
 
 
 class ImageResponse(BaseModel):
@@ -175,7 +196,8 @@ class GenerateJobRequest(GenerateRequest):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"endpoint": "generate", "prompt": "a red circle", "seed": 3}], "oneOf": ONE_CONDITION
+            "examples": [{"endpoint": "generate", "prompt": "a red circle", "seed": 3}],
+            "oneOf": ONE_CONDITION,
         }
     )
 
@@ -229,9 +251,13 @@ class OpenAIImageRequest(StrictRequest):
     """The OpenAI Images API request shape; fields it has that mean nothing here are accepted and ignored."""
 
     model_config = ConfigDict(
-        extra="ignore", protected_namespaces=(), strict=True,
-        json_schema_extra={"examples": [{"prompt": "a green triangle", "n": 2, "response_format": "b64_json", "size": "auto"}]},
-    )  # fmt: skip
+        extra="ignore",
+        protected_namespaces=(),
+        strict=True,
+        json_schema_extra={
+            "examples": [{"prompt": "a green triangle", "n": 2, "response_format": "b64_json", "size": "auto"}]
+        },
+    )
 
     prompt: Prompt = Field(..., description="a prompt of the model's grammar (Shapes)")
     n: int = Field(1, ge=1, le=MAX_IMAGES)
@@ -249,10 +275,11 @@ class OpenAIEditRequest(BaseModel):
 
     image: UploadFile = Field(..., description="the image to edit: a PNG at the model's size")
     mask: UploadFile | None = Field(
-        None, description="a PNG of the image's size: where it is fully transparent (or, without an alpha channel, "
+        None,
+        description="a PNG of the image's size: where it is fully transparent (or, without an alpha channel, "
         "white), the image is repainted, and with it every token whose patch it touches. Without a mask, "
         f"image-to-image repaints a share of {DEFAULT_STRENGTH} of the tokens, chosen by each image's seed",
-    )  # fmt: skip
+    )
     prompt: Prompt = Field(..., description="a prompt of the model's grammar (Shapes)")
     n: int = Field(1, ge=1, le=MAX_IMAGES)
     model: str | None = None

@@ -19,8 +19,14 @@ import torch
 from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, NullObserver, QueueFull
 from server.engine import Engine, ServedModel
 from server.jobs import (
-    EditJob, EditRefineJob, GenerateJob, RefinedImage, RefineJob, RefineProgress, run_splitting_on_oom,
-)  # fmt: skip
+    EditJob,
+    EditRefineJob,
+    GenerateJob,
+    RefinedImage,
+    RefineJob,
+    RefineProgress,
+    run_splitting_on_oom,
+)
 from server.lanes import BACKGROUND, INTERACTIVE, DeviceLanes
 from server.metrics import Metrics
 from server.settings import Settings
@@ -107,8 +113,12 @@ class Service:
     """Owns the engine, its batchers and the readiness state; the routes only translate HTTP."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, *, start_jobs: Callable[[Service], Awaitable] | None = None,
-    ):  # fmt: skip
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        start_jobs: Callable[[Service], Awaitable] | None = None,
+    ):
         self.settings = settings
         self.metrics = metrics
         self.engine: Engine | None = None
@@ -132,9 +142,12 @@ class Service:
             if engine is None:
                 settings = self.settings
                 load = functools.partial(
-                    Engine.load, settings.weights, settings.device, runtime=settings.runtime(),
+                    Engine.load,
+                    settings.weights,
+                    settings.device,
+                    runtime=settings.runtime(),
                     max_batch_size=settings.max_batch_size,
-                )  # fmt: skip
+                )
                 engine = await loop.run_in_executor(self._executor, load)
             await loop.run_in_executor(self._executor, engine.warm_up, self.settings.max_batch_size)
         except Exception as exc:  # the process stays alive and unready, saying why on /readyz
@@ -167,8 +180,14 @@ class Service:
         self.ready = not self.draining
 
     async def _add_batcher(
-        self, endpoint: str, model: ServedModel, run_batch, lane: str, *, refine: bool | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        endpoint: str,
+        model: ServedModel,
+        run_batch,
+        lane: str,
+        *,
+        refine: bool | None = None,
+    ) -> None:
         """A batcher for `endpoint`'s work on `model` in `lane`; `refine` (by default: for /refine) batches compute
         for seconds, so they always wait refine_max_wait_ms for company."""
         splits = self.metrics.batch_splits.labels(endpoint, model.name)
@@ -207,7 +226,9 @@ class Service:
         self.begin_drain()
         if self.jobs is not None:
             self.jobs.stop_claiming()
-        await asyncio.gather(*(b.stop(drain=True, timeout_s=self.settings.drain_timeout_s) for b in self._batchers.values()))
+        await asyncio.gather(
+            *(b.stop(drain=True, timeout_s=self.settings.drain_timeout_s) for b in self._batchers.values())
+        )
         if self.jobs is not None:
             await self.jobs.stop()
         self._lanes.shutdown(wait=False, cancel_futures=True)
@@ -254,8 +275,14 @@ class Service:
         return secrets.randbelow(MAX_SEED) if seed is None else seed
 
     def generate_job(
-        self, *, model: ServedModel, condition: torch.Tensor, seed: int, n: int, steps: int | None,
-    ) -> GenerateJob:  # fmt: skip
+        self,
+        *,
+        model: ServedModel,
+        condition: torch.Tensor,
+        seed: int,
+        n: int,
+        steps: int | None,
+    ) -> GenerateJob:
         """A /generate request's work, checked before anything is queued: 4xx here, not later."""
         self._check_sampling_steps(model, steps)
         job = GenerateJob(condition=condition, seed=seed, n=n, steps=steps)
@@ -263,9 +290,13 @@ class Service:
         return job
 
     async def generate(
-        self, *, model: ServedModel, job: GenerateJob, lane: str = INTERACTIVE,
+        self,
+        *,
+        model: ServedModel,
+        job: GenerateJob,
+        lane: str = INTERACTIVE,
         timeout_s: float | None = REQUEST_TIMEOUT,
-    ) -> GeneratedImages:  # fmt: skip
+    ) -> GeneratedImages:
         """Run a checked /generate job in `lane`, failing with 504 after `timeout_s` (None: no deadline)."""
         parts = self._chunks(job)
         results, queue_s, compute_s = await self._run(GENERATE, model, parts, lane=lane, timeout_s=timeout_s)
@@ -273,15 +304,23 @@ class Service:
         return GeneratedImages(model=model.name, images=images, seeds=job.seeds, queue_s=queue_s, compute_s=compute_s)
 
     def edit_job(
-        self, *, model: ServedModel, image: np.ndarray, mask: np.ndarray | None, strength: float | None,
-        condition: torch.Tensor, seed: int, n: int, steps: int | None,
-    ) -> EditJob:  # fmt: skip
+        self,
+        *,
+        model: ServedModel,
+        image: np.ndarray,
+        mask: np.ndarray | None,
+        strength: float | None,
+        condition: torch.Tensor,
+        seed: int,
+        n: int,
+        steps: int | None,
+    ) -> EditJob:
         """An /edit request's work, checked before anything is queued: 4xx here, not later. `mask` (H, W) bool, True
         where to repaint; without one, `strength` (editing.DEFAULT_STRENGTH when None) of the tokens, by seed."""
         if not model.edits:
             raise ServiceError(422, f"model {model.name!r} does not edit images; use one of softdimo's own models")
         self._check_sampling_steps(model, steps)
-        grid, tokens = model.pipeline.tokenizer.cfg.grid, model.pipeline.tokenizer.cfg.grid ** 2
+        grid, tokens = model.pipeline.tokenizer.cfg.grid, model.pipeline.tokenizer.cfg.grid**2
         if mask is not None:
             if not mask.any():
                 raise ServiceError(422, "nothing to edit: the mask has no white pixel")
@@ -296,8 +335,12 @@ class Service:
         return job
 
     async def edit(
-        self, *, model: ServedModel, job: EditJob, timeout_s: float | None = REQUEST_TIMEOUT,
-    ) -> GeneratedImages:  # fmt: skip
+        self,
+        *,
+        model: ServedModel,
+        job: EditJob,
+        timeout_s: float | None = REQUEST_TIMEOUT,
+    ) -> GeneratedImages:
         """Run a checked /edit job, failing with 504 after `timeout_s` (None: no deadline)."""
         parts = self._chunks(job)
         results, queue_s, compute_s = await self._run(EDIT, model, parts, lane=INTERACTIVE, timeout_s=timeout_s)
@@ -305,20 +348,40 @@ class Service:
         return GeneratedImages(model=model.name, images=images, seeds=job.seeds, queue_s=queue_s, compute_s=compute_s)
 
     def refine_job(
-        self, *, model: ServedModel, condition: torch.Tensor, text: str, seed: int, n: int, steps: int | None,
-        lr: float | None, best_of: int | None, reward: str | None, progress: RefineProgress | None = None,
-    ) -> RefineJob:  # fmt: skip
+        self,
+        *,
+        model: ServedModel,
+        condition: torch.Tensor,
+        text: str,
+        seed: int,
+        n: int,
+        steps: int | None,
+        lr: float | None,
+        best_of: int | None,
+        reward: str | None,
+        progress: RefineProgress | None = None,
+    ) -> RefineJob:
         """A /refine request's work, checked before anything is queued (or streamed): 4xx here, not later.
         Settings the request leaves out (None) are the model's (`TTEOSettings.for_request`)."""
         settings, reward = self._tteo_settings(model, steps=steps, lr=lr, best_of=best_of, reward=reward)
-        job = RefineJob.for_request(condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, progress=progress)
+        job = RefineJob.for_request(
+            condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, progress=progress
+        )
         self._check_cost(model, job)
         return job
 
     def edit_refine_job(
-        self, *, model: ServedModel, edit: EditJob, text: str, steps: int | None, lr: float | None,
-        best_of: int | None, reward: str | None, progress: RefineProgress | None = None,
-    ) -> EditRefineJob:  # fmt: skip
+        self,
+        *,
+        model: ServedModel,
+        edit: EditJob,
+        text: str,
+        steps: int | None,
+        lr: float | None,
+        best_of: int | None,
+        reward: str | None,
+        progress: RefineProgress | None = None,
+    ) -> EditRefineJob:
         """An /edit request with `refine`: its checked edit, with TTEO settings checked as /refine's."""
         settings, reward = self._tteo_settings(model, steps=steps, lr=lr, best_of=best_of, reward=reward)
         job = EditRefineJob.for_request(edit=edit, text=text, settings=settings, reward=reward, progress=progress)
@@ -327,8 +390,13 @@ class Service:
 
     @staticmethod
     def _tteo_settings(
-        model: ServedModel, *, steps: int | None, lr: float | None, best_of: int | None, reward: str | None,
-    ) -> tuple[TTEOSettings, str]:  # fmt: skip
+        model: ServedModel,
+        *,
+        steps: int | None,
+        lr: float | None,
+        best_of: int | None,
+        reward: str | None,
+    ) -> tuple[TTEOSettings, str]:
         """A request's TTEO settings and reward name (the model's where it leaves them out), or a 4xx."""
         if not model.rewards:
             raise ServiceError(
@@ -340,8 +408,12 @@ class Service:
         return model.pipeline.tteo.for_request(steps=steps, lr=lr, best_of=best_of), reward
 
     async def refine(
-        self, *, model: ServedModel, job: RefineJob | EditRefineJob, timeout_s: float | None = REQUEST_TIMEOUT,
-    ) -> GeneratedImages:  # fmt: skip
+        self,
+        *,
+        model: ServedModel,
+        job: RefineJob | EditRefineJob,
+        timeout_s: float | None = REQUEST_TIMEOUT,
+    ) -> GeneratedImages:
         """Run a checked /refine job, or an /edit job with `refine`, in the background lane."""
         n = job.n
         parts = self._chunks(job)
@@ -352,9 +424,13 @@ class Service:
         for item in refined:
             self.metrics.reward_gain.labels(model.name).observe(item.reward_after - item.reward_before)
         return GeneratedImages(
-            model=model.name, images=[r.image for r in refined], seeds=job.seeds, queue_s=queue_s,
-            compute_s=compute_s, refined=refined,
-        )  # fmt: skip
+            model=model.name,
+            images=[r.image for r in refined],
+            seeds=job.seeds,
+            queue_s=queue_s,
+            compute_s=compute_s,
+            refined=refined,
+        )
 
     @staticmethod
     def _check_sampling_steps(model: ServedModel, steps: int | None) -> None:
@@ -369,7 +445,9 @@ class Service:
             terms = f"{job.n} images x {job.settings.steps} TTEO steps x best_of {job.settings.best_of}"
         else:
             terms = f"{job.n} images x {cost // job.n} sampling steps"
-        raise ServiceError(422, f"this request costs {terms} = {cost}, over max_request_cost = {limit}; ask for fewer images or steps")
+        raise ServiceError(
+            422, f"this request costs {terms} = {cost}, over max_request_cost = {limit}; ask for fewer images or steps"
+        )
 
     def _chunks(self, job: GenerateJob | RefineJob | EditJob | EditRefineJob) -> list:
         """Parts of a request of at most a batch each: one larger than a batch runs as several, seeds staying per image."""
@@ -380,8 +458,14 @@ class Service:
         return [*parts, job]
 
     async def _run(
-        self, endpoint: str, model: ServedModel, jobs: list, *, lane: str, timeout_s: float | None,
-    ) -> tuple[list, float, float]:  # fmt: skip
+        self,
+        endpoint: str,
+        model: ServedModel,
+        jobs: list,
+        *,
+        lane: str,
+        timeout_s: float | None,
+    ) -> tuple[list, float, float]:
         """Run a request's jobs through the model's batcher: (outputs per job, queue seconds, compute seconds)."""
         batcher = self._batchers[(endpoint, model.name, lane)]
         timeout_s = self.settings.request_timeout_s if timeout_s == REQUEST_TIMEOUT else timeout_s

@@ -20,7 +20,9 @@ def default_weights() -> list[str]:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SOFTDIMO_", frozen=True)
 
-    host: str = Field("127.0.0.1", description="bind address: loopback unless asked; put a proxy in front for anything public")
+    host: str = Field(
+        "127.0.0.1", description="bind address: loopback unless asked; put a proxy in front for anything public"
+    )
     port: int = Field(8000, ge=0, le=65535)
     weights: Annotated[list[str], NoDecode] = Field(
         default_factory=default_weights, description="bundle folders to serve; the first is the default model"
@@ -29,24 +31,45 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024, description="images per executed batch")
     # How models run (softdimo/runtime.py, where the defaults are stated): all off unless asked.
     precision: Literal["fp32", "bf16", "int8"] = Field(
-        RuntimeSettings.precision, description="bf16: models run under bfloat16 autocast; int8: int8 Linear weights for /generate (CPU)"
+        RuntimeSettings.precision,
+        description="bf16: models run under bfloat16 autocast; int8: int8 Linear weights for /generate (CPU)",
     )
     compile: bool = Field(
-        RuntimeSettings.compile, description="torch.compile each model, batches padded to power-of-two sizes (CUDA graphs)"
+        RuntimeSettings.compile,
+        description="torch.compile each model, batches padded to power-of-two sizes (CUDA graphs)",
     )
-    pin_memory: bool = Field(RuntimeSettings.pin_memory, description="copy images back to the host through pinned memory (CUDA)")
+    pin_memory: bool = Field(
+        RuntimeSettings.pin_memory, description="copy images back to the host through pinned memory (CUDA)"
+    )
     max_wait_ms: float = Field(
-        5.0, ge=0, description="the longest a batch waits for company after its first request (not at all when arrivals are sparse)"
+        5.0,
+        ge=0,
+        description="the longest a batch waits for company after its first request (not at all when arrivals are sparse)",
     )
-    refine_max_wait_ms: float = Field(50.0, ge=0, description="the same for /refine, whose batches compute for seconds: always waited")
+    refine_max_wait_ms: float = Field(
+        50.0, ge=0, description="the same for /refine, whose batches compute for seconds: always waited"
+    )
     max_queue: int = Field(256, ge=1, description="queued images per model and endpoint before 429")
     request_timeout_s: float = Field(60.0, gt=0, description="a request not served by then gets 504")
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and running work may take to finish")
-    api_key: str | None = Field(None, description="when set, requests need `Authorization: Bearer <key>` (environment only)")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long queued and running work may take to finish"
+    )
+    api_key: str | None = Field(
+        None, description="when set, requests need `Authorization: Bearer <key>` (environment only)"
+    )
     # Paths answered without the key: probes, the scrape target, the API description and the playground page
     # (static files that hold no secrets; the page sends the key the user types with every API call it makes).
     auth_exempt_paths: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"],
+        default_factory=lambda: [
+            "/",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/openapi.json",
+            "/docs",
+            "/docs/oauth2-redirect",
+            "/redoc",
+        ],
         description="paths answered without the API key",
     )
     playground: bool = Field(True, description="serve the browser playground at GET /")
@@ -57,7 +80,9 @@ class Settings(BaseSettings):
     max_queue_cost: int = Field(
         16384, ge=1, description="queued cost per model and endpoint before 429 (four of the largest requests)"
     )
-    max_body_bytes: int = Field(65536, ge=1024, description="request bodies above this get 413 before any JSON is parsed")
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="request bodies above this get 413 before any JSON is parsed"
+    )
     # Jobs (POST /v1/jobs): durable, run by whichever process sharing the store claims them first.
     job_store: Literal["sqlite", "redis"] = Field(
         "sqlite", description="where jobs live: one SQLite file, or a Redis server"
@@ -66,7 +91,8 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="the Redis server of job_store redis")
     job_concurrency: int = Field(4, ge=1, le=256, description="jobs this process runs at once (they batch together)")
     job_lease_s: float = Field(
-        30.0, gt=0,
+        30.0,
+        gt=0,
         description="a running job's claim, renewed while it runs; a job whose process died runs again after it",
     )
     job_max_attempts: int = Field(
@@ -110,7 +136,9 @@ class Settings(BaseSettings):
     def _queue_holds_a_request(self):
         # Otherwise the largest admissible request could never be queued and would get 429 forever.
         if self.max_queue_cost < self.max_request_cost:
-            raise ValueError(f"max_queue_cost ({self.max_queue_cost}) must be at least max_request_cost ({self.max_request_cost})")
+            raise ValueError(
+                f"max_queue_cost ({self.max_queue_cost}) must be at least max_request_cost ({self.max_request_cost})"
+            )
         return self
 
 

@@ -28,16 +28,28 @@ def edit_job(
     image = uploads.read_image(uploads.from_base64(body.image, "image"), model.image_size)
     mask = None if body.mask is None else uploads.read_mask(uploads.from_base64(body.mask, "mask"), model.image_size)
     edit = service.edit_job(
-        model=model, image=image, mask=mask, strength=body.strength, condition=condition,
-        seed=service.first_seed(body.seed), n=body.n, steps=body.steps,
-    )  # fmt: skip
+        model=model,
+        image=image,
+        mask=mask,
+        strength=body.strength,
+        condition=condition,
+        seed=service.first_seed(body.seed),
+        n=body.n,
+        steps=body.steps,
+    )
     if body.refine is None:
         return edit
     asked = body.refine
     return service.edit_refine_job(
-        model=model, edit=edit, text=model.reward_text(body.prompt, body.class_label), steps=asked.steps, lr=asked.lr,
-        best_of=asked.best_of, reward=asked.reward, progress=progress,
-    )  # fmt: skip
+        model=model,
+        edit=edit,
+        text=model.reward_text(body.prompt, body.class_label),
+        steps=asked.steps,
+        lr=asked.lr,
+        best_of=asked.best_of,
+        reward=asked.reward,
+        progress=progress,
+    )
 
 
 def refine_job(

@@ -122,9 +122,14 @@ def _eval_edits(args: argparse.Namespace) -> None:
     from softdimo.bench_run import command_line
     from softdimo.edit_evaluation import evaluate_edits
 
-    flags = [("--edits", args.edits), ("--tteo-steps", args.tteo_steps or None), ("--strength", args.strength),
-             ("--coverage-prompts", args.coverage_prompts), ("--coverage-seeds", args.coverage_seeds),
-             ("--device", args.device)]  # fmt: skip
+    flags = [
+        ("--edits", args.edits),
+        ("--tteo-steps", args.tteo_steps or None),
+        ("--strength", args.strength),
+        ("--coverage-prompts", args.coverage_prompts),
+        ("--coverage-seeds", args.coverage_seeds),
+        ("--device", args.device),
+    ]
     tables = evaluate_edits(
         args.model,
         command=command_line(["softdimo", "eval-edits", args.model], flags),

@@ -158,9 +158,13 @@ def _conditions(pipeline, prompts: Sequence[shapes.Prompt]) -> tuple[torch.Tenso
 
 
 def edit_images(
-    pipeline, images: np.ndarray, repaint: torch.Tensor, prompts: Sequence[shapes.Prompt], seeds: Sequence[int],
+    pipeline,
+    images: np.ndarray,
+    repaint: torch.Tensor,
+    prompts: Sequence[shapes.Prompt],
+    seeds: Sequence[int],
     batch: int = 50,
-) -> list[np.ndarray]:  # fmt: skip
+) -> list[np.ndarray]:
     """Each image (B, H, W, 3) edited for its prompt at its seed, its tokens `repaint` (B, N) drawn anew."""
     out: list[np.ndarray] = []
     for i in range(0, len(prompts), batch):
@@ -171,9 +175,14 @@ def edit_images(
 
 
 def refined_edit_images(
-    pipeline, images: np.ndarray, repaint: torch.Tensor, prompts: Sequence[shapes.Prompt], seeds: Sequence[int],
-    steps: int, batch: int = 50,
-) -> list[np.ndarray]:  # fmt: skip
+    pipeline,
+    images: np.ndarray,
+    repaint: torch.Tensor,
+    prompts: Sequence[shapes.Prompt],
+    seeds: Sequence[int],
+    steps: int,
+    batch: int = 50,
+) -> list[np.ndarray]:
     """`edit_images` refined by TTEO for `steps` at the bundle's other TTEO settings, one candidate an image, with its
     default reward."""
     from softdimo.tteo import candidate_seeds
@@ -265,24 +274,44 @@ class EditTables:
                 markdown_table(
                     ["inpainting the free half", "edits", "pass", "kept unchanged", "both", "ms / edit"],
                     [
-                        [r.name, len(r.scores), f"{r.share('passed'):.3f}", f"{r.share('kept'):.3f}",
-                         f"**{r.share('both'):.3f}**", _ms(r.seconds, len(r.scores))]
+                        [
+                            r.name,
+                            len(r.scores),
+                            f"{r.share('passed'):.3f}",
+                            f"{r.share('kept'):.3f}",
+                            f"**{r.share('both'):.3f}**",
+                            _ms(r.seconds, len(r.scores)),
+                        ]
                         for r in self.inpainting
                     ],
-                )  # fmt: skip
+                )
             )
         parts.append(
             markdown_table(
-                [f"image-to-image, strength {self.strength:g}", "prompts", "pass", "coverage", "min", "commonest",
-                 "ms / image"],
                 [
-                    [r.name, sum(r.rates.counts.values()), f"**{r.rates.overall:.3f}**",
-                     *([f"{r.coverage.mean:.2f}", f"{r.coverage.minimum:.2f}", f"{r.coverage.commonest:.2f}"]
-                       if r.coverage else [None] * 3),
-                     _ms(r.seconds, sum(r.rates.counts.values()))]
+                    f"image-to-image, strength {self.strength:g}",
+                    "prompts",
+                    "pass",
+                    "coverage",
+                    "min",
+                    "commonest",
+                    "ms / image",
+                ],
+                [
+                    [
+                        r.name,
+                        sum(r.rates.counts.values()),
+                        f"**{r.rates.overall:.3f}**",
+                        *(
+                            [f"{r.coverage.mean:.2f}", f"{r.coverage.minimum:.2f}", f"{r.coverage.commonest:.2f}"]
+                            if r.coverage
+                            else [None] * 3
+                        ),
+                        _ms(r.seconds, sum(r.rates.counts.values())),
+                    ]
                     for r in self.image_to_image
                 ],
-            )  # fmt: skip
+            )
         )
         return "\n\n".join([*parts, *self.notes])
 
@@ -407,9 +436,13 @@ def evaluate_edits(
             tteo_steps = ()
         inpainting = inpainting_rows(pipeline, name, held_out_edits(edits), tteo_steps)
     rows = image_to_image_rows(
-        pipeline, name, prompts=edits, strength=strength, coverage_prompts=coverage_prompts,
+        pipeline,
+        name,
+        prompts=edits,
+        strength=strength,
+        coverage_prompts=coverage_prompts,
         coverage_seeds=coverage_seeds,
-    )  # fmt: skip
+    )
     return EditTables(
         model=name, command=command, strength=strength, inpainting=inpainting, image_to_image=rows, notes=notes
     )

@@ -130,9 +130,13 @@ def fill_one_step(generator: OneStepGenerator, kept: Kept, condition: torch.Tens
 
 @torch.no_grad()
 def fill_teacher(
-    model: MaskedTransformer, kept: Kept, condition: torch.Tensor, noise: ImageNoise, settings: SamplerSettings,
+    model: MaskedTransformer,
+    kept: Kept,
+    condition: torch.Tensor,
+    noise: ImageNoise,
+    settings: SamplerSettings,
     contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """MaskGIT in the teacher's steps from the images' tokens with the repainted ones masked."""
     masked = kept.tokens_with(torch.full_like(kept.tokens, model.cfg.mask_id))
     return kept.tokens_with(fill(model, masked, condition, noise, settings, contrasts))

@@ -81,8 +81,12 @@ class TeacherPipeline:
 
     @torch.inference_mode()
     def fill(
-        self, kept: editing.Kept, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        kept: editing.Kept,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> torch.Tensor:
         """An edit's tokens (B, N): the kept ones, and the repainted ones drawn in the teacher's steps."""
         settings = self.sampler if steps is None else SamplerSettings(**{**self.sampler.to_dict(), "steps": steps})
         condition = condition.to(self.device)
@@ -91,18 +95,26 @@ class TeacherPipeline:
 
     @torch.inference_mode()
     def edit_tokens(
-        self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
+        self,
+        images: np.ndarray,
+        repaint: torch.Tensor,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
         steps: int | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """uint8 images (B, H, W, 3), the tokens to repaint (B, N) bool (softdimo.editing: repaint_from_mask or
         repaint_at_strength), conditioning and one seed per image -> tokens (B, N), the unrepainted ones the images'."""
         return self.fill(editing.Kept.of(self.tokenizer, images, repaint, self.device), condition, seeds, steps)
 
     @torch.inference_mode()
     def edit(
-        self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
+        self,
+        images: np.ndarray,
+        repaint: torch.Tensor,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
         steps: int | None = None,
-    ) -> np.ndarray:  # fmt: skip
+    ) -> np.ndarray:
         """`edit_tokens` decoded: uint8 images (B, H, W, 3), the input's pixels away from the repainted tokens."""
         kept = editing.Kept.of(self.tokenizer, images, repaint, self.device)
         return to_uint8(editing.decode_edit(self.tokenizer, self.fill(kept, condition, seeds, steps), kept))
@@ -146,8 +158,12 @@ class OneStepPipeline:
 
     @torch.inference_mode()
     def fill(
-        self, kept: editing.Kept, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        kept: editing.Kept,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> torch.Tensor:
         """An edit's tokens (B, N): the kept ones, and the repainted ones drawn in one forward pass."""
         if steps is not None:
             raise ValueError("a one-step generator takes no sampling steps")
@@ -155,17 +171,25 @@ class OneStepPipeline:
 
     @torch.inference_mode()
     def edit_tokens(
-        self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
+        self,
+        images: np.ndarray,
+        repaint: torch.Tensor,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
         steps: int | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """As TeacherPipeline.edit_tokens, the repainted tokens filled in one forward pass."""
         return self.fill(editing.Kept.of(self.tokenizer, images, repaint, self.device), condition, seeds, steps)
 
     @torch.inference_mode()
     def edit(
-        self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, seeds: Sequence[int],
+        self,
+        images: np.ndarray,
+        repaint: torch.Tensor,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
         steps: int | None = None,
-    ) -> np.ndarray:  # fmt: skip
+    ) -> np.ndarray:
         """`edit_tokens` decoded: uint8 images (B, H, W, 3), the input's pixels away from the repainted tokens."""
         kept = editing.Kept.of(self.tokenizer, images, repaint, self.device)
         return to_uint8(editing.decode_edit(self.tokenizer, self.fill(kept, condition, seeds, steps), kept))
@@ -192,18 +216,31 @@ class OneStepPipeline:
         )
 
     def refine_edit(
-        self, images: np.ndarray, repaint: torch.Tensor, condition: torch.Tensor, texts: Sequence[str],
-        candidates: Sequence[Sequence[int]], settings: TTEOSettings, reward: str | None = None,
+        self,
+        images: np.ndarray,
+        repaint: torch.Tensor,
+        condition: torch.Tensor,
+        texts: Sequence[str],
+        candidates: Sequence[Sequence[int]],
+        settings: TTEOSettings,
+        reward: str | None = None,
         on_step: StepHook | None = None,
-    ) -> Refined:  # fmt: skip
+    ) -> Refined:
         """TTEO on edits (as `edit` takes them): each starts from the edit its candidate seed draws, and its kept
         tokens and pixels stay the input's."""
         with torch.no_grad():
             kept = editing.Kept.of(self.tokenizer, images, repaint, self.device)
         return refine(
-            generator=self.generator, tokenizer=self.tokenizer, reward=self.rewards[reward or self.default_reward],
-            condition=condition, prompts=texts, candidates=candidates, settings=settings, on_step=on_step, kept=kept,
-        )  # fmt: skip
+            generator=self.generator,
+            tokenizer=self.tokenizer,
+            reward=self.rewards[reward or self.default_reward],
+            condition=condition,
+            prompts=texts,
+            candidates=candidates,
+            settings=settings,
+            on_step=on_step,
+            kept=kept,
+        )
 
 
 def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> Reward:

@@ -107,9 +107,13 @@ def sample(
 
 @torch.no_grad()
 def fill(
-    model: MaskedTransformer, tokens: torch.Tensor, condition: torch.Tensor, noise: ImageNoise,
-    settings: SamplerSettings, contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:  # fmt: skip
+    model: MaskedTransformer,
+    tokens: torch.Tensor,
+    condition: torch.Tensor,
+    noise: ImageNoise,
+    settings: SamplerSettings,
+    contrasts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """MaskGIT decoding of the positions of `tokens` (B, N) that hold the mask id; the others never change.
 
     Each row's schedule runs over the tokens it starts with masked (all N for `sample`): after a step at progress

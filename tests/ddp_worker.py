@@ -32,17 +32,27 @@ def train_both(bundles: Path, runs: Path) -> dict[str, torch.Tensor]:
     conditioner = Conditioner.shapes_text()
     tokenizer = tiny_tokenizer()
     teacher = train_teacher(
-        run_dir=runs / "teacher", tokenizer=tokenizer, conditioner=conditioner,
-        cfg=tiny_transformer_config(conditioner, tokenizer.cfg.codebook_size), sampler=SamplerSettings(steps=2), device=cpu,
+        run_dir=runs / "teacher",
+        tokenizer=tokenizer,
+        conditioner=conditioner,
+        cfg=tiny_transformer_config(conditioner, tokenizer.cfg.codebook_size),
+        sampler=SamplerSettings(steps=2),
+        device=cpu,
         training=TeacherTraining(steps=STEPS, batch_size=BATCH, warmup=1, eval_every=0),
-    )  # fmt: skip
+    )
     pipeline = load_pipeline(bundles / "teacher-text")
     parts = DistillParts(
-        teacher=pipeline.model, tokenizer=pipeline.tokenizer, conditioner=pipeline.conditioner,
+        teacher=pipeline.model,
+        tokenizer=pipeline.tokenizer,
+        conditioner=pipeline.conditioner,
         reward=load_reward(read_bundle(bundles / "reward")),
-    )  # fmt: skip
-    training = DistillTraining(steps=STEPS, batch_size=BATCH, warmup=1, gan_weight=0.5, reward_weight=0.5, eval_every=0, ema=0.0)
-    student = train_distill(run_dir=runs / "distill", parts=parts, generator_settings=GeneratorSettings(), training=training, device=cpu)
+    )
+    training = DistillTraining(
+        steps=STEPS, batch_size=BATCH, warmup=1, gan_weight=0.5, reward_weight=0.5, eval_every=0, ema=0.0
+    )
+    student = train_distill(
+        run_dir=runs / "distill", parts=parts, generator_settings=GeneratorSettings(), training=training, device=cpu
+    )
     return {
         **{f"teacher.{k}": v for k, v in teacher.state_dict().items()},
         **{f"student.{k}": v for k, v in student.model.state_dict().items()},

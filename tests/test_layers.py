@@ -14,7 +14,10 @@ LAYERS = (
     ("tooling", ("benchmarks",)),  # benchmarks, load and soak clients, the peer server, the installed command
     ("service", ("server",)),  # the HTTP service: what runs in production
     ("command", ("softdimo.cli",)),  # the library's `softdimo` commands
-    ("measurement", ("softdimo.evaluation", "softdimo.edit_evaluation", "softdimo.bench")),  # evaluations, offline benchmark
+    (
+        "measurement",
+        ("softdimo.evaluation", "softdimo.edit_evaluation", "softdimo.bench"),
+    ),  # evaluations, offline benchmark
     ("training", ("softdimo.train",)),  # one module per stage, their loop and recipes
     ("pipelines", ("softdimo.pipeline", "softdimo.warmup")),  # loaded parts composed into models that run
     ("parts", ("softdimo",)),  # the model's parts and the helpers under them

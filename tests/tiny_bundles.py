@@ -19,7 +19,9 @@ from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.tteo import TTEOSettings
 from softdimo.vq import TokenizerConfig, VQTokenizer, to_tensor
 
-TINY_TOKENIZER = TokenizerConfig(encoder="dictionary", dictionary_size=64, dictionary_dim=4, stem=8, channels=(16,), blocks=1)
+TINY_TOKENIZER = TokenizerConfig(
+    encoder="dictionary", dictionary_size=64, dictionary_dim=4, stem=8, channels=(16,), blocks=1
+)
 TINY_FSQ_TOKENIZER = TokenizerConfig(levels=(4, 4, 4), channels=(16, 32), blocks=1, encoder="patch")
 
 
@@ -37,7 +39,13 @@ def tiny_tokenizer(seed: int = 0) -> VQTokenizer:
 
 def tiny_transformer_config(conditioner: Conditioner, codebook_size: int = 64) -> TransformerConfig:
     return TransformerConfig(
-        codebook_size=codebook_size, tokens=64, width=32, depth=2, heads=4, code_dim=TINY_TOKENIZER.code_dim, **conditioner.model_sizes()
+        codebook_size=codebook_size,
+        tokens=64,
+        width=32,
+        depth=2,
+        heads=4,
+        code_dim=TINY_TOKENIZER.code_dim,
+        **conditioner.model_sizes(),
     )
 
 
@@ -52,12 +60,19 @@ def write_tokenizer(folder: Path, seed: int = 0) -> Path:
     return save_tokenizer(tiny_tokenizer(seed), folder, name="tiny-tokenizer", dtype=None)
 
 
-def write_teacher(folder: Path, tokenizer: Path, conditioner: Conditioner, name: str, steps: int = 4, seed: int = 0) -> Path:
+def write_teacher(
+    folder: Path, tokenizer: Path, conditioner: Conditioner, name: str, steps: int = 4, seed: int = 0
+) -> Path:
     torch.manual_seed(seed)
     return save_teacher(
-        tiny_transformer(conditioner), folder, name=name, conditioner=conditioner, sampler=SamplerSettings(steps=steps),
-        tokenizer_reference=os.path.relpath(tokenizer, folder), dtype=None,
-    )  # fmt: skip
+        tiny_transformer(conditioner),
+        folder,
+        name=name,
+        conditioner=conditioner,
+        sampler=SamplerSettings(steps=steps),
+        tokenizer_reference=os.path.relpath(tokenizer, folder),
+        dtype=None,
+    )
 
 
 def write_reward(folder: Path, seed: int = 0) -> Path:
@@ -66,17 +81,27 @@ def write_reward(folder: Path, seed: int = 0) -> Path:
     from softdimo.text import PromptTokenizer
 
     torch.manual_seed(seed)
-    model = AlignmentModel(AlignmentConfig(width=16, channels=(8, 8), text_layers=1, text_heads=2, grounding=True), PromptTokenizer(shapes.VOCABULARY, 12))
+    model = AlignmentModel(
+        AlignmentConfig(width=16, channels=(8, 8), text_layers=1, text_heads=2, grounding=True),
+        PromptTokenizer(shapes.VOCABULARY, 12),
+    )
     return save_reward(model, folder, name="tiny-clip", dtype=None)
 
 
-def write_one_step(folder: Path, tokenizer: Path, reward: Path, conditioner: Conditioner, name: str, seed: int = 0) -> Path:
+def write_one_step(
+    folder: Path, tokenizer: Path, reward: Path, conditioner: Conditioner, name: str, seed: int = 0
+) -> Path:
     torch.manual_seed(seed)
     return save_one_step(
-        OneStepGenerator(tiny_transformer(conditioner), GeneratorSettings()), folder, name=name, conditioner=conditioner,
-        tokenizer_reference=os.path.relpath(tokenizer, folder), reward_references=[os.path.relpath(reward, folder)],
-        tteo=TTEOSettings(steps=3, lr=1.0), dtype=None,
-    )  # fmt: skip
+        OneStepGenerator(tiny_transformer(conditioner), GeneratorSettings()),
+        folder,
+        name=name,
+        conditioner=conditioner,
+        tokenizer_reference=os.path.relpath(tokenizer, folder),
+        reward_references=[os.path.relpath(reward, folder)],
+        tteo=TTEOSettings(steps=3, lr=1.0),
+        dtype=None,
+    )
 
 
 def write_all(root: Path) -> dict[str, Path]:
@@ -88,6 +113,10 @@ def write_all(root: Path) -> dict[str, Path]:
         "reward": reward,
         "text": write_teacher(root / "teacher-text", tokenizer, Conditioner.shapes_text(), "tiny-text"),
         "class": write_teacher(root / "teacher-class", tokenizer, Conditioner.shapes_class(), "tiny-class"),
-        "one-step": write_one_step(root / "one-step-text", tokenizer, reward, Conditioner.shapes_text(), "tiny-one-step"),
-        "one-step-class": write_one_step(root / "one-step-class", tokenizer, reward, Conditioner.shapes_class(), "tiny-one-step-class"),
+        "one-step": write_one_step(
+            root / "one-step-text", tokenizer, reward, Conditioner.shapes_text(), "tiny-one-step"
+        ),
+        "one-step-class": write_one_step(
+            root / "one-step-class", tokenizer, reward, Conditioner.shapes_class(), "tiny-one-step-class"
+        ),
     }

@@ -39,7 +39,9 @@ def write_clip_tokenizer(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": TEXT_LENGTH, "tokenizer_class": "CLIPTokenizer"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": TEXT_LENGTH, "tokenizer_class": "CLIPTokenizer"})
+    )
     return folder
 
 
@@ -56,24 +58,65 @@ def tiny_components(folder: Path, seed: int = 0) -> dict:
 
     tokenizer = clip_tokenizer(folder / "clip-tokenizer-source")
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=TEXT_LENGTH, projection_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))  # fmt: skip
+    text_encoder = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=TEXT_LENGTH,
+            projection_dim=8,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
     transformer = UVit2DModel(
-        hidden_size=16, use_bias=False, cond_embed_dim=8, micro_cond_encode_dim=2, micro_cond_embed_dim=10, encoder_hidden_size=16,
-        vocab_size=33, codebook_size=32, in_channels=8, block_out_channels=16, num_res_blocks=1, downsample=True, upsample=True,
-        block_num_heads=2, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, sample_size=8,
-    )  # fmt: skip
+        hidden_size=16,
+        use_bias=False,
+        cond_embed_dim=8,
+        micro_cond_encode_dim=2,
+        micro_cond_embed_dim=10,
+        encoder_hidden_size=16,
+        vocab_size=33,
+        codebook_size=32,
+        in_channels=8,
+        block_out_channels=16,
+        num_res_blocks=1,
+        downsample=True,
+        upsample=True,
+        block_num_heads=2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        sample_size=8,
+    )
     vqvae = VQModel(
-        act_fn="silu", block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32, num_vq_embeddings=32, out_channels=3, sample_size=16,
-        mid_block_add_attention=False, lookup_from_codebook=True, norm_type="spatial",
-    )  # fmt: skip
+        act_fn="silu",
+        block_out_channels=[32, 32],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        in_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        num_vq_embeddings=32,
+        out_channels=3,
+        sample_size=16,
+        mid_block_add_attention=False,
+        lookup_from_codebook=True,
+        norm_type="spatial",
+    )
     with torch.no_grad():  # random weights decode to a flat grey; spread the codes so images differ with their tokens
         vqvae.quantize.embedding.weight.normal_(0, 1)
-    return {"vqvae": vqvae, "tokenizer": tokenizer, "text_encoder": text_encoder, "transformer": transformer,
-            "scheduler": AmusedScheduler(mask_token_id=32)}  # fmt: skip
+    return {
+        "vqvae": vqvae,
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "transformer": transformer,
+        "scheduler": AmusedScheduler(mask_token_id=32),
+    }
 
 
 def amused_pipeline(components: dict):
@@ -102,13 +145,27 @@ def write_clip_reward(folder: Path, seed: int = 0, name: str = "tiny-clip-vit") 
     tokenizer = clip_tokenizer(source)
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": TEXT_LENGTH, "bos_token_id": 0, "eos_token_id": 1,
-                     "pad_token_id": 1},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": TEXT_LENGTH,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=8,
-    )  # fmt: skip
+    )
     CLIPModel(config).save_pretrained(source)
     tokenizer.save_pretrained(source)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(source)

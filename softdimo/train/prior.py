@@ -56,31 +56,51 @@ class PriorTraining:
 
 
 def train_prior(
-    *, run_dir: Path, generator: OneStepGenerator, encoder: LayoutEncoder, tokenizer: VQTokenizer, conditioner: Conditioner,
-    network: PriorNetwork, training: PriorTraining, device: torch.device,
-) -> OneStepGenerator:  # fmt: skip
+    *,
+    run_dir: Path,
+    generator: OneStepGenerator,
+    encoder: LayoutEncoder,
+    tokenizer: VQTokenizer,
+    conditioner: Conditioner,
+    network: PriorNetwork,
+    training: PriorTraining,
+    device: torch.device,
+) -> OneStepGenerator:
     """The generator, unchanged, with a layout prior fitted to `encoder`'s posterior means."""
     torch.manual_seed(training.seed)
     body = small_body(generator.cfg, width=network.width, depth=network.depth, heads=network.heads, tokens=1)
-    prior = LayoutPrior(LayoutPriorConfig(body=body, latent_dim=generator.cfg.latent_dim, components=network.components)).to(device)
+    prior = LayoutPrior(
+        LayoutPriorConfig(body=body, latent_dim=generator.cfg.latent_dim, components=network.components)
+    ).to(device)
     generator = OneStepGenerator(generator.model.to(device).eval(), generator.settings, prior)
     encoder = encoder.to(device).eval().requires_grad_(False)
     tokenizer = tokenizer.to(device).eval()
     with torch.no_grad():  # the components: as many encoded images (a run that resumes loads its own)
         tokens, condition = training_batch(
-            rng=np.random.default_rng([training.seed, 0, 0]), size=network.components, conditioner=conditioner, tokenizer=tokenizer,
-            device=device, placement=training.placement,
-        )  # fmt: skip
+            rng=np.random.default_rng([training.seed, 0, 0]),
+            size=network.components,
+            conditioner=conditioner,
+            tokenizer=tokenizer,
+            device=device,
+            placement=training.placement,
+        )
         means, log_vars = encoder(tokens, condition)
         prior.place(means, 0.5 * log_vars)
-    optimizer = torch.optim.AdamW(prior.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay)
+    optimizer = torch.optim.AdamW(
+        prior.parameters(), lr=training.lr, betas=(0.9, 0.95), weight_decay=training.weight_decay
+    )
 
     def step_fn(step: int) -> dict[str, float]:
         loop.set_lr(optimizer, loop.cosine_lr(step, training.steps, training.lr, training.warmup))
         rng = np.random.default_rng([training.seed, step])
         tokens, condition = training_batch(
-            rng=rng, size=training.batch_size, conditioner=conditioner, tokenizer=tokenizer, device=device, placement=training.placement,
-        )  # fmt: skip
+            rng=rng,
+            size=training.batch_size,
+            conditioner=conditioner,
+            tokenizer=tokenizer,
+            device=device,
+            placement=training.placement,
+        )
         with torch.no_grad():
             means, _ = encoder(tokens, condition)
         nll = -prior.log_likelihood(means, condition).mean() / means.shape[1]
@@ -93,7 +113,9 @@ def train_prior(
     return _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, training, "layout prior")
 
 
-def _run(run_dir, generator, tokenizer, conditioner, optimizer, step_fn, training, description: str) -> OneStepGenerator:
+def _run(
+    run_dir, generator, tokenizer, conditioner, optimizer, step_fn, training, description: str
+) -> OneStepGenerator:
     """A prior stage's steps on the prior's weights, the generator evaluated as it draws from the prior."""
     eval_prompts = loop.training_eval_prompts(training.eval_prompts, conditioner.kinds)
     loop.run(
@@ -124,9 +146,14 @@ class PriorTuning:
 
 
 def component_rewards(
-    generator: OneStepGenerator, tokenizer: VQTokenizer, reward: Reward, condition: torch.Tensor, texts: list[str],
-    chosen: torch.Tensor, noise: ImageNoise,
-) -> torch.Tensor:  # fmt: skip
+    generator: OneStepGenerator,
+    tokenizer: VQTokenizer,
+    reward: Reward,
+    condition: torch.Tensor,
+    texts: list[str],
+    chosen: torch.Tensor,
+    noise: ImageNoise,
+) -> torch.Tensor:
     """The reward of each prompt's image drawn from each chosen component (B, M) -> (B, M): a point of the component
     as the generator draws one (`latent_scale`), one forward pass, the reward of the decoded tokens. `noise` holds
     one stream per image (B * M)."""
@@ -141,9 +168,15 @@ def component_rewards(
 
 
 def tune_prior(
-    *, run_dir: Path, generator: OneStepGenerator, tokenizer: VQTokenizer, conditioner: Conditioner, reward: Reward,
-    training: PriorTuning, device: torch.device,
-) -> OneStepGenerator:  # fmt: skip
+    *,
+    run_dir: Path,
+    generator: OneStepGenerator,
+    tokenizer: VQTokenizer,
+    conditioner: Conditioner,
+    reward: Reward,
+    training: PriorTuning,
+    device: torch.device,
+) -> OneStepGenerator:
     """The generator, unchanged, with its layout prior's weights tuned by `reward` (its components stay)."""
     if generator.prior is None:
         raise ValueError("tuning a layout prior needs a generator with one: fit it first (train_prior)")
@@ -161,7 +194,9 @@ def tune_prior(
         condition = torch.cat([c for c, _ in drawn]).to(device)
         log_weights, _, _ = prior.mixture(condition)
         g = torch.Generator().manual_seed(training.seed * 1_000_003 + step)
-        chosen = torch.multinomial(log_weights.detach().exp().cpu(), training.samples, replacement=True, generator=g).to(device)
+        chosen = torch.multinomial(
+            log_weights.detach().exp().cpu(), training.samples, replacement=True, generator=g
+        ).to(device)
         noise = ImageNoise(rng.integers(0, 2**62, size=training.prompts * training.samples).tolist(), device)
         with torch.no_grad():
             scores = component_rewards(generator, tokenizer, reward, condition, [t for _, t in drawn], chosen, noise)

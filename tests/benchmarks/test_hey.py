@@ -77,9 +77,17 @@ def test_hey_against_a_real_server_counts_what_the_server_answered(tiny_bundles)
 
 def test_serve_comparison_under_hey_says_so_in_its_table(tiny_bundles):
     config = ServeBench(
-        model=(str(tiny_bundles["one-step"]), str(tiny_bundles["one-step-class"])), concurrency=(2,), max_batch_size=2,
-        rounds=2, load_generator="hey", device="cpu", duration_s=0.6, warmup_s=0.1, repeats=1, server="thread",
-    )  # fmt: skip
+        model=(str(tiny_bundles["one-step"]), str(tiny_bundles["one-step-class"])),
+        concurrency=(2,),
+        max_batch_size=2,
+        rounds=2,
+        load_generator="hey",
+        device="cpu",
+        duration_s=0.6,
+        warmup_s=0.1,
+        repeats=1,
+        server="thread",
+    )
     result = run_serve(config, "softdimo bench serve --load-generator hey")
     (level,) = result["comparison"]
     for measured in level["rounds_measured"]["A"] + level["rounds_measured"]["B"]:

@@ -17,7 +17,9 @@ def _serve(responses: list[bytes]):
         connections.append(writer)
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            length = next(
+                int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+            )
             await reader.readexactly(length)
             reply = next(replies)
             writer.write(reply)
@@ -31,7 +33,7 @@ def _serve(responses: list[bytes]):
 
 def test_keep_alive_chunked_and_closing_responses():
     responses = [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}",
+        b'HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{"a":1}',
         b"HTTP/1.1 429 Too Many Requests\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
         b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
@@ -71,7 +73,9 @@ def test_extra_headers_are_sent_and_retry_after_is_read():
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         heads.append(head)
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
         await reader.readexactly(length)
         writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 2\r\n\r\nno")
         await writer.drain()

@@ -17,7 +17,6 @@ from softdimo.bench_run import BenchError
 FAST = {"device": "cpu", "duration_s": 0.5, "warmup_s": 0.1, "repeats": 1, "timeout_s": 30.0, "server": "thread"}
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -55,8 +54,11 @@ def test_summarize_counts_every_outcome():
     samples = [
         RequestResult(0.010, 200, images=2, queue_s=0.001, compute_s=0.008),
         RequestResult(0.030, 200, images=2, queue_s=0.003, compute_s=0.020),
-        RequestResult(0.001, 429), RequestResult(0.002, 503), RequestResult(5.0, 0), RequestResult(0.001, 422),
-    ]  # fmt: skip
+        RequestResult(0.001, 429),
+        RequestResult(0.002, 503),
+        RequestResult(5.0, 0),
+        RequestResult(0.001, 422),
+    ]
     level = summarize(samples, [0.5, 0.5], concurrency=3, batches=(6.0, 4.0))
     assert (level["requests"], level["ok"], level["images"]) == (6, 2, 4)
     assert (level["status_429"], level["status_5xx"], level["errors"], level["other_status"]) == (1, 1, 1, 1)
@@ -93,9 +95,31 @@ def test_load_generator_is_bounded_and_counts_refusals(tiny_bundles):
 
 def test_serve_sweeps_batched_against_unbatched(tiny_bundles, tmp_path, capsys):
     out = tmp_path / "serve.json"
-    argv = ["bench", "serve", "--model", str(tiny_bundles["one-step"]), "--concurrency", "1", "4", "--device", "cpu",
-            "--max-batch-size", "4", "--duration-s", "0.5", "--warmup-s", "0.1", "--repeats", "1", "--server", "thread",
-            "--json", str(out), "--plot", str(tmp_path / "plots")]  # fmt: skip
+    argv = [
+        "bench",
+        "serve",
+        "--model",
+        str(tiny_bundles["one-step"]),
+        "--concurrency",
+        "1",
+        "4",
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "4",
+        "--duration-s",
+        "0.5",
+        "--warmup-s",
+        "0.1",
+        "--repeats",
+        "1",
+        "--server",
+        "thread",
+        "--json",
+        str(out),
+        "--plot",
+        str(tmp_path / "plots"),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr()
     result = json.loads(out.read_text())
@@ -111,7 +135,9 @@ def test_serve_sweeps_batched_against_unbatched(tiny_bundles, tmp_path, capsys):
     assert all(level["mean_batch_size"] == 1 for level in runs["unbatched"]["levels"])
     assert all(1 <= level["mean_batch_size"] <= 4 for level in runs["batched"]["levels"])
 
-    for row, batched, unbatched in zip(result["comparison"], runs["batched"]["levels"], runs["unbatched"]["levels"], strict=True):
+    for row, batched, unbatched in zip(
+        result["comparison"], runs["batched"]["levels"], runs["unbatched"]["levels"], strict=True
+    ):
         assert row["ratio"] == pytest.approx(batched["images_per_s"] / unbatched["images_per_s"])
     offline = result["offline"]
     assert offline["batched_images_per_s"] == pytest.approx(4 / offline["batch_s"]) and offline["batch_1_s"] > 0
@@ -134,9 +160,13 @@ def test_serve_sweeps_batched_against_unbatched(tiny_bundles, tmp_path, capsys):
 def test_steps_compares_one_step_with_teacher_in_one_server_process(tiny_bundles, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child server inherits the environment (all but SOFTDIMO_*)
     config = StepsBench(
-        one_step=str(tiny_bundles["one-step"]), teacher=str(tiny_bundles["text"]), steps=(1, 2), concurrency=2, max_batch_size=2,
+        one_step=str(tiny_bundles["one-step"]),
+        teacher=str(tiny_bundles["text"]),
+        steps=(1, 2),
+        concurrency=2,
+        max_batch_size=2,
         **{**FAST, "server": "process"},
-    )  # fmt: skip
+    )
     result = run_steps(config, "softdimo bench steps")
     _check_level(result["one_step"]["load"], 2)
     assert [load["steps"] for load in result["teacher"]["loads"]] == [1, 2]
@@ -167,17 +197,25 @@ def test_refine_burst_batched_against_serial(tiny_bundles):
         _check_level(run, 4)
         assert run["requests"] == 4 and len(run["round_s"]) == 1  # one burst of exactly `requests`
     assert result["runs"]["serial"]["mean_batch_size"] == 1
-    assert result["ratio"] == pytest.approx(result["runs"]["batched"]["images_per_s"] / result["runs"]["serial"]["images_per_s"])
+    assert result["ratio"] == pytest.approx(
+        result["runs"]["batched"]["images_per_s"] / result["runs"]["serial"]["images_per_s"]
+    )
     assert "| server | images/s |" in refine_table(result)
 
 
 def test_serve_compares_two_models_side_by_side_in_interleaved_rounds(tiny_bundles):
     config = ServeBench(
-        model=(str(tiny_bundles["one-step"]), str(tiny_bundles["one-step-class"])), concurrency=(1, 2), max_batch_size=2,
-        rounds=2, **{**FAST, "duration_s": 0.6},
-    )  # fmt: skip
+        model=(str(tiny_bundles["one-step"]), str(tiny_bundles["one-step-class"])),
+        concurrency=(1, 2),
+        max_batch_size=2,
+        rounds=2,
+        **{**FAST, "duration_s": 0.6},
+    )
     result = run_serve(config, "softdimo bench serve")
-    assert [(arm["label"], arm["name"]) for arm in result["arms"]] == [("A", "tiny-one-step"), ("B", "tiny-one-step-class")]
+    assert [(arm["label"], arm["name"]) for arm in result["arms"]] == [
+        ("A", "tiny-one-step"),
+        ("B", "tiny-one-step-class"),
+    ]
     for level, concurrency in zip(result["comparison"], (1, 2), strict=True):
         a, b = level["rounds_measured"]["A"], level["rounds_measured"]["B"]
         assert len(a) == len(b) == 2
@@ -203,7 +241,9 @@ def test_serve_measures_softdimo_against_litserve_serving_the_same_pipeline(tiny
     (level,) = result["comparison"]
     for label in "AB":
         for measured in level["rounds_measured"][label]:
-            assert measured["ok"] == measured["requests"] == measured["images"] > 0  # every request answered with its image
+            assert (
+                measured["ok"] == measured["requests"] == measured["images"] > 0
+            )  # every request answered with its image
     for measured in level["rounds_measured"]["B"]:
         _check_level(measured, 2)  # softdimo's own split of the time and its batches, from its /metrics
     assert level["ratio"] > 0

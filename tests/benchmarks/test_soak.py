@@ -13,7 +13,9 @@ def test_soak_sends_mixed_traffic_and_reports_it(tiny_bundles, tmp_path, capsys)
     weights = [str(tiny_bundles[name]) for name in ("one-step", "class")]
     out = tmp_path / "soak.json"
     with server_thread(Settings(weights=weights, device="cpu", max_batch_size=2, max_wait_ms=2)) as url:
-        code = main(["soak", "--url", url, "--minutes", str(3 / 60), "--concurrency", "3", "--seed", "1", "--json", str(out)])
+        code = main(
+            ["soak", "--url", url, "--minutes", str(3 / 60), "--concurrency", "3", "--seed", "1", "--json", str(out)]
+        )
         assert httpx.get(f"{url}/readyz").status_code == 200
 
     assert code == 0

@@ -15,7 +15,9 @@ from tiny_bundles import write_all
 from server.settings import Settings
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules"
-pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs the prometheus binary (Debian package prometheus)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("prometheus") is None, reason="needs the prometheus binary (Debian package prometheus)"
+)
 
 
 def _query(prom: str, expr: str) -> list:
@@ -48,10 +50,16 @@ def test_scrape_counters_and_recording_rules(tmp_path):
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         prometheus = subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [
+                "prometheus",
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         prom = f"http://127.0.0.1:{port}"
         try:
             up = _wait_for(prom, 'up{job="softdimo"} == 1')
@@ -76,7 +84,11 @@ def test_scrape_counters_and_recording_rules(tmp_path):
             firing = _query(prom, 'ALERTS{alertname="SoftdimoTargetDown"}')
             assert firing == []
             # The server's own exposition against the contract deploy/lint.py reads from server/metrics.py.
-            lint = subprocess.run([sys.executable, str(RULES.parents[1] / "lint.py"), "scrape", f"{url}/metrics"], capture_output=True, text=True)
+            lint = subprocess.run(
+                [sys.executable, str(RULES.parents[1] / "lint.py"), "scrape", f"{url}/metrics"],
+                capture_output=True,
+                text=True,
+            )
             assert lint.returncode == 0, lint.stdout + lint.stderr
         finally:
             prometheus.terminate()

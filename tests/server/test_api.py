@@ -15,10 +15,11 @@ from softdimo.images import decode_image
 from softdimo.tteo import TTEOSettings
 
 
-
 @pytest.fixture(scope="module")
 def url(tiny_bundles):
-    settings = Settings(weights=[str(tiny_bundles["text"]), str(tiny_bundles["class"])], device="cpu", max_batch_size=8, max_wait_ms=5)
+    settings = Settings(
+        weights=[str(tiny_bundles["text"]), str(tiny_bundles["class"])], device="cpu", max_batch_size=8, max_wait_ms=5
+    )
     with server_thread(settings) as base:
         yield base
 
@@ -68,13 +69,17 @@ def test_class_model_and_steps(url):
 def test_formats_in_json_and_as_raw_bytes(url, fmt, magic):
     body = httpx.post(f"{url}/generate", json={"prompt": "a green triangle", "format": fmt, "seed": 5}).json()
     assert base64.b64decode(body["data"][0]["b64_json"]).startswith(magic)
-    raw = httpx.post(f"{url}/generate", json={"prompt": "a green triangle", "seed": 5}, headers={"Accept": f"image/{fmt}"})
+    raw = httpx.post(
+        f"{url}/generate", json={"prompt": "a green triangle", "seed": 5}, headers={"Accept": f"image/{fmt}"}
+    )
     assert raw.status_code == 200 and raw.headers["content-type"] == f"image/{fmt}" and raw.headers["x-seed"] == "5"
     assert raw.content.startswith(magic)
 
 
 def test_accept_image_wildcard_uses_the_format_field(url):
-    raw = httpx.post(f"{url}/generate", json={"prompt": "a green triangle", "format": "webp"}, headers={"Accept": "image/*"})
+    raw = httpx.post(
+        f"{url}/generate", json={"prompt": "a green triangle", "format": "webp"}, headers={"Accept": "image/*"}
+    )
     assert raw.headers["content-type"] == "image/webp"
     many = httpx.post(f"{url}/generate", json={"prompt": "a green triangle", "n": 2}, headers={"Accept": "image/png"})
     assert many.status_code == 406
@@ -105,7 +110,7 @@ def test_accept_image_wildcard_uses_the_format_field(url):
         ({"prompt": "a red circle", "seed": "3"}, 422, "valid integer"),
         ({"class_label": True, "model": "tiny-class"}, 422, "valid integer"),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_get_clear_client_errors(url, body, status, fragment):
     r = httpx.post(f"{url}/generate", json=body)
     assert r.status_code == status, r.text
@@ -125,13 +130,28 @@ def test_malformed_json_is_422_not_500(url):
 
 
 def test_openai_images_shape(url):
-    r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", "n": 2, "response_format": "b64_json", "size": "64x64"})
+    r = httpx.post(
+        f"{url}/v1/images/generations",
+        json={"prompt": "a red circle", "n": 2, "response_format": "b64_json", "size": "64x64"},
+    )
     assert r.status_code == 200
     body = r.json()
     assert set(body) == {"created", "data"} and len(body["data"]) == 2 and set(body["data"][0]) == {"b64_json"}
-    assert httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", "response_format": "url"}).status_code == 422
-    assert httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", "size": "1024x1024"}).status_code == 422
-    for field, value in (("seed", False), ("n", True), ("seed", "7")):  # no coercion: a bool or a string is not a number
+    assert (
+        httpx.post(
+            f"{url}/v1/images/generations", json={"prompt": "a red circle", "response_format": "url"}
+        ).status_code
+        == 422
+    )
+    assert (
+        httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", "size": "1024x1024"}).status_code
+        == 422
+    )
+    for field, value in (
+        ("seed", False),
+        ("n", True),
+        ("seed", "7"),
+    ):  # no coercion: a bool or a string is not a number
         refused = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", field: value})
         assert refused.status_code == 422 and "valid integer" in refused.text
 
@@ -144,9 +164,15 @@ def test_refine_on_a_teacher_is_a_clear_422(url):
 def test_same_seed_same_image_under_concurrent_mixed_traffic(url):
     requests = [
         {"prompt": p, "seed": s, "n": n}
-        for p, s, n in [("a red circle", 7, 1), ("three cyan triangles", 100, 3), ("a blue square above a red circle", 9, 2),
-                        ("a red circle", 7, 2), ("a large yellow circle", 55, 1), ("three cyan triangles", 101, 1)]
-    ]  # fmt: skip
+        for p, s, n in [
+            ("a red circle", 7, 1),
+            ("three cyan triangles", 100, 3),
+            ("a blue square above a red circle", 9, 2),
+            ("a red circle", 7, 2),
+            ("a large yellow circle", 55, 1),
+            ("three cyan triangles", 101, 1),
+        ]
+    ]
     requests += [{"class_label": 4, "model": "tiny-class", "seed": 3, "n": 2}]
 
     alone = [post_concurrently(url, "/generate", [b])[0].json() for b in requests]
@@ -171,7 +197,10 @@ def test_metrics_move(url):
     assert metric(after, "softdimo_requests_total", **ok) == metric(before, "softdimo_requests_total", **ok) + 1
     assert metric(after, "softdimo_requests_total", endpoint="/generate", model="unknown", status="404") >= 1
     images = dict(endpoint="/generate", model="tiny-text")
-    assert metric(after, "softdimo_images_generated_total", **images) == metric(before, "softdimo_images_generated_total", **images) + 2
+    assert (
+        metric(after, "softdimo_images_generated_total", **images)
+        == metric(before, "softdimo_images_generated_total", **images) + 2
+    )
     assert metric(after, "softdimo_batch_size_count", **images) > metric(before, "softdimo_batch_size_count", **images)
     assert metric(after, "softdimo_request_duration_seconds_count", **images) > 0
     assert metric(after, "softdimo_queue_wait_seconds_count", **images) > 0
@@ -183,7 +212,6 @@ def test_metrics_move(url):
 def test_full_queue_answers_429_with_retry_after_and_nothing_else_fails(tiny_bundles):
     settings = Settings(weights=[str(tiny_bundles["text"])], device="cpu", max_batch_size=1, max_queue=1, max_wait_ms=0)
     with server_thread(settings) as base:
-
         responses = post_concurrently(base, "/generate", [{"prompt": "a red circle", "seed": i} for i in range(40)])
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) > 0
@@ -191,7 +219,9 @@ def test_full_queue_answers_429_with_retry_after_and_nothing_else_fails(tiny_bun
         assert httpx.get(f"{base}/readyz").status_code == 200
         assert httpx.post(f"{base}/generate", json={"prompt": "a red circle"}).status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
-        assert metric(metrics, "softdimo_rejected_total", endpoint="/generate", reason="queue_full") == statuses.count(429)
+        assert metric(metrics, "softdimo_rejected_total", endpoint="/generate", reason="queue_full") == statuses.count(
+            429
+        )
 
 
 def test_deadline_answers_504(tiny_bundles):
@@ -225,12 +255,17 @@ def test_one_step_generate_refuses_steps(one_step_url):
 
 def test_refine_returns_rewards_and_starts_from_the_generated_image(one_step_url):
     # a step too small to change anything shows the starting point
-    r = httpx.post(f"{one_step_url}/refine", json={"prompt": "a red circle", "seed": 12, "n": 2, "steps": 1, "lr": 1e-9})
+    r = httpx.post(
+        f"{one_step_url}/refine", json={"prompt": "a red circle", "seed": 12, "n": 2, "steps": 1, "lr": 1e-9}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"].startswith("ref-") and [d["seed"] for d in body["data"]] == [12, 13]
     for item in body["data"]:
-        assert item["reward_before"] == pytest.approx(item["reward_after"], abs=1e-5) and item["candidate_seed"] == item["seed"]
+        assert (
+            item["reward_before"] == pytest.approx(item["reward_after"], abs=1e-5)
+            and item["candidate_seed"] == item["seed"]
+        )
     generated = httpx.post(f"{one_step_url}/generate", json={"prompt": "a red circle", "seed": 12, "n": 2}).json()
     for a, b in zip(body["data"], generated["data"]):
         assert (_image(a) == _image(b)).all()

@@ -30,7 +30,9 @@ def test_without_a_key_post_endpoints_answer_401_with_a_bearer_challenge(url):
         assert "Authorization: Bearer" in error_message(r)
 
 
-@pytest.mark.parametrize("header", ["Bearer wrong", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", f"Basic {KEY}", "Bearer", KEY])
+@pytest.mark.parametrize(
+    "header", ["Bearer wrong", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", f"Basic {KEY}", "Bearer", KEY]
+)
 def test_a_wrong_or_malformed_key_answers_401(url, header):
     r = httpx.post(f"{url}/generate", json={"prompt": "a red circle"}, headers={"Authorization": header})
     assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
@@ -39,7 +41,12 @@ def test_a_wrong_or_malformed_key_answers_401(url, header):
 
 def test_the_right_key_is_served_and_the_scheme_is_case_insensitive(url):
     assert httpx.post(f"{url}/generate", json={"prompt": "a red circle"}, headers=_bearer(KEY)).status_code == 200
-    assert httpx.post(f"{url}/generate", json={"prompt": "a red circle"}, headers={"Authorization": f"bearer  {KEY}"}).status_code == 200
+    assert (
+        httpx.post(
+            f"{url}/generate", json={"prompt": "a red circle"}, headers={"Authorization": f"bearer  {KEY}"}
+        ).status_code
+        == 200
+    )
     assert httpx.get(f"{url}/v1/models", headers=_bearer(KEY)).status_code == 200
 
 
@@ -51,7 +58,10 @@ def test_probes_metrics_and_docs_are_exempt_but_models_are_not(url):
 
 def test_the_key_is_checked_before_the_body_is_read(url):
     # An unauthenticated client learns nothing from validation or size errors.
-    assert httpx.post(f"{url}/generate", content=b"{not json", headers={"content-type": "application/json"}).status_code == 401
+    assert (
+        httpx.post(f"{url}/generate", content=b"{not json", headers={"content-type": "application/json"}).status_code
+        == 401
+    )
     assert httpx.post(f"{url}/generate", content=b"x" * 200_000).status_code == 401
 
 

@@ -79,8 +79,9 @@ class RecordingObserver(NullObserver):
 
 
 def make_batcher(model: FakeModel, **options) -> Batcher[Req, int]:
-    settings = dict(max_batch_size=4, max_wait_s=0.05, max_queue=16, size_of=lambda req: req.n,
-                    key_of=lambda req: req.key)
+    settings = dict(
+        max_batch_size=4, max_wait_s=0.05, max_queue=16, size_of=lambda req: req.n, key_of=lambda req: req.key
+    )
     settings.update(options)
     return Batcher(model, **settings)
 
@@ -259,9 +260,14 @@ def test_queued_cost_is_bounded_apart_from_images_and_freed_as_work_leaves_the_q
     async def main() -> None:
         # Cost is the request's value here: plenty of image room (16), but only 10 units of cost.
         batcher = make_batcher(
-            model, max_batch_size=1, max_queue=16, max_wait_s=0.0, cost_of=lambda req: req.value, max_queue_cost=10,
+            model,
+            max_batch_size=1,
+            max_queue=16,
+            max_wait_s=0.0,
+            cost_of=lambda req: req.value,
+            max_queue_cost=10,
             observer=observer,
-        )  # fmt: skip
+        )
         await batcher.start()
         with pytest.raises(ValueError, match="at most max_queue_cost = 10"):
             await batcher.submit(Req(11))  # could never be queued: an error, not a retry-later
@@ -292,7 +298,9 @@ def test_image_limit_names_itself_in_queue_full():
     model = FakeModel(on_call=wait_for_gate(gate, {0}))
 
     async def main() -> None:
-        batcher = make_batcher(model, max_batch_size=1, max_queue=1, max_wait_s=0.0, cost_of=lambda req: 1, max_queue_cost=100)
+        batcher = make_batcher(
+            model, max_batch_size=1, max_queue=1, max_wait_s=0.0, cost_of=lambda req: 1, max_queue_cost=100
+        )
         await batcher.start()
         running = asyncio.create_task(batcher.submit(Req(0)))
         await until(lambda: len(model.batches) == 1)

@@ -25,7 +25,18 @@ def copied(tiny_bundles, tmp_path):
 
 
 def _serve(*weights) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "server.cli", "serve", "--weights", *map(str, weights), "--device", "cpu", "--port", str(free_port())]
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--weights",
+        *map(str, weights),
+        "--device",
+        "cpu",
+        "--port",
+        str(free_port()),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
@@ -66,4 +77,8 @@ def test_an_app_built_in_code_stays_unready_and_says_why(copied):
     service = Service(Settings(weights=[str(copied / "teacher-text")], device="cpu"), Metrics())
     with pytest.raises(BundleError):
         asyncio.run(service.start())
-    assert not service.ready and service.load_error.startswith("BundleError:") and "checksum mismatch for config.json" in service.load_error
+    assert (
+        not service.ready
+        and service.load_error.startswith("BundleError:")
+        and "checksum mismatch for config.json" in service.load_error
+    )

@@ -15,9 +15,19 @@ SLOW = {"prompt": PROMPT, "n": 2, "steps": 32}  # a batch of its own (max batch 
 
 def _args(bundles, drain_timeout_s: float) -> list[str]:
     return [
-        "--weights", str(bundles["text"]), "--device", "cpu", "--max-batch-size", "2", "--max-wait-ms", "0",
-        "--drain-timeout-s", str(drain_timeout_s), "--log-level", "info",
-    ]  # fmt: skip
+        "--weights",
+        str(bundles["text"]),
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "2",
+        "--max-wait-ms",
+        "0",
+        "--drain-timeout-s",
+        str(drain_timeout_s),
+        "--log-level",
+        "info",
+    ]
 
 
 async def _until_queued(client: httpx.AsyncClient, requests: int, timeout_s: float = 60.0) -> None:
@@ -40,7 +50,10 @@ def test_sigterm_drains_queued_and_running_work_then_exits_0(tiny_bundles, tmp_p
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=180) as client:
                 # Six batches of their own: the queue stays non-empty long enough to be seen even on a busy machine.
-                work = [asyncio.create_task(client.post("/generate", json={**SLOW, "steps": 64, "seed": 10 * i})) for i in range(6)]
+                work = [
+                    asyncio.create_task(client.post("/generate", json={**SLOW, "steps": 64, "seed": 10 * i}))
+                    for i in range(6)
+                ]
                 await _until_queued(client, requests=6)  # one batch running, the rest queued
                 process.send_signal(signal.SIGTERM)
                 readiness = await client.get("/readyz")
@@ -70,7 +83,10 @@ def test_a_second_signal_stops_at_once(tiny_bundles, tmp_path):
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=180) as client:
-                work = [asyncio.create_task(client.post("/generate", json={**SLOW, "steps": 64, "seed": i})) for i in range(6)]
+                work = [
+                    asyncio.create_task(client.post("/generate", json={**SLOW, "steps": 64, "seed": i}))
+                    for i in range(6)
+                ]
                 await _until_queued(client, requests=6)
                 process.send_signal(signal.SIGTERM)
                 while (await client.get("/readyz")).status_code == 200:
@@ -95,19 +111,39 @@ def test_a_batch_still_waiting_for_company_runs_at_once_on_sigterm(tiny_bundles,
     """The first traffic of each queue, its batch not yet started (waiting 60 s for company): SIGTERM runs it now."""
     log = tmp_path / "server.log"
     args = [
-        "--weights", str(tiny_bundles["one-step"]), "--device", "cpu", "--max-batch-size", "8", "--max-wait-ms", "60000",
-        "--refine-max-wait-ms", "60000", "--drain-timeout-s", "120", "--log-level", "info",
-    ]  # fmt: skip
+        "--weights",
+        str(tiny_bundles["one-step"]),
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "8",
+        "--max-wait-ms",
+        "60000",
+        "--refine-max-wait-ms",
+        "60000",
+        "--drain-timeout-s",
+        "120",
+        "--log-level",
+        "info",
+    ]
     with server_process(args, log_path=log) as (process, url):
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-                work = [asyncio.create_task(client.post("/refine", json={"prompt": PROMPT, "seed": i, "steps": 3})) for i in range(4)]
-                work += [asyncio.create_task(client.post("/generate", json={"prompt": PROMPT, "seed": i})) for i in range(4)]
+                work = [
+                    asyncio.create_task(client.post("/refine", json={"prompt": PROMPT, "seed": i, "steps": 3}))
+                    for i in range(4)
+                ]
+                work += [
+                    asyncio.create_task(client.post("/generate", json={"prompt": PROMPT, "seed": i})) for i in range(4)
+                ]
                 deadline = time.monotonic() + 30
                 while True:
                     text = (await client.get("/metrics")).text
-                    queued = {e: metric(text, "softdimo_queue_depth", endpoint=e, model="tiny-one-step") for e in ("/refine", "/generate")}
+                    queued = {
+                        e: metric(text, "softdimo_queue_depth", endpoint=e, model="tiny-one-step")
+                        for e in ("/refine", "/generate")
+                    }
                     if queued == {"/refine": 4, "/generate": 4}:
                         break
                     assert time.monotonic() < deadline, f"never queued: {queued}"

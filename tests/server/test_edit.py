@@ -192,7 +192,7 @@ TRUNCATED = b64(png(SCENE)[:60])
         ({"refine": {"target": "latent"}}, "Extra inputs"),
         ({"refine": {"steps": 200, "best_of": 16}, "n": 16}, "over max_request_cost"),
     ],
-)  # fmt: skip
+)
 def test_bad_edits_get_clear_client_errors(url, fields, fragment):
     body = {k: v for k, v in (GOOD | fields).items() if v is not None or k != "prompt"}
     r = httpx.post(f"{url}/edit", json=body)
@@ -259,7 +259,7 @@ def test_openai_edits_without_a_mask_are_image_to_image(url, scenes):
         ({"model": "tiny-class"}, 422, "class-conditional", None),
         ({"model": "dall-e-2"}, 404, "unknown model 'dall-e-2'", None),
     ],
-)  # fmt: skip
+)
 def test_bad_openai_edits_get_openai_errors(url, fields, status, fragment, param):
     fields = {"image": png(SCENE)} | fields
     r = openai_edit(url, **fields)
@@ -287,7 +287,7 @@ def test_a_refined_edit_streams_its_steps_then_the_plain_answer(url, scenes):
                 received.append((name, json.loads(line.removeprefix("data: "))))
     steps = [data for name, data in received if name == "step"]
     assert [s["step"] for s in steps] == [1, 2, 3] and all([i["seed"] for i in s["images"]] == [21, 22] for s in steps)
-    (name, final), = [(n, d) for n, d in received if n != "step"]  # fmt: skip
+    ((name, final),) = [(n, d) for n, d in received if n != "step"]
     plain = httpx.post(f"{url}/edit", json=body | {"refine": refine}, timeout=60).json()
     assert name == "result" and final["id"].startswith("edit-") and final["data"] == plain["data"]
     refused = httpx.post(f"{url}/edit", json=body | {"model": "tiny-text", "refine": {"stream": True}})

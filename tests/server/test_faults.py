@@ -68,11 +68,17 @@ def _images(response: httpx.Response) -> list[np.ndarray]:
 
 
 def test_out_of_memory_batches_are_split_until_they_fit_and_give_the_same_images(url, model):
-    bodies = [{"prompt": PROMPT, "seed": 10, "n": 3}, {"prompt": PROMPT, "seed": 20, "n": 2}, {"prompt": PROMPT, "seed": 30, "n": 3}]
+    bodies = [
+        {"prompt": PROMPT, "seed": 10, "n": 3},
+        {"prompt": PROMPT, "seed": 20, "n": 2},
+        {"prompt": PROMPT, "seed": 30, "n": 3},
+    ]
     expected = [_images(r) for r in post_concurrently(url, "/generate", bodies)]
     assert 8 in model.batch_sizes  # the three requests shared one batch of 8
 
-    before = metric(httpx.get(f"{url}/metrics").text, "softdimo_batch_splits_total", endpoint="/generate", model="tiny-text")
+    before = metric(
+        httpx.get(f"{url}/metrics").text, "softdimo_batch_splits_total", endpoint="/generate", model="tiny-text"
+    )
     model.oom_above = 2
     model.batch_sizes.clear()
     responses = post_concurrently(url, "/generate", bodies)
@@ -81,7 +87,9 @@ def test_out_of_memory_batches_are_split_until_they_fit_and_give_the_same_images
         assert all((a == b).all() for a, b in zip(_images(response), images))
     # 8 failed, each half of 4 failed, the four quarters of 2 ran; the second request was split across two halves.
     assert model.batch_sizes == [8, 4, 2, 2, 4, 2, 2]
-    after = metric(httpx.get(f"{url}/metrics").text, "softdimo_batch_splits_total", endpoint="/generate", model="tiny-text")
+    after = metric(
+        httpx.get(f"{url}/metrics").text, "softdimo_batch_splits_total", endpoint="/generate", model="tiny-text"
+    )
     assert after - before == 3  # the batch of 8, then both of its halves
     assert httpx.get(f"{url}/readyz").status_code == 200
 
@@ -108,7 +116,9 @@ def test_a_failing_batch_fails_only_its_own_request(url, model):
     model.poison_seed = 13
     before = httpx.get(f"{url}/metrics").text
     # Different sampling steps never share a batch: the poisoned request runs alone.
-    bodies = [{"prompt": PROMPT, "seed": 13, "steps": 2}] + [{"prompt": PROMPT, "seed": s, "steps": 3} for s in (1, 14, 40)]
+    bodies = [{"prompt": PROMPT, "seed": 13, "steps": 2}] + [
+        {"prompt": PROMPT, "seed": s, "steps": 3} for s in (1, 14, 40)
+    ]
     responses = post_concurrently(url, "/generate", bodies)
     assert responses[0].status_code == 500
     detail = responses[0].json()["detail"]
@@ -142,7 +152,9 @@ def test_splitting_keeps_every_image_with_its_own_request_and_seed():
 
 
 def test_a_refine_split_in_parts_keeps_the_candidates_drawn_for_the_whole_request():
-    job = RefineJob.for_request(condition=torch.zeros(1, 1), text=PROMPT, seed=10, n=3, settings=TTEOSettings(best_of=2), reward="r")
+    job = RefineJob.for_request(
+        condition=torch.zeros(1, 1), text=PROMPT, seed=10, n=3, settings=TTEOSettings(best_of=2), reward="r"
+    )
     assert job.candidates == ((10, 13), (11, 14), (12, 15))  # seeds 10..15, reserved for 3 images x 2 candidates
     head, tail = job.split(1)
     assert (head.seeds, head.candidates) == ([10], ((10, 13),))

@@ -250,7 +250,9 @@ def test_a_job_whose_process_died_each_time_it_ran_fails_instead_of_taking_down_
         assert store.claim(worker="died", lease_s=0).id == "poison"
         time.sleep(0.01)
     store.close()
-    settings = Settings(weights=[str(tiny_bundles["one-step"])], device="cpu", job_db_path=str(path), job_max_attempts=2)
+    settings = Settings(
+        weights=[str(tiny_bundles["one-step"])], device="cpu", job_db_path=str(path), job_max_attempts=2
+    )
     with server_thread(settings) as base:
         poison, healthy = wait_for(base, "poison"), wait_for(base, "healthy")
     assert poison["status"] == "failed" and poison["result"] is None

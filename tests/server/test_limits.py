@@ -16,9 +16,13 @@ PROMPT = "a red circle"
 def url(tiny_bundles):
     # The teacher samples 4 steps by default, the one-step model refines 3 TTEO steps by default.
     settings = Settings(
-        weights=[str(tiny_bundles["text"]), str(tiny_bundles["one-step"])], device="cpu", max_batch_size=2,
-        max_request_cost=12, max_queue_cost=64, max_body_bytes=1024,
-    )  # fmt: skip
+        weights=[str(tiny_bundles["text"]), str(tiny_bundles["one-step"])],
+        device="cpu",
+        max_batch_size=2,
+        max_request_cost=12,
+        max_queue_cost=64,
+        max_body_bytes=1024,
+    )
     with server_thread(settings) as base:
         yield base
 
@@ -26,13 +30,21 @@ def url(tiny_bundles):
 @pytest.mark.parametrize(
     "path,body,terms",
     [
-        ("/generate", {"prompt": PROMPT, "n": 4}, "4 images x 4 sampling steps = 16"),  # the model's default steps count
+        (
+            "/generate",
+            {"prompt": PROMPT, "n": 4},
+            "4 images x 4 sampling steps = 16",
+        ),  # the model's default steps count
         ("/generate", {"prompt": PROMPT, "n": 3, "steps": 5}, "3 images x 5 sampling steps = 15"),
         ("/v1/images/generations", {"prompt": PROMPT, "n": 4}, "= 16"),
-        ("/refine", {"prompt": PROMPT, "model": "tiny-one-step", "steps": 5, "best_of": 3}, "1 images x 5 TTEO steps x best_of 3 = 15"),
+        (
+            "/refine",
+            {"prompt": PROMPT, "model": "tiny-one-step", "steps": 5, "best_of": 3},
+            "1 images x 5 TTEO steps x best_of 3 = 15",
+        ),
         ("/refine", {"prompt": PROMPT, "model": "tiny-one-step", "n": 5}, "5 images x 3 TTEO steps x best_of 1 = 15"),
     ],
-)  # fmt: skip
+)
 def test_a_request_over_max_request_cost_is_a_422_naming_the_limit(url, path, body, terms):
     r = httpx.post(f"{url}{path}", json=body)
     assert r.status_code == 422, r.text
@@ -42,7 +54,9 @@ def test_a_request_over_max_request_cost_is_a_422_naming_the_limit(url, path, bo
 
 def test_a_request_at_max_request_cost_is_served(url):
     assert httpx.post(f"{url}/generate", json={"prompt": PROMPT, "n": 3, "seed": 1}).status_code == 200  # 3 x 4 steps
-    one_step = httpx.post(f"{url}/generate", json={"prompt": PROMPT, "model": "tiny-one-step", "n": 12})  # one step each
+    one_step = httpx.post(
+        f"{url}/generate", json={"prompt": PROMPT, "model": "tiny-one-step", "n": 12}
+    )  # one step each
     assert one_step.status_code == 200 and len(one_step.json()["data"]) == 12
 
 
@@ -54,9 +68,14 @@ def test_max_queue_cost_must_hold_the_largest_request():
 def test_a_flood_beyond_the_queued_cost_gets_only_200_and_429_and_the_server_stays_ready(tiny_bundles):
     # Room for 64 images but a cost of only 8: two requests of 1 image x 4 steps.
     settings = Settings(
-        weights=[str(tiny_bundles["text"])], device="cpu", max_batch_size=1, max_queue=64, max_wait_ms=0,
-        max_request_cost=8, max_queue_cost=8,
-    )  # fmt: skip
+        weights=[str(tiny_bundles["text"])],
+        device="cpu",
+        max_batch_size=1,
+        max_queue=64,
+        max_wait_ms=0,
+        max_request_cost=8,
+        max_queue_cost=8,
+    )
     with server_thread(settings) as base:
         responses = post_concurrently(base, "/generate", [{"prompt": PROMPT, "seed": i} for i in range(16)])
         statuses = [r.status_code for r in responses]
@@ -67,7 +86,9 @@ def test_a_flood_beyond_the_queued_cost_gets_only_200_and_429_and_the_server_sta
         assert httpx.get(f"{base}/readyz").status_code == 200
         assert httpx.post(f"{base}/generate", json={"prompt": PROMPT}).status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
-        assert metric(metrics, "softdimo_rejected_total", endpoint="/generate", reason="queue_full") == statuses.count(429)
+        assert metric(metrics, "softdimo_rejected_total", endpoint="/generate", reason="queue_full") == statuses.count(
+            429
+        )
         assert metric(metrics, "softdimo_requests_total", endpoint="/generate", status="429") == statuses.count(429)
 
 
@@ -76,7 +97,10 @@ def test_a_declared_body_over_max_body_bytes_is_413_before_parsing(url):
     r = httpx.post(f"{url}/generate", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["detail"] == "the request body exceeds max_body_bytes = 1024 bytes"
     # Not JSON at all: refused for its size, not its content.
-    assert httpx.post(f"{url}/refine", content=b"\xff" * 5000, headers={"content-type": "application/json"}).status_code == 413
+    assert (
+        httpx.post(f"{url}/refine", content=b"\xff" * 5000, headers={"content-type": "application/json"}).status_code
+        == 413
+    )
 
 
 def test_a_chunked_body_over_max_body_bytes_is_413(url):
@@ -90,7 +114,11 @@ def test_a_chunked_body_over_max_body_bytes_is_413(url):
     assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
     assert r.status_code == 413 and "max_body_bytes = 1024" in r.json()["detail"]
     # A small chunked body is read and served as usual.
-    small = httpx.post(f"{url}/generate", content=iter([b'{"prompt": ', b'"a red circle"}']), headers={"content-type": "application/json"})
+    small = httpx.post(
+        f"{url}/generate",
+        content=iter([b'{"prompt": ', b'"a red circle"}']),
+        headers={"content-type": "application/json"},
+    )
     assert small.status_code == 200
 
 

@@ -34,16 +34,26 @@ def url(tmp_path_factory):
     teacher_path, clip_path = write_teacher(root / "teacher"), write_clip_reward(root / "clip")
     teacher = load_pipeline(teacher_path)
     parts = DistillParts(
-        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=load_reward(read_bundle(clip_path)),
-    )  # fmt: skip
+        teacher=teacher.model,
+        tokenizer=teacher.tokenizer,
+        conditioner=teacher.conditioner,
+        reward=load_reward(read_bundle(clip_path)),
+    )
     training = DistillTraining(steps=2, batch_size=4, warmup=1, guidance=1.0, reward_weight=0.5, eval_every=0)
     with torch.random.fork_rng():
-        student = train_distill(run_dir=root / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu")
+        student = train_distill(
+            run_dir=root / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu"
+        )
     student_path = muse.export_generator(
-        generator=student, teacher=read_bundle(teacher_path), path=root / "student", name="tiny-amused-one-step",
-        reward_references=[os.path.relpath(clip_path, root / "student")], tteo={"steps": 2, "lr": 1.0}, training={},
+        generator=student,
+        teacher=read_bundle(teacher_path),
+        path=root / "student",
+        name="tiny-amused-one-step",
+        reward_references=[os.path.relpath(clip_path, root / "student")],
+        tteo={"steps": 2, "lr": 1.0},
+        training={},
         teacher_reference=os.path.relpath(teacher_path, root / "student"),
-    )  # fmt: skip
+    )
     settings = Settings(weights=[str(student_path), str(teacher_path)], device="cpu", max_batch_size=4, max_wait_ms=5)
     with server_thread(settings) as base:
         yield base
@@ -57,14 +67,21 @@ def test_models_are_listed_with_their_kinds(url):
     models = {m["name"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
     student, teacher = models["tiny-amused-one-step"], models["tiny-amused"]
     assert student["kind"] == "one-step" and student["rewards"] == ["tiny-clip-vit"] and student["image_size"] == 16
-    assert teacher["kind"] == "masked-diffusion" and teacher["conditioning"] == "text" and teacher["default"]["steps"] == 4
+    assert (
+        teacher["kind"] == "masked-diffusion" and teacher["conditioning"] == "text" and teacher["default"]["steps"] == 4
+    )
 
 
 def test_generate_and_refine_serve_free_text_prompts(url):
-    teacher = httpx.post(f"{url}/generate", json={"model": "tiny-amused", "prompt": "A lighthouse at dusk", "n": 2, "seed": 5, "steps": 3})
+    teacher = httpx.post(
+        f"{url}/generate",
+        json={"model": "tiny-amused", "prompt": "A lighthouse at dusk", "n": 2, "seed": 5, "steps": 3},
+    )
     assert teacher.status_code == 200, teacher.text
     assert [image.shape for image in _images(teacher)] == [(16, 16, 3)] * 2
-    again = httpx.post(f"{url}/generate", json={"model": "tiny-amused", "prompt": "A lighthouse at dusk", "seed": 6, "steps": 3})
+    again = httpx.post(
+        f"{url}/generate", json={"model": "tiny-amused", "prompt": "A lighthouse at dusk", "seed": 6, "steps": 3}
+    )
     assert np.array_equal(_images(again)[0], _images(teacher)[1])  # image i uses seed + i, whatever its batch
 
     one_step = httpx.post(f"{url}/generate", json={"prompt": "a red circle", "seed": 1})

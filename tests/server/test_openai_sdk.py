@@ -25,7 +25,9 @@ def client(tiny_bundles):
 
 
 def test_the_sdk_generates_images(client):
-    result = client.images.generate(prompt="a red circle", n=2, response_format="b64_json", size="64x64", model="tiny-one-step")
+    result = client.images.generate(
+        prompt="a red circle", n=2, response_format="b64_json", size="64x64", model="tiny-one-step"
+    )
     assert len(result.data) == 2
     for image in result.data:
         assert base64.b64decode(image.b64_json)[:8] == b"\x89PNG\r\n\x1a\n"
@@ -60,7 +62,9 @@ def test_native_endpoints_keep_detail(client):
     import httpx
 
     base = str(client.base_url).removesuffix("/v1/")
-    answer = httpx.post(f"{base}/generate", json={"prompt": "a purple circle"}, headers={"Authorization": f"Bearer {KEY}"})
+    answer = httpx.post(
+        f"{base}/generate", json={"prompt": "a purple circle"}, headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert answer.status_code == 422 and "purple" in answer.json()["detail"]
     unknown = httpx.get(f"{base}/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"})
     error = unknown.json()["error"]
@@ -80,9 +84,14 @@ def test_the_sdk_edits_images(client):
     mask[:, 32:, 3] = 0  # fully transparent: repaint the right half
 
     result = client.images.edit(
-        image=("scene.png", _png(scene, "RGB"), "image/png"), mask=("mask.png", _png(mask, "RGBA"), "image/png"),
-        prompt="a red circle", n=2, response_format="b64_json", size="64x64", model="tiny-one-step",
-    )  # fmt: skip
+        image=("scene.png", _png(scene, "RGB"), "image/png"),
+        mask=("mask.png", _png(mask, "RGBA"), "image/png"),
+        prompt="a red circle",
+        n=2,
+        response_format="b64_json",
+        size="64x64",
+        model="tiny-one-step",
+    )
     assert len(result.data) == 2
     for item in result.data:
         image = decode_image(base64.b64decode(item.b64_json))

@@ -58,7 +58,9 @@ def test_each_model_takes_its_own_conditioning_and_fields(engine):
     assert generate({"prompt": "two red circles", "model": "tiny-text", "steps": 4})
     assert not generate({"class_label": 3}) and not generate({"class_label": 3, "model": "tiny-one-step"})
     # The class teacher takes a class label within its classes, and no prompt.
-    assert generate({"class_label": 17, "model": "tiny-class"}) and not generate({"class_label": 18, "model": "tiny-class"})
+    assert generate({"class_label": 17, "model": "tiny-class"}) and not generate(
+        {"class_label": 18, "model": "tiny-class"}
+    )
     assert not generate({"prompt": "a red circle", "model": "tiny-class"})
     assert not generate({"prompt": "a red circle", "model": "nope"})  # the server answers 404
     # /refine: only a one-step model with a reward; the Images API: text models, at their size.

@@ -42,8 +42,18 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,900"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,900",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -99,7 +109,9 @@ def test_the_page_is_served_offline_and_can_be_turned_off(served, tiny_bundles, 
     page = httpx.get(served + "/")  # no key needed for the page itself
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
-    with server_process(["--weights", str(tiny_bundles["one-step"]), "--device", "cpu", "--no-playground"], log_path=tmp_path / "log") as (_, url):
+    with server_process(
+        ["--weights", str(tiny_bundles["one-step"]), "--device", "cpu", "--no-playground"], log_path=tmp_path / "log"
+    ) as (_, url):
         assert httpx.get(url + "/").status_code == 404
 
 
@@ -126,12 +138,19 @@ def test_the_playground_generates_refines_compares_and_explains_refusals(served,
     wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) == 4)
     captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#gallery figcaption")]
     assert captions == ["seed 7", "seed 8", "seed 9", "seed 10"] and "compute" in find("timing").text
-    assert browser.execute_script("return getComputedStyle(document.querySelector('#gallery img')).imageRendering") == "pixelated"
+    assert (
+        browser.execute_script("return getComputedStyle(document.querySelector('#gallery img')).imageRendering")
+        == "pixelated"
+    )
     for one, other in itertools.combinations(gallery_images(browser), 2):
         assert (one != other).any(-1).mean() > 0.5  # n = 4 shows four visibly different images: most pixels differ
     browser.save_screenshot(str(OUTPUT / "generate.png"))
 
-    assert [find(i).get_attribute("value") for i in ("steps", "lr", "best-of")] == ["3", "1", "1"]  # the model's TTEO settings
+    assert [find(i).get_attribute("value") for i in ("steps", "lr", "best-of")] == [
+        "3",
+        "1",
+        "1",
+    ]  # the model's TTEO settings
     find("steps").clear()
     find("steps").send_keys("8")
     find("refine").click()
@@ -142,7 +161,13 @@ def test_the_playground_generates_refines_compares_and_explains_refusals(served,
     browser.save_screenshot(str(OUTPUT / "refine.png"))
 
     find("compare").click()
-    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) == 8 and "tiny-text" in d.find_element(By.ID, "timing").text)
+    wait_for(
+        browser,
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) == 8
+            and "tiny-text" in d.find_element(By.ID, "timing").text
+        ),
+    )
     browser.save_screenshot(str(OUTPUT / "compare.png"))
     assert console_errors(browser) == []
 
@@ -181,7 +206,8 @@ def test_the_edit_tab_repaints_where_the_mouse_painted_and_explains_refusals(ser
     # A vertical stroke down the right half of the image, from image pixel (40.5, 12.5) to (40.5, 50.5).
     canvas = find("mask")
     half, border, zoom = browser.execute_script(  # the canvas is square
-        "const c = arguments[0]; return [c.getBoundingClientRect().width / 2, c.clientLeft, c.clientWidth / 64];", canvas
+        "const c = arguments[0]; return [c.getBoundingClientRect().width / 2, c.clientLeft, c.clientWidth / 64];",
+        canvas,
     )
 
     def from_centre(x: float, y: float) -> tuple[int, int]:  # image pixels -> whole CSS pixels from the canvas's centre

@@ -17,7 +17,9 @@ PROMPT = "a red circle"
 
 @pytest.fixture(scope="module")
 def url(tiny_bundles):
-    settings = Settings(weights=[str(tiny_bundles["one-step"])], device="cpu", max_batch_size=8, refine_max_wait_ms=1500)
+    settings = Settings(
+        weights=[str(tiny_bundles["one-step"])], device="cpu", max_batch_size=8, refine_max_wait_ms=1500
+    )
     with server_thread(settings) as base:
         yield base
 
@@ -45,7 +47,7 @@ def test_a_stream_reports_every_step_then_the_plain_answer(url):
     steps = [data for name, data in received if name == "step"]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert all([image["seed"] for image in s["images"]] == [11, 12] for s in steps)
-    (name, final), = [(n, d) for n, d in received if n != "step"]  # fmt: skip
+    ((name, final),) = [(n, d) for n, d in received if n != "step"]
     assert name == "result"
     plain = httpx.post(f"{url}/refine", json=body, timeout=60).json()
     assert set(final) == set(plain) and comparable(final) == comparable(plain)
@@ -66,14 +68,19 @@ def test_a_client_leaving_mid_stream_is_counted_and_its_batch_mate_is_undisturbe
 
     async def run() -> dict:
         async with httpx.AsyncClient(timeout=60) as client:
+
             async def leave_after_one_step() -> None:
-                async with client.stream("POST", f"{url}/refine", json={"prompt": PROMPT, "seed": 1, "steps": 30, "stream": True}) as r:
+                async with client.stream(
+                    "POST", f"{url}/refine", json={"prompt": PROMPT, "seed": 1, "steps": 30, "stream": True}
+                ) as r:
                     async for line in r.aiter_lines():
                         if line.startswith("event: step"):
                             return  # closes the connection mid-stream
 
             leaving = asyncio.create_task(leave_after_one_step())
-            await asyncio.sleep(0.05)  # well inside the 1.5 s the first /refine waits for company, even on a busy machine
+            await asyncio.sleep(
+                0.05
+            )  # well inside the 1.5 s the first /refine waits for company, even on a busy machine
             answer = await client.post(f"{url}/refine", json=mate)
             await leaving
             return answer.json()
@@ -83,7 +90,13 @@ def test_a_client_leaving_mid_stream_is_counted_and_its_batch_mate_is_undisturbe
     text = httpx.get(f"{url}/metrics").text
     assert metric(text, "softdimo_batch_size_count", endpoint="/refine") == refined_before + 1  # one batch held both
     for _ in range(50):  # the stream's end is counted when the server notices the disconnect
-        if metric(httpx.get(f"{url}/metrics").text, "softdimo_requests_total", endpoint="/refine", status="499") == before + 1:
+        if (
+            metric(httpx.get(f"{url}/metrics").text, "softdimo_requests_total", endpoint="/refine", status="499")
+            == before + 1
+        ):
             break
         asyncio.run(asyncio.sleep(0.1))
-    assert metric(httpx.get(f"{url}/metrics").text, "softdimo_requests_total", endpoint="/refine", status="499") == before + 1
+    assert (
+        metric(httpx.get(f"{url}/metrics").text, "softdimo_requests_total", endpoint="/refine", status="499")
+        == before + 1
+    )

@@ -23,7 +23,9 @@ from schemathesis.checks import CHECKS, load_all_checks  # noqa: E402
 
 MODELS = ("one-step", "text", "class", "one-step-class")  # a one-step text model first: the default model
 # 50 requests per mode on each endpoint that takes prompts: enough to draw every prompt kind; fixed, so repeatable.
-DRAWS = settings(max_examples=50, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+DRAWS = settings(
+    max_examples=50, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
 
 def _largest_cost() -> int:
@@ -39,9 +41,13 @@ def url(tiny_bundles):
     # set where no admitted request reaches it, every admitted request is served.
     cost = _largest_cost()
     config = Settings(
-        weights=[str(tiny_bundles[name]) for name in MODELS], device="cpu", max_batch_size=16, max_wait_ms=0,
-        max_request_cost=cost, max_queue_cost=cost,
-    )  # fmt: skip
+        weights=[str(tiny_bundles[name]) for name in MODELS],
+        device="cpu",
+        max_batch_size=16,
+        max_wait_ms=0,
+        max_request_cost=cost,
+        max_queue_cost=cost,
+    )
     with server_thread(config) as base:
         yield base
 
@@ -59,10 +65,26 @@ def test_schemathesis_run_with_every_check_finds_nothing(url, tmp_path):
         'checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "422", "429"]\n'
     )
     command = [
-        sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "all",
-        "--phases", "examples,coverage,fuzzing", "--max-examples", "15", "--seed", "1", "--generation-database", "none",
-        "--report", "har", "--report-har-path", str(har),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{url}/openapi.json",
+        "--checks",
+        "all",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        "15",
+        "--seed",
+        "1",
+        "--generation-database",
+        "none",
+        "--report",
+        "har",
+        "--report-har-path",
+        str(har),
+    ]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     entries = json.loads(har.read_text())["log"]["entries"]
     for entry in entries:  # jobs the run submitted: cancelled, so that they do not keep the device busy
@@ -114,7 +136,9 @@ def test_prompts_drawn_from_the_grammar_pattern_are_served_and_others_refused_na
     assert len(refused) >= 10
     for prompt, response in refused:
         assert response.status_code == 422
-        if "not a Shapes prompt" in response.text:  # the grammar's message (a body broken elsewhere too says that instead)
+        if (
+            "not a Shapes prompt" in response.text
+        ):  # the grammar's message (a body broken elsewhere too says that instead)
             assert "colors: red, green" in response.text, (prompt, response.text)
     assert any("not a Shapes prompt" in response.text for _, response in refused)
 

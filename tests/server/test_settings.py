@@ -25,7 +25,11 @@ def test_environment_and_lists(monkeypatch):
 )
 def test_invalid_settings_exit_with_one_line(args, env, fragment):
     run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "server.cli", "serve", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode != 0
     assert "invalid settings" in run.stderr and fragment in run.stderr and "Traceback" not in run.stderr
@@ -39,7 +43,9 @@ def test_runtime_options_reach_every_served_model_and_bf16_serves(tiny_bundles, 
 
     monkeypatch.setenv("SOFTDIMO_PRECISION", "bf16")
     monkeypatch.setenv("SOFTDIMO_PIN_MEMORY", "true")
-    settings = Settings(weights=[str(tiny_bundles["one-step"]), str(tiny_bundles["text"])], device="cpu", max_batch_size=2)
+    settings = Settings(
+        weights=[str(tiny_bundles["one-step"]), str(tiny_bundles["text"])], device="cpu", max_batch_size=2
+    )
     assert settings.runtime() == RuntimeSettings(precision="bf16", pin_memory=True) and Settings().compile is False
     with TestClient(create_app(settings)) as client:  # runs the lifespan: load, warm up, serve
         deadline = time.monotonic() + 60

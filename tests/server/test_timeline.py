@@ -52,7 +52,9 @@ def test_refused_and_streamed_requests_are_not_observed(url, one_thread):
     before = _stages(httpx.get(f"{url}/metrics").text, "/generate", "count")
     with httpx.Client(base_url=url, timeout=60) as client:
         assert client.post("/generate", json={"prompt": "a purple circle"}).status_code == 422  # not in the vocabulary
-        two_as_one_image = client.post("/generate", json={"prompt": "a red circle", "n": 2}, headers={"Accept": "image/png"})
+        two_as_one_image = client.post(
+            "/generate", json={"prompt": "a red circle", "n": 2}, headers={"Accept": "image/png"}
+        )
         assert two_as_one_image.status_code == 406
         refine_before = _stages(client.get("/metrics").text, "/refine", "count")
         stream = client.post("/refine", json={"prompt": "a red circle", "steps": 1, "stream": True})

@@ -32,7 +32,9 @@ def test_relation_scores_read_the_places_as_the_judge_does():
     positions[0, red_circle] = torch.tensor([-0.6, 0.1])  # left of the blue square, and far enough
     positions[0, blue_square] = torch.tensor([0.4, 0.0])
     texts = [f"a red circle {r} a blue square" for r in shapes.RELATIONS] + ["a red circle and a blue square"]
-    scores = model.grounding.relation_scores(positions.expand(len(texts), -1, -1), relation_rows(texts, torch.device("cpu")))
+    scores = model.grounding.relation_scores(
+        positions.expand(len(texts), -1, -1), relation_rows(texts, torch.device("cpu"))
+    )
     left, right, above, below, pair = scores.tolist()
     assert left > -0.1 and pair == 0.0  # a kept relation costs (almost) nothing; a pair has no relation term
     assert max(right, above, below) < left - 1

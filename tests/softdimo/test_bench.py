@@ -12,7 +12,6 @@ from softdimo.cli import main
 from softdimo.pipeline import load_pipeline
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -62,11 +61,15 @@ def _check_offline(result: dict, steps: list, batch_sizes: list) -> None:
 
 def test_offline_one_step_and_teacher(tiny_bundles):
     tiny = {"batch_sizes": (1, 2), "repeats": 1, "warmup": 1, "matmul_size": 256, "device": "cpu"}
-    one_step = bench.run_offline(bench.OfflineBench(model=str(tiny_bundles["one-step"]), **tiny), "softdimo bench offline")
+    one_step = bench.run_offline(
+        bench.OfflineBench(model=str(tiny_bundles["one-step"]), **tiny), "softdimo bench offline"
+    )
     _check_offline(one_step, [None], [1, 2])
     assert one_step["model"]["kind"] == "one-step"
 
-    teacher = bench.run_offline(bench.OfflineBench(model=str(tiny_bundles["text"]), steps=(1, 3), **tiny), "softdimo bench offline")
+    teacher = bench.run_offline(
+        bench.OfflineBench(model=str(tiny_bundles["text"]), steps=(1, 3), **tiny), "softdimo bench offline"
+    )
     _check_offline(teacher, [1, 3], [1, 2])
     flops = {r["steps"]: r["flops_per_image"] for r in teacher["rows"]}
     # Each sampling step is one guided transformer pass; the decoder runs once: more steps, more FLOPs.
@@ -124,8 +127,24 @@ def test_cli_refuses_options_that_do_not_apply(tiny_bundles, capsys):
 
 def test_cli_prints_the_table_and_writes_json(tiny_bundles, tmp_path, capsys):
     out = tmp_path / "offline.json"
-    argv = ["bench", "offline", "--model", str(tiny_bundles["one-step"]), "--device", "cpu", "--batch-sizes", "1", "--repeats", "1",
-            "--warmup", "1", "--matmul-size", "128", "--json", str(out)]  # fmt: skip
+    argv = [
+        "bench",
+        "offline",
+        "--model",
+        str(tiny_bundles["one-step"]),
+        "--device",
+        "cpu",
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--matmul-size",
+        "128",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -141,8 +160,9 @@ def test_cli_prints_the_table_and_writes_json(tiny_bundles, tmp_path, capsys):
 def test_one_value_holds_for_both_arms_and_two_values_compare():
     assert bench_run.arm_values({"model": ("a",), "precision": ("fp32",)}) == [{"model": "a", "precision": "fp32"}]
     assert bench_run.arm_values({"model": ("a",), "precision": ("fp32", "bf16")}) == [
-        {"model": "a", "precision": "fp32"}, {"model": "a", "precision": "bf16"},
-    ]  # fmt: skip
+        {"model": "a", "precision": "fp32"},
+        {"model": "a", "precision": "bf16"},
+    ]
     with pytest.raises(bench_run.BenchError, match="--model takes one value, or two"):
         bench_run.arm_values({"model": ("a", "b", "c"), "precision": ("fp32",)})
     with pytest.raises(bench_run.BenchError, match="--precision must be one of"):
@@ -171,7 +191,9 @@ def _check_comparison(result: dict, batch_sizes: list, rounds: int) -> None:
         assert row["ratio"] == pytest.approx(np.median(np.array(b) / np.array(a)))
         assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
         for label, rate in (("A", row["a"]), ("B", row["b"])):
-            assert row["arms"][label]["images_per_s"] == pytest.approx(rate) and row["arms"][label]["flops_per_image"] > 0
+            assert (
+                row["arms"][label]["images_per_s"] == pytest.approx(rate) and row["arms"][label]["flops_per_image"] > 0
+            )
 
 
 def test_offline_compares_two_bundles_and_two_settings_of_one(tiny_bundles, capsys):
@@ -179,15 +201,22 @@ def test_offline_compares_two_bundles_and_two_settings_of_one(tiny_bundles, caps
     one_step, teacher = str(tiny_bundles["one-step"]), str(tiny_bundles["text"])
     two = bench.run_offline(bench.OfflineBench(model=(one_step, teacher), **tiny), "softdimo bench offline")
     assert [(arm["label"], arm["name"], arm["kind"]) for arm in two["arms"]] == [
-        ("A", "tiny-one-step", "one-step"), ("B", "tiny-text", "masked-diffusion"),
-    ]  # fmt: skip
+        ("A", "tiny-one-step", "one-step"),
+        ("B", "tiny-text", "masked-diffusion"),
+    ]
     _check_comparison(two, [1, 2], 3)
     row = two["comparison"][0]["arms"]
     assert row["B"]["flops_per_image"] > row["A"]["flops_per_image"]  # 4 guided sampling steps against one pass
     table = bench.offline_table(two)
-    assert "A: `tiny-one-step`" in table and "B: `tiny-text`" in table and "| batch | A images/s | B images/s | B / A |" in table
+    assert (
+        "A: `tiny-one-step`" in table
+        and "B: `tiny-text`" in table
+        and "| batch | A images/s | B images/s | B / A |" in table
+    )
 
-    settings = bench.run_offline(bench.OfflineBench(model=one_step, precision=("fp32", "bf16"), **tiny), "softdimo bench offline")
+    settings = bench.run_offline(
+        bench.OfflineBench(model=one_step, precision=("fp32", "bf16"), **tiny), "softdimo bench offline"
+    )
     assert [arm["runtime"]["precision"] for arm in settings["arms"]] == ["fp32", "bf16"]
     assert settings["matmul"]["peak_flops"]["bf16"] > 0  # a bf16 arm is held against the bf16 matmul rate
     _check_comparison(settings, [1, 2], 3)
@@ -215,8 +244,13 @@ def test_offline_at_scale_runs_a_random_network_and_holds_it_against_a_stated_pe
 
 def test_the_stated_bf16_peak_comes_from_the_device_name_unless_given(monkeypatch):
     cuda = torch.device("cuda")
-    for name, peak in (("NVIDIA H200", 989.4e12), ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756.0e12),
-                       ("NVIDIA A100-SXM4-80GB", 312.0e12), ("NVIDIA GeForce GTX 1080", None)):  # fmt: skip
+    for name, peak in (
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA H100 80GB HBM3", 989.4e12),
+        ("NVIDIA H100 PCIe", 756.0e12),
+        ("NVIDIA A100-SXM4-80GB", 312.0e12),
+        ("NVIDIA GeForce GTX 1080", None),
+    ):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert bench.stated_bf16_peak(cuda) == peak
     assert bench.stated_bf16_peak(torch.device("cpu")) is None and bench.stated_bf16_peak(cuda, 100.0) == 100.0e12
@@ -224,9 +258,27 @@ def test_the_stated_bf16_peak_comes_from_the_device_name_unless_given(monkeypatc
 
 def test_cli_compares_two_bundles(tiny_bundles, tmp_path, capsys):
     out = tmp_path / "compare.json"
-    argv = ["bench", "offline", "--model", str(tiny_bundles["one-step"]), str(tiny_bundles["one-step-class"]), "--device", "cpu",
-            "--batch-sizes", "1", "--repeats", "1", "--warmup", "1", "--matmul-size", "128", "--rounds", "2",
-            "--json", str(out)]  # fmt: skip
+    argv = [
+        "bench",
+        "offline",
+        "--model",
+        str(tiny_bundles["one-step"]),
+        str(tiny_bundles["one-step-class"]),
+        "--device",
+        "cpu",
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--matmul-size",
+        "128",
+        "--rounds",
+        "2",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())

@@ -26,7 +26,8 @@ def test_a_shapes_text_model_takes_every_prompt_of_the_grammar_and_a_class_model
 
 
 @pytest.mark.parametrize(
-    "prompt", ["red", "a red circle", "circle circle circle", "a red circle a", "", "a  red", "a red ", "blue", "a\nred"]
+    "prompt",
+    ["red", "a red circle", "circle circle circle", "a red circle a", "", "a  red", "a red ", "blue", "a\nred"],
 )
 def test_a_model_without_a_grammar_takes_exactly_the_word_sequences_its_pattern_matches(prompt):
     conditioner = Conditioner("text", prompt_tokenizer=PromptTokenizer(("a", "red", "circle"), 3), grammar=None)

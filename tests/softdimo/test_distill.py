@@ -64,11 +64,17 @@ def test_distillation_runs_resumes_and_exports_a_loadable_one_step_bundle(tmp_pa
     bundles = write_all(tmp_path / "b")
     teacher = load_pipeline(bundles["text"])
     reward = load_reward(read_bundle(bundles["reward"]))
-    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward)
-    training = DistillTraining(steps=2, batch_size=4, gan_weight=0.5, reward_weight=0.5, eval_every=2, eval_prompts=5, warmup=1)
+    parts = DistillParts(
+        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward
+    )
+    training = DistillTraining(
+        steps=2, batch_size=4, gan_weight=0.5, reward_weight=0.5, eval_every=2, eval_prompts=5, warmup=1
+    )
     run_dir = tmp_path / "run"
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
-    generator = train_distill(run_dir=run_dir, parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu")
+    generator = train_distill(
+        run_dir=run_dir, parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu"
+    )
     assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in before.items()), "the teacher must stay frozen"
     changed = [k for k, v in generator.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and "token_embedding.weight" not in changed and "position" not in changed
@@ -83,9 +89,16 @@ def test_distillation_runs_resumes_and_exports_a_loadable_one_step_bundle(tmp_pa
 
     out = tmp_path / "b" / "one-step-trained"
     save_one_step(
-        generator, out, name="trained", conditioner=teacher.conditioner, tokenizer_reference="../tokenizer",
-        reward_references=["../reward"], tteo=TTEOSettings(), teacher_reference="../teacher-text", training=asdict(training),
-    )  # fmt: skip
+        generator,
+        out,
+        name="trained",
+        conditioner=teacher.conditioner,
+        tokenizer_reference="../tokenizer",
+        reward_references=["../reward"],
+        tteo=TTEOSettings(),
+        teacher_reference="../teacher-text",
+        training=asdict(training),
+    )
     pipeline = load_pipeline(out)
     assert isinstance(pipeline, OneStepPipeline) and list(pipeline.rewards) == ["tiny-clip"]
     images = pipeline.generate(teacher.conditioner.encode_prompts(["a red circle"]), [0])
@@ -103,10 +116,16 @@ def test_distillation_continues_from_a_one_step_model_and_leaves_it_untouched(tm
     teacher = load_pipeline(bundles["text"])
     start = load_pipeline(bundles["one-step"]).generator.model
     start_weights = {k: v.clone() for k, v in start.state_dict().items()}
-    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=None, initial=start)
+    parts = DistillParts(
+        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=None, initial=start
+    )
     training = DistillTraining(steps=1, batch_size=2, eval_every=1, eval_prompts=2, warmup=1, ema=0.0)
-    generator = train_distill(run_dir=tmp_path / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu")
-    assert all(torch.equal(v, start.state_dict()[k]) for k, v in start_weights.items()), "the starting model is copied, not trained"
+    generator = train_distill(
+        run_dir=tmp_path / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu"
+    )
+    assert all(torch.equal(v, start.state_dict()[k]) for k, v in start_weights.items()), (
+        "the starting model is copied, not trained"
+    )
     trained = generator.model.state_dict()
     # embeddings stay the starting model's; the blocks moved away from it (ema 0: the EMA is the student)
     assert torch.equal(trained["token_embedding.weight"], start_weights["token_embedding.weight"])
@@ -124,10 +143,18 @@ def test_without_dimo_only_the_gan_and_reward_terms_train_the_generator(tmp_path
     bundles = write_all(tmp_path / "b")
     teacher = load_pipeline(bundles["text"])
     reward = load_reward(read_bundle(bundles["reward"]))
-    parts = DistillParts(teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward)
-    training = DistillTraining(steps=1, batch_size=2, dimo_weight=0.0, reward_weight=1.0, eval_every=1, eval_prompts=2, warmup=1, ema=0.0)
-    generator = train_distill(run_dir=tmp_path / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu")
+    parts = DistillParts(
+        teacher=teacher.model, tokenizer=teacher.tokenizer, conditioner=teacher.conditioner, reward=reward
+    )
+    training = DistillTraining(
+        steps=1, batch_size=2, dimo_weight=0.0, reward_weight=1.0, eval_every=1, eval_prompts=2, warmup=1, ema=0.0
+    )
+    generator = train_distill(
+        run_dir=tmp_path / "run", parts=parts, generator_settings=GeneratorSettings(), training=training, device="cpu"
+    )
     (line,) = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert '"reward"' in line and '"dimo"' not in line and '"aux"' not in line  # no divergence, no auxiliary model trained
+    assert (
+        '"reward"' in line and '"dimo"' not in line and '"aux"' not in line
+    )  # no divergence, no auxiliary model trained
     moved = [k for k, v in generator.model.state_dict().items() if not torch.equal(v, teacher.model.state_dict()[k])]
     assert any(k.startswith("blocks") for k in moved)  # the reward alone moved the generator

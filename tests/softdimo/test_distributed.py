@@ -31,9 +31,16 @@ def test_two_processes_train_the_teacher_and_the_student_as_one_process_does(tmp
     bundles = tmp_path / "bundles"
     write_all(bundles)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(TESTS / "ddp_worker.py"), str(bundles), str(tmp_path / "ddp"),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(TESTS / "ddp_worker.py"),
+        str(bundles),
+        str(tmp_path / "ddp"),
+    ]
     (tmp_path / "ddp").mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
@@ -50,6 +57,10 @@ def test_two_processes_train_the_teacher_and_the_student_as_one_process_does(tmp
             assert torch.allclose(value, together[name], rtol=1e-4, atol=1e-6), name
     # and training moved them: the student's blocks left the teacher's weights (ema 0: the EMA is the student)
     start = load_file(bundles / "teacher-text" / "transformer.safetensors")
-    trained = [k for k in start if k.startswith("blocks") and not torch.allclose(together[f"student.{k}"], start[k], atol=1e-6)]
+    trained = [
+        k for k in start if k.startswith("blocks") and not torch.allclose(together[f"student.{k}"], start[k], atol=1e-6)
+    ]
     assert len(trained) > len([k for k in start if k.startswith("blocks")]) // 2
-    assert len((tmp_path / "ddp" / "runs" / "distill" / "metrics.jsonl").read_text().splitlines()) == STEPS  # rank 0 logs alone
+    assert (
+        len((tmp_path / "ddp" / "runs" / "distill" / "metrics.jsonl").read_text().splitlines()) == STEPS
+    )  # rank 0 logs alone

@@ -92,8 +92,22 @@ def test_a_moved_or_damaged_kept_object_is_not_unchanged(small_square_on_the_lef
 
 def test_eval_edits_prints_and_writes_every_row(tiny_bundles, tmp_path, capsys, one_thread):
     out = tmp_path / "edits.json"
-    args = ["eval-edits", str(tiny_bundles["one-step"]), "--edits", "6", "--tteo-steps", "2", "--coverage-prompts", "2",
-            "--coverage-seeds", "3", "--json", str(out), "--device", "cpu"]  # fmt: skip
+    args = [
+        "eval-edits",
+        str(tiny_bundles["one-step"]),
+        "--edits",
+        "6",
+        "--tteo-steps",
+        "2",
+        "--coverage-prompts",
+        "2",
+        "--coverage-seeds",
+        "3",
+        "--json",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     command = (
@@ -135,15 +149,28 @@ def test_eval_edits_scores_what_the_model_draws(tiny_bundles, one_thread):
     assert rows[0].scores == [score_edit(image, e) for image, e in zip(drawn, edits)]
     for image, e in zip(drawn, edits):  # kept pixels away from the repainted half are the input's
         free = HALVES[e.free_half]
-        far = ~free & ~np.roll(free, 8 if e.free_half in ("left", "top") else -8,
-                               axis=1 if e.free_half in ("left", "right") else 0)  # fmt: skip
+        far = ~free & ~np.roll(
+            free, 8 if e.free_half in ("left", "top") else -8, axis=1 if e.free_half in ("left", "right") else 0
+        )
         assert np.array_equal(image[far], e.image[far])
 
 
 def test_a_class_model_gets_image_to_image_only(tiny_bundles, tmp_path, capsys, one_thread):
     out = tmp_path / "edits.json"
-    args = ["eval-edits", str(tiny_bundles["one-step-class"]), "--edits", "3", "--coverage-prompts", "1",
-            "--coverage-seeds", "2", "--json", str(out), "--device", "cpu"]  # fmt: skip
+    args = [
+        "eval-edits",
+        str(tiny_bundles["one-step-class"]),
+        "--edits",
+        "3",
+        "--coverage-prompts",
+        "1",
+        "--coverage-seeds",
+        "2",
+        "--json",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert result["command"] == (  # no TTEO steps asked for: none in the command

@@ -22,9 +22,33 @@ def test_eval_writes_a_table_per_bundle(tmp_path, capsys):
     bundles = write_all(tmp_path / "b")
     features = _features(tmp_path / "features")
     out = tmp_path / "results.json"
-    args = ["eval", str(bundles["tokenizer"]), str(bundles["text"]), str(bundles["one-step"]), "--prompts", "10", "--steps", "2", "4",
-            "--tteo-steps", "2", "--best-of", "2", "--features", str(features), "--json", str(out), "--grid", str(tmp_path / "grids"),
-            "--device", "cpu", "--coverage-prompts", "5", "--coverage-seeds", "4"]  # fmt: skip
+    args = [
+        "eval",
+        str(bundles["tokenizer"]),
+        str(bundles["text"]),
+        str(bundles["one-step"]),
+        "--prompts",
+        "10",
+        "--steps",
+        "2",
+        "4",
+        "--tteo-steps",
+        "2",
+        "--best-of",
+        "2",
+        "--features",
+        str(features),
+        "--json",
+        str(out),
+        "--grid",
+        str(tmp_path / "grids"),
+        "--device",
+        "cpu",
+        "--coverage-prompts",
+        "5",
+        "--coverage-seeds",
+        "4",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert (
@@ -35,8 +59,13 @@ def test_eval_writes_a_table_per_bundle(tmp_path, capsys):
     names = [[row["name"] for row in t["rows"]] for t in tables]
     assert names[0] == ["tiny-tokenizer reconstructions", "real images (reference)"]
     assert names[1] == ["tiny-text (2 steps)", "tiny-text (4 steps)", "real images (reference)"]
-    assert names[2] == ["tiny-one-step (1 step)", "tiny-one-step + TTEO 2", "tiny-one-step best-of-2",
-                        "tiny-one-step best-of-2 + TTEO 2", "real images (reference)"]  # fmt: skip
+    assert names[2] == [
+        "tiny-one-step (1 step)",
+        "tiny-one-step + TTEO 2",
+        "tiny-one-step best-of-2",
+        "tiny-one-step best-of-2 + TTEO 2",
+        "real images (reference)",
+    ]
     reference = tables[1]["rows"][-1]
     assert reference["overall"] == 1.0 and set(reference["per_kind"]) == {
         "single",
@@ -97,8 +126,20 @@ def test_eval_overrides_tteo_settings_and_names_an_unknown_one(tmp_path, capsys)
     bundles = write_all(tmp_path / "b")
     features = str(_features(tmp_path / "features"))
     out = tmp_path / "results.json"
-    args = ["eval", str(bundles["one-step"]), "--prompts", "5", "--tteo-steps", "1", "--features", features, "--device", "cpu",
-            "--coverage-prompts", "0"]  # fmt: skip
+    args = [
+        "eval",
+        str(bundles["one-step"]),
+        "--prompts",
+        "5",
+        "--tteo-steps",
+        "1",
+        "--features",
+        features,
+        "--device",
+        "cpu",
+        "--coverage-prompts",
+        "0",
+    ]
     assert main([*args, "--tteo", "target=logits", "lr=0.5", "--json", str(out)]) == 0
     names = [row["name"] for row in json.loads(out.read_text())[0]["rows"]]
     assert names[:2] == [
@@ -124,13 +165,33 @@ def test_eval_of_a_one_step_model_without_a_reward_says_so_instead_of_tteo_rows(
     bundles = write_all(tmp_path / "b")
     conditioner = Conditioner.shapes_class()
     plain = save_one_step(
-        OneStepGenerator(tiny_transformer(conditioner), GeneratorSettings()), tmp_path / "b" / "plain", name="plain",
-        conditioner=conditioner, tokenizer_reference="../tokenizer", reward_references=[], tteo=TTEOSettings(), dtype=None,
-    )  # fmt: skip
+        OneStepGenerator(tiny_transformer(conditioner), GeneratorSettings()),
+        tmp_path / "b" / "plain",
+        name="plain",
+        conditioner=conditioner,
+        tokenizer_reference="../tokenizer",
+        reward_references=[],
+        tteo=TTEOSettings(),
+        dtype=None,
+    )
     assert bundles["tokenizer"] == tmp_path / "b" / "tokenizer"
     features = str(_features(tmp_path / "features"))
-    args = ["eval", str(plain), "--prompts", "4", "--tteo-steps", "1", "--best-of", "2", "--features", features, "--device", "cpu",
-            "--coverage-prompts", "0"]  # fmt: skip
+    args = [
+        "eval",
+        str(plain),
+        "--prompts",
+        "4",
+        "--tteo-steps",
+        "1",
+        "--best-of",
+        "2",
+        "--features",
+        features,
+        "--device",
+        "cpu",
+        "--coverage-prompts",
+        "0",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "plain names no reward model: no TTEO or best-of rows." in printed

@@ -31,7 +31,9 @@ def test_same_seed_same_tokens_whatever_the_batch(tiny_text_transformer, text_co
     assert torch.equal(reordered[0], together[2]) and torch.equal(reordered[1], together[0])
 
 
-def test_gradients_reach_the_input_embeddings_through_decode_soft(tiny_text_transformer, tiny_tokenizer, text_conditioner):
+def test_gradients_reach_the_input_embeddings_through_decode_soft(
+    tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
     gen = _generator(tiny_text_transformer)
     condition = text_conditioner.encode_prompts(["a red circle", "a blue square"])
     embeddings = gen.initial_embeddings(ImageNoise([3, 4]), condition).detach().requires_grad_(True)

@@ -36,9 +36,11 @@ def test_missing_object_fails():
 def test_extra_object_fails():
     prompt, objects = _scene("two green triangles")
     placed = next(
-        shapes.ShapeObject(0, 1, 12, x, y) for x in range(2, 50) for y in range(2, 50)
+        shapes.ShapeObject(0, 1, 12, x, y)
+        for x in range(2, 50)
+        for y in range(2, 50)
         if all(shapes.box_gap(shapes.ShapeObject(0, 1, 12, x, y), o) >= 2 for o in objects)
-    )  # fmt: skip
+    )
     verdict = judge.judge(shapes.render([*objects, placed]), prompt)
     assert not verdict.passed and verdict.reason.startswith("count")
 

@@ -122,9 +122,14 @@ def test_tuning_moves_each_prompts_weight_to_the_components_the_reward_prefers(
     )  # the images differ; the best is not yet chosen
     generator.settings = settings
     tuned = tune_prior(
-        run_dir=tmp_path, generator=generator, tokenizer=tiny_tokenizer, conditioner=text_conditioner, reward=reward,
-        training=PriorTuning(steps=20, prompts=4, samples=4, lr=0.03, warmup=1, kl_weight=0.0, eval_every=0), device=torch.device("cpu"),
-    )  # fmt: skip
+        run_dir=tmp_path,
+        generator=generator,
+        tokenizer=tiny_tokenizer,
+        conditioner=text_conditioner,
+        reward=reward,
+        training=PriorTuning(steps=20, prompts=4, samples=4, lr=0.03, warmup=1, kl_weight=0.0, eval_every=0),
+        device=torch.device("cpu"),
+    )
     tuned_weights, tuned_scores = weights_and_rewards()
     assert torch.equal(tuned_scores, scores)
     assert tuned_weights.gather(1, best[:, None]).min() > 0.9  # each prompt's weight moved to its best component

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from softdimo import shapes
 from softdimo.bundle import read_bundle

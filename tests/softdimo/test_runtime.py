@@ -25,7 +25,11 @@ def _images(pipeline, settings: rt.RuntimeSettings, seeds=SEEDS, max_batch_size:
 
 
 def test_buckets_are_powers_of_two_up_to_the_largest_batch():
-    assert rt.bucket_sizes(16) == (1, 2, 4, 8, 16) and rt.bucket_sizes(12) == (1, 2, 4, 8, 12) and rt.bucket_sizes(1) == (1,)
+    assert (
+        rt.bucket_sizes(16) == (1, 2, 4, 8, 16)
+        and rt.bucket_sizes(12) == (1, 2, 4, 8, 12)
+        and rt.bucket_sizes(1) == (1,)
+    )
     compiled = rt.Runtime(rt.RuntimeSettings(compile=True), max_batch_size=12)
     assert [compiled.bucket(n) for n in (1, 3, 5, 9, 12, 20)] == [1, 4, 8, 12, 12, 20]
     assert rt.Runtime(rt.RuntimeSettings(), max_batch_size=12).bucket(3) == 3  # no padding without compiling
@@ -43,7 +47,9 @@ def test_compiled_buckets_give_the_same_images(pipelines, name):
     compiled = _images(pipeline, rt.RuntimeSettings(compile=True))  # 3 images padded to a bucket of 4
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the network did run compiled
     assert compiled.shape == plain.shape == (3, 64, 64, 3) and (compiled == plain).all()
-    assert "forward_embeddings" not in vars(pipeline.generator.model if name == "one-step" else pipeline.model)  # eager again
+    assert "forward_embeddings" not in vars(
+        pipeline.generator.model if name == "one-step" else pipeline.model
+    )  # eager again
 
 
 def test_host_copies_through_the_staging_path_change_nothing(pipelines, monkeypatch):

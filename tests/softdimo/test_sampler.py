@@ -41,8 +41,9 @@ def test_sampler_fills_every_token_and_is_deterministic_per_seed(tiny_text_trans
 
 
 def test_contrast_guides_a_relation_away_from_its_perpendicular_relations_and_leaves_other_prompts_alone(
-    tiny_text_transformer, text_conditioner,
-):  # fmt: skip
+    tiny_text_transformer,
+    text_conditioner,
+):
     model, conditioner = tiny_text_transformer, text_conditioner
     prompts = ["a red circle", "a green triangle above a red circle", "two blue squares"]
     condition = conditioner.encode_prompts(prompts)
@@ -182,8 +183,15 @@ def test_teacher_training_draws_kinds_by_weight_and_can_start_positions_on_the_g
     training = stage.TeacherTraining(
         steps=1, batch_size=2, lr=1e-9, warmup=1, eval_every=0, kind_weights=(1, 1, 2, 2, 2), position_init="grid"
     )
-    model = stage.train_teacher(run_dir=tmp_path, tokenizer=tokenizer, conditioner=conditioner, cfg=cfg, training=training,
-                                sampler=SamplerSettings(steps=2), device=torch.device("cpu"))  # fmt: skip
+    model = stage.train_teacher(
+        run_dir=tmp_path,
+        tokenizer=tokenizer,
+        conditioner=conditioner,
+        cfg=cfg,
+        training=training,
+        sampler=SamplerSettings(steps=2),
+        device=torch.device("cpu"),
+    )
     assert drawn_kinds == [("single", "sized", "pair", "pair", "count", "count", "relation", "relation")]
     grid = MaskedTransformer(cfg)
     grid.init_grid_positions()

@@ -13,17 +13,25 @@ from softdimo.shipped import SHIPPED_WEIGHTS
 
 # bundle -> (prompt or class label, sha256 of the four images' palette-index maps for seeds 0..3)
 PINS = {
-    "shapes-softdimo-text": ("a red circle left of a blue square", "c8cc42b0d4f435103208cadd11adc76e51f3b2768492abf6d8a3ba3ca712c923"),
+    "shapes-softdimo-text": (
+        "a red circle left of a blue square",
+        "c8cc42b0d4f435103208cadd11adc76e51f3b2768492abf6d8a3ba3ca712c923",
+    ),
     "shapes-softdimo-class": (7, "84f775d681691b410057cb19fd79ee817faf7b72758ff68b596ac5df14897df6"),
     "shapes-teacher-text": ("two green triangles", "5a59f114fce623945a1efb9dbd992a347d3003541ab42c73dfbc0975cdd89c76"),
-    "shapes-teacher-text-medium": ("a yellow square above a red circle", "fd9ed1195a028722c3fbe7cb4c1aa5bad18877f8cd4d2dbb48eb0b96243072cf"),
+    "shapes-teacher-text-medium": (
+        "a yellow square above a red circle",
+        "fd9ed1195a028722c3fbe7cb4c1aa5bad18877f8cd4d2dbb48eb0b96243072cf",
+    ),
     "shapes-teacher-class": (3, "e7b3599e3a56b936275aced7facaa1562d05aaf07606c6ec64fa5550fe5681f6"),
 }
 
 
 def _signature(images: np.ndarray) -> str:
     """Each pixel's nearest palette colour, hashed: what the judge reads, untouched by last-bit float noise."""
-    return hashlib.sha256(np.stack([judge.palette_indices(image) for image in images]).astype(np.uint8).tobytes()).hexdigest()
+    return hashlib.sha256(
+        np.stack([judge.palette_indices(image) for image in images]).astype(np.uint8).tobytes()
+    ).hexdigest()
 
 
 @pytest.mark.parametrize("name", sorted(PINS))

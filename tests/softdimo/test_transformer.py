@@ -34,7 +34,9 @@ def test_soft_embeddings_of_one_hot_equal_token_ids(tiny_text_transformer, text_
     probs = F.one_hot(tokens, 64).float().requires_grad_()
     with torch.no_grad():
         by_id = tiny_text_transformer(tokens, _condition(text_conditioner, 2))
-    by_soft = tiny_text_transformer.forward_embeddings(tiny_text_transformer.soft_embed(probs), _condition(text_conditioner, 2))
+    by_soft = tiny_text_transformer.forward_embeddings(
+        tiny_text_transformer.soft_embed(probs), _condition(text_conditioner, 2)
+    )
     assert torch.allclose(by_id, by_soft, atol=1e-5)
     by_soft.sum().backward()
     assert probs.grad.abs().sum() > 0
@@ -53,14 +55,20 @@ def test_class_conditional_model_and_real_scale_config_build():
     cls = MaskedTransformer(TransformerConfig(codebook_size=16, tokens=4, width=16, depth=1, heads=2, num_classes=18))
     assert cls(torch.zeros(2, 4, dtype=torch.long), torch.tensor([0, 18])).shape == (2, 4, 16)
     with torch.device("meta"):  # MaskGen-L-sized: 16 layers, width 1024, 128 tokens, codebook 8192
-        big = MaskedTransformer(TransformerConfig(codebook_size=8192, tokens=128, width=1024, depth=16, heads=16, text_vocab=49408, text_length=77))
+        big = MaskedTransformer(
+            TransformerConfig(
+                codebook_size=8192, tokens=128, width=1024, depth=16, heads=16, text_vocab=49408, text_length=77
+            )
+        )
     assert 250e6 < big.num_parameters() < 300e6
 
 
 def test_code_features_tie_tokens_with_close_codes(tiny_text_transformer, text_conditioner):
     model = tiny_text_transformer
     table = model.input_table()
-    assert table.shape == (65, 32) and torch.equal(table[64], model.token_embedding.weight[64])  # the mask row is its own
+    assert table.shape == (65, 32) and torch.equal(
+        table[64], model.token_embedding.weight[64]
+    )  # the mask row is its own
     tokens = torch.full((1, 64), model.cfg.mask_id)
     with torch.no_grad():
         before = model(tokens, _condition(text_conditioner))
@@ -72,7 +80,9 @@ def test_code_features_tie_tokens_with_close_codes(tiny_text_transformer, text_c
 
 
 def test_grid_positions_start_neighbours_alike_at_a_random_embedding_scale():
-    model = MaskedTransformer(TransformerConfig(codebook_size=16, tokens=64, width=32, depth=1, heads=2, num_classes=18))
+    model = MaskedTransformer(
+        TransformerConfig(codebook_size=16, tokens=64, width=32, depth=1, heads=2, num_classes=18)
+    )
     prefix = model.position[0, :1].clone()
     model.init_grid_positions()
     assert torch.equal(model.position[0, :1], prefix)  # the conditioning's position is left as it was

@@ -21,13 +21,27 @@ def _refine(model, tokenizer, conditioner, prompts, seeds, temperature=1.0, cand
     generator = OneStepGenerator(model, GeneratorSettings(temperature=temperature))
     settings = TTEOSettings(**settings)
     return refine(
-        generator=generator, tokenizer=tokenizer, reward=Redness(), condition=conditioner.encode_prompts(prompts),
-        prompts=prompts, candidates=candidates or candidate_seeds(seeds, settings.best_of), settings=settings,
+        generator=generator,
+        tokenizer=tokenizer,
+        reward=Redness(),
+        condition=conditioner.encode_prompts(prompts),
+        prompts=prompts,
+        candidates=candidates or candidate_seeds(seeds, settings.best_of),
+        settings=settings,
     )
 
 
 def test_tteo_raises_the_reward(tiny_text_transformer, tiny_tokenizer, text_conditioner):
-    out = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle", "a blue square"], [1, 2], steps=15, lr=1000.0, temperature=0.0)
+    out = _refine(
+        tiny_text_transformer,
+        tiny_tokenizer,
+        text_conditioner,
+        ["a red circle", "a blue square"],
+        [1, 2],
+        steps=15,
+        lr=1000.0,
+        temperature=0.0,
+    )
     assert out.trace.shape == (15, 2)
     assert (out.trace[-1] > out.trace[0]).all()
     assert (out.reward_after > out.reward_before).all()
@@ -35,11 +49,23 @@ def test_tteo_raises_the_reward(tiny_text_transformer, tiny_tokenizer, text_cond
 
 
 def test_tteo_on_logits_also_raises_the_reward(tiny_text_transformer, tiny_tokenizer, text_conditioner):
-    out = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle"], [3], steps=10, lr=500.0, target="logits", temperature=0.0)
+    out = _refine(
+        tiny_text_transformer,
+        tiny_tokenizer,
+        text_conditioner,
+        ["a red circle"],
+        [3],
+        steps=10,
+        lr=500.0,
+        target="logits",
+        temperature=0.0,
+    )
     assert out.trace[-1, 0] > out.trace[0, 0] and out.reward_after[0] > out.reward_before[0]
 
 
-def test_tteo_on_the_layout_latent_raises_the_reward_and_needs_a_latent(tiny_text_transformer, tiny_tokenizer, text_conditioner):
+def test_tteo_on_the_layout_latent_raises_the_reward_and_needs_a_latent(
+    tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
     import pytest
 
     from softdimo.train.latent import latent_student
@@ -47,21 +73,48 @@ def test_tteo_on_the_layout_latent_raises_the_reward_and_needs_a_latent(tiny_tex
     torch.manual_seed(0)
     model = latent_student(tiny_text_transformer, 4)
     torch.nn.init.normal_(model.latent_input.weight, std=1.0)  # a latent that moves the image, as a trained one does
-    out = _refine(model, tiny_tokenizer, text_conditioner, ["a red circle"], [3], steps=10, lr=50.0, target="latent", temperature=0.0)
+    out = _refine(
+        model,
+        tiny_tokenizer,
+        text_conditioner,
+        ["a red circle"],
+        [3],
+        steps=10,
+        lr=50.0,
+        target="latent",
+        temperature=0.0,
+    )
     assert out.trace[-1, 0] > out.trace[0, 0]
-    start = _refine(model, tiny_tokenizer, text_conditioner, ["a red circle"], [3], steps=0, target="latent", temperature=0.0)
-    assert torch.equal(start.tokens, OneStepGenerator(model, GeneratorSettings(temperature=0.0)).generate_tokens(
-        text_conditioner.encode_prompts(["a red circle"]), ImageNoise([3])))  # it starts from /generate's image
+    start = _refine(
+        model, tiny_tokenizer, text_conditioner, ["a red circle"], [3], steps=0, target="latent", temperature=0.0
+    )
+    assert torch.equal(
+        start.tokens,
+        OneStepGenerator(model, GeneratorSettings(temperature=0.0)).generate_tokens(
+            text_conditioner.encode_prompts(["a red circle"]), ImageNoise([3])
+        ),
+    )  # it starts from /generate's image
     with pytest.raises(ValueError, match="layout latent"):
-        _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle"], [3], steps=1, target="latent")
+        _refine(
+            tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle"], [3], steps=1, target="latent"
+        )
     with pytest.raises(ValueError, match="target must be one of"):
         TTEOSettings(target="weights")
 
 
 def test_zero_steps_returns_the_generated_image(tiny_text_transformer, tiny_tokenizer, text_conditioner):
-    out = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle", "two green squares"], [10, 11], steps=0)
+    out = _refine(
+        tiny_text_transformer,
+        tiny_tokenizer,
+        text_conditioner,
+        ["a red circle", "two green squares"],
+        [10, 11],
+        steps=0,
+    )
     generator = OneStepGenerator(tiny_text_transformer, GeneratorSettings())
-    tokens = generator.generate_tokens(text_conditioner.encode_prompts(["a red circle", "two green squares"]), ImageNoise([10, 11]))
+    tokens = generator.generate_tokens(
+        text_conditioner.encode_prompts(["a red circle", "two green squares"]), ImageNoise([10, 11])
+    )
     assert torch.equal(out.tokens, tokens)
     assert torch.equal(out.reward_before, out.reward_after)
 
@@ -96,7 +149,9 @@ def test_best_of_keeps_the_best_starting_candidate(tiny_text_transformer, tiny_t
     assert many.seeds[0] in [40 + j for j in range(6)]
 
 
-def test_a_step_hook_sees_every_step_and_stops_images_without_disturbing_the_rest(tiny_text_transformer, tiny_tokenizer, text_conditioner):
+def test_a_step_hook_sees_every_step_and_stops_images_without_disturbing_the_rest(
+    tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
     import torch
 
     prompts, seeds = ["a red circle", "a blue square"], [7, 8]
@@ -109,12 +164,21 @@ def test_a_step_hook_sees_every_step_and_stops_images_without_disturbing_the_res
 
     generator = OneStepGenerator(tiny_text_transformer, GeneratorSettings())
     settings = TTEOSettings(steps=6, lr=1000.0)
-    common = dict(generator=generator, tokenizer=tiny_tokenizer, reward=Redness(), condition=text_conditioner.encode_prompts(prompts),
-                  prompts=prompts, candidates=candidate_seeds(seeds, 1), settings=settings)  # fmt: skip
+    common = dict(
+        generator=generator,
+        tokenizer=tiny_tokenizer,
+        reward=Redness(),
+        condition=text_conditioner.encode_prompts(prompts),
+        prompts=prompts,
+        candidates=candidate_seeds(seeds, 1),
+        settings=settings,
+    )
     hooked = refine(**common, on_step=drop_the_first_after_two_steps)
     assert [step for step, _ in seen] == [1, 2, 3, 4, 5, 6]
     rewards = torch.stack([r for _, r in seen])  # (steps, images)
-    assert torch.equal(rewards[:, 1], full.trace[:, 1]) and torch.equal(hooked.tokens[1], full.tokens[1])  # the batch-mate: exactly as without
+    assert torch.equal(rewards[:, 1], full.trace[:, 1]) and torch.equal(
+        hooked.tokens[1], full.tokens[1]
+    )  # the batch-mate: exactly as without
     assert torch.equal(rewards[2:, 0], rewards[2:3, 0].expand(4))  # the dropped image is no longer optimised
 
     calls = []

@@ -92,7 +92,9 @@ def test_token_noise_corrupts_only_where_asked(tiny_tokenizer: VQTokenizer):
 @pytest.mark.parametrize("fixture", ["tiny_tokenizer", "tiny_fsq_tokenizer"])
 def test_codes_depend_only_on_their_own_patch(fixture, request):
     tiny_tokenizer = request.getfixturevalue(fixture)
-    image = to_tensor(shapes.render(shapes.sample_scene(shapes.parse_prompt("a large red circle"), np.random.default_rng(3)))[None])
+    image = to_tensor(
+        shapes.render(shapes.sample_scene(shapes.parse_prompt("a large red circle"), np.random.default_rng(3)))[None]
+    )
     changed = image.clone()
     changed[..., 8:16, 16:24] = torch.tensor([0.0, 1.0, 1.0])[:, None, None]  # repaint the patch at grid (1, 2)
     before, after = tiny_tokenizer.encode(image), tiny_tokenizer.encode(changed)
@@ -115,7 +117,9 @@ def test_unknown_encoder_is_refused():
 
 
 def test_chunked_decoding_gives_an_image_the_same_pixels_in_any_batch(tiny_tokenizer: VQTokenizer):
-    tokens = torch.randint(0, tiny_tokenizer.codebook.shape[0], (9, tiny_tokenizer.cfg.grid**2), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(
+        0, tiny_tokenizer.codebook.shape[0], (9, tiny_tokenizer.cfg.grid**2), generator=torch.Generator().manual_seed(3)
+    )
     tiny_tokenizer.decode_chunk = 4
     try:
         with torch.inference_mode():

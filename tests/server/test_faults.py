@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import metric, post_concurrently
-from benchmarks.running import server_thread
 
+from benchmarks.running import server_thread
 from server.engine import Engine, ServedModel, load_model
 from server.jobs import GenerateJob, RefineJob, is_out_of_memory, run_splitting_on_oom
 from server.settings import Settings
 from softdimo.images import decode_image
+from softdimo.seeding import derived_seed
 from softdimo.tteo import TTEOSettings
 
 PROMPT = "a red circle"
@@ -155,10 +156,11 @@ def test_a_refine_split_in_parts_keeps_the_candidates_drawn_for_the_whole_reques
     job = RefineJob.for_request(
         condition=torch.zeros(1, 1), text=PROMPT, seed=10, n=3, settings=TTEOSettings(best_of=2), reward="r"
     )
-    assert job.candidates == ((10, 13), (11, 14), (12, 15))  # seeds 10..15, reserved for 3 images x 2 candidates
+    rows = tuple((seed, derived_seed(seed, 1)) for seed in (10, 11, 12))
+    assert job.candidates == rows
     head, tail = job.split(1)
-    assert (head.seeds, head.candidates) == ([10], ((10, 13),))
-    assert (tail.seeds, tail.candidates) == ([11, 12], ((11, 14), (12, 15)))
+    assert (head.seeds, head.candidates) == ([10], rows[:1])
+    assert (tail.seeds, tail.candidates) == ([11, 12], rows[1:])
 
 
 def test_what_counts_as_out_of_memory():

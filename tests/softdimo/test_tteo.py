@@ -1,5 +1,6 @@
 """TTEO raises a reward, starts from /generate's image, and treats each image of a batch on its own."""
 
+import pytest
 import torch
 
 from softdimo.generator import GeneratorSettings, OneStepGenerator
@@ -119,17 +120,23 @@ def test_zero_steps_returns_the_generated_image(tiny_text_transformer, tiny_toke
     assert torch.equal(out.reward_before, out.reward_after)
 
 
+def test_candidates_start_at_the_image_seed_and_no_two_seeds_share_one():
+    rows = candidate_seeds(list(range(64)), 4)
+    assert [row[0] for row in rows] == list(range(64))  # best_of = 1 starts from /generate's image
+    drawn = [seed for row in rows for seed in row]
+    assert len(set(drawn)) == len(drawn)  # a sweep over consecutive seeds draws no candidate twice
+    assert all(0 <= seed < 2**63 for seed in drawn)
+    assert candidate_seeds([2**63 - 1], 3) == candidate_seeds([2**63 - 1, 5], 3)[:1]  # batch-mates change nothing
+
+
 def test_an_image_does_not_depend_on_its_batch_mates(tiny_text_transformer, tiny_tokenizer, text_conditioner):
     prompts = ["a red circle", "three cyan triangles", "a blue square left of a red circle"]
-    # best_of draws seed_i + j * (images in the request), wrapping below 2^63 as request seeds do
-    assert candidate_seeds([40, 41, 42], 2) == [[40, 43], [41, 44], [42, 45]]
-    assert candidate_seeds([2**63 - 1, 0], 2) == [[2**63 - 1, 1], [0, 2]]
     rows = candidate_seeds([40, 41, 42], 2)
     settings = dict(steps=4, lr=1000.0, best_of=2)
     parts = (tiny_text_transformer, tiny_tokenizer, text_conditioner)
     together = _refine(*parts, prompts, None, candidates=rows, **settings)
     # on these seeds the images keep different candidates, so a choice made for the batch as a whole would show
-    assert together.seeds == [40, 41, 45]
+    assert together.seeds == [rows[0][0], rows[1][0], rows[2][1]]
     for i, row in enumerate(rows):
         alone = _refine(*parts, prompts[i : i + 1], None, candidates=[row], **settings)
         assert alone.seeds == together.seeds[i : i + 1]
@@ -143,10 +150,13 @@ def test_an_image_does_not_depend_on_its_batch_mates(tiny_text_transformer, tiny
 
 
 def test_best_of_keeps_the_best_starting_candidate(tiny_text_transformer, tiny_tokenizer, text_conditioner):
-    one = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle"], [40], steps=0)
-    many = _refine(tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle"], [40], steps=0, best_of=6)
-    assert many.reward_before[0] >= one.reward_before[0]
-    assert many.seeds[0] in [40 + j for j in range(6)]
+    parts = (tiny_text_transformer, tiny_tokenizer, text_conditioner, ["a red circle"])
+    many = _refine(*parts, [40], steps=0, best_of=6)
+    (row,) = candidate_seeds([40], 6)
+    alone = [_refine(*parts, [seed], steps=0).reward_before[0].item() for seed in row]
+    assert len(set(alone)) > 1  # the candidates differ, so the choice is a real one
+    assert many.seeds[0] == row[max(range(6), key=alone.__getitem__)]
+    assert many.reward_before[0].item() == pytest.approx(max(alone), abs=1e-5)
 
 
 def test_a_step_hook_sees_every_step_and_stops_images_without_disturbing_the_rest(

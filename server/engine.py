@@ -110,7 +110,7 @@ class ServedModel:
         `between_steps` runs after each step (other work that must not wait for the whole batch)."""
         condition = torch.cat([job.condition.expand(job.n, *job.condition.shape[1:]) for job in jobs])
         texts = [job.text for job in jobs for _ in range(job.n)]
-        candidates = [list(row) for job in jobs for row in job.candidates]  # drawn per request, not per batch
+        candidates = [list(row) for job in jobs for row in job.candidates]
         reports = any(job.progress is not None for job in jobs)
         on_step = _step_reports(jobs, between_steps) if reports or between_steps is not None else None
         with self.runtime.running(self.pipeline):  # eager: TTEO takes gradients through the network
@@ -237,7 +237,7 @@ class Engine:
                     model.generate_batch([GenerateJob(condition=warming, seed=0, n=size)])
             if model.rewards:
                 settings = model.pipeline.tteo.for_request(steps=1)
-                job = RefineJob.for_request(
+                job = RefineJob(
                     condition=condition, text=text, seed=0, n=max_batch_size, settings=settings, reward=model.rewards[0]
                 )
                 model.refine_batch([job])

@@ -8,7 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Sequence, TypeVar
+from typing import Self, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -19,96 +19,53 @@ from softdimo.tteo import TTEOSettings, candidate_seeds
 log = logging.getLogger("softdimo.engine")
 
 
-@dataclass(frozen=True)
-class GenerateJob:
-    """One request's work: its conditioning (one row), first seed, image count and sampling steps."""
+@dataclass(frozen=True, eq=False, kw_only=True)
+class ImageRun:
+    """A request's `n` images with consecutive seeds, the first `seed` (wrapping below MAX_SEED): what every job
+    holds, and splits by images."""
 
-    condition: torch.Tensor
     seed: int
     n: int
-    steps: int | None = None
 
     @property
     def seeds(self) -> list[int]:
         return request_seeds(self.seed, self.n)
 
-    @property
-    def key(self) -> int | None:
-        return self.steps
-
-    def split(self, k: int) -> tuple[GenerateJob, GenerateJob]:
+    def split(self, k: int) -> tuple[Self, Self]:
         """The first k images and the rest, each keeping its own seed."""
         return replace(self, n=k), replace(self, seed=seed_at(self.seed, k), n=self.n - k)
 
 
-@dataclass(frozen=True, eq=False)
-class EditJob:
-    """One /edit request's work: the image (H, W, 3) every one of its images starts from, which tokens each repaints,
-    its conditioning (one row), first seed, image count and sampling steps."""
+@dataclass(frozen=True, kw_only=True)
+class GenerateJob(ImageRun):
+    """One request's work: its conditioning (one row), its images and sampling steps."""
 
-    image: np.ndarray
-    repaint: torch.Tensor  # (n, N) bool: an image's repainted tokens (a strength draws them per seed)
     condition: torch.Tensor
-    seed: int
-    n: int
     steps: int | None = None
-
-    @property
-    def seeds(self) -> list[int]:
-        return request_seeds(self.seed, self.n)
 
     @property
     def key(self) -> int | None:
         return self.steps
 
-    def split(self, k: int) -> tuple[EditJob, EditJob]:
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class EditJob(ImageRun):
+    """One /edit request's work: the image (H, W, 3) every one of its images starts from, which tokens each repaints,
+    its conditioning (one row), its images and sampling steps."""
+
+    image: np.ndarray
+    repaint: torch.Tensor  # (n, N) bool: an image's repainted tokens (a strength draws them per seed)
+    condition: torch.Tensor
+    steps: int | None = None
+
+    @property
+    def key(self) -> int | None:
+        return self.steps
+
+    def split(self, k: int) -> tuple[Self, Self]:
         """The first k images and the rest, each keeping its own seed and repainted tokens."""
-        first = replace(self, n=k, repaint=self.repaint[:k])
-        return first, replace(self, repaint=self.repaint[k:], seed=seed_at(self.seed, k), n=self.n - k)
-
-
-@dataclass(frozen=True, eq=False)
-class EditRefineJob:
-    """An /edit request with `refine`: its edit, and TTEO on it; requests batch together as /refine's do."""
-
-    edit: EditJob
-    text: str  # what the reward reads
-    settings: TTEOSettings
-    reward: str
-    candidates: tuple[tuple[int, ...], ...]  # each image's best_of candidate seeds, as RefineJob's
-    progress: RefineProgress | None = None  # a streaming request's step reports and cancellation
-
-    @classmethod
-    def for_request(
-        cls,
-        *,
-        edit: EditJob,
-        text: str,
-        settings: TTEOSettings,
-        reward: str,
-        progress: RefineProgress | None = None,
-    ) -> EditRefineJob:
-        rows = candidate_seeds(edit.seeds, settings.best_of)
-        candidates = tuple(map(tuple, rows))
-        return cls(edit=edit, text=text, settings=settings, reward=reward, candidates=candidates, progress=progress)
-
-    @property
-    def n(self) -> int:
-        return self.edit.n
-
-    @property
-    def seeds(self) -> list[int]:
-        return self.edit.seeds
-
-    @property
-    def key(self) -> tuple:
-        return (self.settings, self.reward)
-
-    def split(self, k: int) -> tuple[EditRefineJob, EditRefineJob]:
-        """The first k images and the rest, each keeping its own seed, repainted tokens and candidates."""
-        first, rest = self.edit.split(k)
-        head = replace(self, edit=first, candidates=self.candidates[:k])
-        return head, replace(self, edit=rest, candidates=self.candidates[k:])
+        first, rest = super().split(k)
+        return replace(first, repaint=self.repaint[:k]), replace(rest, repaint=self.repaint[k:])
 
 
 @dataclass(eq=False)
@@ -124,57 +81,51 @@ class RefineProgress:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (step, seeds, rewards))
 
 
-@dataclass(frozen=True)
-class RefineJob:
-    """One /refine request's work (or a part of it); requests batch together when their `settings` and reward agree."""
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Refinement:
+    """TTEO on a job's images (the job's `seeds`): what the reward reads, the settings and the reward; jobs batch
+    together when their settings and reward agree."""
 
-    condition: torch.Tensor
     text: str  # what the reward reads: the prompt, or a class-conditional model's class as a prompt
-    seed: int
-    n: int
     settings: TTEOSettings
     reward: str
-    # Each image's best_of candidate seeds, drawn for the whole request (see `for_request`), so that a request
-    # run in parts, or a batch split after running out of memory, starts from the same candidates.
-    candidates: tuple[tuple[int, ...], ...]
     progress: RefineProgress | None = None  # a streaming request's step reports and cancellation
 
-    @classmethod
-    def for_request(
-        cls,
-        *,
-        condition: torch.Tensor,
-        text: str,
-        seed: int,
-        n: int,
-        settings: TTEOSettings,
-        reward: str,
-        progress: RefineProgress | None = None,
-    ) -> RefineJob:
-        rows = candidate_seeds(request_seeds(seed, n), settings.best_of)
-        return cls(
-            condition=condition,
-            text=text,
-            seed=seed,
-            n=n,
-            settings=settings,
-            reward=reward,
-            candidates=tuple(map(tuple, rows)),
-            progress=progress,
-        )
-
     @property
-    def seeds(self) -> list[int]:
-        return request_seeds(self.seed, self.n)
+    def candidates(self) -> tuple[tuple[int, ...], ...]:
+        """Each image's best_of candidate seeds, which depend on the image's seed alone."""
+        return tuple(map(tuple, candidate_seeds(self.seeds, self.settings.best_of)))
 
     @property
     def key(self) -> tuple:
         return (self.settings, self.reward)
 
-    def split(self, k: int) -> tuple[RefineJob, RefineJob]:
-        """The first k images and the rest, each keeping its own seed and candidates."""
-        first = replace(self, n=k, candidates=self.candidates[:k])
-        return first, replace(self, seed=seed_at(self.seed, k), n=self.n - k, candidates=self.candidates[k:])
+
+@dataclass(frozen=True, kw_only=True)
+class RefineJob(ImageRun, Refinement):
+    """One /refine request's work (or a part of it): its conditioning (one row), its images and their TTEO."""
+
+    condition: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class EditRefineJob(Refinement):
+    """An /edit request with `refine`: its edit, and TTEO on it; requests batch together as /refine's do."""
+
+    edit: EditJob
+
+    @property
+    def n(self) -> int:
+        return self.edit.n
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.edit.seeds
+
+    def split(self, k: int) -> tuple[Self, Self]:
+        """The first k images and the rest, each keeping its own seed and repainted tokens (and so its candidates)."""
+        first, rest = self.edit.split(k)
+        return replace(self, edit=first), replace(self, edit=rest)
 
 
 @dataclass

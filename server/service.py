@@ -364,7 +364,7 @@ class Service:
         """A /refine request's work, checked before anything is queued (or streamed): 4xx here, not later.
         Settings the request leaves out (None) are the model's (`TTEOSettings.for_request`)."""
         settings, reward = self._tteo_settings(model, steps=steps, lr=lr, best_of=best_of, reward=reward)
-        job = RefineJob.for_request(
+        job = RefineJob(
             condition=condition, text=text, seed=seed, n=n, settings=settings, reward=reward, progress=progress
         )
         self._check_cost(model, job)
@@ -384,7 +384,7 @@ class Service:
     ) -> EditRefineJob:
         """An /edit request with `refine`: its checked edit, with TTEO settings checked as /refine's."""
         settings, reward = self._tteo_settings(model, steps=steps, lr=lr, best_of=best_of, reward=reward)
-        job = EditRefineJob.for_request(edit=edit, text=text, settings=settings, reward=reward, progress=progress)
+        job = EditRefineJob(edit=edit, text=text, settings=settings, reward=reward, progress=progress)
         self._check_cost(model, job)
         return job
 

@@ -12,7 +12,7 @@ from conftest import metric, post_concurrently
 
 from benchmarks.running import server_thread
 from server.engine import Engine, ServedModel, load_model
-from server.jobs import GenerateJob, RefineJob, is_out_of_memory, run_splitting_on_oom
+from server.jobs import EditJob, EditRefineJob, GenerateJob, RefineJob, is_out_of_memory, run_splitting_on_oom
 from server.settings import Settings
 from softdimo.images import decode_image
 from softdimo.seeding import derived_seed
@@ -152,8 +152,8 @@ def test_splitting_keeps_every_image_with_its_own_request_and_seed():
     assert attempts[0] == 9 and max(attempts[1:3]) <= 5
 
 
-def test_a_refine_split_in_parts_keeps_the_candidates_drawn_for_the_whole_request():
-    job = RefineJob.for_request(
+def test_a_refine_split_in_parts_keeps_each_images_candidates():
+    job = RefineJob(
         condition=torch.zeros(1, 1), text=PROMPT, seed=10, n=3, settings=TTEOSettings(best_of=2), reward="r"
     )
     rows = tuple((seed, derived_seed(seed, 1)) for seed in (10, 11, 12))
@@ -161,6 +161,17 @@ def test_a_refine_split_in_parts_keeps_the_candidates_drawn_for_the_whole_reques
     head, tail = job.split(1)
     assert (head.seeds, head.candidates) == ([10], rows[:1])
     assert (tail.seeds, tail.candidates) == ([11, 12], rows[1:])
+
+
+def test_an_edit_refine_split_in_parts_keeps_each_images_repainted_tokens_and_candidates():
+    repaint = torch.eye(3, 5, dtype=torch.bool)
+    edit = EditJob(image=np.zeros((8, 8, 3), np.uint8), repaint=repaint, condition=torch.zeros(1, 1), seed=10, n=3)
+    job = EditRefineJob(edit=edit, text=PROMPT, settings=TTEOSettings(best_of=2), reward="r")
+    rows = tuple((seed, derived_seed(seed, 1)) for seed in (10, 11, 12))
+    assert job.candidates == rows
+    head, tail = job.split(1)
+    assert (head.seeds, head.candidates, head.edit.repaint.tolist()) == ([10], rows[:1], repaint[:1].tolist())
+    assert (tail.seeds, tail.candidates, tail.edit.repaint.tolist()) == ([11, 12], rows[1:], repaint[1:].tolist())
 
 
 def test_what_counts_as_out_of_memory():

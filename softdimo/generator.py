@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from softdimo.latent_filter import LatentFilter
 from softdimo.layout_prior import LayoutPrior
 from softdimo.seeding import ImageNoise
 from softdimo.transformer import MaskedTransformer, perturb_embeddings
@@ -23,6 +24,12 @@ class GeneratorSettings:
     # a layout prior's component weights are drawn as weights^(1 / prior_temperature): above 1, flatter, so a prompt's
     # images spread over more of its layouts
     prior_temperature: float = 1.0
+    # latents a layout prior proposes per image; a latent filter draws the first it accepts (softdimo/latent_filter.py)
+    proposals: int = 1
+
+    def __post_init__(self):
+        if self.proposals < 1:
+            raise ValueError(f"proposals must be at least 1, got {self.proposals}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,12 +40,25 @@ class OneStepGenerator:
 
     Every random draw is made per image from its own seed, so an image never depends on its batch-mates."""
 
-    def __init__(self, model: MaskedTransformer, settings: GeneratorSettings, prior: LayoutPrior | None = None):
+    def __init__(
+        self,
+        model: MaskedTransformer,
+        settings: GeneratorSettings,
+        prior: LayoutPrior | None = None,
+        latent_filter: LatentFilter | None = None,
+    ):
         if prior is not None and prior.cfg.latent_dim != model.cfg.latent_dim:
             raise ValueError(f"a layout prior of {prior.cfg.latent_dim} numbers for a latent of {model.cfg.latent_dim}")
+        if latent_filter is not None and latent_filter.latent_dim != model.cfg.latent_dim:
+            raise ValueError(
+                f"a latent filter of {latent_filter.latent_dim} numbers for a latent of {model.cfg.latent_dim}"
+            )
+        if latent_filter is not None and prior is None:
+            raise ValueError("a latent filter chooses among a layout prior's proposals: the generator has no prior")
         self.model = model
         self.settings = settings
         self.prior = prior  # where the layout latent is drawn from; None: the standard normal
+        self.latent_filter = latent_filter  # which of the prior's proposals is drawn; None: the first
 
     @property
     def cfg(self):
@@ -72,10 +92,12 @@ class OneStepGenerator:
             return None
         if self.prior is None:
             return self.settings.latent_scale * noise.randn(self.cfg.latent_dim).to(self.device)
-        settings = self.settings
-        return self.prior.sample(
-            condition.to(self.device), noise, scale=settings.latent_scale, temperature=settings.prior_temperature
+        settings, condition = self.settings, condition.to(self.device)
+        count = settings.proposals if self.latent_filter is not None else 1
+        latents = self.prior.sample(
+            condition, noise, scale=settings.latent_scale, temperature=settings.prior_temperature, count=count
         )
+        return self.latent_filter.choose(latents, condition) if count > 1 else latents[:, 0]
 
     def input_parts(self, noise: ImageNoise, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The input's two parts: `token_embeddings`, then `layout_latent`; both on the model's device."""

@@ -80,13 +80,13 @@ class LayoutPrior(nn.Module):
         return torch.logsumexp(log_weights + per_component, dim=-1)
 
     def sample(
-        self, condition: torch.Tensor, noise: ImageNoise, scale: float = 1.0, temperature: float = 1.0
+        self, condition: torch.Tensor, noise: ImageNoise, scale: float = 1.0, temperature: float = 1.0, count: int = 1
     ) -> torch.Tensor:
-        """One latent (B, L) per image from its own seed: a component by its weight (raised to 1 / `temperature`),
-        then a point of it, the spread times `scale`."""
+        """`count` latents (B, count, L) per image from its own seed: each a component by its weight (raised to
+        1 / `temperature`), then a point of it, the spread times `scale`."""
         log_weights, means, log_stds = self.mixture(condition)
         device = means.device
-        k = (log_weights / temperature + noise.gumbel(self.cfg.components).to(device)).argmax(-1)
-        rows = torch.arange(len(k), device=device)
-        eps = noise.randn(self.cfg.latent_dim).to(device)
+        k = (log_weights[:, None] / temperature + noise.gumbel(count, self.cfg.components).to(device)).argmax(-1)
+        rows = torch.arange(len(k), device=device)[:, None]
+        eps = noise.randn(count, self.cfg.latent_dim).to(device)
         return means[rows, k] + scale * log_stds[rows, k].exp() * eps

@@ -14,6 +14,7 @@ from softdimo import editing, shapes
 from softdimo.bundle import Bundle, BundleError, read_bundle, save_bundle
 from softdimo.conditioning import Conditioner
 from softdimo.generator import GeneratorSettings, OneStepGenerator
+from softdimo.latent_filter import LatentFilter, LatentFilterConfig
 from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig
 from softdimo.prompt_images import generate_for_prompts
 from softdimo.reward import AlignmentConfig, AlignmentModel, AlignmentReward, Reward
@@ -259,6 +260,7 @@ def load_pipeline(
             load_transformer(bundle, device=device),
             GeneratorSettings(**bundle.config["generator"]),
             load_layout_prior(bundle, device),
+            load_latent_filter(bundle, device),
         )
         return OneStepPipeline(
             generator=generator,
@@ -301,6 +303,15 @@ def load_layout_prior(bundle: Bundle, device: torch.device | str = "cpu") -> Lay
     prior = LayoutPrior(LayoutPriorConfig.from_dict(bundle.config["prior"]))
     prior.load_state_dict(bundle.weights("prior"), strict=True)
     return prior.to(device).eval()
+
+
+def load_latent_filter(bundle: Bundle, device: torch.device | str = "cpu") -> LatentFilter | None:
+    """A one-step bundle's latent filter, None where it has none (it draws its prior's first proposal)."""
+    if "latent_filter" not in bundle.config:
+        return None
+    latent_filter = LatentFilter(LatentFilterConfig.from_dict(bundle.config["latent_filter"]))
+    latent_filter.load_state_dict(bundle.weights("latent_filter"), strict=True)
+    return latent_filter.to(device).eval()
 
 
 def load_features(path: str | os.PathLike, device: torch.device | str = "cpu"):
@@ -402,6 +413,9 @@ def save_one_step(
     if generator.prior is not None:
         config["prior"] = generator.prior.cfg.to_dict()
         weights["prior"] = generator.prior.state_dict()
+    if generator.latent_filter is not None:
+        config["latent_filter"] = generator.latent_filter.cfg.to_dict()
+        weights["latent_filter"] = generator.latent_filter.state_dict()
     if encoder is not None:
         config["encoder"] = encoder.config()
         weights["encoder"] = encoder.state_dict()

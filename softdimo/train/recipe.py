@@ -20,7 +20,7 @@ import torch
 
 from softdimo.train import distributed, loop
 
-STAGES = ("tokenizer", "features", "reward", "teacher", "latent", "prior", "prior-reward", "distill")
+STAGES = ("tokenizer", "features", "reward", "teacher", "latent", "prior", "prior-reward", "distill", "latent-filter")
 INPUTS = ("tokenizer", "teacher", "init", "reward")  # the bundles a stage may read, each perhaps another recipe's `out`
 DONE = "done.json"
 EXPORT_ONLY = (
@@ -522,9 +522,36 @@ def _prior_reward(recipe: Recipe, device: torch.device) -> Path:
     return _save_generator(recipe, generator, start.conditioner, training=asdict(training))
 
 
-def _save_generator(recipe: Recipe, generator, conditioner, training: dict, encoder=None) -> Path:
-    """Write a one-step stage's bundle: its teacher's tokenizer, the recipe's reward (if any) and TTEO settings, and
-    a latent stage's layout encoder."""
+def _latent_filter(recipe: Recipe, device: torch.device) -> Path:
+    from softdimo.bundle import read_bundle
+    from softdimo.pipeline import load_pipeline, load_reward
+    from softdimo.train.latent_filter import FilterNetwork, FilterTraining, train_latent_filter
+
+    start = load_pipeline(recipe.inputs["init"], device)
+    if getattr(start, "generator", None) is None or start.generator.prior is None:
+        raise RecipeError(f"{recipe.path}: init {recipe.inputs['init']} is not a one-step model with a layout prior")
+    if "reward" not in recipe.inputs:
+        raise RecipeError(f"{recipe.path}: a latent filter learns a reward's bar: it needs a `reward` bundle")
+    start.generator.settings = replace(start.generator.settings, **recipe.table("generator"))
+    training = build(FilterTraining, recipe.table("training"))
+    generator = train_latent_filter(
+        run_dir=recipe.run_dir,
+        generator=start.generator,
+        tokenizer=start.tokenizer,
+        conditioner=start.conditioner,
+        reward=load_reward(read_bundle(recipe.inputs["reward"]), device),
+        network=build(FilterNetwork, recipe.table("filter")),
+        training=training,
+        device=device,
+    )
+    generator.latent_filter.cpu()
+    tteo = replace(start.tteo, **recipe.table("tteo"))
+    return _save_generator(recipe, generator, start.conditioner, training=asdict(training), tteo=tteo)
+
+
+def _save_generator(recipe: Recipe, generator, conditioner, training: dict, encoder=None, tteo=None) -> Path:
+    """Write a one-step stage's bundle: its teacher's tokenizer, the recipe's reward (if any), the TTEO settings
+    (`tteo`, else the recipe's), and a latent stage's layout encoder."""
     from softdimo.bundle import read_bundle
     from softdimo.pipeline import save_one_step
     from softdimo.tteo import TTEOSettings
@@ -535,7 +562,7 @@ def _save_generator(recipe: Recipe, generator, conditioner, training: dict, enco
         generator.prior.cpu()
     teacher_bundle = read_bundle(inputs["teacher"])
     reward_references = [_relative(inputs["reward"], recipe.out)] if "reward" in inputs else []
-    tteo = build(TTEOSettings, recipe.table("tteo"))
+    tteo = tteo or build(TTEOSettings, recipe.table("tteo"))
     if teacher_bundle.config.get("architecture") == "diffusers-muse":
         from softdimo import muse
 
@@ -572,4 +599,5 @@ RUNNERS: dict[str, Callable[[Recipe, torch.device], Path]] = {
     "prior": _prior,
     "prior-reward": _prior_reward,
     "distill": _distill,
+    "latent-filter": _latent_filter,
 }

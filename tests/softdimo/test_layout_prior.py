@@ -34,9 +34,9 @@ def test_draws_follow_the_mixture_per_image_and_its_spread_scales(tiny_text_tran
     condition = text_conditioner.encode_prompts(["a red circle", "a green square above a yellow circle"])
     with torch.no_grad():
         log_weights, means, log_stds = prior.mixture(condition)
-        together = prior.sample(condition, ImageNoise([5, 6]))
-        alone = prior.sample(condition[1:], ImageNoise([6]))
-        at_means = prior.sample(condition, ImageNoise([5, 6]), scale=0.0)
+        together = prior.sample(condition, ImageNoise([5, 6]))[:, 0]
+        alone = prior.sample(condition[1:], ImageNoise([6]))[:, 0]
+        at_means = prior.sample(condition, ImageNoise([5, 6]), scale=0.0)[:, 0]
     assert torch.allclose(together[1], alone[0])  # never depends on its batch-mates
     assert not torch.allclose(log_weights[0], log_weights[1])  # the conditioning sets the mixture
     # the component is the Gumbel-max choice of each image's own stream, the point its mean plus spread * normal draw
@@ -61,7 +61,7 @@ def test_a_generator_with_a_prior_draws_its_latent_from_it(tiny_text_transformer
         replay = ImageNoise([1, 2])  # the hybrid tokens and embedding noise come first, then the prior's draws
         generator.initial_tokens(replay)
         replay.randn(generator.cfg.tokens, generator.cfg.width)
-        assert torch.allclose(latent, generator.prior.sample(condition, replay))
+        assert torch.allclose(latent, generator.prior.sample(condition, replay)[:, 0])
 
 
 def test_a_prior_for_another_latent_size_is_refused(tiny_text_transformer):
@@ -143,8 +143,8 @@ def test_distinct_seeds_of_one_prompt_draw_distinct_components_and_latents(tiny_
         prior.weights.weight.zero_()
         prior.weights.bias.zero_()  # every component equally likely
         condition = text_conditioner.encode_prompts(["a red circle"]).expand(64, -1)
-        latents = prior.sample(condition, ImageNoise(range(64)))
-        at_means = prior.sample(condition, ImageNoise(range(64)), scale=0.0)
+        latents = prior.sample(condition, ImageNoise(range(64)))[:, 0]
+        at_means = prior.sample(condition, ImageNoise(range(64)), scale=0.0)[:, 0]
     chosen = {tuple(row.tolist()) for row in at_means}
     assert len(chosen) == 8  # 64 seeds reach all 8 equally likely components
     assert len({tuple(row.tolist()) for row in latents}) == 64  # and every seed its own point of one

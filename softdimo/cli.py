@@ -108,6 +108,7 @@ def _eval(args: argparse.Namespace) -> None:
             sampler=_settings(args.sampler),
             tteo=_settings(args.tteo),
             generator=_settings(args.generator),
+            check=_settings(args.check),
             coverage_prompts=args.coverage_prompts,
             coverage_seeds=args.coverage_seeds,
             runtime=RuntimeSettings(**{k: v for k, v in given.items() if v is not None}),
@@ -405,6 +406,12 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
         nargs="*",
         metavar="KEY=VALUE",
         help="one-step models: override generator settings, e.g. latent_scale=0.8",
+    )
+    ev.add_argument(
+        "--check",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="one-step models: override the draw check, e.g. bar=9.3 proposals=4 (a model without one gets one)",
     )
     ev.add_argument(
         "--tteo",

@@ -114,6 +114,12 @@ class Conditioner(ConditionerBase):
         if not 0 <= label < self.num_classes:
             raise ConditionError(f"class_label must be in 0..{self.num_classes - 1}, got {label}")
 
+    def reward_texts(self, condition: torch.Tensor) -> list[str]:
+        """What a reward reads for a batch's conditioning (B, ...): its prompts, or its classes' prompts."""
+        if self.conditioning == "text":
+            return self.prompt_tokenizer.decode(condition.cpu())
+        return [self.reward_text(None, label) for label in condition.flatten().tolist()]
+
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         if self.conditioning != "text":
             raise ConditionError("this model is class-conditional: give class_label, not prompt")

@@ -4,6 +4,7 @@ Fréchet distance; a reward's accuracy on hard negatives."""
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -167,6 +168,7 @@ def evaluate_bundle(
     sampler: dict | None = None,
     tteo: dict | None = None,
     generator: dict | None = None,
+    check: dict | None = None,
     runtime=None,
     coverage_prompts: int = COVERAGE_PROMPTS,
     coverage_seeds: int = judge.COVERAGE_SEEDS,
@@ -174,7 +176,8 @@ def evaluate_bundle(
     """Every row for one bundle: reconstructions for a tokenizer; samples at each step count for a teacher;
     one step, TTEO at each step count and best-of-N (alone and with TTEO) for a one-step model.
     `sampler` overrides a teacher's sampler settings, `tteo` a one-step model's TTEO settings (target, lr) and
-    `generator` its generator settings (temperature, latent_scale);
+    `generator` its generator settings (temperature, latent_scale) and `check` its draw check (bar, proposals,
+    prior_temperature; a model without one gets one on its default reward);
     `runtime` (softdimo.runtime.RuntimeSettings) runs the sampled rows as the server would with it (bf16, compiled);
     every row's layout coverage is measured on the first `coverage_prompts` held-out prompts (0: none), each drawn
     at seeds 0 .. `coverage_seeds` - 1."""
@@ -224,7 +227,15 @@ def evaluate_bundle(
             held_out, features, placement, coverage_prompts=coverage_prompts, coverage_seeds=coverage_seeds
         )
         if isinstance(pipeline, OneStepPipeline):
-            changes = [(pipeline, "tteo", tteo), (pipeline.generator, "settings", generator)]
+            if check and pipeline.check is None:
+                from softdimo.draw_check import DrawCheck
+
+                pipeline.check = DrawCheck(reward=pipeline.default_reward, bar=check.get("bar", math.inf))
+            changes = [
+                (pipeline, "tteo", tteo),
+                (pipeline.generator, "settings", generator),
+                (pipeline, "check", check),
+            ]
         else:
             changes = [(pipeline, "sampler", sampler)]
         for owner, attribute, overrides in changes:

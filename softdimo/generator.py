@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from softdimo.latent_filter import LatentFilter
 from softdimo.layout_prior import LayoutPrior
 from softdimo.seeding import ImageNoise
 from softdimo.transformer import MaskedTransformer, perturb_embeddings
@@ -24,12 +23,6 @@ class GeneratorSettings:
     # a layout prior's component weights are drawn as weights^(1 / prior_temperature): above 1, flatter, so a prompt's
     # images spread over more of its layouts
     prior_temperature: float = 1.0
-    # latents a layout prior proposes per image; a latent filter draws the first it accepts (softdimo/latent_filter.py)
-    proposals: int = 1
-
-    def __post_init__(self):
-        if self.proposals < 1:
-            raise ValueError(f"proposals must be at least 1, got {self.proposals}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,25 +33,12 @@ class OneStepGenerator:
 
     Every random draw is made per image from its own seed, so an image never depends on its batch-mates."""
 
-    def __init__(
-        self,
-        model: MaskedTransformer,
-        settings: GeneratorSettings,
-        prior: LayoutPrior | None = None,
-        latent_filter: LatentFilter | None = None,
-    ):
+    def __init__(self, model: MaskedTransformer, settings: GeneratorSettings, prior: LayoutPrior | None = None):
         if prior is not None and prior.cfg.latent_dim != model.cfg.latent_dim:
             raise ValueError(f"a layout prior of {prior.cfg.latent_dim} numbers for a latent of {model.cfg.latent_dim}")
-        if latent_filter is not None and latent_filter.latent_dim != model.cfg.latent_dim:
-            raise ValueError(
-                f"a latent filter of {latent_filter.latent_dim} numbers for a latent of {model.cfg.latent_dim}"
-            )
-        if latent_filter is not None and prior is None:
-            raise ValueError("a latent filter chooses among a layout prior's proposals: the generator has no prior")
         self.model = model
         self.settings = settings
         self.prior = prior  # where the layout latent is drawn from; None: the standard normal
-        self.latent_filter = latent_filter  # which of the prior's proposals is drawn; None: the first
 
     @property
     def cfg(self):
@@ -88,16 +68,20 @@ class OneStepGenerator:
 
     def layout_latent(self, noise: ImageNoise, condition: torch.Tensor) -> torch.Tensor | None:
         """The layout latent (B, latent_dim) drawn for the conditioning, on the model's device; None without one."""
-        if not self.cfg.latent_dim:
-            return None
+        return None if not self.cfg.latent_dim else self.layout_latents(noise, condition)[:, 0]
+
+    def layout_latents(
+        self, noise: ImageNoise, condition: torch.Tensor, count: int = 1, prior_temperature: float | None = None
+    ) -> torch.Tensor:
+        """`count` layout latents per image (B, count, latent_dim), from its prior (flattened by `prior_temperature`,
+        else the settings') or the standard normal; the first is the one `layout_latent` draws."""
+        settings = self.settings
         if self.prior is None:
-            return self.settings.latent_scale * noise.randn(self.cfg.latent_dim).to(self.device)
-        settings, condition = self.settings, condition.to(self.device)
-        count = settings.proposals if self.latent_filter is not None else 1
-        latents = self.prior.sample(
-            condition, noise, scale=settings.latent_scale, temperature=settings.prior_temperature, count=count
+            return settings.latent_scale * noise.randn(count, self.cfg.latent_dim).to(self.device)
+        temperature = settings.prior_temperature if prior_temperature is None else prior_temperature
+        return self.prior.sample(
+            condition.to(self.device), noise, scale=settings.latent_scale, temperature=temperature, count=count
         )
-        return self.latent_filter.choose(latents, condition) if count > 1 else latents[:, 0]
 
     def input_parts(self, noise: ImageNoise, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The input's two parts: `token_embeddings`, then `layout_latent`; both on the model's device."""

@@ -13,8 +13,8 @@ import torch
 from softdimo import editing, shapes
 from softdimo.bundle import Bundle, BundleError, read_bundle, save_bundle
 from softdimo.conditioning import Conditioner
+from softdimo.draw_check import CheckedDraw, DrawCheck, checked_draw
 from softdimo.generator import GeneratorSettings, OneStepGenerator
-from softdimo.latent_filter import LatentFilter, LatentFilterConfig
 from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig
 from softdimo.prompt_images import generate_for_prompts
 from softdimo.reward import AlignmentConfig, AlignmentModel, AlignmentReward, Reward
@@ -128,13 +128,22 @@ class TeacherPipeline(EditsByFilling):
 
 @dataclass
 class OneStepPipeline(EditsByFilling):
-    """A one-step generator with its tokenizer and rewards: one forward pass per image, or TTEO."""
+    """A one-step generator with its tokenizer and rewards: one forward pass per image (more where a draw check
+    redraws it), or TTEO."""
 
     generator: OneStepGenerator
     tokenizer: VQTokenizer
     conditioner: Conditioner
     rewards: dict[str, Reward]
     tteo: TTEOSettings
+    check: DrawCheck | None = None  # images scoring below a bar drawn again (softdimo/draw_check.py)
+
+    def __post_init__(self):
+        if self.check is not None:
+            if self.generator.prior is None:
+                raise ValueError("a draw check chooses among a layout prior's proposals: this generator has none")
+            if self.check.reward not in self.rewards:
+                raise ValueError(f"the draw check's reward {self.check.reward!r} is not among the model's rewards")
 
     @property
     def device(self) -> torch.device:
@@ -146,11 +155,21 @@ class OneStepPipeline(EditsByFilling):
 
     @torch.inference_mode()
     def generate(self, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None) -> np.ndarray:
-        """Conditioning (B, ...) and one seed per image -> uint8 images (B, H, W, 3), in one forward pass."""
+        """Conditioning (B, ...) and one seed per image -> uint8 images (B, H, W, 3), in one forward pass (and, with a
+        draw check, one more for each image it draws again)."""
         if steps is not None:
             raise ValueError("a one-step generator takes no sampling steps")
-        tokens = self.generator.generate_tokens(condition.to(self.device), ImageNoise(seeds, self.device))
+        noise = ImageNoise(seeds, self.device)
+        if self.check is not None:
+            return to_uint8(self.checked_draw(condition, noise).images)
+        tokens = self.generator.generate_tokens(condition.to(self.device), noise)
         return to_uint8(self.tokenizer.decode_indices(tokens))
+
+    def checked_draw(self, condition: torch.Tensor, noise: ImageNoise) -> CheckedDraw:
+        """The images of the conditioning (B, ...), each drawn under the pipeline's draw check."""
+        texts = self.conditioner.reward_texts(condition)
+        reward = self.rewards[self.check.reward]
+        return checked_draw(self.generator, self.tokenizer, reward, self.check, condition, texts, noise)
 
     def generate_prompts(
         self,
@@ -184,7 +203,8 @@ class OneStepPipeline(EditsByFilling):
         reward: str | None = None,
         on_step: StepHook | None = None,
     ) -> Refined:
-        """TTEO for a batch; `texts` are what the reward reads (prompts, or class names as prompts)."""
+        """TTEO for a batch; `texts` are what the reward reads (prompts, or class names as prompts). Each candidate
+        starts from the image `generate` draws for its seed, under the draw check where the model has one."""
         return refine(
             generator=self.generator,
             tokenizer=self.tokenizer,
@@ -194,7 +214,12 @@ class OneStepPipeline(EditsByFilling):
             candidates=candidates,
             settings=settings,
             on_step=on_step,
+            start=None if self.check is None else self._checked_start,
         )
+
+    def _checked_start(self, noise: ImageNoise, condition: torch.Tensor):
+        draw = self.checked_draw(condition, noise)
+        return draw.embeddings, draw.latent, draw.gumbel
 
     def refine_edit(
         self,
@@ -260,7 +285,6 @@ def load_pipeline(
             load_transformer(bundle, device=device),
             GeneratorSettings(**bundle.config["generator"]),
             load_layout_prior(bundle, device),
-            load_latent_filter(bundle, device),
         )
         return OneStepPipeline(
             generator=generator,
@@ -268,6 +292,7 @@ def load_pipeline(
             conditioner=conditioner,
             rewards={r.name: r for r in rewards},
             tteo=TTEOSettings(**bundle.config.get("tteo", {})),
+            check=DrawCheck(**bundle.config["check"]) if "check" in bundle.config else None,
         )
     raise BundleError(f"{bundle.path}: unknown model kind {kind!r}")
 
@@ -303,15 +328,6 @@ def load_layout_prior(bundle: Bundle, device: torch.device | str = "cpu") -> Lay
     prior = LayoutPrior(LayoutPriorConfig.from_dict(bundle.config["prior"]))
     prior.load_state_dict(bundle.weights("prior"), strict=True)
     return prior.to(device).eval()
-
-
-def load_latent_filter(bundle: Bundle, device: torch.device | str = "cpu") -> LatentFilter | None:
-    """A one-step bundle's latent filter, None where it has none (it draws its prior's first proposal)."""
-    if "latent_filter" not in bundle.config:
-        return None
-    latent_filter = LatentFilter(LatentFilterConfig.from_dict(bundle.config["latent_filter"]))
-    latent_filter.load_state_dict(bundle.weights("latent_filter"), strict=True)
-    return latent_filter.to(device).eval()
 
 
 def load_features(path: str | os.PathLike, device: torch.device | str = "cpu"):
@@ -393,9 +409,11 @@ def save_one_step(
     teacher_reference: str | None = None,
     training: dict | None = None,
     encoder=None,
+    check: DrawCheck | None = None,
     dtype=torch.float16,
 ) -> Path:
-    """`encoder`: a latent stage's layout encoder (softdimo.train.latent), kept for fitting a layout prior to it."""
+    """`encoder`: a latent stage's layout encoder (softdimo.train.latent), kept for fitting a layout prior to it;
+    `check`: the draw check the model's images are drawn under (softdimo/draw_check.py)."""
     config = {
         "name": name,
         "kind": "one-step",
@@ -409,13 +427,12 @@ def save_one_step(
     }
     if teacher_reference is not None:
         config["teacher"] = teacher_reference
+    if check is not None:
+        config["check"] = check.to_dict()
     weights = {"transformer": generator.model.state_dict()}
     if generator.prior is not None:
         config["prior"] = generator.prior.cfg.to_dict()
         weights["prior"] = generator.prior.state_dict()
-    if generator.latent_filter is not None:
-        config["latent_filter"] = generator.latent_filter.cfg.to_dict()
-        weights["latent_filter"] = generator.latent_filter.state_dict()
     if encoder is not None:
         config["encoder"] = encoder.config()
         weights["encoder"] = encoder.state_dict()

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from softdimo.draw_check import ROUND_SIZE
 from softdimo.vq import HOST_COPY
 
 # precision -> the autocast dtype it runs under (None: none). int8 quantises the network's Linear layers dynamically
@@ -57,15 +58,21 @@ class Runtime:
 
     def generate(self, pipeline, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None) -> np.ndarray:
         """pipeline.generate under these settings. A compiled batch is padded with copies of its last image to its
-        bucket and cut back after: every image depends on its own seed and conditioning only, so padding changes
-        none."""
+        bucket and cut back after (and so is each round of a draw check's redraws): every image depends on its own
+        seed and conditioning only, so padding changes none."""
         n = len(seeds)
         size = self.bucket(n)
         if size > n:
             condition = torch.cat([condition, condition[-1:].expand(size - n, *condition.shape[1:])])
             seeds = [*seeds, *[seeds[-1]] * (size - n)]
         swaps = self.settings.compile or self.settings.precision == "int8"  # the network /generate runs is another
-        with self.running(pipeline), self._swapped_network(pipeline) if swaps else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.running(pipeline))
+            if swaps:
+                stack.enter_context(self._swapped_network(pipeline))
+            if self.buckets:  # a draw check's rounds of redraws run at bucket sizes too
+                token = ROUND_SIZE.set(self.bucket)
+                stack.callback(ROUND_SIZE.reset, token)
             images = pipeline.generate(self.to_device(condition, pipeline.device), seeds, steps)
         return images[:n]
 

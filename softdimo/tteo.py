@@ -71,6 +71,8 @@ def candidate_seeds(seeds: Sequence[int], best_of: int) -> list[list[int]]:
 
 
 StepHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+# (noise, conditioning) -> a candidate's input embeddings without the latent, its latent and its token noise
+Start = Callable[[ImageNoise, torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]"]
 
 
 def refine(
@@ -84,12 +86,14 @@ def refine(
     settings: TTEOSettings,
     on_step: StepHook | None = None,
     kept: Kept | None = None,
+    start: Start | None = None,
 ) -> Refined:
     """Optimise each image independently (the loss is a sum of per-image terms), all in one batch.
 
     `candidates` holds each image's `settings.best_of` candidate seeds (see `candidate_seeds`). With `kept`, an
     edit of each image: it starts from the edit `editing.fill_one_step` draws, and its kept tokens and pixels stay
-    the input's in every step, in what the reward sees and in the result.
+    the input's in every step, in what the reward sees and in the result. With `start`, each candidate starts from
+    the input it gives (a pipeline's checked draw) in place of the generator's own draw.
     `on_step(step, rewards)`, called after each step with every image's reward (B,), may return which images
     are still wanted (B,) bool: the others stop being optimised (their gradient is zeroed, so the images of
     the rest come out exactly as they would have), and when none is wanted the loop ends early."""
@@ -114,13 +118,16 @@ def refine(
 
     with torch.no_grad():
         repeated = condition.to(device)[each]
-        if kept is None:
-            base, latent = generator.input_parts(noise, repeated)  # (B*n, N, D), (B*n, latent_dim) or None
+        if start is not None:
+            base, latent, gumbel = start(noise, repeated)  # (B*n, N, D), (B*n, latent_dim), (B*n, N, K)
         else:
-            base, latent = one_step_inputs(generator, candidate_kept, repeated, noise)
+            if kept is None:
+                base, latent = generator.input_parts(noise, repeated)  # (B*n, N, D), (B*n, latent_dim) or None
+            else:
+                base, latent = one_step_inputs(generator, candidate_kept, repeated, noise)
+            gumbel = generator.token_noise(noise)  # the same draw /generate (or the edit) samples its tokens with
         embeddings = generator.with_latent(base, latent)
         logits = generator.logits(embeddings, repeated)
-        gumbel = generator.token_noise(noise)  # the same draw /generate (or the edit) samples its tokens with
         tokens = hard_tokens(logits, gumbel, candidate_kept)
         scores = reward.score(decoded(tokens, candidate_kept), [p for p in prompts for _ in range(n_best)])
         best = scores.view(b, n_best).argmax(-1) + torch.arange(b, device=device) * n_best  # (B,)

@@ -20,13 +20,10 @@ import torch
 
 from softdimo.train import distributed, loop
 
-STAGES = ("tokenizer", "features", "reward", "teacher", "latent", "prior", "prior-reward", "distill", "latent-filter")
+STAGES = ("tokenizer", "features", "reward", "teacher", "latent", "prior", "prior-reward", "distill")
 INPUTS = ("tokenizer", "teacher", "init", "reward")  # the bundles a stage may read, each perhaps another recipe's `out`
 DONE = "done.json"
-EXPORT_ONLY = (
-    "sampler",
-    "tteo",
-)  # tables that shape only the written bundle: changing one re-exports without retraining
+EXPORT_ONLY = ("sampler", "tteo", "check")  # tables that shape only the written bundle: a change re-exports it
 LENGTH_ONLY = ("steps", "eval_every")  # [training] keys a run may change and go on: more steps continue it
 DISTRIBUTED = ("teacher", "distill")  # stages that train on every rank under torchrun; the others run on the first
 
@@ -522,37 +519,11 @@ def _prior_reward(recipe: Recipe, device: torch.device) -> Path:
     return _save_generator(recipe, generator, start.conditioner, training=asdict(training))
 
 
-def _latent_filter(recipe: Recipe, device: torch.device) -> Path:
+def _save_generator(recipe: Recipe, generator, conditioner, training: dict, encoder=None) -> Path:
+    """Write a one-step stage's bundle: its teacher's tokenizer, the recipe's reward (if any) and TTEO settings, and
+    a latent stage's layout encoder."""
     from softdimo.bundle import read_bundle
-    from softdimo.pipeline import load_pipeline, load_reward
-    from softdimo.train.latent_filter import FilterNetwork, FilterTraining, train_latent_filter
-
-    start = load_pipeline(recipe.inputs["init"], device)
-    if getattr(start, "generator", None) is None or start.generator.prior is None:
-        raise RecipeError(f"{recipe.path}: init {recipe.inputs['init']} is not a one-step model with a layout prior")
-    if "reward" not in recipe.inputs:
-        raise RecipeError(f"{recipe.path}: a latent filter learns a reward's bar: it needs a `reward` bundle")
-    start.generator.settings = replace(start.generator.settings, **recipe.table("generator"))
-    training = build(FilterTraining, recipe.table("training"))
-    generator = train_latent_filter(
-        run_dir=recipe.run_dir,
-        generator=start.generator,
-        tokenizer=start.tokenizer,
-        conditioner=start.conditioner,
-        reward=load_reward(read_bundle(recipe.inputs["reward"]), device),
-        network=build(FilterNetwork, recipe.table("filter")),
-        training=training,
-        device=device,
-    )
-    generator.latent_filter.cpu()
-    tteo = replace(start.tteo, **recipe.table("tteo"))
-    return _save_generator(recipe, generator, start.conditioner, training=asdict(training), tteo=tteo)
-
-
-def _save_generator(recipe: Recipe, generator, conditioner, training: dict, encoder=None, tteo=None) -> Path:
-    """Write a one-step stage's bundle: its teacher's tokenizer, the recipe's reward (if any), the TTEO settings
-    (`tteo`, else the recipe's), and a latent stage's layout encoder."""
-    from softdimo.bundle import read_bundle
+    from softdimo.draw_check import DrawCheck
     from softdimo.pipeline import save_one_step
     from softdimo.tteo import TTEOSettings
 
@@ -562,9 +533,13 @@ def _save_generator(recipe: Recipe, generator, conditioner, training: dict, enco
         generator.prior.cpu()
     teacher_bundle = read_bundle(inputs["teacher"])
     reward_references = [_relative(inputs["reward"], recipe.out)] if "reward" in inputs else []
-    tteo = tteo or build(TTEOSettings, recipe.table("tteo"))
+    tteo = build(TTEOSettings, recipe.table("tteo"))
+    check = build(DrawCheck, recipe.table("check")) if recipe.table("check") else None
     if teacher_bundle.config.get("architecture") == "diffusers-muse":
         from softdimo import muse
+
+        if check is not None:
+            raise RecipeError(f"{recipe.path}: a draw check needs a layout prior, which a MUSE generator has not")
 
         return muse.export_generator(
             generator=generator,
@@ -587,6 +562,7 @@ def _save_generator(recipe: Recipe, generator, conditioner, training: dict, enco
         teacher_reference=_relative(inputs["teacher"], recipe.out),
         training=training,
         encoder=encoder,
+        check=check,
     )
 
 
@@ -599,5 +575,4 @@ RUNNERS: dict[str, Callable[[Recipe, torch.device], Path]] = {
     "prior": _prior,
     "prior-reward": _prior_reward,
     "distill": _distill,
-    "latent-filter": _latent_filter,
 }

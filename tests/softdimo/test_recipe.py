@@ -108,6 +108,13 @@ def test_the_tokenizer_recipe_with_todays_defaults_builds_the_shipped_tokenizer(
     )
 
 
+def test_the_default_model_draws_under_the_check_its_recipe_states():
+    from softdimo.draw_check import DrawCheck
+
+    recipe = load_recipe(RECIPES / "shapes-softdimo-text.toml")
+    assert DrawCheck(**_shipped_config(recipe)["check"]) == build(DrawCheck, recipe.table("check"))
+
+
 def test_config_defaults_are_the_shipped_models_settings():
     """SamplerSettings, TransformerConfig and TeacherTraining default to the shipped text teacher's (contrast
     guidance aside, which class prompts cannot take), TokenizerTraining to the shipped tokenizer's training."""

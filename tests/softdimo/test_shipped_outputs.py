@@ -15,7 +15,7 @@ from softdimo.shipped import SHIPPED_WEIGHTS
 PINS = {
     "shapes-softdimo-text": (
         "a red circle left of a blue square",
-        "c8cc42b0d4f435103208cadd11adc76e51f3b2768492abf6d8a3ba3ca712c923",
+        "a640857eb9205b23b7395601a0399f35f3978ff13fcbc5b2f8151cbc0b0a2ce8",
     ),
     "shapes-softdimo-class": (7, "84f775d681691b410057cb19fd79ee817faf7b72758ff68b596ac5df14897df6"),
     "shapes-teacher-text": ("two green triangles", "5a59f114fce623945a1efb9dbd992a347d3003541ab42c73dfbc0975cdd89c76"),

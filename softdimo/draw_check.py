@@ -1,0 +1,111 @@
+"""Checked draws: a one-step image drawn again from another layout latent while the reward scores it below a bar.
+
+A layout prior spread over a prompt's layouts proposes latents that the generator draws right and latents it draws
+wrong (pieces of two layouts, an object missing). Tuning the prior by the reward avoids the second kind by moving each
+prompt's weight onto the few components that draw right for almost every latent in them: the images pass, and repeat.
+A check keeps the spread instead. Each image's prior, flattened by `prior_temperature`, proposes `proposals` latents
+from the image's own seed; the image is drawn from the first in one forward pass and scored by the reward, and drawn
+again from the next only while it scores below `bar`; if none clears it, the best-scored is kept. Taking the first
+image that clears the bar, not the best of all, keeps the proposals' variety: every image that clears it is as likely
+as the prior made it, however much the reward prefers some layouts to others. An image costs one forward pass and one
+reward score, and one of each again for every proposal refused.
+
+Every draw depends on the image's own seed and conditioning only. Under a compiled runtime, whose network runs only
+at its bucket sizes, `ROUND_SIZE` pads each round of redraws to one of them."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from softdimo.generator import OneStepGenerator
+from softdimo.reward import Reward
+from softdimo.seeding import ImageNoise
+from softdimo.vq import VQTokenizer
+
+# The batch size a round of n redraws runs at (extra rows repeat the last): n itself unless a runtime says otherwise
+ROUND_SIZE: contextvars.ContextVar[Callable[[int], int]] = contextvars.ContextVar("round_size", default=lambda n: n)
+
+
+@dataclass(frozen=True)
+class DrawCheck:
+    reward: str  # which of the model's rewards scores the images
+    bar: float  # an image scoring below it is drawn again from the next proposal
+    proposals: int = 4  # latents proposed per image: the most draws an image costs
+    prior_temperature: float = 4.0  # the proposals' prior, flattened: above 1 it spreads over more of the layouts
+
+    def __post_init__(self):
+        if self.proposals < 1:
+            raise ValueError(f"a draw check's proposals must be at least 1, got {self.proposals}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CheckedDraw:
+    """Per image: its input embeddings without the latent, the latent it was drawn from, its token noise, tokens,
+    decoded image, reward and how many draws it took."""
+
+    embeddings: torch.Tensor  # (B, N, D)
+    latent: torch.Tensor  # (B, latent_dim)
+    gumbel: torch.Tensor  # (B, N, K)
+    tokens: torch.Tensor  # (B, N)
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    scores: torch.Tensor  # (B,)
+    draws: torch.Tensor  # (B,) the proposals drawn, 1 .. proposals
+
+
+@torch.no_grad()
+def checked_draw(
+    generator: OneStepGenerator,
+    tokenizer: VQTokenizer,
+    reward: Reward,
+    check: DrawCheck,
+    condition: torch.Tensor,
+    texts: Sequence[str],
+    noise: ImageNoise,
+) -> CheckedDraw:
+    """Images for a batch (conditioning (B, ...), the texts the reward reads, one noise stream per image), each
+    drawn from the first of its proposed latents whose image clears the bar (`DrawCheck`). Each stream draws, in
+    order, the input embeddings, the proposals and the token noise: with one proposal at the generator's own prior
+    temperature, the image is the unchecked one."""
+    if generator.prior is None:
+        raise ValueError("a draw check chooses among a layout prior's proposals: this generator has none")
+    condition = condition.to(generator.device)
+    embeddings = generator.token_embeddings(noise)
+    proposals = generator.layout_latents(noise, condition, check.proposals, check.prior_temperature)
+    gumbel = generator.token_noise(noise)
+    b = len(condition)
+    best = torch.full((b,), -torch.inf, device=generator.device)
+    chosen = torch.zeros(b, dtype=torch.long, device=generator.device)
+    tokens = torch.zeros(b, generator.cfg.tokens, dtype=torch.long, device=generator.device)
+    images: torch.Tensor | None = None
+    draws = torch.zeros(b, dtype=torch.long, device=generator.device)
+    pending = torch.arange(b, device=generator.device)
+    for j in range(check.proposals):
+        rows = _padded(pending, ROUND_SIZE.get()(len(pending)))
+        latent = proposals[rows, j]
+        logits = generator.logits(generator.with_latent(embeddings[rows], latent), condition[rows])
+        drawn = generator.tokens_from(logits, gumbel[rows])[: len(pending)]
+        pictures = tokenizer.decode_indices(drawn)
+        scores = reward.score(pictures, [texts[i] for i in pending.tolist()]).float()
+        if images is None:
+            images = torch.zeros(b, *pictures.shape[1:], dtype=pictures.dtype, device=pictures.device)
+        better = scores > best[pending]
+        keep = pending[better]
+        best[keep], chosen[keep], tokens[keep], images[keep] = scores[better], j, drawn[better], pictures[better]
+        draws[pending] += 1
+        pending = pending[scores < check.bar]
+        if not len(pending):
+            break
+    latent = proposals[torch.arange(b, device=generator.device), chosen]
+    return CheckedDraw(embeddings, latent, gumbel, tokens, images, best, draws)
+
+
+def _padded(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """`rows`, the last repeated up to `size`."""
+    return torch.cat([rows, rows[-1:].expand(size - len(rows))]) if size > len(rows) else rows

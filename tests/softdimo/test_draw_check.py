@@ -1,0 +1,139 @@
+"""Checked draws: an image is drawn again from its next proposed latent while the reward scores it below the bar."""
+
+import pytest
+import torch
+
+from softdimo.conditioning import Conditioner
+from softdimo.draw_check import ROUND_SIZE, DrawCheck, checked_draw
+from softdimo.generator import GeneratorSettings, OneStepGenerator
+from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig, small_body
+from softdimo.pipeline import OneStepPipeline
+from softdimo.seeding import ImageNoise
+from softdimo.train.latent import latent_student
+from softdimo.tteo import TTEOSettings, candidate_seeds
+from softdimo.vq import to_uint8
+
+PROMPTS = ["a red circle", "three cyan triangles", "a blue square left of a red circle", "two green squares"]
+SEEDS = [11, 12, 13, 14]
+
+
+class RedReward:
+    """How much red an image shows: any reward does for checking which draw is kept."""
+
+    name = "red"
+
+    def score(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        return 10 * images[:, 0].mean((1, 2))
+
+
+def _generator(transformer) -> OneStepGenerator:
+    torch.manual_seed(0)
+    body = small_body(transformer.cfg, width=16, depth=1, heads=2, tokens=1)
+    prior = LayoutPrior(LayoutPriorConfig(body=body, latent_dim=2, components=8)).eval()
+    prior.place(3 * torch.randn(8, 2), torch.full((8, 2), -1.0))
+    student = latent_student(transformer, 2)
+    with torch.no_grad():
+        student.latent_input.weight.mul_(50)  # a latent decides the image
+    return OneStepGenerator(student, GeneratorSettings(r_init=1.0, sigma=0.0, temperature=0.0), prior)
+
+
+def _every_proposal(generator, tokenizer, check, condition, seeds):
+    """Each image's reward for each of its proposals, every one drawn: (B, proposals)."""
+    noise = ImageNoise(seeds)
+    embeddings = generator.token_embeddings(noise)
+    proposals = generator.layout_latents(noise, condition, check.proposals, check.prior_temperature)
+    gumbel = generator.token_noise(noise)
+    scores = []
+    with torch.no_grad():
+        for j in range(check.proposals):
+            logits = generator.logits(generator.with_latent(embeddings, proposals[:, j]), condition)
+            images = tokenizer.decode_indices(generator.tokens_from(logits, gumbel))
+            scores.append(RedReward().score(images, None))
+    return torch.stack(scores, 1), proposals
+
+
+def test_an_image_is_drawn_from_its_first_proposal_that_clears_the_bar_else_its_best(
+    tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
+    generator = _generator(tiny_text_transformer)
+    condition = text_conditioner.encode_prompts(PROMPTS)
+    every, proposals = _every_proposal(generator, tiny_tokenizer, DrawCheck("red", 0.0, 4), condition, SEEDS)
+    bar = every.flatten().median().item()  # about half the draws clear it
+    check = DrawCheck("red", bar, proposals=4)
+    draw = checked_draw(generator, tiny_tokenizer, RedReward(), check, condition, PROMPTS, ImageNoise(SEEDS))
+    for i in range(len(SEEDS)):
+        cleared = (every[i] >= bar).nonzero().flatten().tolist()
+        pick = cleared[0] if cleared else every[i].argmax().item()
+        assert torch.equal(draw.latent[i], proposals[i, pick])
+        assert draw.scores[i].item() == pytest.approx(every[i, pick].item(), abs=1e-5)
+        assert draw.draws[i].item() == (pick + 1 if cleared else 4)
+    assert 1 < draw.draws.float().mean() < 4  # some images cleared the bar at once, some were drawn again
+    # the kept tokens are the chosen latent's image, and the images their decoding
+    logits = generator.logits(generator.with_latent(draw.embeddings, draw.latent), condition)
+    assert torch.equal(draw.tokens, generator.tokens_from(logits, draw.gumbel))
+    assert torch.equal(draw.images, tiny_tokenizer.decode_indices(draw.tokens))
+
+
+def test_one_proposal_at_the_generators_own_temperature_is_the_unchecked_image(
+    tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
+    generator = _generator(tiny_text_transformer)
+    condition = text_conditioner.encode_prompts(PROMPTS)
+    check = DrawCheck("red", bar=100.0, proposals=1, prior_temperature=generator.settings.prior_temperature)
+    draw = checked_draw(generator, tiny_tokenizer, RedReward(), check, condition, PROMPTS, ImageNoise(SEEDS))
+    assert torch.equal(draw.tokens, generator.generate_tokens(condition, ImageNoise(SEEDS)))
+    assert draw.draws.tolist() == [1, 1, 1, 1]  # none cleared the bar, and there is no other proposal
+
+
+def test_a_checked_image_depends_on_its_own_seed_only_and_padded_rounds_change_nothing(
+    tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
+    generator = _generator(tiny_text_transformer)
+    condition = text_conditioner.encode_prompts(PROMPTS)
+    every, _ = _every_proposal(generator, tiny_tokenizer, DrawCheck("red", 0.0, 4), condition, SEEDS)
+    check = DrawCheck("red", every.flatten().median().item(), proposals=4)
+
+    def draw(rows, **kw):
+        texts = [PROMPTS[i] for i in rows]
+        noise = ImageNoise([SEEDS[i] for i in rows])
+        return checked_draw(generator, tiny_tokenizer, RedReward(), check, condition[rows], texts, noise)
+
+    together = draw([0, 1, 2, 3])
+    for i in range(4):
+        assert torch.equal(draw([i]).tokens[0], together.tokens[i])
+    token = ROUND_SIZE.set(lambda n: 8)  # as a compiled runtime runs every round at a bucket's size
+    try:
+        padded = draw([0, 1, 2, 3])
+    finally:
+        ROUND_SIZE.reset(token)
+    assert torch.equal(padded.tokens, together.tokens) and torch.equal(padded.draws, together.draws)
+
+
+def test_a_pipeline_draws_generate_and_the_start_of_refine_under_its_check(
+    tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
+    generator = _generator(tiny_text_transformer)
+    condition = text_conditioner.encode_prompts(PROMPTS)
+    every, _ = _every_proposal(generator, tiny_tokenizer, DrawCheck("red", 0.0, 4), condition, SEEDS)
+    check = DrawCheck("red", every.flatten().median().item(), proposals=4)
+    parts = {"generator": generator, "tokenizer": tiny_tokenizer, "conditioner": text_conditioner}
+    pipeline = OneStepPipeline(**parts, rewards={"red": RedReward()}, tteo=TTEOSettings(), check=check)
+    draw = checked_draw(generator, tiny_tokenizer, RedReward(), check, condition, PROMPTS, ImageNoise(SEEDS))
+    images = pipeline.generate(condition, SEEDS)
+    assert (images == to_uint8(draw.images)).all()
+    refined = pipeline.refine(condition, PROMPTS, candidate_seeds(SEEDS, 1), TTEOSettings(steps=0), "red")
+    assert torch.equal(refined.tokens, draw.tokens)  # /refine starts from /generate's image
+    with pytest.raises(ValueError, match="not among the model's rewards"):
+        OneStepPipeline(**parts, rewards={}, tteo=TTEOSettings(), check=check)
+    without_prior = {**parts, "generator": OneStepGenerator(generator.model, generator.settings)}
+    with pytest.raises(ValueError, match="has none"):
+        OneStepPipeline(**without_prior, rewards={"red": RedReward()}, tteo=TTEOSettings(), check=check)
+    with pytest.raises(ValueError, match="at least 1"):
+        DrawCheck("red", 1.0, proposals=0)
+
+
+def test_a_reward_reads_the_prompt_or_the_class_of_a_conditioning(text_conditioner):
+    assert text_conditioner.reward_texts(text_conditioner.encode_prompts(PROMPTS)) == PROMPTS
+    classes = Conditioner.shapes_class()
+    texts = classes.reward_texts(classes.encode_labels([0, 5]))
+    assert texts == [classes.reward_text(None, 0), classes.reward_text(None, 5)]

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from softdimo.editing import Kept, decode_edit, edit_embeddings
 from softdimo.generator import OneStepGenerator
 from softdimo.reward import Reward
 from softdimo.seeding import ImageNoise
@@ -68,15 +69,17 @@ def checked_draw(
     condition: torch.Tensor,
     texts: Sequence[str],
     noise: ImageNoise,
+    kept: Kept | None = None,
 ) -> CheckedDraw:
     """Images for a batch (conditioning (B, ...), the texts the reward reads, one noise stream per image), each
-    drawn from the first of its proposed latents whose image clears the bar (`DrawCheck`). Each stream draws, in
-    order, the input embeddings, the proposals and the token noise: with one proposal at the generator's own prior
-    temperature, the image is the unchecked one."""
+    drawn from the first of its proposed latents whose image clears the bar (`DrawCheck`); with `kept`, edits of
+    its images, which keep their tokens and pixels where the edit leaves them, in what the reward scores too. Each
+    stream draws, in order, the input embeddings, the proposals and the token noise: with one proposal at the
+    generator's own prior temperature, the image is the unchecked one."""
     if generator.prior is None:
         raise ValueError("a draw check chooses among a layout prior's proposals: this generator has none")
     condition = condition.to(generator.device)
-    embeddings = generator.token_embeddings(noise)
+    embeddings = generator.token_embeddings(noise) if kept is None else edit_embeddings(generator, kept, noise)
     proposals = generator.layout_latents(noise, condition, check.proposals, check.prior_temperature)
     gumbel = generator.token_noise(noise)
     b = len(condition)
@@ -91,7 +94,12 @@ def checked_draw(
         latent = proposals[rows, j]
         logits = generator.logits(generator.with_latent(embeddings[rows], latent), condition[rows])
         drawn = generator.tokens_from(logits, gumbel[rows])[: len(pending)]
-        pictures = tokenizer.decode_indices(drawn)
+        if kept is None:
+            pictures = tokenizer.decode_indices(drawn)
+        else:
+            edited = kept.rows(pending)
+            drawn = edited.tokens_with(drawn)
+            pictures = decode_edit(tokenizer, drawn, edited)
         scores = reward.score(pictures, [texts[i] for i in pending.tolist()]).float()
         if images is None:
             images = torch.zeros(b, *pictures.shape[1:], dtype=pictures.dtype, device=pictures.device)

@@ -112,11 +112,17 @@ class Kept:
 def one_step_inputs(
     generator: OneStepGenerator, kept: Kept, condition: torch.Tensor, noise: ImageNoise
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An edit's input to a one-step generator, in the parts `OneStepGenerator.input_parts` gives: its own start at
-    the repainted positions (the mask token or a random one, as it starts a new image) and the images' tokens
-    elsewhere, all with its embedding noise (B, N, D); then its layout latent."""
+    """An edit's input to a one-step generator, in the parts `OneStepGenerator.input_parts` gives: `edit_embeddings`,
+    then its layout latent."""
+    return edit_embeddings(generator, kept, noise), generator.layout_latent(noise, condition)
+
+
+def edit_embeddings(generator: OneStepGenerator, kept: Kept, noise: ImageNoise) -> torch.Tensor:
+    """The generator's own start at the repainted positions (the mask token or a random one, as it starts a new
+    image) and the images' tokens elsewhere, all with its embedding noise (B, N, D): what `token_embeddings` is to a
+    new image."""
     start = kept.tokens_with(generator.initial_tokens(noise).to(generator.device))
-    return generator.noisy_embeddings(start, noise), generator.layout_latent(noise, condition)
+    return generator.noisy_embeddings(start, noise)
 
 
 @torch.no_grad()

@@ -165,11 +165,11 @@ class OneStepPipeline(EditsByFilling):
         tokens = self.generator.generate_tokens(condition.to(self.device), noise)
         return to_uint8(self.tokenizer.decode_indices(tokens))
 
-    def checked_draw(self, condition: torch.Tensor, noise: ImageNoise) -> CheckedDraw:
-        """The images of the conditioning (B, ...), each drawn under the pipeline's draw check."""
+    def checked_draw(self, condition: torch.Tensor, noise: ImageNoise, kept: editing.Kept | None = None) -> CheckedDraw:
+        """The images of the conditioning (B, ...), or edits of `kept`'s, each drawn under the pipeline's draw check."""
         texts = self.conditioner.reward_texts(condition)
         reward = self.rewards[self.check.reward]
-        return checked_draw(self.generator, self.tokenizer, reward, self.check, condition, texts, noise)
+        return checked_draw(self.generator, self.tokenizer, reward, self.check, condition, texts, noise, kept)
 
     def generate_prompts(
         self,
@@ -192,7 +192,10 @@ class OneStepPipeline(EditsByFilling):
         """An edit's tokens (B, N): the kept ones, and the repainted ones drawn in one forward pass."""
         if steps is not None:
             raise ValueError("a one-step generator takes no sampling steps")
-        return editing.fill_one_step(self.generator, kept, condition, ImageNoise(seeds, self.device))
+        noise = ImageNoise(seeds, self.device)
+        if self.check is not None:
+            return self.checked_draw(condition, noise, kept).tokens
+        return editing.fill_one_step(self.generator, kept, condition, noise)
 
     def refine(
         self,
@@ -202,9 +205,11 @@ class OneStepPipeline(EditsByFilling):
         settings: TTEOSettings,
         reward: str | None = None,
         on_step: StepHook | None = None,
+        kept: editing.Kept | None = None,
     ) -> Refined:
         """TTEO for a batch; `texts` are what the reward reads (prompts, or class names as prompts). Each candidate
-        starts from the image `generate` draws for its seed, under the draw check where the model has one."""
+        starts from the image `generate` draws for its seed (with `kept`, the edit `edit` draws), under the draw
+        check where the model has one."""
         return refine(
             generator=self.generator,
             tokenizer=self.tokenizer,
@@ -214,11 +219,12 @@ class OneStepPipeline(EditsByFilling):
             candidates=candidates,
             settings=settings,
             on_step=on_step,
+            kept=kept,
             start=None if self.check is None else self._checked_start,
         )
 
-    def _checked_start(self, noise: ImageNoise, condition: torch.Tensor):
-        draw = self.checked_draw(condition, noise)
+    def _checked_start(self, noise: ImageNoise, condition: torch.Tensor, kept: editing.Kept | None):
+        draw = self.checked_draw(condition, noise, kept)
         return draw.embeddings, draw.latent, draw.gumbel
 
     def refine_edit(
@@ -236,17 +242,7 @@ class OneStepPipeline(EditsByFilling):
         tokens and pixels stay the input's."""
         with torch.no_grad():
             kept = editing.Kept.of(self.tokenizer, images, repaint, self.device)
-        return refine(
-            generator=self.generator,
-            tokenizer=self.tokenizer,
-            reward=self.rewards[reward or self.default_reward],
-            condition=condition,
-            prompts=texts,
-            candidates=candidates,
-            settings=settings,
-            on_step=on_step,
-            kept=kept,
-        )
+        return self.refine(condition, texts, candidates, settings, reward, on_step, kept)
 
 
 def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> Reward:

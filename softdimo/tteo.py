@@ -71,8 +71,9 @@ def candidate_seeds(seeds: Sequence[int], best_of: int) -> list[list[int]]:
 
 
 StepHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
-# (noise, conditioning) -> a candidate's input embeddings without the latent, its latent and its token noise
-Start = Callable[[ImageNoise, torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]"]
+# (noise, conditioning, what an edit keeps or None) -> candidates' input embeddings without the latent, their latents
+# and their token noise
+Start = Callable[[ImageNoise, torch.Tensor, "Kept | None"], "tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]"]
 
 
 def refine(
@@ -119,7 +120,7 @@ def refine(
     with torch.no_grad():
         repeated = condition.to(device)[each]
         if start is not None:
-            base, latent, gumbel = start(noise, repeated)  # (B*n, N, D), (B*n, latent_dim), (B*n, N, K)
+            base, latent, gumbel = start(noise, repeated, candidate_kept)  # (B*n, N, D), (B*n, L), (B*n, N, K)
         else:
             if kept is None:
                 base, latent = generator.input_parts(noise, repeated)  # (B*n, N, D), (B*n, latent_dim) or None

@@ -137,3 +137,34 @@ def test_a_reward_reads_the_prompt_or_the_class_of_a_conditioning(text_condition
     classes = Conditioner.shapes_class()
     texts = classes.reward_texts(classes.encode_labels([0, 5]))
     assert texts == [classes.reward_text(None, 0), classes.reward_text(None, 5)]
+
+
+def test_an_edit_is_checked_on_what_it_shows_and_keeps_what_it_keeps(
+    tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
+    import numpy as np
+
+    from softdimo import editing, shapes
+
+    generator = _generator(tiny_text_transformer)
+    condition = text_conditioner.encode_prompts(PROMPTS)
+    images = shapes.batch(np.random.default_rng(3), len(PROMPTS))[0]
+    masks = np.zeros((len(PROMPTS), 64, 64), dtype=bool)
+    masks[:, 8:40, 32:64] = True
+    repaint = editing.repaint_from_mask(masks, grid=8)
+    kept = editing.Kept.of(tiny_tokenizer, images, repaint, "cpu")
+    bar = 5.0
+    check = DrawCheck("red", bar, proposals=4)
+    parts = {"generator": generator, "tokenizer": tiny_tokenizer, "conditioner": text_conditioner}
+    pipeline = OneStepPipeline(**parts, rewards={"red": RedReward()}, tteo=TTEOSettings(), check=check)
+    draw = checked_draw(generator, tiny_tokenizer, RedReward(), check, condition, PROMPTS, ImageNoise(SEEDS), kept)
+    assert torch.equal(draw.tokens[~repaint], kept.tokens[~repaint])  # kept tokens stay the input's
+    assert torch.equal(draw.images, editing.decode_edit(tiny_tokenizer, draw.tokens, kept))  # the reward saw the edit
+    assert torch.allclose(draw.scores, RedReward().score(draw.images, PROMPTS))
+    assert ((draw.scores >= bar) | (draw.draws == 4)).all() and (draw.draws > 1).any()
+    edited = pipeline.edit(images, repaint, condition, SEEDS)
+    assert (edited == to_uint8(draw.images)).all()
+    refined = pipeline.refine_edit(
+        images, repaint, condition, PROMPTS, candidate_seeds(SEEDS, 1), TTEOSettings(steps=0)
+    )
+    assert torch.equal(refined.tokens, draw.tokens)  # TTEO on an edit starts from the checked edit

@@ -82,6 +82,12 @@ class Metrics:
         self.inflight = Gauge("softdimo_inflight_requests", "Requests being handled.", ["endpoint"], registry=r)
         self.images = Counter("softdimo_images_generated", "Images returned.", ["endpoint", "model"], registry=r)
         self.tteo_steps = Counter("softdimo_tteo_steps", "TTEO gradient steps run, per image.", ["model"], registry=r)
+        self.checked_draws = Counter(
+            "softdimo_checked_draws",
+            "Images a draw check drew, redraws included; over the images it kept, the draws each cost.",
+            ["endpoint", "model"],
+            registry=r,
+        )
         self.reward_gain = Histogram(
             "softdimo_reward_gain",
             "reward_after - reward_before of refined images.",

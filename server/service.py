@@ -32,6 +32,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from softdimo import editing
 from softdimo.conditioning import ConditionError
+from softdimo.draw_check import DRAWS_SEEN
 from softdimo.images import encode_image
 from softdimo.seeding import MAX_SEED, request_seeds
 from softdimo.tteo import TTEOSettings
@@ -191,9 +192,14 @@ class Service:
         """A batcher for `endpoint`'s work on `model` in `lane`; `refine` (by default: for /refine) batches compute
         for seconds, so they always wait refine_max_wait_ms for company."""
         splits = self.metrics.batch_splits.labels(endpoint, model.name)
+        drawn = self.metrics.checked_draws.labels(endpoint, model.name)
 
         def run(jobs):  # a batch that runs out of memory is retried in halves before any request fails
-            return _timed(lambda jobs: run_splitting_on_oom(run_batch, jobs, on_split=splits.inc), jobs)
+            counting = DRAWS_SEEN.set(lambda draws: drawn.inc(int(draws.sum())))
+            try:
+                return _timed(lambda jobs: run_splitting_on_oom(run_batch, jobs, on_split=splits.inc), jobs)
+            finally:
+                DRAWS_SEEN.reset(counting)
 
         refine = endpoint == REFINE if refine is None else refine
         batcher = Batcher(

@@ -29,6 +29,10 @@ from softdimo.vq import VQTokenizer
 
 # The batch size a round of n redraws runs at (extra rows repeat the last): n itself unless a runtime says otherwise
 ROUND_SIZE: contextvars.ContextVar[Callable[[int], int]] = contextvars.ContextVar("round_size", default=lambda n: n)
+# Told each checked batch's draws per image (B,), e.g. to count what the check costs; None: nobody is counting
+DRAWS_SEEN: contextvars.ContextVar[Callable[[torch.Tensor], None] | None] = contextvars.ContextVar(
+    "draws_seen", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ def checked_draw(
         pending = pending[scores < check.bar]
         if not len(pending):
             break
+    if (seen := DRAWS_SEEN.get()) is not None:
+        seen(draws)
     latent = proposals[torch.arange(b, device=generator.device), chosen]
     return CheckedDraw(embeddings, latent, gumbel, tokens, images, best, draws)
 

@@ -104,6 +104,34 @@ def write_one_step(
     )
 
 
+def write_checked_one_step(folder: Path, tokenizer: Path, reward: Path, name: str, bar: float, seed: int = 0) -> Path:
+    """A tiny one-step text model with a layout latent, its prior and a draw check on the tiny reward at `bar`."""
+    from softdimo.draw_check import DrawCheck
+    from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig, small_body
+    from softdimo.train.latent import latent_student
+
+    torch.manual_seed(seed)
+    conditioner = Conditioner.shapes_text()
+    transformer = tiny_transformer(conditioner)
+    body = small_body(transformer.cfg, width=16, depth=1, heads=2, tokens=1)
+    prior = LayoutPrior(LayoutPriorConfig(body=body, latent_dim=2, components=8))
+    prior.place(3 * torch.randn(8, 2), torch.full((8, 2), -1.0))
+    student = latent_student(transformer, 2)
+    with torch.no_grad():
+        student.latent_input.weight.mul_(50)  # a latent decides the image
+    return save_one_step(
+        OneStepGenerator(student, GeneratorSettings(r_init=1.0, sigma=0.0, temperature=0.0), prior),
+        folder,
+        name=name,
+        conditioner=conditioner,
+        tokenizer_reference=os.path.relpath(tokenizer, folder),
+        reward_references=[os.path.relpath(reward, folder)],
+        tteo=TTEOSettings(steps=3, lr=1.0),
+        check=DrawCheck(reward="tiny-clip", bar=bar),
+        dtype=None,
+    )
+
+
 def write_all(root: Path) -> dict[str, Path]:
     """A tokenizer, a reward, one-step text and class models and their teachers under `root`."""
     tokenizer = write_tokenizer(root / "tokenizer")

@@ -168,3 +168,32 @@ def test_an_edit_is_checked_on_what_it_shows_and_keeps_what_it_keeps(
         images, repaint, condition, PROMPTS, candidate_seeds(SEEDS, 1), TTEOSettings(steps=0)
     )
     assert torch.equal(refined.tokens, draw.tokens)  # TTEO on an edit starts from the checked edit
+
+
+def test_the_server_counts_the_draws_its_check_makes(tmp_path, tiny_bundles):
+    import httpx
+    from conftest import metric
+    from tiny_bundles import write_checked_one_step
+
+    from benchmarks.running import server_thread
+    from server.settings import Settings
+    from softdimo.draw_check import DRAWS_SEEN
+    from softdimo.pipeline import load_pipeline
+
+    bundle = write_checked_one_step(
+        tmp_path / "checked", tiny_bundles["tokenizer"], tiny_bundles["reward"], "tiny-checked", 1e9
+    )
+    pipeline = load_pipeline(bundle)
+    seen = []
+    token = DRAWS_SEEN.set(seen.append)
+    try:
+        pipeline.generate(pipeline.conditioner.encode_prompts(PROMPTS), SEEDS)
+    finally:
+        DRAWS_SEEN.reset(token)
+    assert [d.tolist() for d in seen] == [[4, 4, 4, 4]]  # no image clears a bar this high: each drew all 4
+    settings = Settings(weights=[str(bundle)], device="cpu", max_batch_size=8, max_wait_ms=5)
+    with server_thread(settings) as url:
+        answer = httpx.post(f"{url}/generate", json={"prompt": "a red circle", "n": 3, "seed": 5})
+        assert answer.status_code == 200, answer.text
+        text = httpx.get(f"{url}/metrics").text
+    assert metric(text, "softdimo_checked_draws_total", endpoint="/generate", model="tiny-checked") == 3 * 4

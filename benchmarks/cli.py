@@ -1,4 +1,5 @@
-"""The `softdimo` command as installed: the service's commands (server.cli), `soak` and the server benchmarks."""
+"""The `softdimo` command as installed: the service's commands (server.cli), `soak`, `crash` and the server
+benchmarks."""
 
 from __future__ import annotations
 
@@ -14,29 +15,106 @@ def _soak(args: argparse.Namespace) -> None:
     from benchmarks.soak import run_soak, write_report
 
     api_key = os.environ.get("SOFTDIMO_API_KEY") or None
-    report = run_soak(args.url, minutes=args.minutes, concurrency=args.concurrency, api_key=api_key, seed=args.seed)
+    report = run_soak(
+        args.url,
+        minutes=args.minutes,
+        concurrency=args.concurrency,
+        api_key=api_key,
+        seed=args.seed,
+        job_share=args.job_share,
+        drain_s=args.drain_s,
+    )
     print(report.text())
     if args.json:
         write_report(report, args.json)
-    if report.server_errors or report.errors:
+    if report.server_errors or report.errors or report.jobs.failed or report.jobs.unfinished:
         raise SystemExit(1)
 
 
-def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
-    """Add the service's commands, `soak` and the server benchmark suites to the `softdimo` parser."""
-    server_cli.register(commands, add_bench_suite)
+def _crash(args: argparse.Namespace) -> None:
+    from benchmarks.crash import CrashPlan, run_crash, write_report
+    from benchmarks.running import ServerStartError
+    from softdimo.bench_run import BenchError
 
-    soak = commands.add_parser(
+    options = {
+        name: value
+        for name, value in vars(args).items()
+        if name in CrashPlan.__dataclass_fields__ and name != "weights" and value is not None
+    }
+    try:
+        report = run_crash(
+            CrashPlan(weights=tuple(args.weights), **options), say=lambda line: print(line, file=sys.stderr)
+        )
+    except (BenchError, ServerStartError) as exc:
+        raise SystemExit(f"softdimo crash: {exc}") from None
+    print(report.text())
+    if args.json:
+        write_report(report, args.json)
+    if report.kills < report.kills_planned or report.jobs.failed or report.lost:
+        raise SystemExit(1)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
+    """Add the service's commands, `soak`, `crash` and the server benchmark suites to the `softdimo` parser."""
+    server_cli.register(commands, add_bench_suite)
+    from benchmarks import crash, soak
+
+    soaking = commands.add_parser(
         "soak",
-        help="mixed /generate and /refine traffic against a server (keyed by SOFTDIMO_API_KEY if set); "
-        "exits 1 on any 5xx",
+        help="mixed /generate and /refine traffic, some of it as jobs, against a server (keyed by SOFTDIMO_API_KEY "
+        "if set); exits 1 on any 5xx, and on any job failed or not final at the end",
     )
-    soak.add_argument("--url", default="http://127.0.0.1:8000")
-    soak.add_argument("--minutes", type=float, default=10.0)
-    soak.add_argument("--concurrency", type=int, default=8, help="requests kept in flight")
-    soak.add_argument("--seed", type=int, default=0)
-    soak.add_argument("--json", help="also write the report here")
-    soak.set_defaults(func=_soak)
+    soaking.add_argument("--url", default="http://127.0.0.1:8000")
+    soaking.add_argument("--minutes", type=float, default=10.0)
+    soaking.add_argument("--concurrency", type=int, default=8, help="requests kept in flight")
+    soaking.add_argument("--seed", type=int, default=0)
+    soaking.add_argument(
+        "--job-share",
+        type=_fraction,
+        default=soak.JOB_SHARE,
+        help=f"share of requests sent as jobs (POST /v1/jobs), each waited for (default {soak.JOB_SHARE}; 0: none)",
+    )
+    soaking.add_argument(
+        "--drain-s",
+        type=float,
+        default=soak.DRAIN_S,
+        help=f"longest wait after the traffic for jobs to become final (default {soak.DRAIN_S:g})",
+    )
+    soaking.add_argument("--json", help="also write the report here")
+    soaking.set_defaults(func=_soak)
+
+    plan_fields = crash.CrashPlan.__dataclass_fields__
+    crashing = commands.add_parser(
+        "crash",
+        help="kill -9 a busy `softdimo serve` --kills times, restarting it on the same SQLite job store, then let it "
+        "finish; reports every job accepted; exits 1 on any job failed or lost",
+    )
+    crashing.add_argument("--weights", required=True, nargs="+", help="bundle folders, as `softdimo serve` takes")
+    for flag, options, help in (
+        ("--kills", {"type": int}, "SIGKILLs, each of a server running a job"),
+        ("--device", cli.DEVICE_OPTION[1], "the servers' --device"),
+        ("--job-db-path", {}, "the SQLite job store (default: one in a temporary folder, removed at the end)"),
+        ("--refine-jobs", {"type": int}, "/refine jobs submitted to each server before its kill"),
+        ("--generate-jobs", {"type": int}, "/generate jobs likewise"),
+        ("--images", {"type": int}, "images per job"),
+        ("--tteo-steps", {"type": int}, "TTEO steps per /refine job"),
+        ("--job-concurrency", {"type": int}, "the servers' --job-concurrency"),
+        ("--job-lease-s", {"type": float}, "the servers' --job-lease-s"),
+        ("--kill-delay-s", {"type": float}, "the kill comes up to this long (a uniform draw) after a job runs"),
+        ("--finish-timeout-s", {"type": float}, "longest wait for the last server to finish every job"),
+        ("--seed", {"type": int}, "seeds of the jobs and of the kill delays"),
+    ):
+        default = plan_fields[flag.removeprefix("--").replace("-", "_")].default
+        crashing.add_argument(flag, **options, help=help if default is None else f"{help} (default: {default})")
+    crashing.add_argument("--json", help="also write the report here")
+    crashing.set_defaults(func=_crash)
 
     from benchmarks import lanes, plots, refine, serve, steps
     from benchmarks.load import LOAD_GENERATORS

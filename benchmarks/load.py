@@ -8,7 +8,7 @@ import itertools
 import json
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Awaitable, Callable, Iterator, Sequence
 
 import httpx
 
@@ -73,6 +73,7 @@ class Load:
 
 
 WorkerRequests = Callable[[int], Callable[[], tuple[str, dict]]]  # worker index -> that worker's next (path, body)
+AfterAnswer = Callable[[RequestResult, bytes], Awaitable[None]]  # a request's result and the body answered
 
 
 async def closed_loop(
@@ -85,10 +86,13 @@ async def closed_loop(
     timeout_s: float,
     headers: dict[str, str] | None = None,
     backoff_max_s: float = 0.0,
+    after_answer: AfterAnswer | None = None,
 ) -> tuple[list[RequestResult], float]:
     """One round of `concurrency` workers, each sending its next request and waiting for the answer; returns every
     request's result and the round's wall time. Each worker keeps its own connection. With `backoff_max_s`, a worker
-    answered 429 or 503 pauses for Retry-After (1 s without one), at most that long, as a polite client would."""
+    answered 429 or 503 pauses for Retry-After (1 s without one), at most that long, as a polite client would. With
+    `after_answer`, a worker awaits it after each HTTP answer before its next request (the soak waits there for the
+    job a 202 accepted)."""
     began = time.perf_counter()
     deadline = began + duration_s
     issued = itertools.count()
@@ -101,6 +105,7 @@ async def closed_loop(
             while time.perf_counter() < deadline and next(issued) < max_requests:
                 path, body = next_request()
                 sent = time.perf_counter()
+                content = b""
                 try:
                     status, content = await connection.post_json(path, body, timeout_s=timeout_s)
                     result = RequestResult(time.perf_counter() - sent, status, path=path)
@@ -120,6 +125,8 @@ async def closed_loop(
                 ) as exc:  # no answer, or a 200 without the contract's body
                     result = RequestResult(time.perf_counter() - sent, 0, path=path, error=type(exc).__name__)
                 results.append(result)
+                if after_answer is not None and result.status:
+                    await after_answer(result, content)
                 if backoff_max_s and result.status in (429, 503):
                     pause = connection.retry_after if connection.retry_after is not None else 1.0
                     await asyncio.sleep(min(pause, backoff_max_s, max(0.0, deadline - time.perf_counter())))

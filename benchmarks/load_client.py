@@ -38,6 +38,8 @@ class Connection:
         ).encode()
         try:
             async with asyncio.timeout(timeout_s):
+                if self._reader is not None and self._reader.at_eof():  # the server closed it while it was idle
+                    self.close()
                 if self._writer is None:
                     self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
                 self._writer.write(head + payload)

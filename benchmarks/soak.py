@@ -1,4 +1,5 @@
-"""A soak test client: mixed /generate and /refine traffic for a while, then status counts, latencies and memory growth."""
+"""A soak test client: mixed /generate and /refine traffic, some of it as jobs, for a while; then status counts,
+latencies, memory growth and what became of every job accepted."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import asyncio
 import functools
 import json
 import random
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from benchmarks.load import closed_loop
+from benchmarks.job_ledger import JobLedger, JobTally
+from benchmarks.load import RequestResult, closed_loop
 from softdimo.timing import latency_summary
 
 PROMPTS = (
@@ -23,6 +26,10 @@ PROMPTS = (
     "a blue square above a red circle",
 )
 MAX_BACKOFF_S = 5.0  # longest pause a worker takes on a 429 or 503, whatever Retry-After says
+JOBS_PATH = "/v1/jobs"
+JOB_POLL_S = 0.5  # how often the state of a job not yet final is read
+JOB_SHARE = 0.2  # of the requests, sent as jobs
+DRAIN_S = 300.0  # longest wait after the traffic for the jobs not yet final
 
 
 @dataclass
@@ -38,6 +45,10 @@ class SoakReport:
     rss_start_bytes: float | None  # the server's process_resident_memory_bytes before and after the traffic
     rss_end_bytes: float | None
     models: list[str] = field(default_factory=list)
+    job_share: float = 0.0  # the share of requests sent as jobs (POST /v1/jobs)
+    jobs: JobTally = field(default_factory=JobTally)  # every job a submission was answered 202 for
+    job_drain_s: float = 0.0  # seconds waited after the traffic for the last jobs to become final
+    unfinished_jobs: list[str] = field(default_factory=list)  # ids of the jobs not final when the wait ended
 
     @property
     def server_errors(self) -> int:
@@ -60,6 +71,13 @@ class SoakReport:
             f"server errors (5xx): {self.server_errors}; transport errors: "
             + (", ".join(f"{name} x{count}" for name, count in sorted(self.errors.items())) or "none"),
         ]
+        if self.job_share:
+            lines.append(
+                f"jobs ({self.job_share:.0%} of requests, {JOBS_PATH}): {self.jobs.text()}; "
+                f"waited {self.job_drain_s:.0f}s after the traffic"
+            )
+            if self.unfinished_jobs:
+                lines.append("unfinished jobs: " + ", ".join(self.unfinished_jobs))
         for endpoint, stats in sorted(self.latency_ms.items()):
             lines.append(f"{endpoint} latency of 200s: " + ", ".join(f"{k} {v:.0f} ms" for k, v in stats.items()))
         if self.rss_growth_bytes is not None:
@@ -82,8 +100,8 @@ def _routes(models: list[dict]) -> list[tuple[str, dict]]:
     ]
 
 
-def _pick(routes: list[tuple[str, dict]], rng: random.Random) -> tuple[str, dict]:
-    """One request of the mix: an endpoint and its body."""
+def _pick(routes: list[tuple[str, dict]], rng: random.Random, job_share: float) -> tuple[str, dict]:
+    """One request of the mix: an endpoint and its body; with probability `job_share` the same body as a job."""
     endpoint, model = rng.choice(routes)
     if model["conditioning"] == "class":
         condition = {"class_label": rng.randrange(len(model["classes"]))}
@@ -92,6 +110,8 @@ def _pick(routes: list[tuple[str, dict]], rng: random.Random) -> tuple[str, dict
     body = {"model": model["name"], "seed": rng.randrange(2**31), "n": rng.choice((1, 1, 2, 4)), **condition}
     if endpoint == "/refine":
         body.update(n=1, steps=rng.choice((1, 2, 4)))
+    if job_share and rng.random() < job_share:
+        return JOBS_PATH, {**body, "endpoint": endpoint.removeprefix("/")}
     return endpoint, body
 
 
@@ -106,6 +126,34 @@ async def _resident_memory(client: httpx.AsyncClient) -> float | None:
     return None
 
 
+async def _read_job(client: httpx.AsyncClient, ledger: JobLedger, job_id: str) -> None:
+    """Record the job's state as the server answers it now; an unanswered read is tried again at the next poll."""
+    try:
+        response = await client.get(f"{JOBS_PATH}/{job_id}")
+    except httpx.HTTPError:
+        return
+    if response.status_code == 200:
+        ledger.record(response.json())
+
+
+async def _wait_for_job(client: httpx.AsyncClient, ledger: JobLedger, job_id: str, *, until: float) -> None:
+    """Read the job every JOB_POLL_S until it is final or the clock (time.perf_counter) passes `until`."""
+    while not ledger.is_final(job_id) and (left := until - time.perf_counter()) > 0:
+        await asyncio.sleep(min(JOB_POLL_S, left))
+        await _read_job(client, ledger, job_id)
+
+
+async def _drain_jobs(client: httpx.AsyncClient, ledger: JobLedger, *, limit_s: float) -> float:
+    """Read every job not yet final, one after another every JOB_POLL_S, until none is left or `limit_s` has
+    passed; returns the seconds waited."""
+    began = time.perf_counter()
+    while (pending := ledger.unfinished()) and time.perf_counter() - began < limit_s:
+        await asyncio.sleep(JOB_POLL_S)
+        for job_id in pending:
+            await _read_job(client, ledger, job_id)
+    return time.perf_counter() - began
+
+
 async def soak(
     url: str,
     *,
@@ -114,9 +162,15 @@ async def soak(
     api_key: str | None = None,
     seed: int = 0,
     timeout_s: float = 300.0,
+    job_share: float = JOB_SHARE,
+    drain_s: float = DRAIN_S,
 ) -> SoakReport:
     """Keep `concurrency` requests in flight for `duration_s` seconds (the benchmarks' closed loop: each worker waits
-    for its answer, and backs off on 429 and 503), each worker drawing its own mix of routes from `seed`."""
+    for its answer, and backs off on 429 and 503), each worker drawing its own mix of routes from `seed`.
+
+    A share `job_share` of the requests is submitted as jobs; a worker whose job was accepted (202) waits for it to
+    become final before its next request, reading it every JOB_POLL_S. Jobs still not final when the traffic ends are
+    waited for up to `drain_s` seconds more."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s) as client:
         response = await client.get("/v1/models")
@@ -126,7 +180,18 @@ async def soak(
             raise RuntimeError(f"{url} serves no models")
         routes = _routes(models)
         rss_start = await _resident_memory(client)
-        requests = lambda worker: functools.partial(_pick, routes, random.Random(seed * 1000 + worker))  # noqa: E731
+        requests = lambda worker: functools.partial(  # noqa: E731
+            _pick, routes, random.Random(seed * 1000 + worker), job_share
+        )
+        ledger = JobLedger()
+        traffic_ends = time.perf_counter() + duration_s
+
+        async def wait_for_accepted_job(result: RequestResult, content: bytes) -> None:
+            if result.path == JOBS_PATH and result.status == 202:
+                job_id = json.loads(content)["id"]
+                ledger.accept(job_id)
+                await _wait_for_job(client, ledger, job_id, until=traffic_ends)
+
         results, elapsed = await closed_loop(
             url,
             requests,
@@ -136,8 +201,10 @@ async def soak(
             timeout_s=timeout_s,
             headers=headers,
             backoff_max_s=MAX_BACKOFF_S,
+            after_answer=wait_for_accepted_job,
         )
         rss_end = await _resident_memory(client)
+        job_drain_s = await _drain_jobs(client, ledger, limit_s=drain_s)
 
     statuses: dict[str, Counter] = {}
     for r in results:
@@ -163,14 +230,16 @@ async def soak(
         rss_start_bytes=rss_start,
         rss_end_bytes=rss_end,
         models=[m["name"] for m in models],
+        job_share=job_share,
+        jobs=ledger.tally(),
+        job_drain_s=job_drain_s,
+        unfinished_jobs=ledger.unfinished(),
     )
 
 
-def run_soak(url: str, *, minutes: float, concurrency: int, api_key: str | None = None, seed: int = 0) -> SoakReport:
-    """The `softdimo soak` command's work: run the soak and return its report."""
-    return asyncio.run(
-        soak(url.rstrip("/"), duration_s=minutes * 60, concurrency=concurrency, api_key=api_key, seed=seed)
-    )
+def run_soak(url: str, *, minutes: float, **options) -> SoakReport:
+    """The `softdimo soak` command's work: run the soak (`options` are soak's) and return its report."""
+    return asyncio.run(soak(url.rstrip("/"), duration_s=minutes * 60, **options))
 
 
 def write_report(report: SoakReport, path: str) -> None:

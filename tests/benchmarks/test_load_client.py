@@ -54,6 +54,33 @@ def test_keep_alive_chunked_and_closing_responses():
     assert connections == 2  # one reused for three requests, a new one after the server closed
 
 
+def test_a_connection_the_server_closed_while_idle_is_opened_again():
+    """As uvicorn does after its keep-alive timeout: the answer said nothing of closing, the server closes later."""
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    connections = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        client = Connection(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        first = await client.post_json("/generate", {}, timeout_s=5)
+        await asyncio.sleep(0.2)  # idle: the server's close arrives
+        second = await client.post_json("/generate", {}, timeout_s=5)
+        client.close()
+        server.close()
+        return first, second
+
+    assert asyncio.run(main()) == ((200, b"ok"), (200, b"ok"))
+    assert len(connections) == 2
+
+
 def test_no_server_is_a_load_client_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -230,7 +230,11 @@ def evaluate_bundle(
             if check and pipeline.check is None:
                 from softdimo.draw_check import DrawCheck
 
-                pipeline.check = DrawCheck(reward=pipeline.default_reward, bar=check.get("bar", math.inf))
+                try:
+                    drawn_checked = DrawCheck(reward=pipeline.default_reward, bar=check.get("bar", math.inf))
+                    pipeline = replace(pipeline, check=drawn_checked)
+                except ValueError as exc:  # no reward, or no layout prior to propose latents
+                    raise EvaluationError(f"{name}: {exc}") from exc
             changes = [
                 (pipeline, "tteo", tteo),
                 (pipeline.generator, "settings", generator),

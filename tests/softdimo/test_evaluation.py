@@ -121,7 +121,7 @@ def test_eval_of_a_reward_reports_hard_negative_accuracy_per_kind(tmp_path, caps
 
 
 def test_eval_overrides_tteo_settings_and_names_an_unknown_one(tmp_path, capsys):
-    from tiny_bundles import write_all
+    from tiny_bundles import write_all, write_checked_one_step
 
     bundles = write_all(tmp_path / "b")
     features = str(_features(tmp_path / "features"))
@@ -152,6 +152,12 @@ def test_eval_overrides_tteo_settings_and_names_an_unknown_one(tmp_path, capsys)
     assert json.loads(out.read_text())[0]["rows"][0]["name"] == "tiny-one-step (temperature 0) (1 step)"
     assert main([*args, "--generator", "warmth=1"]) == 2
     assert "no GeneratorSettings setting warmth" in capsys.readouterr().err
+    assert main([*args, "--check", "bar=1"]) == 2  # the tiny one-step model has no layout prior to propose from
+    assert "tiny-one-step: a draw check chooses among a layout prior's proposals" in capsys.readouterr().err
+    checked = write_checked_one_step(tmp_path / "b" / "checked", bundles["tokenizer"], bundles["reward"], "ck", 0.0)
+    args[1] = str(checked)
+    assert main([*args, "--check", "proposals=2", "bar=1e9", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["rows"][0]["name"] == "ck (proposals 2, bar 1000000000.0) (1 step)"
 
 
 def test_eval_of_a_one_step_model_without_a_reward_says_so_instead_of_tteo_rows(tmp_path, capsys):

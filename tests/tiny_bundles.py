@@ -104,23 +104,30 @@ def write_one_step(
     )
 
 
-def write_checked_one_step(folder: Path, tokenizer: Path, reward: Path, name: str, bar: float, seed: int = 0) -> Path:
-    """A tiny one-step text model with a layout latent, its prior and a draw check on the tiny reward at `bar`."""
-    from softdimo.draw_check import DrawCheck
+def tiny_latent_generator(transformer: MaskedTransformer) -> OneStepGenerator:
+    """A one-step generator of `transformer` with a 2-number layout latent that decides its image, and a layout
+    prior of 8 components spread apart; deterministic given the latent, as the shipped text model is."""
     from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig, small_body
     from softdimo.train.latent import latent_student
 
-    torch.manual_seed(seed)
-    conditioner = Conditioner.shapes_text()
-    transformer = tiny_transformer(conditioner)
+    torch.manual_seed(0)
     body = small_body(transformer.cfg, width=16, depth=1, heads=2, tokens=1)
-    prior = LayoutPrior(LayoutPriorConfig(body=body, latent_dim=2, components=8))
+    prior = LayoutPrior(LayoutPriorConfig(body=body, latent_dim=2, components=8)).eval()
     prior.place(3 * torch.randn(8, 2), torch.full((8, 2), -1.0))
     student = latent_student(transformer, 2)
     with torch.no_grad():
         student.latent_input.weight.mul_(50)  # a latent decides the image
+    return OneStepGenerator(student, GeneratorSettings(r_init=1.0, sigma=0.0, temperature=0.0), prior)
+
+
+def write_checked_one_step(folder: Path, tokenizer: Path, reward: Path, name: str, bar: float, seed: int = 0) -> Path:
+    """`tiny_latent_generator` as a text bundle, with a draw check on the tiny reward at `bar`."""
+    from softdimo.draw_check import DrawCheck
+
+    torch.manual_seed(seed)
+    conditioner = Conditioner.shapes_text()
     return save_one_step(
-        OneStepGenerator(student, GeneratorSettings(r_init=1.0, sigma=0.0, temperature=0.0), prior),
+        tiny_latent_generator(tiny_transformer(conditioner)),
         folder,
         name=name,
         conditioner=conditioner,

@@ -11,27 +11,17 @@ from server.settings import Settings
 from benchmarks.cli import main
 
 
+def _soak(url: str, out, *more: str) -> int:
+    """`softdimo soak` for three seconds at concurrency 3 (seed 1) against `url`, writing its JSON to `out`."""
+    args = ["soak", "--url", url, "--minutes", str(3 / 60), "--concurrency", "3", "--seed", "1", *more]
+    return main([*args, "--json", str(out)])
+
+
 def test_soak_sends_mixed_traffic_and_reports_it(tiny_bundles, tmp_path, capsys):
     weights = [str(tiny_bundles[name]) for name in ("one-step", "class")]
     out = tmp_path / "soak.json"
     with server_thread(Settings(weights=weights, device="cpu", max_batch_size=2, max_wait_ms=2)) as url:
-        code = main(
-            [
-                "soak",
-                "--url",
-                url,
-                "--minutes",
-                str(3 / 60),
-                "--concurrency",
-                "3",
-                "--seed",
-                "1",
-                "--job-share",
-                "0",
-                "--json",
-                str(out),
-            ]
-        )
+        code = _soak(url, out, "--job-share", "0")
         assert httpx.get(f"{url}/readyz").status_code == 200
 
     assert code == 0
@@ -57,25 +47,7 @@ def test_soak_with_jobs_accounts_for_every_job_the_server_accepted(tiny_bundles,
         weights=weights, device="cpu", max_batch_size=2, max_wait_ms=2, job_db_path=str(tmp_path / "jobs.sqlite3")
     )
     with server_thread(settings) as url:
-        code = main(
-            [
-                "soak",
-                "--url",
-                url,
-                "--minutes",
-                str(3 / 60),
-                "--concurrency",
-                "3",
-                "--seed",
-                "1",
-                "--job-share",
-                "0.5",
-                "--drain-s",
-                "60",
-                "--json",
-                str(out),
-            ]
-        )
+        code = _soak(url, out, "--job-share", "0.5", "--drain-s", "60")
         metrics = httpx.get(f"{url}/metrics").text
 
     assert code == 0

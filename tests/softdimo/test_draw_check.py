@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from tiny_bundles import tiny_latent_generator
 
 from softdimo.conditioning import Conditioner
 from softdimo.draw_check import ROUND_SIZE, DrawCheck, checked_draw
-from softdimo.generator import GeneratorSettings, OneStepGenerator
-from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig, small_body
+from softdimo.generator import OneStepGenerator
 from softdimo.pipeline import OneStepPipeline
 from softdimo.seeding import ImageNoise
-from softdimo.train.latent import latent_student
 from softdimo.tteo import TTEOSettings, candidate_seeds
 from softdimo.vq import to_uint8
 
@@ -24,17 +23,6 @@ class RedReward:
 
     def score(self, images: torch.Tensor, prompts) -> torch.Tensor:
         return 10 * images[:, 0].mean((1, 2))
-
-
-def _generator(transformer) -> OneStepGenerator:
-    torch.manual_seed(0)
-    body = small_body(transformer.cfg, width=16, depth=1, heads=2, tokens=1)
-    prior = LayoutPrior(LayoutPriorConfig(body=body, latent_dim=2, components=8)).eval()
-    prior.place(3 * torch.randn(8, 2), torch.full((8, 2), -1.0))
-    student = latent_student(transformer, 2)
-    with torch.no_grad():
-        student.latent_input.weight.mul_(50)  # a latent decides the image
-    return OneStepGenerator(student, GeneratorSettings(r_init=1.0, sigma=0.0, temperature=0.0), prior)
 
 
 def _every_proposal(generator, tokenizer, check, condition, seeds):
@@ -55,7 +43,7 @@ def _every_proposal(generator, tokenizer, check, condition, seeds):
 def test_an_image_is_drawn_from_its_first_proposal_that_clears_the_bar_else_its_best(
     tiny_text_transformer, tiny_tokenizer, text_conditioner
 ):
-    generator = _generator(tiny_text_transformer)
+    generator = tiny_latent_generator(tiny_text_transformer)
     condition = text_conditioner.encode_prompts(PROMPTS)
     every, proposals = _every_proposal(generator, tiny_tokenizer, DrawCheck("red", 0.0, 4), condition, SEEDS)
     bar = every.flatten().median().item()  # about half the draws clear it
@@ -77,7 +65,7 @@ def test_an_image_is_drawn_from_its_first_proposal_that_clears_the_bar_else_its_
 def test_one_proposal_at_the_generators_own_temperature_is_the_unchecked_image(
     tiny_text_transformer, tiny_tokenizer, text_conditioner
 ):
-    generator = _generator(tiny_text_transformer)
+    generator = tiny_latent_generator(tiny_text_transformer)
     condition = text_conditioner.encode_prompts(PROMPTS)
     check = DrawCheck("red", bar=100.0, proposals=1, prior_temperature=generator.settings.prior_temperature)
     draw = checked_draw(generator, tiny_tokenizer, RedReward(), check, condition, PROMPTS, ImageNoise(SEEDS))
@@ -88,7 +76,7 @@ def test_one_proposal_at_the_generators_own_temperature_is_the_unchecked_image(
 def test_a_checked_image_depends_on_its_own_seed_only_and_padded_rounds_change_nothing(
     tiny_text_transformer, tiny_tokenizer, text_conditioner
 ):
-    generator = _generator(tiny_text_transformer)
+    generator = tiny_latent_generator(tiny_text_transformer)
     condition = text_conditioner.encode_prompts(PROMPTS)
     every, _ = _every_proposal(generator, tiny_tokenizer, DrawCheck("red", 0.0, 4), condition, SEEDS)
     check = DrawCheck("red", every.flatten().median().item(), proposals=4)
@@ -112,7 +100,7 @@ def test_a_checked_image_depends_on_its_own_seed_only_and_padded_rounds_change_n
 def test_a_pipeline_draws_generate_and_the_start_of_refine_under_its_check(
     tiny_text_transformer, tiny_tokenizer, text_conditioner
 ):
-    generator = _generator(tiny_text_transformer)
+    generator = tiny_latent_generator(tiny_text_transformer)
     condition = text_conditioner.encode_prompts(PROMPTS)
     every, _ = _every_proposal(generator, tiny_tokenizer, DrawCheck("red", 0.0, 4), condition, SEEDS)
     check = DrawCheck("red", every.flatten().median().item(), proposals=4)
@@ -146,7 +134,7 @@ def test_an_edit_is_checked_on_what_it_shows_and_keeps_what_it_keeps(
 
     from softdimo import editing, shapes
 
-    generator = _generator(tiny_text_transformer)
+    generator = tiny_latent_generator(tiny_text_transformer)
     condition = text_conditioner.encode_prompts(PROMPTS)
     images = shapes.batch(np.random.default_rng(3), len(PROMPTS))[0]
     masks = np.zeros((len(PROMPTS), 64, 64), dtype=bool)

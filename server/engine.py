@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,11 +17,11 @@ from softdimo.conditioning import Conditioner
 from softdimo.device import resolve_device
 from softdimo.pipeline import OneStepPipeline, TeacherPipeline, load_pipeline
 from softdimo.runtime import Runtime, RuntimeSettings
-from softdimo.tteo import Refined
+from softdimo.tteo import Chunks, Refined, StepHook
 from softdimo.vq import to_uint8
 from softdimo.warmup import example_inputs, warm_up_conditions
 
-from server.jobs import EditJob, EditRefineJob, GenerateJob, RefinedImage, RefineJob, split_counts
+from server.jobs import EditJob, EditRefineJob, GenerateJob, RefinedImage, Refinement, RefineJob, split_counts
 
 log = logging.getLogger("softdimo.engine")
 
@@ -79,20 +79,23 @@ class ServedModel:
         return split_counts(list(edited), [job.n for job in jobs])
 
     def refine_edit_batch(
-        self,
-        jobs: Sequence[EditRefineJob],
-        *,
-        between_steps: Callable[[], object] | None = None,
+        self, jobs: Sequence[EditRefineJob], *, chunks: Chunks | None = None
     ) -> list[list[RefinedImage]]:
         """TTEO on the edits of one batch (they share settings and reward), as `refine_batch`."""
         images, repaint, condition = _edit_inputs([job.edit for job in jobs])
         texts = [job.text for job in jobs for _ in range(job.n)]
         candidates = [list(row) for job in jobs for row in job.candidates]
-        reports = any(job.progress is not None for job in jobs)
-        on_step = _step_reports(jobs, between_steps) if reports or between_steps is not None else None
         with self.runtime.running(self.pipeline):
             refined = self.pipeline.refine_edit(
-                images, repaint, condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward, on_step=on_step
+                images,
+                repaint,
+                condition,
+                texts,
+                candidates,
+                jobs[0].settings,
+                reward=jobs[0].reward,
+                on_step=_step_reports(jobs),
+                chunks=chunks,
             )
             items = _refined_images(refined)
         return split_counts(items, [job.n for job in jobs])
@@ -100,22 +103,22 @@ class ServedModel:
     def reward_text(self, prompt: str | None, class_label: int | None) -> str:
         return self.conditioner.reward_text(prompt, class_label)
 
-    def refine_batch(
-        self,
-        jobs: Sequence[RefineJob],
-        *,
-        between_steps: Callable[[], object] | None = None,
-    ) -> list[list[RefinedImage]]:
-        """TTEO for all jobs of one batch at once (they share settings and reward); each image on its own.
-        `between_steps` runs after each step (other work that must not wait for the whole batch)."""
+    def refine_batch(self, jobs: Sequence[RefineJob], *, chunks: Chunks | None = None) -> list[list[RefinedImage]]:
+        """TTEO for all jobs of one batch at once (they share settings and reward); each image on its own. With
+        `chunks`, in pieces of images with its pause between them (other work that must not wait for the whole
+        batch)."""
         condition = torch.cat([job.condition.expand(job.n, *job.condition.shape[1:]) for job in jobs])
         texts = [job.text for job in jobs for _ in range(job.n)]
         candidates = [list(row) for job in jobs for row in job.candidates]
-        reports = any(job.progress is not None for job in jobs)
-        on_step = _step_reports(jobs, between_steps) if reports or between_steps is not None else None
         with self.runtime.running(self.pipeline):  # eager: TTEO takes gradients through the network
             refined = self.pipeline.refine(
-                condition, texts, candidates, jobs[0].settings, reward=jobs[0].reward, on_step=on_step
+                condition,
+                texts,
+                candidates,
+                jobs[0].settings,
+                reward=jobs[0].reward,
+                on_step=_step_reports(jobs),
+                chunks=chunks,
             )
             items = _refined_images(refined)  # in `running`: its copy to host
         return split_counts(items, [job.n for job in jobs])
@@ -135,13 +138,13 @@ def _refined_images(refined: Refined) -> list[RefinedImage]:
     return [RefinedImage(images[i], before[i], after[i], refined.seeds[i]) for i in range(len(images))]
 
 
-def _step_reports(jobs: Sequence[RefineJob], between_steps: Callable[[], object] | None = None):
-    """A TTEO step hook: hand each streaming job its images' rewards; keep optimising only uncancelled jobs' images;
-    then let `between_steps` run."""
+def _step_reports(jobs: Sequence[Refinement]) -> StepHook | None:
+    """A TTEO step hook: hand each streaming job its images' rewards; keep optimising only uncancelled jobs' images.
+    None where no job streams."""
+    if all(job.progress is None for job in jobs):
+        return None
 
     def on_step(step: int, rewards: torch.Tensor) -> torch.Tensor:
-        if between_steps is not None:
-            between_steps()
         values = rewards.tolist()
         wanted: list[bool] = []
         for job, part in zip(jobs, split_counts(values, [job.n for job in jobs])):

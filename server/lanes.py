@@ -1,4 +1,4 @@
-"""The device's one thread, fed by two lanes: interactive work goes first (also between the TTEO steps of a running
+"""The device's one thread, fed by two lanes: interactive work goes first (also between the pieces of a running
 /refine batch), background work after a bounded wait."""
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class DeviceLanes:
 
     def run_waiting_interactive(self) -> int:
         """Run, here and now, the interactive calls waiting at this moment; for a long background call (a /refine
-        batch, between its TTEO steps) to let interactive work through. Only on the device thread; how many ran."""
+        batch, between its pieces of work: softdimo.tteo.Chunks) to let interactive work through. Only on the device
+        thread; how many ran."""
         if threading.current_thread() is not self._thread:
             raise RuntimeError("run_waiting_interactive runs on the device thread only")
         with self._ready:

@@ -35,7 +35,7 @@ from softdimo.conditioning import ConditionError
 from softdimo.draw_check import DRAWS_SEEN
 from softdimo.images import encode_image
 from softdimo.seeding import MAX_SEED, request_seeds
-from softdimo.tteo import TTEOSettings
+from softdimo.tteo import Chunks, TTEOSettings
 
 log = logging.getLogger("softdimo.service")
 
@@ -157,18 +157,18 @@ class Service:
             raise
         self.engine = engine
         self.metrics.declare(list(ENDPOINTS), list(engine.models))
+        # A /refine batch computes for seconds: interactive batches waiting meanwhile run between its pieces of work.
+        chunks = Chunks(self.settings.refine_chunk_on(engine.device.type), self._lanes.run_waiting_interactive)
         for model in engine.models.values():
             await self._add_batcher(GENERATE, model, model.generate_batch, INTERACTIVE)
             await self._add_batcher(GENERATE, model, model.generate_batch, BACKGROUND)  # jobs
             if model.rewards:
-                # A /refine batch computes for seconds: interactive batches waiting meanwhile run between its steps.
-                refine_batch = functools.partial(model.refine_batch, between_steps=self._lanes.run_waiting_interactive)
+                refine_batch = functools.partial(model.refine_batch, chunks=chunks)
                 await self._add_batcher(REFINE, model, refine_batch, BACKGROUND)
             if model.edits:  # edits batch apart from /generate: each image carries its own source and mask
                 await self._add_batcher(EDIT, model, model.edit_batch, INTERACTIVE)
             if model.edits and model.rewards:  # edits with `refine`, batched as /refine is
-                between_steps = self._lanes.run_waiting_interactive
-                refine_edit_batch = functools.partial(model.refine_edit_batch, between_steps=between_steps)
+                refine_edit_batch = functools.partial(model.refine_edit_batch, chunks=chunks)
                 await self._add_batcher(EDIT, model, refine_edit_batch, BACKGROUND, refine=True)
         if self._start_jobs is not None:
             try:

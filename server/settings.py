@@ -12,6 +12,13 @@ from softdimo.shipped import SERVED, SHIPPED_WEIGHTS
 from softdimo.runtime import RuntimeSettings
 
 
+# Images per piece of background TTEO work where --refine-chunk is unset, by device type (absent: a whole batch).
+# On a CPU an interactive batch waits for the piece in progress: with the default model, one image's share of a TTEO
+# step takes a few tens of ms there, a whole batch's hundreds. A GPU runs a batch's step in milliseconds, and
+# splitting it would only cost throughput.
+DEVICE_REFINE_CHUNK: dict[str, int] = {"cpu": 1}
+
+
 def default_weights() -> list[str]:
     """The shipped default bundles: the one-step models once trained, and the teachers."""
     return [str(SHIPPED_WEIGHTS / name) for name in SERVED if (SHIPPED_WEIGHTS / name).is_dir()]
@@ -108,10 +115,20 @@ class Settings(BaseSettings):
     interactive_burst: int = Field(
         4, ge=1, description="interactive batches run ahead of waiting job and /refine work before one of those runs"
     )
+    refine_chunk: int | None = Field(
+        None,
+        ge=1,
+        description="images per piece of /refine and job TTEO work; waiting interactive batches run between pieces",
+    )
     log_level: str = "info"
 
     def runtime(self) -> RuntimeSettings:
         return RuntimeSettings(precision=self.precision, compile=self.compile, pin_memory=self.pin_memory)
+
+    def refine_chunk_on(self, device: str) -> int | None:
+        """Images per piece of background TTEO work on a `device` type: as set, else DEVICE_REFINE_CHUNK's (None: a
+        whole batch)."""
+        return self.refine_chunk if self.refine_chunk is not None else DEVICE_REFINE_CHUNK.get(device)
 
     @field_validator("weights", "auth_exempt_paths", mode="before")
     @classmethod
@@ -147,6 +164,8 @@ def shown_default(name: str) -> str:
     field = Settings.model_fields[name]
     if field.default_factory is default_weights:
         return "the shipped bundles"
+    if name == "refine_chunk":
+        return ", ".join(f"{size} on {device}" for device, size in DEVICE_REFINE_CHUNK.items()) + ", else whole batches"
     value = field.get_default(call_default_factory=True)
     if isinstance(value, bool):
         return "on" if value else "off"

@@ -74,12 +74,15 @@ def checked_draw(
     texts: Sequence[str],
     noise: ImageNoise,
     kept: Kept | None = None,
+    *,
+    between_rounds: Callable[[], object] | None = None,
 ) -> CheckedDraw:
     """Images for a batch (conditioning (B, ...), the texts the reward reads, one noise stream per image), each
     drawn from the first of its proposed latents whose image clears the bar (`DrawCheck`); with `kept`, edits of
     its images, which keep their tokens and pixels where the edit leaves them, in what the reward scores too. Each
     stream draws, in order, the input embeddings, the proposals and the token noise: with one proposal at the
-    generator's own prior temperature, the image is the unchecked one."""
+    generator's own prior temperature, the image is the unchecked one. `between_rounds` runs before each round of
+    redraws (other work that must not wait for the whole check)."""
     if generator.prior is None:
         raise ValueError("a draw check chooses among a layout prior's proposals: this generator has none")
     condition = condition.to(generator.device)
@@ -94,6 +97,8 @@ def checked_draw(
     draws = torch.zeros(b, dtype=torch.long, device=generator.device)
     pending = torch.arange(b, device=generator.device)
     for j in range(check.proposals):
+        if j and between_rounds is not None:
+            between_rounds()
         rows = _padded(pending, ROUND_SIZE.get()(len(pending)))
         latent = proposals[rows, j]
         logits = generator.logits(generator.with_latent(embeddings[rows], latent), condition[rows])

@@ -88,8 +88,8 @@ class Kept:
         tokens = image_tokens(tokenizer, images, device)
         return cls(tokens=tokens, repaint=repaint.to(device), pixels=to_tensor(images).to(device))
 
-    def rows(self, index: torch.Tensor) -> Kept:
-        """The images at `index` (B',), in its order: a selection, or each image repeated."""
+    def rows(self, index: torch.Tensor | slice) -> Kept:
+        """The images at `index` (B',), in its order: a selection, each image repeated, or a range of them."""
         return Kept(tokens=self.tokens[index], repaint=self.repaint[index], pixels=self.pixels[index])
 
     def tokens_with(self, drawn: torch.Tensor) -> torch.Tensor:

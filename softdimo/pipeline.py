@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from softdimo.prompt_images import generate_for_prompts
 from softdimo.reward import AlignmentConfig, AlignmentModel, AlignmentReward, Reward
 from softdimo.seeding import ImageNoise
 from softdimo.text import PromptTokenizer
-from softdimo.tteo import Refined, StepHook, TTEOSettings, refine
+from softdimo.tteo import Chunks, Refined, StepHook, TTEOSettings, refine
 from softdimo.sampler import SamplerSettings, sample
 from softdimo.transformer import MaskedTransformer, TransformerConfig
 from softdimo.vq import TokenizerConfig, VQTokenizer, to_uint8
@@ -165,11 +165,29 @@ class OneStepPipeline(EditsByFilling):
         tokens = self.generator.generate_tokens(condition.to(self.device), noise)
         return to_uint8(self.tokenizer.decode_indices(tokens))
 
-    def checked_draw(self, condition: torch.Tensor, noise: ImageNoise, kept: editing.Kept | None = None) -> CheckedDraw:
-        """The images of the conditioning (B, ...), or edits of `kept`'s, each drawn under the pipeline's draw check."""
+    def checked_draw(
+        self,
+        condition: torch.Tensor,
+        noise: ImageNoise,
+        kept: editing.Kept | None = None,
+        *,
+        between_rounds: Callable[[], object] | None = None,
+    ) -> CheckedDraw:
+        """The images of the conditioning (B, ...), or edits of `kept`'s, each drawn under the pipeline's draw check
+        (`between_rounds` run between its rounds of redraws)."""
         texts = self.conditioner.reward_texts(condition)
         reward = self.rewards[self.check.reward]
-        return checked_draw(self.generator, self.tokenizer, reward, self.check, condition, texts, noise, kept)
+        return checked_draw(
+            self.generator,
+            self.tokenizer,
+            reward,
+            self.check,
+            condition,
+            texts,
+            noise,
+            kept,
+            between_rounds=between_rounds,
+        )
 
     def generate_prompts(
         self,
@@ -206,10 +224,13 @@ class OneStepPipeline(EditsByFilling):
         reward: str | None = None,
         on_step: StepHook | None = None,
         kept: editing.Kept | None = None,
+        *,
+        chunks: Chunks | None = None,
     ) -> Refined:
         """TTEO for a batch; `texts` are what the reward reads (prompts, or class names as prompts). Each candidate
         starts from the image `generate` draws for its seed (with `kept`, the edit `edit` draws), under the draw
-        check where the model has one."""
+        check where the model has one; with `chunks`, in pieces of images with pauses between (the draw check's
+        too)."""
         return refine(
             generator=self.generator,
             tokenizer=self.tokenizer,
@@ -221,10 +242,13 @@ class OneStepPipeline(EditsByFilling):
             on_step=on_step,
             kept=kept,
             start=None if self.check is None else self._checked_start,
+            chunks=chunks,
         )
 
-    def _checked_start(self, noise: ImageNoise, condition: torch.Tensor, kept: editing.Kept | None):
-        draw = self.checked_draw(condition, noise, kept)
+    def _checked_start(
+        self, noise: ImageNoise, condition: torch.Tensor, kept: editing.Kept | None, pause: Callable[[], object]
+    ):
+        draw = self.checked_draw(condition, noise, kept, between_rounds=pause)
         return draw.embeddings, draw.latent, draw.gumbel
 
     def refine_edit(
@@ -237,12 +261,14 @@ class OneStepPipeline(EditsByFilling):
         settings: TTEOSettings,
         reward: str | None = None,
         on_step: StepHook | None = None,
+        *,
+        chunks: Chunks | None = None,
     ) -> Refined:
         """TTEO on edits (as `edit` takes them): each starts from the edit its candidate seed draws, and its kept
         tokens and pixels stay the input's."""
         with torch.no_grad():
             kept = editing.Kept.of(self.tokenizer, images, repaint, self.device)
-        return self.refine(condition, texts, candidates, settings, reward, on_step, kept)
+        return self.refine(condition, texts, candidates, settings, reward, on_step, kept, chunks=chunks)
 
 
 def load_reward(bundle: Bundle, device: torch.device | str = "cpu") -> Reward:

@@ -1,5 +1,5 @@
 """`softdimo bench lanes` on a tiny model: /generate alone and under /refine jobs, both answered in full, and under
-jobs a /generate waits for a TTEO step, never for a whole job's batch."""
+jobs a /generate waits for a piece of TTEO work, never for a whole job's batch."""
 
 import pytest
 
@@ -27,7 +27,10 @@ def test_generate_latency_alone_and_under_jobs(tiny_bundles):
     assert jobs["succeeded"] >= 1 and jobs["failed"] == 0
     under, alone = result["under_jobs"]["latency_ms"]["p99"], result["alone"]["latency_ms"]["p99"]
     assert result["p99_ratio"] == pytest.approx(under / alone)
-    assert under < 0.5 * jobs["mean_compute_s"] * 1000, (under, jobs)  # interactive work goes between TTEO steps
+    assert under < 0.5 * jobs["mean_compute_s"] * 1000, (
+        under,
+        jobs,
+    )  # interactive work goes between pieces of TTEO work
     assert f"{under:.1f}" in lanes_table(result) and "p99 under jobs / alone" in lanes_table(result)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.seeding import ImageNoise
-from softdimo.tteo import TTEOSettings, candidate_seeds, refine
+from softdimo.tteo import Chunks, TTEOSettings, candidate_seeds, refine
 
 
 class Redness:
@@ -17,7 +17,7 @@ class Redness:
         return images[:, 0].mean((1, 2)) - images[:, 1:].mean((1, 2, 3))
 
 
-def _refine(model, tokenizer, conditioner, prompts, seeds, temperature=1.0, candidates=None, **settings):
+def _refine(model, tokenizer, conditioner, prompts, seeds, temperature=1.0, candidates=None, chunks=None, **settings):
     """TTEO against redness; `candidates` (each image's best_of seeds) default to those `seeds` draw in one request."""
     generator = OneStepGenerator(model, GeneratorSettings(temperature=temperature))
     settings = TTEOSettings(**settings)
@@ -29,6 +29,7 @@ def _refine(model, tokenizer, conditioner, prompts, seeds, temperature=1.0, cand
         prompts=prompts,
         candidates=candidates or candidate_seeds(seeds, settings.best_of),
         settings=settings,
+        chunks=chunks,
     )
 
 
@@ -201,3 +202,71 @@ def test_a_request_gets_what_it_asks_for_else_the_models_settings_and_one_candid
     assert saved.for_request() == TTEOSettings(steps=7, lr=0.5, best_of=1, target="logits")
     asked = dict(steps=2, lr=3.0, best_of=3, target="input")
     assert saved.for_request(**asked) == TTEOSettings(**asked)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+@pytest.mark.parametrize("target", ["input", "logits", "latent"])
+def test_tteo_in_chunks_gives_what_one_batch_gives(
+    size, target, tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
+    from softdimo.train.latent import latent_student
+
+    model = tiny_text_transformer
+    if target == "latent":
+        torch.manual_seed(0)
+        model = latent_student(tiny_text_transformer, 4)
+        torch.nn.init.normal_(model.latent_input.weight, std=1.0)
+    prompts = ["a red circle", "three cyan triangles", "a blue square left of a red circle"]
+    rows = candidate_seeds([40, 41, 42], 2)  # six candidates: pieces of 4 divide neither them nor the three images
+    lr = {"input": 1000.0, "logits": 500.0, "latent": 50.0}[target]
+    settings = dict(steps=4, lr=lr, best_of=2, target=target, temperature=0.0)
+    whole = _refine(model, tiny_tokenizer, text_conditioner, prompts, None, candidates=rows, **settings)
+    chunks = Chunks(size, pause=lambda: None)
+    chunked = _refine(
+        model, tiny_tokenizer, text_conditioner, prompts, None, candidates=rows, chunks=chunks, **settings
+    )
+    assert (whole.trace[-1] != whole.trace[0]).any()  # the steps moved the images: there is something to compare
+    assert chunked.seeds == whole.seeds
+    assert torch.equal(chunked.tokens, whole.tokens) and torch.equal(chunked.images, whole.images)
+    assert torch.allclose(chunked.reward_before, whole.reward_before, atol=1e-5)
+    assert torch.allclose(chunked.reward_after, whole.reward_after, atol=1e-5)
+    assert torch.allclose(chunked.trace, whole.trace, atol=1e-5)
+
+
+def test_chunks_pause_between_every_two_pieces_of_work(tiny_text_transformer, tiny_tokenizer, text_conditioner):
+    events = []
+
+    class Recorded(Redness):
+        def score(self, images, prompts):
+            events.append(len(images))
+            return super().score(images, prompts)
+
+    prompts = ["a red circle", "a blue square", "two green squares"]
+
+    def refined(chunks):
+        events.clear()
+        refine(
+            generator=OneStepGenerator(tiny_text_transformer, GeneratorSettings()),
+            tokenizer=tiny_tokenizer,
+            reward=Recorded(),
+            condition=text_conditioner.encode_prompts(prompts),
+            prompts=prompts,
+            candidates=candidate_seeds([1, 2, 3], 2),
+            settings=TTEOSettings(steps=2, best_of=2),
+            chunks=chunks,
+        )
+        return list(events)
+
+    def paused(sizes):
+        """Reward calls of these sizes with a pause between any two."""
+        return [event for size in sizes for event in ("pause", size)][1:]
+
+    def pause():
+        events.append("pause")
+
+    # one reward call per piece: the six candidates in twos, then each step and the end over the images in 2 + 1
+    assert refined(Chunks(2, pause)) == paused([2, 2, 2, 2, 1, 2, 1, 2, 1])
+    assert refined(Chunks(None, pause)) == paused([6, 3, 3, 3])  # whole batches: between the start, steps and end
+    assert refined(None) == [6, 3, 3, 3]
+    with pytest.raises(ValueError, match="at least one image"):
+        Chunks(0, pause)

@@ -167,6 +167,7 @@ def refine(
         kept = None if candidate_kept is None else candidate_kept.rows(rows)
         if start is not None:
             base, latent, gumbel = start(noise, condition, kept, pieces.pause)  # (C, N, D), (C, L), (C, N, K)
+            pieces.pause()  # after the start's own work, before the forward pass and score below
         else:
             if kept is None:
                 base, latent = generator.input_parts(noise, condition)  # (C, N, D), (C, latent_dim) or None

@@ -59,6 +59,13 @@ def test_runtime_options_reach_every_served_model_and_bf16_serves(tiny_bundles, 
         Settings(precision="fp16")
 
 
+def test_refine_chunk_is_as_set_else_one_image_on_a_cpu_and_whole_batches_on_a_gpu():
+    assert Settings().refine_chunk_on("cpu") == 1 and Settings().refine_chunk_on("cuda") is None
+    assert Settings(refine_chunk=4).refine_chunk_on("cpu") == Settings(refine_chunk=4).refine_chunk_on("cuda") == 4
+    with pytest.raises(ValueError, match="refine_chunk"):
+        Settings(refine_chunk=0)
+
+
 def _readme_flag_rows() -> list[list[str]]:
     """The cells of README's `softdimo serve` flag table, backticks removed."""
     lines = (Path(__file__).parents[2] / "README.md").read_text().splitlines()

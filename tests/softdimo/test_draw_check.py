@@ -9,7 +9,7 @@ from softdimo.draw_check import ROUND_SIZE, DrawCheck, checked_draw
 from softdimo.generator import OneStepGenerator
 from softdimo.pipeline import OneStepPipeline
 from softdimo.seeding import ImageNoise
-from softdimo.tteo import TTEOSettings, candidate_seeds
+from softdimo.tteo import Chunks, TTEOSettings, candidate_seeds
 from softdimo.vq import to_uint8
 
 PROMPTS = ["a red circle", "three cyan triangles", "a blue square left of a red circle", "two green squares"]
@@ -118,6 +118,53 @@ def test_a_pipeline_draws_generate_and_the_start_of_refine_under_its_check(
         OneStepPipeline(**without_prior, rewards={"red": RedReward()}, tteo=TTEOSettings(), check=check)
     with pytest.raises(ValueError, match="at least 1"):
         DrawCheck("red", 1.0, proposals=0)
+
+
+def test_refine_in_chunks_draws_its_checked_start_in_pieces_and_pauses_between_rounds(
+    tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
+    import numpy as np
+
+    from softdimo import editing, shapes
+
+    generator = tiny_latent_generator(tiny_text_transformer)
+    condition = text_conditioner.encode_prompts(PROMPTS)
+    every, _ = _every_proposal(generator, tiny_tokenizer, DrawCheck("red", 0.0, 4), condition, SEEDS)
+    check = DrawCheck("red", every.flatten().median().item(), proposals=4)
+    draws = checked_draw(generator, tiny_tokenizer, RedReward(), check, condition, PROMPTS, ImageNoise(SEEDS)).draws
+    events = []
+
+    class Recorded(RedReward):
+        def score(self, images, prompts):
+            events.append(len(images))
+            return super().score(images, prompts)
+
+    parts = {"generator": generator, "tokenizer": tiny_tokenizer, "conditioner": text_conditioner}
+    pipeline = OneStepPipeline(**parts, rewards={"red": Recorded()}, tteo=TTEOSettings(), check=check)
+    candidates, settings = candidate_seeds(SEEDS, 1), TTEOSettings(steps=2, lr=1000.0)
+    whole = pipeline.refine(condition, PROMPTS, candidates, settings, "red")
+    events.clear()
+    chunks = Chunks(3, pause=lambda: events.append("pause"))
+    chunked = pipeline.refine(condition, PROMPTS, candidates, settings, "red", chunks=chunks)
+    assert torch.equal(chunked.tokens, whole.tokens) and torch.equal(chunked.images, whole.images)
+    assert torch.allclose(chunked.trace, whole.trace, atol=1e-5)
+    # The start in pieces of images 0-2 and image 3: each the check's rounds over its images still below the bar
+    # (draws > j), then TTEO's own pass over the piece; then two steps and the end, each in the same two pieces.
+    pieces = []
+    for piece in (slice(0, 3), slice(3, 4)):
+        rounds = [int((draws[piece] > j).sum()) for j in range(check.proposals)]
+        pieces += [pending for pending in rounds if pending] + [len(draws[piece])]
+    assert len(pieces) > 4  # some images were drawn again: a piece of the start ran more than one round
+    pieces += [3, 1] * 3
+    assert events == [event for size in pieces for event in ("pause", size)][1:]  # a pause between any two
+
+    images = shapes.batch(np.random.default_rng(3), len(PROMPTS))[0]
+    masks = np.zeros((len(PROMPTS), 64, 64), dtype=bool)
+    masks[:, 8:40, 32:64] = True
+    repaint = editing.repaint_from_mask(masks, grid=8)
+    edit = (images, repaint, condition, PROMPTS, candidates, settings, "red")
+    whole, chunked = pipeline.refine_edit(*edit), pipeline.refine_edit(*edit, chunks=Chunks(3, pause=lambda: None))
+    assert torch.equal(chunked.tokens, whole.tokens) and torch.equal(chunked.images, whole.images)
 
 
 def test_a_reward_reads_the_prompt_or_the_class_of_a_conditioning(text_conditioner):

@@ -18,7 +18,7 @@ def test_generate_latency_alone_and_under_jobs(tiny_bundles):
         concurrency=2,
         jobs=2,
         job_images=8,
-        tteo_steps=30,
+        tteo_steps=10,  # a job finishes within the run, though interactive calls go between its every piece
     )
     result = run_lanes(config, "softdimo bench lanes")
     for run in (result["alone"], result["under_jobs"]):

@@ -82,10 +82,11 @@ Start = Callable[
 @dataclass(frozen=True)
 class Chunks:
     """TTEO's work in pieces of at most `size` images, with `pause()` run between any two pieces: the start (each
-    candidate drawn and scored; each round of a draw check's redraws), every step (forward, soft decoding, reward and backward)
-    and the end (the final images decoded and scored). Every image is computed on its own and each step sums the
-    pieces' gradients before its one SGD update, so the results are the unchunked ones; a server runs waiting
-    interactive work in the pauses, so that it waits for one piece rather than a whole step."""
+    candidate drawn and scored; each round of a draw check's redraws), every step (forward, soft decoding, reward
+    and backward) and the end (the final images decoded and scored). Every image is computed on its own and each
+    step sums the pieces' gradients before its one SGD update, so the results are the unchunked ones, up to float
+    rounding; a server runs waiting interactive work in the pauses, so that it waits for one piece rather than a
+    whole step."""
 
     size: int | None  # images (candidates, at the start) per piece; None: a whole batch, pausing between steps
     pause: Callable[[], object]

@@ -66,16 +66,21 @@ class ServedModel:
 
     @property
     def edits(self) -> bool:
-        """Whether the model edits images (softdimo's teachers and one-step models; not diffusers' MUSE teachers)."""
+        """Whether the model edits images: every pipeline softdimo loads does (softdimo.editing.EditsByFilling)."""
         return hasattr(self.pipeline, "edit")
 
     def edit_batch(self, jobs: Sequence[EditJob]) -> list[list[np.ndarray]]:
-        """All jobs of one batch in one pass (they share `steps`): each image its request's, with its own tokens
-        repainted; returns each job's images."""
+        """All jobs of one batch in one pass (they share `steps` and `strength`): each image its request's, with its
+        own tokens repainted (image-to-image: as the pipeline's `edit_at_strength` repaints them); returns each job's
+        images."""
         images, repaint, condition = _edit_inputs(jobs)
         seeds = [s for job in jobs for s in job.seeds]
+        steps, strength = jobs[0].steps, jobs[0].strength
         with self.runtime.running(self.pipeline):  # eager, as TTEO: compiled buckets are /generate's
-            edited = self.pipeline.edit(images, repaint, condition, seeds, steps=jobs[0].steps)
+            if strength is None:
+                edited = self.pipeline.edit(images, repaint, condition, seeds, steps=steps)
+            else:
+                edited = self.pipeline.edit_at_strength(images, strength, condition, seeds, steps=steps)
         return split_counts(list(edited), [job.n for job in jobs])
 
     def refine_edit_batch(

@@ -51,16 +51,18 @@ class GenerateJob(ImageRun):
 @dataclass(frozen=True, eq=False, kw_only=True)
 class EditJob(ImageRun):
     """One /edit request's work: the image (H, W, 3) every one of its images starts from, which tokens each repaints,
-    its conditioning (one row), its images and sampling steps."""
+    its conditioning (one row), its images and sampling steps; for image-to-image, its strength."""
 
     image: np.ndarray
     repaint: torch.Tensor  # (n, N) bool: an image's repainted tokens (a strength draws them per seed)
     condition: torch.Tensor
     steps: int | None = None
+    strength: float | None = None  # None with a mask; a pipeline's `edit_at_strength` may read more than `repaint`
 
     @property
-    def key(self) -> int | None:
-        return self.steps
+    def key(self) -> tuple[int | None, float | None]:
+        """A batch shares its sampling steps and its strength (a MUSE teacher's image-to-image starts by it)."""
+        return self.steps, self.strength
 
     def split(self, k: int) -> tuple[Self, Self]:
         """The first k images and the rest, each keeping its own seed and repainted tokens."""

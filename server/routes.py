@@ -322,8 +322,10 @@ async def edit(request: Request, body: EditRequest):
     """Inpainting and image-to-image: the image's tokens are kept except those repainted (every token whose patch
     the mask's white pixels touch; without a mask, a `strength` share chosen by each image's seed), which the model
     fills in: a one-step model in one forward pass, a teacher in its steps. Pixels farther than one patch from a
-    repainted token are the input's. Image i uses seed + i. With `refine`, TTEO on the edit, batched as /refine
-    is, and each image carries its rewards; with its `stream`, server-sent events as /refine's."""
+    repainted token are the input's. A diffusers MUSE teacher edits as AmusedInpaintPipeline (mask) and
+    AmusedImg2ImgPipeline (strength) do instead, its whole image decoded. Image i uses seed + i. With `refine`, TTEO
+    on the edit, batched as /refine is, and each image carries its rewards; with its `stream`, server-sent events
+    as /refine's."""
     service = _service(request)
     began = time.perf_counter()
     if body.refine is not None and body.refine.stream:  # checked here, so a refused request is plain JSON

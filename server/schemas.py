@@ -144,7 +144,8 @@ class EditRequest(GenerateRequest):
         None,
         min_length=1,
         description=f"where to repaint: {PNG_DESCRIPTION} of the image's size; white pixels "
-        "(luminance 128 or more) are repainted, and with them every token whose patch they touch",
+        "(luminance 128 or more) are repainted, and with them every token whose patch they touch (a diffusers MUSE "
+        "teacher: the tokens AmusedInpaintPipeline repaints)",
     )
     strength: float | None = Field(
         None,
@@ -152,7 +153,8 @@ class EditRequest(GenerateRequest):
         le=1,
         allow_inf_nan=False,
         description=f"without a mask: the share of the image's tokens to repaint (image-to-image), chosen at random by "
-        f"each image's seed; {DEFAULT_STRENGTH} when absent too. Ignored with a mask.",
+        f"each image's seed (a diffusers MUSE teacher: AmusedImg2ImgPipeline's strength); {DEFAULT_STRENGTH} when "
+        "absent too. Ignored with a mask.",
     )
     refine: EditRefinement | None = Field(
         None,

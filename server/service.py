@@ -322,21 +322,32 @@ class Service:
         steps: int | None,
     ) -> EditJob:
         """An /edit request's work, checked before anything is queued: 4xx here, not later. `mask` (H, W) bool, True
-        where to repaint; without one, `strength` (editing.DEFAULT_STRENGTH when None) of the tokens, by seed."""
+        where to repaint; without one, `strength` (editing.DEFAULT_STRENGTH when None), by seed. Which tokens either
+        repaints is the model's rule (its pipeline's `repaint_from_mask`, `repaint_at_strength`)."""
         if not model.edits:
-            raise ServiceError(422, f"model {model.name!r} does not edit images; use one of softdimo's own models")
+            raise ServiceError(422, f"model {model.name!r} does not edit images")
         self._check_sampling_steps(model, steps)
-        grid, tokens = model.pipeline.tokenizer.cfg.grid, model.pipeline.tokenizer.cfg.grid**2
+        pipeline, tokens = model.pipeline, model.pipeline.tokenizer.cfg.grid**2
         if mask is not None:
             if not mask.any():
                 raise ServiceError(422, "nothing to edit: the mask has no white pixel")
-            repaint = editing.repaint_from_mask(mask[None], grid).expand(n, tokens)
+            repaint = pipeline.repaint_from_mask(mask[None]).expand(n, tokens)
+            if not repaint.any():
+                raise ServiceError(422, f"nothing to edit: the mask's white pixels repaint none of the {tokens} tokens")
         else:
             strength = editing.DEFAULT_STRENGTH if strength is None else strength
-            if editing.repaint_count(strength, tokens) == 0:
+            repaint = pipeline.repaint_at_strength(request_seeds(seed, n), strength, steps)
+            if not repaint.any():
                 raise ServiceError(422, f"nothing to edit: strength {strength} repaints none of the {tokens} tokens")
-            repaint = editing.repaint_at_strength(request_seeds(seed, n), strength, tokens)
-        job = EditJob(image=image, repaint=repaint, condition=condition, seed=seed, n=n, steps=steps)
+        job = EditJob(
+            image=image,
+            repaint=repaint,
+            condition=condition,
+            seed=seed,
+            n=n,
+            steps=steps,
+            strength=None if mask is not None else strength,
+        )
         self._check_cost(model, job)
         return job
 

@@ -1,5 +1,6 @@
 """Editing an image: its tokens are kept where the edit leaves them, and the rest (the repainted tokens) are filled
-in by a one-step generator in one forward pass or by a teacher in its MaskGIT steps (inpainting, image-to-image)."""
+in by a one-step generator in one forward pass or by a teacher in its MaskGIT steps (inpainting, image-to-image);
+`EditsByFilling` is that editing as a pipeline offers it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from softdimo.generator import OneStepGenerator
 from softdimo.sampler import SamplerSettings, fill
 from softdimo.seeding import ImageNoise
 from softdimo.transformer import MaskedTransformer
-from softdimo.vq import to_tensor
+from softdimo.vq import to_tensor, to_uint8
 
 
 def image_tokens(tokenizer, images: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -151,3 +152,58 @@ def fill_teacher(
 def decode_edit(tokenizer, tokens: torch.Tensor, kept: Kept) -> torch.Tensor:
     """Edited tokens (B, N) -> images (B, 3, H, W) in [0, 1], the kept pixels the input's."""
     return kept.images_with(tokenizer.decode_indices(tokens))
+
+
+class EditsByFilling:
+    """Editing for a pipeline that can `fill` what an edit repaints (its `fill(kept, condition, seeds, steps)`, with
+    its `tokenizer` and `device`): the same for a teacher, in its steps, and a one-step model, in one pass.
+
+    Which tokens a pixel mask or a strength repaints is the pipeline's to say (`repaint_from_mask`,
+    `repaint_at_strength`), so that a server asks the model it edits with; here they are softdimo's rules."""
+
+    def repaint_from_mask(self, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Pixel masks (B, H, W), True where to repaint -> the tokens to repaint (B, N): every token whose patch holds
+        a True pixel."""
+        return repaint_from_mask(masks, self.tokenizer.cfg.grid)
+
+    def repaint_at_strength(self, seeds: Sequence[int], strength: float, steps: int | None = None) -> torch.Tensor:
+        """Image-to-image's tokens to repaint (B, N), chosen by each seed (`repaint_at_strength`), whatever the
+        steps."""
+        return repaint_at_strength(seeds, strength, self.tokenizer.cfg.grid**2)
+
+    @torch.inference_mode()
+    def edit_tokens(
+        self,
+        images: np.ndarray,
+        repaint: torch.Tensor,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> torch.Tensor:
+        """uint8 images (B, H, W, 3), the tokens to repaint (B, N) bool (`repaint_from_mask` or
+        `repaint_at_strength`), conditioning and one seed per image -> tokens (B, N), the unrepainted ones the images'."""
+        return self.fill(Kept.of(self.tokenizer, images, repaint, self.device), condition, seeds, steps)
+
+    @torch.inference_mode()
+    def edit(
+        self,
+        images: np.ndarray,
+        repaint: torch.Tensor,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> np.ndarray:
+        """`edit_tokens` decoded: uint8 images (B, H, W, 3), the input's pixels away from the repainted tokens."""
+        kept = Kept.of(self.tokenizer, images, repaint, self.device)
+        return to_uint8(decode_edit(self.tokenizer, self.fill(kept, condition, seeds, steps), kept))
+
+    def edit_at_strength(
+        self,
+        images: np.ndarray,
+        strength: float,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> np.ndarray:
+        """Image-to-image: `edit` of the tokens `repaint_at_strength` chooses for each seed."""
+        return self.edit(images, self.repaint_at_strength(seeds, strength, steps), condition, seeds, steps)

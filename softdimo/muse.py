@@ -16,11 +16,13 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from softdimo import shapes
 from softdimo.bundle import CONFIG, MANIFEST, Bundle, BundleError, seal_folder
 from softdimo.conditioning import ConditionError, ConditionerBase
+from softdimo.editing import EditsByFilling, Kept, image_tokens
 from softdimo.prompt_images import generate_for_prompts
 from softdimo.seeding import ImageNoise
 from softdimo.vq import to_uint8
@@ -318,6 +320,17 @@ class TextConditioner(ConditionerBase):
 # ------------------------------------------------------------------ sampling
 
 
+def masked_share(step: int, steps: int, schedule: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """AmusedScheduler's share of the tokens still masked after `step` (0-based) of `steps`, (1, 1), computed as it
+    computes it."""
+    ratio = (torch.tensor([[step]], device=device) + 1) / steps
+    if schedule == "cosine":
+        return torch.cos(ratio * math.pi / 2)
+    if schedule == "linear":
+        return 1 - ratio
+    raise ValueError(f"unknown masking schedule {schedule!r}")
+
+
 def unmask_step(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -328,23 +341,19 @@ def unmask_step(
     schedule: str,
     mask_id: int,
     generator: torch.Generator,
+    start_share: torch.Tensor | float = 1.0,
 ) -> torch.Tensor:
     """One MaskGIT step for one image: logits (1, N, K), tokens (1, N) -> tokens. It draws what AmusedScheduler.step
-    draws from `generator`, in the same order and with the same arithmetic, so the tokens are the same."""
+    draws from `generator`, in the same order and with the same arithmetic, so the tokens are the same.
+    `start_share` scales the schedule's masked share (the scheduler's `starting_mask_ratio`: inpainting's share of
+    masked tokens)."""
     unknown = tokens == mask_id
     probs = logits.softmax(dim=-1)
     drawn = torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator)[:, 0].view(*probs.shape[:-1])
     drawn = torch.where(unknown, drawn, tokens)
     if step == steps - 1:
         return drawn
-    ratio = (torch.tensor([[step]], device=tokens.device) + 1) / steps
-    if schedule == "cosine":
-        masked_ratio = torch.cos(ratio * math.pi / 2)
-    elif schedule == "linear":
-        masked_ratio = 1 - ratio
-    else:
-        raise ValueError(f"unknown masking schedule {schedule!r}")
-    count = (tokens.shape[1] * masked_ratio).floor()
+    count = (tokens.shape[1] * (start_share * masked_share(step, steps, schedule, tokens.device))).floor()
     count = torch.min(unknown.sum(dim=-1, keepdim=True) - 1, count)  # never more than were masked
     count = torch.max(torch.tensor([1], device=tokens.device), count)  # at least one
     confidence = torch.gather(probs, -1, drawn[:, :, None])[:, :, 0]
@@ -357,12 +366,20 @@ def unmask_step(
 
 
 @torch.no_grad()
-def sample(
-    model: MuseTransformer, condition: torch.Tensor, noise: ImageNoise, settings: MuseSamplerSettings
+def unmask_from(
+    model: MuseTransformer,
+    tokens: torch.Tensor,
+    condition: torch.Tensor,
+    noise: ImageNoise,
+    settings: MuseSamplerSettings,
+    *,
+    first_step: int,
+    schedule: str,
+    start_shares: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """AmusedPipeline's decoding from an all-mask grid -> tokens (B, N), each image from its own generator: image i
-    gets the tokens AmusedPipeline gives its prompt alone with `generator=torch.Generator().manual_seed(seed_i)`."""
-    cfg = model.cfg
+    """AmusedScheduler's steps `first_step`, ..., `settings.steps - 1` on tokens (B, N), the mask id where a token is
+    to be drawn -> tokens (B, N), each image from its own generator, with classifier-free guidance as AmusedPipeline
+    applies it. `start_shares` (B,): each image's `start_share` (None: 1)."""
     b, device = len(noise), condition.device
     guided = settings.guidance > 1.0
     text = model.encode_text(condition)
@@ -370,8 +387,7 @@ def sample(
         null = model.encode_text(model.null_condition(b, device))
         text = TextStates(torch.cat([null.pooled, text.pooled]), torch.cat([null.hidden, text.hidden]))
     temperatures = torch.linspace(*settings.temperature, settings.steps, device=device)
-    tokens = torch.full((b, cfg.tokens), cfg.mask_id, dtype=torch.long, device=device)
-    for step in range(settings.steps):
+    for step in range(first_step, settings.steps):
         logits = model.token_logits(torch.cat([tokens, tokens]) if guided else tokens, text)
         if guided:
             uncond, cond = logits.chunk(2)
@@ -384,9 +400,10 @@ def sample(
                     step=step,
                     steps=settings.steps,
                     temperature=temperatures[step],
-                    schedule=cfg.schedule,
-                    mask_id=cfg.mask_id,
+                    schedule=schedule,
+                    mask_id=model.cfg.mask_id,
                     generator=noise.generators[i],
+                    start_share=1.0 if start_shares is None else start_shares[i],
                 )
                 for i in range(b)
             ]
@@ -394,12 +411,106 @@ def sample(
     return tokens
 
 
+@torch.no_grad()
+def sample(
+    model: MuseTransformer, condition: torch.Tensor, noise: ImageNoise, settings: MuseSamplerSettings
+) -> torch.Tensor:
+    """AmusedPipeline's decoding from an all-mask grid -> tokens (B, N), each image from its own generator: image i
+    gets the tokens AmusedPipeline gives its prompt alone with `generator=torch.Generator().manual_seed(seed_i)`."""
+    cfg = model.cfg
+    tokens = torch.full((len(noise), cfg.tokens), cfg.mask_id, dtype=torch.long, device=condition.device)
+    return unmask_from(model, tokens, condition, noise, settings, first_step=0, schedule=cfg.schedule)
+
+
+# ------------------------------------------------------------------ editing, as diffusers edits
+
+# AmusedInpaintPipeline sets its scheduler's masking schedule to linear, whatever the model was saved with.
+INPAINT_SCHEDULE = "linear"
+
+
+def repaint_from_mask(masks: np.ndarray | torch.Tensor, grid: int) -> torch.Tensor:
+    """Pixel masks (B, H, W), True where to repaint -> the tokens to repaint (B, grid * grid), as
+    AmusedInpaintPipeline reads a black-and-white mask image: resized to the token grid by PIL's Lanczos filter, a
+    token repainted where the result is at least half white. A token whose patch holds only a few white pixels may
+    be kept, and white near a patch's edge may repaint its neighbour (softdimo's own rule repaints every token whose
+    patch holds a white pixel)."""
+    rows = []
+    for mask in np.asarray(masks, dtype=bool):
+        white = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))  # a mask image of luminance only
+        small = np.asarray(white.resize((grid, grid), resample=Image.Resampling.LANCZOS))
+        rows.append(torch.from_numpy(small >= 128).flatten())  # diffusers binarizes value / 255 at 0.5
+    return torch.stack(rows)
+
+
+def first_step(strength: float, steps: int) -> int:
+    """The step AmusedImg2ImgPipeline starts at: it runs the last int(steps * strength) of the schedule's steps."""
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength is in [0, 1], got {strength}")
+    return steps - int(steps * strength)
+
+
+def repaint_at_strength(noise: ImageNoise, strength: float, steps: int, schedule: str, tokens: int) -> torch.Tensor:
+    """The tokens AmusedImg2ImgPipeline masks at `strength` (B, tokens), as AmusedScheduler.add_noise masks them: each
+    one where a uniform draw falls below the masked share after the step before the first. The draws are the first
+    of each image's generator. At strength 1 that step is -1, which the pipeline reads as the last, whose share is 0
+    (linear) or cos(pi / 2) (cosine): almost never is a token masked, and the steps, each masking at least one, redraw
+    a single token."""
+    share = masked_share((first_step(strength, steps) - 1) % steps, steps, schedule, noise.device)
+    return noise.rand(tokens) < share
+
+
+@torch.no_grad()
+def inpaint(
+    model: MuseTransformer,
+    tokens: torch.Tensor,
+    repaint: torch.Tensor,
+    condition: torch.Tensor,
+    noise: ImageNoise,
+    settings: MuseSamplerSettings,
+) -> torch.Tensor:
+    """AmusedInpaintPipeline at its default strength (1): an image's tokens (B, N) with `repaint` (B, N) masked,
+    drawn anew in all the steps, on the linear schedule scaled by each image's share of masked tokens -> tokens
+    (B, N), the others the image's. Image i gets the tokens the pipeline gives its image, mask and prompt alone with
+    `generator=torch.Generator().manual_seed(seed_i)`."""
+    masked = torch.where(repaint, model.cfg.mask_id, tokens)
+    shares = repaint.sum(dim=1) / repaint.shape[1]  # the pipeline's starting_mask_ratio
+    return unmask_from(
+        model, masked, condition, noise, settings, first_step=0, schedule=INPAINT_SCHEDULE, start_shares=shares
+    )
+
+
+@torch.no_grad()
+def image_to_image(
+    model: MuseTransformer,
+    tokens: torch.Tensor,
+    condition: torch.Tensor,
+    noise: ImageNoise,
+    settings: MuseSamplerSettings,
+    strength: float,
+) -> torch.Tensor:
+    """AmusedImg2ImgPipeline: an image's tokens (B, N), some masked at random (`repaint_at_strength`), then the last
+    int(steps * strength) steps of the model's own schedule -> tokens (B, N). Image i gets the tokens the pipeline
+    gives its image and prompt alone with `generator=torch.Generator().manual_seed(seed_i)`."""
+    cfg = model.cfg
+    repaint = repaint_at_strength(noise, strength, settings.steps, cfg.schedule, tokens.shape[1])
+    masked = torch.where(repaint, cfg.mask_id, tokens)
+    start = first_step(strength, settings.steps)
+    return unmask_from(model, masked, condition, noise, settings, first_step=start, schedule=cfg.schedule)
+
+
 # ------------------------------------------------------------------ pipelines and bundles
 
 
 @dataclass
-class MuseTeacherPipeline:
-    """A MUSE model sampled in several steps: CLIP ids and seeds in, images out."""
+class MuseTeacherPipeline(EditsByFilling):
+    """A MUSE model sampled in several steps: CLIP ids and seeds in, images out; and edits, as diffusers makes them.
+
+    Its edits are AmusedInpaintPipeline's (a mask) and AmusedImg2ImgPipeline's (a strength), token for token and
+    pixel for pixel, where softdimo's own models edit by softdimo's rules: a mask repaints the tokens diffusers' mask
+    processor picks (`repaint_from_mask`); a strength starts the schedule part way, from tokens masked at random by
+    that step's share, rather than repainting a share of tokens in all the steps (`image_to_image`); inpainting runs
+    on the linear schedule whatever the model's; and the edited tokens are decoded whole, no pixel of the input kept
+    as it is."""
 
     model: MuseTransformer
     tokenizer: MuseTokenizer
@@ -410,17 +521,78 @@ class MuseTeacherPipeline:
     def device(self) -> torch.device:
         return self.model.null_ids.device
 
+    def settings(self, steps: int | None = None) -> MuseSamplerSettings:
+        """The sampler's settings, in `steps` steps when given."""
+        return self.sampler if steps is None else MuseSamplerSettings(**{**self.sampler.to_dict(), "steps": steps})
+
     @torch.inference_mode()
     def generate(self, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None) -> np.ndarray:
         """CLIP ids (B, L) and one seed per image -> uint8 images (B, H, W, 3)."""
-        settings = self.sampler if steps is None else MuseSamplerSettings(**{**self.sampler.to_dict(), "steps": steps})
-        tokens = sample(self.model, condition.to(self.device), ImageNoise(seeds, self.device), settings)
+        tokens = sample(self.model, condition.to(self.device), ImageNoise(seeds, self.device), self.settings(steps))
         return to_uint8(self.tokenizer.decode_indices(tokens))
 
     def generate_prompts(
         self, prompts: Sequence[shapes.Prompt], seeds: Sequence[int], steps: int | None = None, batch: int = 50
     ) -> list[np.ndarray]:
         return generate_for_prompts(self, prompts, seeds, steps=steps, batch=batch)
+
+    def repaint_from_mask(self, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Pixel masks (B, H, W), True where to repaint -> the tokens AmusedInpaintPipeline repaints (B, N)."""
+        return repaint_from_mask(masks, self.model.cfg.grid)
+
+    def repaint_at_strength(self, seeds: Sequence[int], strength: float, steps: int | None = None) -> torch.Tensor:
+        """The tokens AmusedImg2ImgPipeline masks at `strength` in `steps` (B, N), drawn as with a CPU generator on
+        each seed; `edit_at_strength` draws them on the pipeline's device, the same on a CPU."""
+        settings = self.settings(steps)
+        return repaint_at_strength(
+            ImageNoise(seeds), strength, settings.steps, self.model.cfg.schedule, self.model.cfg.tokens
+        )
+
+    @torch.inference_mode()
+    def fill(self, kept: Kept, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None) -> torch.Tensor:
+        """An edit's tokens (B, N): the kept ones, and the repainted ones drawn as AmusedInpaintPipeline draws them."""
+        noise = ImageNoise(seeds, self.device)
+        return inpaint(self.model, kept.tokens, kept.repaint, condition.to(self.device), noise, self.settings(steps))
+
+    @torch.inference_mode()
+    def edit(
+        self,
+        images: np.ndarray,
+        repaint: torch.Tensor,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> np.ndarray:
+        """`edit_tokens` decoded whole: AmusedInpaintPipeline's uint8 images (B, H, W, 3)."""
+        return to_uint8(self.tokenizer.decode_indices(self.edit_tokens(images, repaint, condition, seeds, steps)))
+
+    @torch.inference_mode()
+    def edit_tokens_at_strength(
+        self,
+        images: np.ndarray,
+        strength: float,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> torch.Tensor:
+        """uint8 images (B, H, W, 3) at the model's size, a strength in [0, 1], CLIP ids and one seed per image ->
+        the tokens (B, N) AmusedImg2ImgPipeline gives."""
+        tokens = image_tokens(self.tokenizer, images, self.device)
+        noise = ImageNoise(seeds, self.device)
+        return image_to_image(self.model, tokens, condition.to(self.device), noise, self.settings(steps), strength)
+
+    @torch.inference_mode()
+    def edit_at_strength(
+        self,
+        images: np.ndarray,
+        strength: float,
+        condition: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> np.ndarray:
+        """`edit_tokens_at_strength` decoded: AmusedImg2ImgPipeline's uint8 images (B, H, W, 3)."""
+        tokens = self.edit_tokens_at_strength(images, strength, condition, seeds, steps)
+        return to_uint8(self.tokenizer.decode_indices(tokens))
 
 
 def load_parts(

@@ -47,39 +47,8 @@ def load_transformer(
     return model.to(device).eval().requires_grad_(False)
 
 
-class EditsByFilling:
-    """Editing for a pipeline that can `fill` what an edit repaints (its `fill(kept, condition, seeds, steps)`, with
-    its `tokenizer` and `device`): the same for a teacher, in its steps, and a one-step model, in one pass."""
-
-    @torch.inference_mode()
-    def edit_tokens(
-        self,
-        images: np.ndarray,
-        repaint: torch.Tensor,
-        condition: torch.Tensor,
-        seeds: Sequence[int],
-        steps: int | None = None,
-    ) -> torch.Tensor:
-        """uint8 images (B, H, W, 3), the tokens to repaint (B, N) bool (softdimo.editing: repaint_from_mask or
-        repaint_at_strength), conditioning and one seed per image -> tokens (B, N), the unrepainted ones the images'."""
-        return self.fill(editing.Kept.of(self.tokenizer, images, repaint, self.device), condition, seeds, steps)
-
-    @torch.inference_mode()
-    def edit(
-        self,
-        images: np.ndarray,
-        repaint: torch.Tensor,
-        condition: torch.Tensor,
-        seeds: Sequence[int],
-        steps: int | None = None,
-    ) -> np.ndarray:
-        """`edit_tokens` decoded: uint8 images (B, H, W, 3), the input's pixels away from the repainted tokens."""
-        kept = editing.Kept.of(self.tokenizer, images, repaint, self.device)
-        return to_uint8(editing.decode_edit(self.tokenizer, self.fill(kept, condition, seeds, steps), kept))
-
-
 @dataclass
-class TeacherPipeline(EditsByFilling):
+class TeacherPipeline(editing.EditsByFilling):
     """A multi-step masked-diffusion model with its tokenizer: conditioning and seeds in, images out."""
 
     model: MaskedTransformer
@@ -127,7 +96,7 @@ class TeacherPipeline(EditsByFilling):
 
 
 @dataclass
-class OneStepPipeline(EditsByFilling):
+class OneStepPipeline(editing.EditsByFilling):
     """A one-step generator with its tokenizer and rewards: one forward pass per image (more where a draw check
     redraws it), or TTEO."""
 

@@ -1,5 +1,6 @@
 """A diffusers MUSE model end to end: a tiny aMUSEd on disk is loaded, distilled a few steps, and both teacher and
-one-step student are served over a real socket, /generate (with steps), /refine and /edit, with bad input refused."""
+one-step student are served over a real socket, /generate (with steps), /refine, /edit and /v1/images/edits (the
+teacher's edits diffusers' own, the student's softdimo's), with bad input refused."""
 
 import base64
 import io
@@ -21,7 +22,7 @@ from softdimo.images import decode_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def bundles(tmp_path_factory) -> dict:
     import torch
 
     from softdimo import muse
@@ -54,7 +55,13 @@ def url(tmp_path_factory):
         training={},
         teacher_reference=os.path.relpath(teacher_path, root / "student"),
     )
-    settings = Settings(weights=[str(student_path), str(teacher_path)], device="cpu", max_batch_size=4, max_wait_ms=5)
+    return {"student": student_path, "teacher": teacher_path}
+
+
+@pytest.fixture(scope="module")
+def url(bundles):
+    weights = [str(bundles["student"]), str(bundles["teacher"])]
+    settings = Settings(weights=weights, device="cpu", max_batch_size=4, max_wait_ms=5)
     with server_thread(settings) as base:
         yield base
 
@@ -112,16 +119,63 @@ def _b64_png(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def test_the_one_step_student_edits_and_the_diffusers_teacher_says_it_does_not(url):
-    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    mask = np.zeros((16, 16), dtype=np.uint8)
-    mask[:, 12:] = 255  # token columns 6 and 7 of the 8x8 grid
-    body = {"image": _b64_png(image), "mask": _b64_png(mask), "prompt": "A lighthouse at dusk", "seed": 2}
-    edited = httpx.post(f"{url}/edit", json=body | {"n": 2})
+IMAGE = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+RIGHT = np.zeros((16, 16), dtype=np.uint8)
+RIGHT[:, 12:] = 255  # token columns 6 and 7 of the 8x8 grid
+EDIT = {"image": _b64_png(IMAGE), "mask": _b64_png(RIGHT), "prompt": "A lighthouse at dusk", "seed": 2}
+
+
+def test_the_one_step_student_edits_keeping_the_input_away_from_the_mask(url):
+    edited = httpx.post(f"{url}/edit", json=EDIT | {"n": 2})
     assert edited.status_code == 200, edited.text
     assert [e.shape for e in _images(edited)] == [(16, 16, 3)] * 2
-    assert all((e[:, :8] == image[:, :8]).all() for e in _images(edited))  # beyond one patch of the mask: the input's
-    refined = httpx.post(f"{url}/edit", json=body | {"refine": {"steps": 1}}, timeout=60)
+    assert all((e[:, :8] == IMAGE[:, :8]).all() for e in _images(edited))  # beyond one patch of the mask: the input's
+    refined = httpx.post(f"{url}/edit", json=EDIT | {"refine": {"steps": 1}}, timeout=60)
     assert refined.status_code == 200 and refined.json()["data"][0]["reward_after"] is not None, refined.text
-    teacher = httpx.post(f"{url}/edit", json=body | {"model": "tiny-amused", "steps": 2})
-    assert teacher.status_code == 422 and "does not edit images" in teacher.json()["detail"]
+
+
+def test_the_teacher_edits_as_diffusers_does(url, bundles):
+    """/edit and /v1/images/edits on the teacher serve what its pipeline draws, which is AmusedInpaintPipeline's with
+    a mask and AmusedImg2ImgPipeline's with a strength (tests/softdimo/test_muse.py): image i from seed + i."""
+    from softdimo.pipeline import load_pipeline
+
+    teacher = load_pipeline(bundles["teacher"])
+    condition = teacher.conditioner.encode_prompts([EDIT["prompt"]] * 2)
+    images, seeds = np.stack([IMAGE, IMAGE]), [2, 3]
+    repaint = teacher.repaint_from_mask(RIGHT[None] >= 128).expand(2, -1)
+    assert repaint[0].view(8, 8)[:, 6:].all() and not repaint[0].view(8, 8)[:, :6].any()
+
+    inpainted = httpx.post(f"{url}/edit", json=EDIT | {"model": "tiny-amused", "steps": 2, "n": 2})
+    assert inpainted.status_code == 200, inpainted.text
+    assert np.array_equal(np.stack(_images(inpainted)), teacher.edit(images, repaint, condition, seeds, steps=2))
+    body = {k: v for k, v in EDIT.items() if k != "mask"} | {"model": "tiny-amused", "strength": 0.75, "n": 2}
+    image_to_image = httpx.post(f"{url}/edit", json=body)
+    assert image_to_image.status_code == 200, image_to_image.text
+    expected = teacher.edit_at_strength(images, 0.75, condition, seeds)
+    assert np.array_equal(np.stack(_images(image_to_image)), expected)
+    assert not np.array_equal(expected, teacher.edit_at_strength(images, 0.5, condition, seeds))
+
+    form = {"prompt": EDIT["prompt"], "model": "tiny-amused", "seed": "2"}
+    files = {"image": ("image.png", base64.b64decode(EDIT["image"]), "image/png")}
+    openai = httpx.post(f"{url}/v1/images/edits", data=form, files=files)
+    assert openai.status_code == 200, openai.text
+    image = decode_image(base64.b64decode(openai.json()["data"][0]["b64_json"]))  # without a mask: the default strength
+    assert np.array_equal(image, teacher.edit_at_strength(images[:1], 0.5, condition[:1], seeds[:1])[0])
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"mask": _b64_png(np.full((8, 8), 255, np.uint8))}, "mask is 8x8; it must be 16x16"),
+        ({"image": _b64_png(IMAGE[:8])}, "image is 16x8; it must be 16x16"),
+        ({"mask": _b64_png(np.pad(np.full((1, 1), 255, np.uint8), ((7, 8), (7, 8))))}, "repaint none of the 64 tokens"),
+        ({"mask": None, "strength": 1.0}, "nothing to edit: strength 1.0 repaints none of the 64 tokens"),
+        ({"mask": None, "strength": 0.2}, "nothing to edit"),  # int(4 * 0.2) = 0 steps
+        ({"refine": {"steps": 1}}, "without a reward"),
+        ({"class_label": 1, "prompt": None}, "text-conditional"),
+    ],
+)
+def test_bad_teacher_edits_get_a_clear_4xx(url, fields, fragment):
+    body = {k: v for k, v in (EDIT | {"model": "tiny-amused"} | fields).items() if v is not None}
+    response = httpx.post(f"{url}/edit", json=body)
+    assert response.status_code == 422 and fragment in response.text, response.text

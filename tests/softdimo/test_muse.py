@@ -1,18 +1,22 @@
-"""diffusers' MUSE models as teachers and students: AmusedPipeline's tokens and images reproduced exactly, the soft
-paths equal to the hard ones on one-hot input, bundles checked file by file, and a distilled student both read."""
+"""diffusers' MUSE models as teachers and students: AmusedPipeline's tokens and images reproduced exactly, and
+AmusedInpaintPipeline's and AmusedImg2ImgPipeline's edits; the soft paths equal to the hard ones on one-hot input,
+bundles checked file by file, and a distilled student both read, and editing."""
 
+import dataclasses
 import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from tiny_muse import write_clip_reward, write_teacher  # noqa: E402
 
+from softdimo import editing  # noqa: E402
 from softdimo.bundle import BundleError, read_bundle  # noqa: E402
 from softdimo.conditioning import ConditionError  # noqa: E402
 from softdimo.muse import MuseSamplerSettings, sample  # noqa: E402
@@ -71,6 +75,90 @@ def test_sampler_reproduces_amused_pipeline_tokens_and_images(teacher, reference
     )
     assert np.array_equal(images[1], np.asarray(pixels.images[0]))
     assert images.shape == (3, 16, 16, 3) and images.std() > 0
+
+
+@pytest.fixture(scope="module")
+def edit_inputs(teacher):
+    """Three of the teacher's images, each with a mask of its own: a box whose edges cut patches, the right half and a
+    column more, a corner smaller than a patch."""
+    images = teacher.generate(teacher.conditioner.encode_prompts(PROMPTS), [0, 1, 2])
+    masks = np.zeros((3, 16, 16), dtype=bool)
+    masks[0, 3:11, 5:14] = True
+    masks[1, :, 7:] = True
+    masks[2, :3, :3] = True
+    return images, masks
+
+
+def diffusers_edit(pipe, image: np.ndarray, prompt: str, seed: int, **options) -> tuple[torch.Tensor, np.ndarray]:
+    """One image's edit by a diffusers pipeline, alone, with its seed's generator: its tokens (N,) and uint8 pixels."""
+    runs = {
+        kind: pipe(
+            prompt,
+            image=Image.fromarray(image),
+            generator=torch.Generator().manual_seed(seed),
+            output_type=kind,
+            **options,
+        )
+        for kind in ("latent", "pil")
+    }
+    return runs["latent"].images.flatten(), np.asarray(runs["pil"].images[0])
+
+
+def test_inpainting_reproduces_amused_inpaint_pipeline_tokens_and_images(teacher, bundles, edit_inputs, one_thread):
+    """Each image of a batch gets the tokens and pixels AmusedInpaintPipeline gives it alone for its mask image,
+    prompt and seed: the mask read as diffusers reads it (Lanczos to the token grid, not softdimo's every patch a
+    white pixel touches), drawn on its linear schedule, the whole grid decoded."""
+    from diffusers import AmusedInpaintPipeline
+
+    reference = AmusedInpaintPipeline.from_pretrained(bundles["teacher"], local_files_only=True)
+    reference.set_progress_bar_config(disable=True)
+    images, masks = edit_inputs
+    seeds, condition = [3, 4, 5], teacher.conditioner.encode_prompts(PROMPTS)
+    repaint = teacher.repaint_from_mask(masks)
+    assert repaint.sum(1).tolist() == [16, 32, 3]
+    softdimo_rule = editing.repaint_from_mask(masks, grid=8)  # every token whose patch a white pixel touches
+    assert softdimo_rule.sum(1).tolist() == [25, 40, 4]
+    own = teacher.tokenizer.encode(torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0)
+    for guidance in (teacher.sampler.guidance, 1.0):  # with and without classifier-free guidance
+        pipeline = dataclasses.replace(teacher, sampler=MuseSamplerSettings(teacher.sampler.steps, guidance))
+        tokens = pipeline.edit_tokens(images, repaint, condition, seeds)
+        edited = pipeline.edit(images, repaint, condition, seeds)
+        for i, (prompt, seed) in enumerate(zip(PROMPTS, seeds)):
+            mask_image = Image.fromarray(masks[i].astype(np.uint8) * 255)
+            options = {"num_inference_steps": pipeline.sampler.steps, "guidance_scale": guidance}
+            theirs = diffusers_edit(reference, images[i], prompt, seed, mask_image=mask_image, **options)
+            assert torch.equal(tokens[i], theirs[0]), (guidance, i)
+            assert np.array_equal(edited[i], theirs[1]), (guidance, i)
+        assert torch.equal(tokens[~repaint], own[~repaint]) and (tokens[repaint] != own[repaint]).any()
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.5, 1.0])
+def test_image_to_image_reproduces_amused_img2img_pipeline_tokens_and_images(
+    teacher, bundles, edit_inputs, strength, one_thread
+):
+    """Each image of a batch gets the tokens and pixels AmusedImg2ImgPipeline gives it alone at `strength` for its
+    prompt and seed: tokens masked at random by the share of the step before the first of the last
+    int(steps * strength) steps, which then run. At strength 1 that step is the last, which masks none."""
+    from diffusers import AmusedImg2ImgPipeline
+
+    reference = AmusedImg2ImgPipeline.from_pretrained(bundles["teacher"], local_files_only=True)
+    reference.set_progress_bar_config(disable=True)
+    images = edit_inputs[0]
+    seeds, condition = [3, 4, 5], teacher.conditioner.encode_prompts(PROMPTS)
+    tokens = teacher.edit_tokens_at_strength(images, strength, condition, seeds)
+    edited = teacher.edit_at_strength(images, strength, condition, seeds)
+    for i, (prompt, seed) in enumerate(zip(PROMPTS, seeds)):
+        options = {"strength": strength, "num_inference_steps": teacher.sampler.steps}
+        theirs = diffusers_edit(reference, images[i], prompt, seed, **options)
+        assert torch.equal(tokens[i], theirs[0]), i
+        assert np.array_equal(edited[i], theirs[1]), i
+    own = teacher.tokenizer.encode(torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0)
+    repaint = teacher.repaint_at_strength(seeds, strength)  # what a server checks before it queues the edit
+    if strength < 1:
+        assert torch.equal(tokens[~repaint], own[~repaint]) and (tokens[repaint] != own[repaint]).any()
+        assert len({row.sum().item() for row in repaint}) > 1  # a share by chance, not a count
+    else:
+        assert not repaint.any() and ((tokens != own).sum(1) <= 1).all()  # the one token the steps mask anyway
 
 
 def test_adapter_logits_are_the_uvit_s_and_soft_paths_equal_hard_ones_on_one_hot_input(teacher, one_thread):
@@ -184,6 +272,15 @@ def test_a_distilled_student_is_read_by_softdimo_and_by_diffusers(bundles, teach
     assert isinstance(served, OneStepPipeline) and list(served.rewards) == ["tiny-clip-vit"]
     condition = served.conditioner.encode_prompts(["a red circle"])
     assert served.generate(condition, [0]).shape == (1, 16, 16, 3)
+    # it edits as softdimo's one-step models do, in one pass: the tokens away from the mask kept, the rest drawn anew
+    image = served.generate(condition, [1])
+    mask = np.zeros((1, 16, 16), dtype=bool)
+    mask[:, 5:11, 5:11] = True
+    repaint = served.repaint_from_mask(mask)
+    assert torch.equal(repaint, editing.repaint_from_mask(mask, grid=8)) and repaint.sum() == 16
+    own = served.tokenizer.encode(torch.from_numpy(image).permute(0, 3, 1, 2) / 255.0)
+    edited = served.edit_tokens(image, repaint, condition, [2])
+    assert torch.equal(edited[~repaint], own[~repaint]) and (edited[repaint] != own[repaint]).any()
 
     # diffusers reads the same folder: its UVit2DModel is the student, and gives the student's logits on its input
     uvit = UVit2DModel.from_pretrained(out / "transformer", local_files_only=True)

@@ -411,7 +411,7 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
         "--check",
         nargs="*",
         metavar="KEY=VALUE",
-        help="one-step models: override the draw check, e.g. bar=9.3 proposals=4 (a model without one gets one)",
+        help="override the draw check, e.g. bar=9.3 proposals=4 (a model with a reward but no check gets one; proposals=1 draws unchecked)",
     )
     ev.add_argument(
         "--tteo",

@@ -89,20 +89,57 @@ def checked_draw(
     embeddings = generator.token_embeddings(noise) if kept is None else edit_embeddings(generator, kept, noise)
     proposals = generator.layout_latents(noise, condition, check.proposals, check.prior_temperature)
     gumbel = generator.token_noise(noise)
-    b = len(condition)
-    best = torch.full((b,), -torch.inf, device=generator.device)
-    chosen = torch.zeros(b, dtype=torch.long, device=generator.device)
-    tokens = torch.zeros(b, generator.cfg.tokens, dtype=torch.long, device=generator.device)
+
+    def draw(proposal: int, rows: torch.Tensor) -> torch.Tensor:
+        latent = proposals[rows, proposal]
+        logits = generator.logits(generator.with_latent(embeddings[rows], latent), condition[rows])
+        return generator.tokens_from(logits, gumbel[rows])
+
+    first = first_clearing(draw, tokenizer, reward, check, texts, generator.device, kept, between_rounds=between_rounds)
+    latent = proposals[torch.arange(len(condition), device=generator.device), first.chosen]
+    return CheckedDraw(embeddings, latent, gumbel, first.tokens, first.images, first.scores, first.draws)
+
+
+@dataclass
+class Cleared:
+    """Per image: the tokens and decoded image of the proposal kept, its reward, which proposal it was and how many
+    were drawn."""
+
+    tokens: torch.Tensor  # (B, N)
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    scores: torch.Tensor  # (B,)
+    chosen: torch.Tensor  # (B,) the kept proposal, 0 .. proposals - 1
+    draws: torch.Tensor  # (B,) the proposals drawn, 1 .. proposals
+
+
+@torch.no_grad()
+def first_clearing(
+    draw: Callable[[int, torch.Tensor], torch.Tensor],
+    tokenizer,
+    reward: Reward,
+    check: DrawCheck,
+    texts: Sequence[str],
+    device: torch.device,
+    kept: Kept | None = None,
+    *,
+    between_rounds: Callable[[], object] | None = None,
+) -> Cleared:
+    """The check's rounds, whatever proposes: `draw(proposal, rows)` gives the tokens (R, N) of the images at
+    `rows` (R,) drawn from their proposal number `proposal` on `device`; each image keeps the first whose decoded image (an
+    edit's, with `kept`) scores at least the bar, else its best. A round draws only the images still below the bar,
+    padded to `ROUND_SIZE`; `between_rounds` runs before each round of redraws (other work that must not wait for
+    the whole check), and `DRAWS_SEEN` is told every image's draws."""
+    b = len(texts)
+    best = torch.full((b,), -torch.inf, device=device)
+    chosen = torch.zeros(b, dtype=torch.long, device=device)
+    draws = torch.zeros(b, dtype=torch.long, device=device)
+    tokens: torch.Tensor | None = None
     images: torch.Tensor | None = None
-    draws = torch.zeros(b, dtype=torch.long, device=generator.device)
-    pending = torch.arange(b, device=generator.device)
+    pending = torch.arange(b, device=device)
     for j in range(check.proposals):
         if j and between_rounds is not None:
             between_rounds()
-        rows = _padded(pending, ROUND_SIZE.get()(len(pending)))
-        latent = proposals[rows, j]
-        logits = generator.logits(generator.with_latent(embeddings[rows], latent), condition[rows])
-        drawn = generator.tokens_from(logits, gumbel[rows])[: len(pending)]
+        drawn = draw(j, _padded(pending, ROUND_SIZE.get()(len(pending))))[: len(pending)]
         if kept is None:
             pictures = tokenizer.decode_indices(drawn)
         else:
@@ -111,6 +148,7 @@ def checked_draw(
             pictures = decode_edit(tokenizer, drawn, edited)
         scores = reward.score(pictures, [texts[i] for i in pending.tolist()]).float()
         if images is None:
+            tokens = torch.zeros(b, *drawn.shape[1:], dtype=drawn.dtype, device=device)
             images = torch.zeros(b, *pictures.shape[1:], dtype=pictures.dtype, device=pictures.device)
         better = scores > best[pending]
         keep = pending[better]
@@ -121,8 +159,7 @@ def checked_draw(
             break
     if (seen := DRAWS_SEEN.get()) is not None:
         seen(draws)
-    latent = proposals[torch.arange(b, device=generator.device), chosen]
-    return CheckedDraw(embeddings, latent, gumbel, tokens, images, best, draws)
+    return Cleared(tokens, images, best, chosen, draws)
 
 
 def _padded(rows: torch.Tensor, size: int) -> torch.Tensor:

@@ -226,22 +226,24 @@ def evaluate_bundle(
         evaluator = Evaluator(
             held_out, features, placement, coverage_prompts=coverage_prompts, coverage_seeds=coverage_seeds
         )
-        if isinstance(pipeline, OneStepPipeline):
-            if check and pipeline.check is None:
-                from softdimo.draw_check import DrawCheck
+        if check and pipeline.check is None:
+            from softdimo.draw_check import DrawCheck
 
-                try:
-                    drawn_checked = DrawCheck(reward=pipeline.default_reward, bar=check.get("bar", math.inf))
-                    pipeline = replace(pipeline, check=drawn_checked)
-                except ValueError as exc:  # no reward, or no layout prior to propose latents
-                    raise EvaluationError(f"{name}: {exc}") from exc
+            try:
+                drawn_checked = DrawCheck(reward=pipeline.default_reward, bar=check.get("bar", math.inf))
+                pipeline = replace(pipeline, check=drawn_checked)
+            except ValueError as exc:  # no reward, or no layout prior to propose latents
+                raise EvaluationError(f"{name}: {exc}") from exc
+        if isinstance(pipeline, OneStepPipeline):
             changes = [
                 (pipeline, "tteo", tteo),
                 (pipeline.generator, "settings", generator),
                 (pipeline, "check", check),
             ]
         else:
-            changes = [(pipeline, "sampler", sampler)]
+            if check and "prior_temperature" in check:
+                raise EvaluationError(f"{name}: a teacher's draw check has no layout prior to flatten")
+            changes = [(pipeline, "sampler", sampler), (pipeline, "check", check)]
         for owner, attribute, overrides in changes:
             if not overrides:
                 continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -13,12 +13,12 @@ import torch
 from softdimo import editing, shapes
 from softdimo.bundle import Bundle, BundleError, read_bundle, save_bundle
 from softdimo.conditioning import Conditioner
-from softdimo.draw_check import CheckedDraw, DrawCheck, checked_draw
+from softdimo.draw_check import CheckedDraw, Cleared, DrawCheck, checked_draw, first_clearing
 from softdimo.generator import GeneratorSettings, OneStepGenerator
 from softdimo.layout_prior import LayoutPrior, LayoutPriorConfig
 from softdimo.prompt_images import generate_for_prompts
 from softdimo.reward import AlignmentConfig, AlignmentModel, AlignmentReward, Reward
-from softdimo.seeding import ImageNoise
+from softdimo.seeding import ImageNoise, derived_seed
 from softdimo.text import PromptTokenizer
 from softdimo.tteo import Chunks, Refined, StepHook, TTEOSettings, refine
 from softdimo.sampler import SamplerSettings, sample
@@ -49,26 +49,42 @@ def load_transformer(
 
 @dataclass
 class TeacherPipeline(editing.EditsByFilling):
-    """A multi-step masked-diffusion model with its tokenizer: conditioning and seeds in, images out."""
+    """A multi-step masked-diffusion model with its tokenizer: conditioning and seeds in, images out. Under a draw
+    check, an image its reward scores below the bar is sampled again from the next of its seed's derived seeds
+    (softdimo/draw_check.py)."""
 
     model: MaskedTransformer
     tokenizer: VQTokenizer
     conditioner: Conditioner
     sampler: SamplerSettings
+    rewards: dict[str, Reward] = field(default_factory=dict)
+    check: DrawCheck | None = None
+
+    def __post_init__(self):
+        if self.check is not None and self.check.reward not in self.rewards:
+            raise ValueError(f"the draw check's reward {self.check.reward!r} is not among the model's rewards")
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def default_reward(self) -> str | None:
+        return next(iter(self.rewards), None)
+
     @torch.inference_mode()
     def generate(self, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None) -> np.ndarray:
         """Conditioning (B, ...) and one seed per image -> uint8 images (B, H, W, 3)."""
-        settings = self.sampler if steps is None else SamplerSettings(**{**self.sampler.to_dict(), "steps": steps})
-        noise = ImageNoise(seeds, self.device)
-        condition = condition.to(self.device)
-        contrasts = self.conditioner.contrasts(condition) if settings.contrast else None
-        tokens = sample(self.model, condition, noise, settings, contrasts)
-        return to_uint8(self.tokenizer.decode_indices(tokens))
+        settings, condition, contrasts = self._sampling(condition, steps)
+        if self.check is None:
+            tokens = sample(self.model, condition, ImageNoise(seeds, self.device), settings, contrasts)
+            return to_uint8(self.tokenizer.decode_indices(tokens))
+
+        def draw(proposal: int, rows: torch.Tensor) -> torch.Tensor:
+            noise = self._proposed_noise(seeds, rows, proposal)
+            return sample(self.model, condition[rows], noise, settings, _contrast_rows(contrasts, rows))
+
+        return to_uint8(self._checked(draw, condition).images)
 
     def generate_prompts(
         self,
@@ -89,10 +105,38 @@ class TeacherPipeline(editing.EditsByFilling):
         steps: int | None = None,
     ) -> torch.Tensor:
         """An edit's tokens (B, N): the kept ones, and the repainted ones drawn in the teacher's steps."""
+        settings, condition, contrasts = self._sampling(condition, steps)
+        if self.check is None:
+            noise = ImageNoise(seeds, self.device)
+            return editing.fill_teacher(self.model, kept, condition, noise, settings, contrasts)
+
+        def draw(proposal: int, rows: torch.Tensor) -> torch.Tensor:
+            noise = self._proposed_noise(seeds, rows, proposal)
+            contrast_rows = _contrast_rows(contrasts, rows)
+            return editing.fill_teacher(self.model, kept.rows(rows), condition[rows], noise, settings, contrast_rows)
+
+        return self._checked(draw, condition, kept).tokens
+
+    def _sampling(self, condition: torch.Tensor, steps: int | None):
+        """The sampler settings for `steps` (None: the model's), the conditioning on the device and its contrasts."""
         settings = self.sampler if steps is None else SamplerSettings(**{**self.sampler.to_dict(), "steps": steps})
         condition = condition.to(self.device)
-        contrasts = self.conditioner.contrasts(condition) if settings.contrast else None
-        return editing.fill_teacher(self.model, kept, condition, ImageNoise(seeds, self.device), settings, contrasts)
+        return settings, condition, self.conditioner.contrasts(condition) if settings.contrast else None
+
+    def _proposed_noise(self, seeds: Sequence[int], rows: torch.Tensor, proposal: int) -> ImageNoise:
+        """The noise of proposal number `proposal` of the images at `rows`: their own seeds' for the first, their
+        seeds' derived seeds' (softdimo.seeding.derived_seed) for the others."""
+        own = [seeds[i] for i in rows.tolist()]
+        return ImageNoise(own if proposal == 0 else [derived_seed(s, proposal) for s in own], self.device)
+
+    def _checked(self, draw, condition: torch.Tensor, kept: editing.Kept | None = None) -> Cleared:
+        texts = self.conditioner.reward_texts(condition)
+        reward = self.rewards[self.check.reward]
+        return first_clearing(draw, self.tokenizer, reward, self.check, texts, self.device, kept)
+
+
+def _contrast_rows(contrasts: tuple[torch.Tensor, torch.Tensor] | None, rows: torch.Tensor):
+    return None if contrasts is None else (contrasts[0][rows], contrasts[1][rows])
 
 
 @dataclass
@@ -263,15 +307,20 @@ def load_pipeline(
     kind = bundle.config.get("kind")
     tokenizer = load_tokenizer(bundle.resolve(bundle.config["tokenizer"]), device)
     conditioner = Conditioner.from_dict(bundle.config["conditioner"])
+    rewards = [load_reward(bundle.resolve(ref), device) for ref in bundle.config.get("rewards", [])]
+    check = DrawCheck(**bundle.config["check"]) if "check" in bundle.config else None
     if kind == "masked-diffusion":
+        if check is not None and "prior_temperature" in bundle.config["check"]:
+            raise BundleError(f"{bundle.path}: a teacher's draw check has no layout prior to flatten")
         return TeacherPipeline(
             model=load_transformer(bundle, device=device),
             tokenizer=tokenizer,
             conditioner=conditioner,
             sampler=SamplerSettings(**bundle.config["sampler"]),
+            rewards={r.name: r for r in rewards},
+            check=check,
         )
     if kind == "one-step":
-        rewards = [load_reward(bundle.resolve(ref), device) for ref in bundle.config.get("rewards", [])]
         generator = OneStepGenerator(
             load_transformer(bundle, device=device),
             GeneratorSettings(**bundle.config["generator"]),
@@ -283,7 +332,7 @@ def load_pipeline(
             conditioner=conditioner,
             rewards={r.name: r for r in rewards},
             tteo=TTEOSettings(**bundle.config.get("tteo", {})),
-            check=DrawCheck(**bundle.config["check"]) if "check" in bundle.config else None,
+            check=check,
         )
     raise BundleError(f"{bundle.path}: unknown model kind {kind!r}")
 
@@ -373,9 +422,13 @@ def save_teacher(
     conditioner: Conditioner,
     sampler: SamplerSettings,
     tokenizer_reference: str,
+    reward_references: Sequence[str] = (),
+    check: DrawCheck | None = None,
     training: dict | None = None,
     dtype=torch.float16,
 ) -> Path:
+    """`check`: the draw check the teacher's images are sampled under, by one of its rewards (softdimo/draw_check.py);
+    a teacher has no layout prior, so the check's `prior_temperature` is not written."""
     config = {
         "name": name,
         "kind": "masked-diffusion",
@@ -385,6 +438,10 @@ def save_teacher(
         "sampler": sampler.to_dict(),
         "tokenizer": tokenizer_reference,
     }
+    if reward_references:
+        config["rewards"] = list(reward_references)
+    if check is not None:
+        config["check"] = {k: v for k, v in check.to_dict().items() if k != "prior_temperature"}
     return _save(path, config, training, {"transformer": model.state_dict()}, dtype)
 
 

@@ -400,8 +400,21 @@ def _teacher(recipe: Recipe, device: torch.device) -> Path:
         conditioner=conditioner,
         sampler=sampler,
         tokenizer_reference=_relative(recipe.inputs["tokenizer"], recipe.out),
+        reward_references=[_relative(recipe.inputs["reward"], recipe.out)] if "reward" in recipe.inputs else [],
+        check=_check(recipe),
         training=asdict(training),
     )
+
+
+def _check(recipe: Recipe):
+    """The recipe's draw check (`[check]`), or None; it needs the reward the recipe reads (`inputs.reward`)."""
+    from softdimo.draw_check import DrawCheck
+
+    if not recipe.table("check"):
+        return None
+    if "reward" not in recipe.inputs:
+        raise RecipeError(f"{recipe.path}: a draw check scores images by a reward: give inputs.reward")
+    return build(DrawCheck, recipe.table("check"))
 
 
 def _distill(recipe: Recipe, device: torch.device) -> Path:
@@ -523,7 +536,6 @@ def _save_generator(recipe: Recipe, generator, conditioner, training: dict, enco
     """Write a one-step stage's bundle: its teacher's tokenizer, the recipe's reward (if any) and TTEO settings, and
     a latent stage's layout encoder."""
     from softdimo.bundle import read_bundle
-    from softdimo.draw_check import DrawCheck
     from softdimo.pipeline import save_one_step
     from softdimo.tteo import TTEOSettings
 
@@ -534,7 +546,7 @@ def _save_generator(recipe: Recipe, generator, conditioner, training: dict, enco
     teacher_bundle = read_bundle(inputs["teacher"])
     reward_references = [_relative(inputs["reward"], recipe.out)] if "reward" in inputs else []
     tteo = build(TTEOSettings, recipe.table("tteo"))
-    check = build(DrawCheck, recipe.table("check")) if recipe.table("check") else None
+    check = _check(recipe)
     if teacher_bundle.config.get("architecture") == "diffusers-muse":
         from softdimo import muse
 

@@ -1,14 +1,21 @@
-"""Checked draws: an image is drawn again from its next proposed latent while the reward scores it below the bar."""
+"""Checked draws: an image is drawn again from its next proposal (a one-step model's next latent, a teacher's next
+derived seed) while the reward scores it below the bar."""
 
+import os
+
+import numpy as np
 import pytest
 import torch
 from tiny_bundles import tiny_latent_generator
 
+from softdimo import editing
+from softdimo.bundle import BundleError
 from softdimo.conditioning import Conditioner
 from softdimo.draw_check import ROUND_SIZE, DrawCheck, checked_draw
 from softdimo.generator import OneStepGenerator
-from softdimo.pipeline import OneStepPipeline
-from softdimo.seeding import ImageNoise
+from softdimo.pipeline import OneStepPipeline, TeacherPipeline
+from softdimo.sampler import SamplerSettings
+from softdimo.seeding import ImageNoise, derived_seed
 from softdimo.tteo import Chunks, TTEOSettings, candidate_seeds
 from softdimo.vq import to_uint8
 
@@ -118,6 +125,84 @@ def test_a_pipeline_draws_generate_and_the_start_of_refine_under_its_check(
         OneStepPipeline(**without_prior, rewards={"red": RedReward()}, tteo=TTEOSettings(), check=check)
     with pytest.raises(ValueError, match="at least 1"):
         DrawCheck("red", 1.0, proposals=0)
+
+
+def _teacher(transformer, tokenizer, conditioner, check=None) -> TeacherPipeline:
+    sampler = SamplerSettings(steps=3, contrast=True)  # the relation prompt guided away from its contrasts
+    return TeacherPipeline(transformer, tokenizer, conditioner, sampler, rewards={"red": RedReward()}, check=check)
+
+
+def test_a_teacher_keeps_the_first_of_its_seeds_derived_samples_that_clears_the_bar_else_its_best(
+    tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
+    condition = text_conditioner.encode_prompts(PROMPTS)
+    plain = _teacher(tiny_text_transformer, tiny_tokenizer, text_conditioner)
+    proposal_seeds = [SEEDS] + [[derived_seed(s, j) for s in SEEDS] for j in (1, 2, 3)]
+    every = np.stack([plain.generate(condition, seeds) for seeds in proposal_seeds], 1)  # (B, 4, H, W, 3)
+    rewards = RedReward().score(torch.from_numpy(every).flatten(0, 1).permute(0, 3, 1, 2) / 255, None).view(4, 4)
+    bar = rewards.flatten().median().item()
+    checked = _teacher(tiny_text_transformer, tiny_tokenizer, text_conditioner, DrawCheck("red", bar, proposals=4))
+    images = checked.generate(condition, SEEDS)
+    picks = []
+    for i in range(len(SEEDS)):
+        cleared = (rewards[i] >= bar - 1e-5).nonzero().flatten().tolist()
+        picks.append(cleared[0] if cleared else rewards[i].argmax().item())
+        assert (images[i] == every[i, picks[i]]).all()
+    assert set(picks) != {0}  # some images were sampled again
+    alone = [checked.generate(condition[i : i + 1], SEEDS[i : i + 1])[0] for i in range(len(SEEDS))]
+    assert all((a == b).all() for a, b in zip(alone, images))  # an image depends on its own seed only
+    with pytest.raises(ValueError, match="not among the model's rewards"):
+        TeacherPipeline(tiny_text_transformer, tiny_tokenizer, text_conditioner, plain.sampler, check=checked.check)
+
+
+def test_a_checked_teacher_edit_keeps_its_kept_tokens_and_checks_what_it_shows(
+    tiny_text_transformer, tiny_tokenizer, text_conditioner
+):
+    condition = text_conditioner.encode_prompts(PROMPTS)
+    sources = to_uint8(
+        tiny_tokenizer.decode_indices(torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(3)))
+    )
+    repaint = editing.repaint_at_strength(SEEDS, 0.5, 64)
+    plain = _teacher(tiny_text_transformer, tiny_tokenizer, text_conditioner)
+    kept = editing.Kept.of(tiny_tokenizer, sources, repaint, "cpu")
+    proposal_seeds = [SEEDS] + [[derived_seed(s, j) for s in SEEDS] for j in (1, 2)]
+    every = torch.stack([plain.fill(kept, condition, seeds) for seeds in proposal_seeds], 1)  # (B, 3, N)
+    shown = torch.stack([editing.decode_edit(tiny_tokenizer, every[:, j], kept) for j in range(3)], 1)
+    rewards = RedReward().score(shown.flatten(0, 1), None).view(4, 3)
+    bar = rewards.flatten().median().item()
+    checked = _teacher(tiny_text_transformer, tiny_tokenizer, text_conditioner, DrawCheck("red", bar, proposals=3))
+    tokens = checked.fill(kept, condition, SEEDS)
+    for i in range(len(SEEDS)):
+        cleared = (rewards[i] >= bar - 1e-5).nonzero().flatten().tolist()
+        pick = cleared[0] if cleared else rewards[i].argmax().item()
+        assert torch.equal(tokens[i], every[i, pick])
+    assert torch.equal(tokens[~repaint], kept.tokens[~repaint])
+
+
+def test_a_teacher_bundle_carries_its_check_and_refuses_a_prior_temperature(tmp_path, tiny_bundles):
+    from softdimo.bundle import read_bundle, seal_folder
+    from softdimo.pipeline import load_pipeline, load_transformer, save_teacher
+
+    teacher = read_bundle(tiny_bundles["text"])
+    folder = save_teacher(
+        load_transformer(teacher),
+        tmp_path / "checked-teacher",
+        name="tiny-checked-teacher",
+        conditioner=Conditioner.from_dict(teacher.config["conditioner"]),
+        sampler=SamplerSettings(steps=2),
+        tokenizer_reference=os.path.relpath(tiny_bundles["tokenizer"], tmp_path / "checked-teacher"),
+        reward_references=[os.path.relpath(tiny_bundles["reward"], tmp_path / "checked-teacher")],
+        check=DrawCheck("tiny-clip", bar=1.0, proposals=2),
+        dtype=None,
+    )
+    pipeline = load_pipeline(folder)
+    assert pipeline.check == DrawCheck("tiny-clip", bar=1.0, proposals=2) and list(pipeline.rewards) == ["tiny-clip"]
+    config = read_bundle(folder).config
+    assert "prior_temperature" not in config["check"]
+    config["check"]["prior_temperature"] = 2.0
+    seal_folder(folder, config)
+    with pytest.raises(BundleError, match="no layout prior"):
+        load_pipeline(folder)
 
 
 def test_refine_in_chunks_draws_its_checked_start_in_pieces_and_pauses_between_rounds(

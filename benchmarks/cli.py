@@ -217,6 +217,7 @@ def register(commands, add_bench_suite: cli.SuiteAdder) -> None:
             (("--jobs",), {"type": int, "help": "/refine jobs kept submitted during the loaded run"}),
             (("--job-images",), {"type": int, "help": "images per job"}),
             (("--tteo-steps",), {"type": int, "help": "TTEO steps per job (default: the bundle's)"}),
+            (("--refine-chunk",), {"type": int, "help": "the server's --refine-chunk (default: the server's)"}),
             *options,
         ],
         run=lanes.run_lanes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import httpx
 
@@ -27,6 +27,7 @@ class LanesBench(ServerBench):
     jobs: int = 8  # /refine jobs kept submitted (queued or running) throughout the loaded run
     job_images: int = 8  # images per job
     tteo_steps: int | None = None  # per job; None: the bundle's
+    refine_chunk: int | None = None  # the server's --refine-chunk; None: its default
 
     def __post_init__(self):
         super().__post_init__()
@@ -36,6 +37,7 @@ class LanesBench(ServerBench):
                 "jobs": self.jobs,
                 "job_images": self.job_images,
                 "tteo_steps": self.tteo_steps,
+                "refine_chunk": self.refine_chunk,
             },
         )
 
@@ -46,7 +48,10 @@ def run_lanes(config: LanesBench, command: str) -> dict:
     device = resolve_device(config.device)
     model = model_info(config.model)
     load = config.load(config.concurrency)
-    with running_server(config.spec([config.model], config.max_batch_size, config.runtime())) as url:
+    spec = replace(
+        config.spec([config.model], config.max_batch_size, config.runtime()), refine_chunk=config.refine_chunk
+    )
+    with running_server(spec) as url:
         card = model_cards(url)[model["name"]]
         if not card["rewards"]:
             raise BenchError(f"{config.model} has no reward: jobs run /refine, which needs one")
@@ -130,7 +135,9 @@ def lanes_table(result: dict) -> str:
     table = markdown_table(["/generate", "answered", "p50 ms", "p99 ms"], rows)
     jobs = result["jobs"]
     batch = "n/a" if jobs["mean_compute_s"] is None else f"{jobs['mean_compute_s'] * 1000:.0f} ms"
+    chunk = result["config"].get("refine_chunk")
     notes = (
+        f"Refine chunk: {'the server default' if chunk is None else chunk}. "
         f"p99 under jobs / alone: {result['p99_ratio']:.2f}. Jobs finished meanwhile: {jobs['succeeded']} "
         f"(compute per job {batch}); failed: {jobs['failed']}."
     )

@@ -25,6 +25,7 @@ class ServerSpec:
     max_wait_ms: float | None = None  # None: the server's default
     mode: str = "process"  # "process": `softdimo serve` in a child process; "thread": uvicorn in a thread here
     runtime: RuntimeSettings = RuntimeSettings()  # precision, compiled buckets, pinned copies
+    refine_chunk: int | None = None  # images per piece of background TTEO work; None: the server's default
 
 
 @contextmanager
@@ -36,6 +37,8 @@ def running_server(spec: ServerSpec, ready_timeout_s: float = 300.0) -> Iterator
     if spec.mode not in ("process", "thread"):
         raise BenchError(f"unknown server mode {spec.mode!r}; use process or thread")
     flags = {"max_wait_ms": spec.max_wait_ms} if spec.max_wait_ms is not None else {}
+    if spec.refine_chunk is not None:
+        flags["refine_chunk"] = spec.refine_chunk
     jobs = tempfile.TemporaryDirectory(prefix="softdimo-bench-jobs-")  # a job store of its own, left nowhere
     settings = Settings(
         weights=list(spec.weights),
@@ -84,6 +87,7 @@ def serve_arguments(settings: Settings) -> list[str]:
         "--pin-memory" if runtime.pin_memory else "--no-pin-memory",
         "--job-db-path",
         settings.job_db_path,
+        *(["--refine-chunk", str(settings.refine_chunk)] if settings.refine_chunk is not None else []),
     ]
 
 

@@ -55,14 +55,19 @@ class DeviceLanes:
             self._thread.join()
 
     def run_waiting_interactive(self) -> int:
-        """Run, here and now, the interactive calls waiting at this moment; for a long background call (a /refine
-        batch, between its pieces of work: softdimo.tteo.Chunks) to let interactive work through. Only on the device
-        thread; how many ran."""
+        """Run, here and now, interactive calls waiting at this moment; for a long background call (a /refine batch,
+        between its pieces of work: softdimo.tteo.Chunks) to let interactive work through. The lane rule holds inside
+        it too: once `burst` interactive calls in a row have passed it, the background call goes on for one piece
+        before any more run. Only on the device thread; how many ran."""
         if threading.current_thread() is not self._thread:
             raise RuntimeError("run_waiting_interactive runs on the device thread only")
         with self._ready:
-            waiting = list(self._queues[INTERACTIVE])
-            self._queues[INTERACTIVE].clear()
+            if self._passed >= self._burst:
+                self._passed = 0
+                return 0
+            queue = self._queues[INTERACTIVE]
+            waiting = [queue.popleft() for _ in range(min(len(queue), self._burst - self._passed))]
+            self._passed += len(waiting)
         for call in waiting:
             self._call(call)
         return len(waiting)

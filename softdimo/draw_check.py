@@ -1,4 +1,4 @@
-"""Checked draws: a one-step image drawn again from another layout latent while the reward scores it below a bar.
+"""Checked draws: an image drawn again from its next proposal while the reward scores it below a bar.
 
 A layout prior spread over a prompt's layouts proposes latents that the generator draws right and latents it draws
 wrong (pieces of two layouts, an object missing). Tuning the prior by the reward avoids the second kind by moving each
@@ -9,6 +9,10 @@ again from the next only while it scores below `bar`; if none clears it, the bes
 image that clears the bar, not the best of all, keeps the proposals' variety: every image that clears it is as likely
 as the prior made it, however much the reward prefers some layouts to others. An image costs one forward pass and one
 reward score, and one of each again for every proposal refused.
+
+A teacher is checked the same way (`first_clearing`, the rounds both share): its proposals are its samples from the
+image's seed and from that seed's derived seeds, so a teacher sampled with less guidance, whose images spread over
+more layouts and pass less often, passes again without narrowing.
 
 Every draw depends on the image's own seed and conditioning only. Under a compiled runtime, whose network runs only
 at its bucket sizes, `ROUND_SIZE` pads each round of redraws to one of them."""
@@ -40,7 +44,8 @@ class DrawCheck:
     reward: str  # which of the model's rewards scores the images
     bar: float  # an image scoring below it is drawn again from the next proposal
     proposals: int = 4  # latents proposed per image: the most draws an image costs
-    prior_temperature: float = 4.0  # the proposals' prior, flattened: above 1 it spreads over more of the layouts
+    # a one-step model's proposals' prior, flattened: above 1 it spreads over more of the layouts (a teacher has none)
+    prior_temperature: float = 4.0
 
     def __post_init__(self):
         if self.proposals < 1:

@@ -69,6 +69,28 @@ def test_a_long_background_call_lets_waiting_interactive_calls_run_in_its_middle
     lanes.shutdown()
 
 
+def test_inside_a_background_call_interactive_calls_pass_it_at_most_burst_at_a_time():
+    lanes = DeviceLanes(burst=2, thread_name="test-lanes")
+    started, gate, ran = threading.Event(), threading.Event(), []
+
+    def background_call_in_pieces():
+        started.set()
+        gate.wait(10)
+        for piece in range(4):
+            ran.append(f"b{piece}")
+            lanes.run_waiting_interactive()  # as between two pieces of TTEO work
+
+    background = lanes.submit(BACKGROUND, background_call_in_pieces)
+    started.wait(10)
+    interactive = [lanes.submit(INTERACTIVE, ran.append, f"i{i}") for i in range(5)]
+    gate.set()
+    for future in [background, *interactive]:
+        future.result(timeout=10)
+    # two interactive calls pass, then a piece goes on before more run: the background call is never starved
+    assert ran == ["b0", "i0", "i1", "b1", "b2", "i2", "i3", "b3", "i4"]
+    lanes.shutdown()
+
+
 class RecordedReward:
     """A model's reward that records the images of each call in `events`, and on call number `hold_at` waits for
     `gate`, setting `held` (so that a test can queue work while a piece of TTEO is in progress)."""
@@ -105,7 +127,7 @@ def test_an_interactive_call_runs_within_the_refine_step_it_arrived_in(tiny_bund
     lanes = DeviceLanes(burst=4, thread_name="test-lanes")
     chunks = Chunks(1, pause=lanes.run_waiting_interactive)
     refined = lanes.submit(BACKGROUND, model.refine_batch, [job], chunks=chunks)
-    assert reward.held.wait(10)  # the first step's first piece is running
+    assert reward.held.wait(60)  # the first step's first piece is running
 
     def interactive_call():
         events.append("generate")

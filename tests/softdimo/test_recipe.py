@@ -108,11 +108,14 @@ def test_the_tokenizer_recipe_with_todays_defaults_builds_the_shipped_tokenizer(
     )
 
 
-def test_the_default_model_draws_under_the_check_its_recipe_states():
+@pytest.mark.parametrize("name", ["shapes-softdimo-text", "shapes-teacher-text", "shapes-teacher-text-medium"])
+def test_the_text_models_draw_under_the_check_their_recipes_state(name):
     from softdimo.draw_check import DrawCheck
 
-    recipe = load_recipe(RECIPES / "shapes-softdimo-text.toml")
-    assert DrawCheck(**_shipped_config(recipe)["check"]) == build(DrawCheck, recipe.table("check"))
+    recipe = load_recipe(RECIPES / f"{name}.toml")
+    shipped = _shipped_config(recipe)
+    assert DrawCheck(**shipped["check"]) == build(DrawCheck, recipe.table("check"))
+    assert shipped["rewards"] == [os.path.relpath(recipe.inputs["reward"], recipe.out)]
 
 
 def test_config_defaults_are_the_shipped_models_settings():

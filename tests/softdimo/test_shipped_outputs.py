@@ -18,10 +18,10 @@ PINS = {
         "a640857eb9205b23b7395601a0399f35f3978ff13fcbc5b2f8151cbc0b0a2ce8",
     ),
     "shapes-softdimo-class": (7, "84f775d681691b410057cb19fd79ee817faf7b72758ff68b596ac5df14897df6"),
-    "shapes-teacher-text": ("two green triangles", "5a59f114fce623945a1efb9dbd992a347d3003541ab42c73dfbc0975cdd89c76"),
+    "shapes-teacher-text": ("two green triangles", "7983c06e0812b1767381c43223f241f07f20de9f76003ea264645de518a08352"),
     "shapes-teacher-text-medium": (
         "a yellow square above a red circle",
-        "fd9ed1195a028722c3fbe7cb4c1aa5bad18877f8cd4d2dbb48eb0b96243072cf",
+        "6a3936d74740bf8598d58b0d3683c43dad87beb8d52d044d79418a8cf653db4e",
     ),
     "shapes-teacher-class": (3, "e7b3599e3a56b936275aced7facaa1562d05aaf07606c6ec64fa5550fe5681f6"),
 }

@@ -179,28 +179,45 @@ def test_a_checked_teacher_edit_keeps_its_kept_tokens_and_checks_what_it_shows(
     assert torch.equal(tokens[~repaint], kept.tokens[~repaint])
 
 
-def test_a_teacher_bundle_carries_its_check_and_refuses_a_prior_temperature(tmp_path, tiny_bundles):
+def test_a_teacher_bundle_carries_its_check_is_served_under_it_and_refuses_a_prior_temperature(tmp_path, tiny_bundles):
+    import base64
+
+    import httpx
+    from conftest import metric
+
+    from benchmarks.running import server_thread
+    from server.settings import Settings
     from softdimo.bundle import read_bundle, seal_folder
+    from softdimo.images import decode_image
     from softdimo.pipeline import load_pipeline, load_transformer, save_teacher
 
-    teacher = read_bundle(tiny_bundles["text"])
-    folder = save_teacher(
+    teacher, folder = read_bundle(tiny_bundles["text"]), tmp_path / "checked-teacher"
+    check = DrawCheck("tiny-clip", bar=1e9, proposals=2)  # no image clears it: each draws both
+    save_teacher(
         load_transformer(teacher),
-        tmp_path / "checked-teacher",
+        folder,
         name="tiny-checked-teacher",
         conditioner=Conditioner.from_dict(teacher.config["conditioner"]),
         sampler=SamplerSettings(steps=2),
-        tokenizer_reference=os.path.relpath(tiny_bundles["tokenizer"], tmp_path / "checked-teacher"),
-        reward_references=[os.path.relpath(tiny_bundles["reward"], tmp_path / "checked-teacher")],
-        check=DrawCheck("tiny-clip", bar=1.0, proposals=2),
+        tokenizer_reference=os.path.relpath(tiny_bundles["tokenizer"], folder),
+        reward_references=[os.path.relpath(tiny_bundles["reward"], folder)],
+        check=check,
         dtype=None,
     )
     pipeline = load_pipeline(folder)
-    assert pipeline.check == DrawCheck("tiny-clip", bar=1.0, proposals=2) and list(pipeline.rewards) == ["tiny-clip"]
+    assert pipeline.check == check and list(pipeline.rewards) == ["tiny-clip"]
+    expected = pipeline.generate(pipeline.conditioner.encode_prompts(["a red circle"] * 2), [5, 6])
+    settings = Settings(weights=[str(folder)], device="cpu", max_batch_size=8, max_wait_ms=5)
+    with server_thread(settings) as url:
+        answer = httpx.post(f"{url}/generate", json={"prompt": "a red circle", "n": 2, "seed": 5}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        text = httpx.get(f"{url}/metrics").text
+    served = [decode_image(base64.b64decode(item["b64_json"])) for item in answer.json()["data"]]
+    assert all((a == b).all() for a, b in zip(served, expected))
+    assert metric(text, "softdimo_checked_draws_total", endpoint="/generate", model="tiny-checked-teacher") == 2 * 2
     config = read_bundle(folder).config
     assert "prior_temperature" not in config["check"]
-    config["check"]["prior_temperature"] = 2.0
-    seal_folder(folder, config)
+    seal_folder(folder, {**config, "check": {**config["check"], "prior_temperature": 2.0}})
     with pytest.raises(BundleError, match="no layout prior"):
         load_pipeline(folder)
 

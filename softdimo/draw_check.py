@@ -130,10 +130,10 @@ def first_clearing(
     between_rounds: Callable[[], object] | None = None,
 ) -> Cleared:
     """The check's rounds, whatever proposes: `draw(proposal, rows)` gives the tokens (R, N) of the images at
-    `rows` (R,) drawn from their proposal number `proposal` on `device`; each image keeps the first whose decoded image (an
-    edit's, with `kept`) scores at least the bar, else its best. A round draws only the images still below the bar,
-    padded to `ROUND_SIZE`; `between_rounds` runs before each round of redraws (other work that must not wait for
-    the whole check), and `DRAWS_SEEN` is told every image's draws."""
+    `rows` (R,) drawn from their proposal number `proposal`, on `device`; each image keeps the first whose decoded
+    image (an edit's, with `kept`) scores at least the bar, else its best. A round draws only the images still below
+    the bar, padded to `ROUND_SIZE`; `between_rounds` runs before each round of redraws (other work that must not
+    wait for the whole check), and `DRAWS_SEEN` is told every image's draws."""
     b = len(texts)
     best = torch.full((b,), -torch.inf, device=device)
     chosen = torch.zeros(b, dtype=torch.long, device=device)

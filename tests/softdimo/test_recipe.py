@@ -108,8 +108,10 @@ def test_the_tokenizer_recipe_with_todays_defaults_builds_the_shipped_tokenizer(
     )
 
 
-@pytest.mark.parametrize("name", ["shapes-softdimo-text", "shapes-teacher-text", "shapes-teacher-text-medium"])
-def test_the_text_models_draw_under_the_check_their_recipes_state(name):
+@pytest.mark.parametrize(
+    "name", ["shapes-softdimo-text", "shapes-teacher-text", "shapes-teacher-text-medium", "shapes-teacher-class"]
+)
+def test_the_models_draw_under_the_check_their_recipes_state(name):
     from softdimo.draw_check import DrawCheck
 
     recipe = load_recipe(RECIPES / f"{name}.toml")

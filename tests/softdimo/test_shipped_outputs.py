@@ -23,7 +23,7 @@ PINS = {
         "a yellow square above a red circle",
         "6a3936d74740bf8598d58b0d3683c43dad87beb8d52d044d79418a8cf653db4e",
     ),
-    "shapes-teacher-class": (3, "e7b3599e3a56b936275aced7facaa1562d05aaf07606c6ec64fa5550fe5681f6"),
+    "shapes-teacher-class": (3, "ca85ae79311adfdd37f56909217af5a16e23f5853dba9dcbaec6b78f00141ad6"),
 }
 
 

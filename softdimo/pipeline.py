@@ -47,8 +47,25 @@ def load_transformer(
     return model.to(device).eval().requires_grad_(False)
 
 
+class ScoredByRewards:
+    """What a pipeline with `rewards` (by name), a `conditioner` and perhaps a draw `check` shares: its default
+    reward, the check's reward named among its own, and what the check scores a batch's images with."""
+
+    def _check_reward_is_known(self) -> None:
+        if self.check is not None and self.check.reward not in self.rewards:
+            raise ValueError(f"the draw check's reward {self.check.reward!r} is not among the model's rewards")
+
+    @property
+    def default_reward(self) -> str | None:
+        return next(iter(self.rewards), None)
+
+    def _check_scoring(self, condition: torch.Tensor) -> tuple[Reward, list[str]]:
+        """The check's reward and the texts it reads for a batch's conditioning (B, ...)."""
+        return self.rewards[self.check.reward], self.conditioner.reward_texts(condition)
+
+
 @dataclass
-class TeacherPipeline(editing.EditsByFilling):
+class TeacherPipeline(editing.EditsByFilling, ScoredByRewards):
     """A multi-step masked-diffusion model with its tokenizer: conditioning and seeds in, images out. Under a draw
     check, an image its reward scores below the bar is sampled again from the next of its seed's derived seeds
     (softdimo/draw_check.py)."""
@@ -61,16 +78,11 @@ class TeacherPipeline(editing.EditsByFilling):
     check: DrawCheck | None = None
 
     def __post_init__(self):
-        if self.check is not None and self.check.reward not in self.rewards:
-            raise ValueError(f"the draw check's reward {self.check.reward!r} is not among the model's rewards")
+        self._check_reward_is_known()
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    @property
-    def default_reward(self) -> str | None:
-        return next(iter(self.rewards), None)
 
     @torch.inference_mode()
     def generate(self, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None) -> np.ndarray:
@@ -130,8 +142,7 @@ class TeacherPipeline(editing.EditsByFilling):
         return ImageNoise(own if proposal == 0 else [derived_seed(s, proposal) for s in own], self.device)
 
     def _checked(self, draw, condition: torch.Tensor, kept: editing.Kept | None = None) -> Cleared:
-        texts = self.conditioner.reward_texts(condition)
-        reward = self.rewards[self.check.reward]
+        reward, texts = self._check_scoring(condition)
         return first_clearing(draw, self.tokenizer, reward, self.check, texts, self.device, kept)
 
 
@@ -140,7 +151,7 @@ def _contrast_rows(contrasts: tuple[torch.Tensor, torch.Tensor] | None, rows: to
 
 
 @dataclass
-class OneStepPipeline(editing.EditsByFilling):
+class OneStepPipeline(editing.EditsByFilling, ScoredByRewards):
     """A one-step generator with its tokenizer and rewards: one forward pass per image (more where a draw check
     redraws it), or TTEO."""
 
@@ -152,19 +163,13 @@ class OneStepPipeline(editing.EditsByFilling):
     check: DrawCheck | None = None  # images scoring below a bar drawn again (softdimo/draw_check.py)
 
     def __post_init__(self):
-        if self.check is not None:
-            if self.generator.prior is None:
-                raise ValueError("a draw check chooses among a layout prior's proposals: this generator has none")
-            if self.check.reward not in self.rewards:
-                raise ValueError(f"the draw check's reward {self.check.reward!r} is not among the model's rewards")
+        if self.check is not None and self.generator.prior is None:
+            raise ValueError("a draw check chooses among a layout prior's proposals: this generator has none")
+        self._check_reward_is_known()
 
     @property
     def device(self) -> torch.device:
         return self.generator.device
-
-    @property
-    def default_reward(self) -> str | None:
-        return next(iter(self.rewards), None)
 
     @torch.inference_mode()
     def generate(self, condition: torch.Tensor, seeds: Sequence[int], steps: int | None = None) -> np.ndarray:
@@ -188,8 +193,7 @@ class OneStepPipeline(editing.EditsByFilling):
     ) -> CheckedDraw:
         """The images of the conditioning (B, ...), or edits of `kept`'s, each drawn under the pipeline's draw check
         (`between_rounds` run between its rounds of redraws)."""
-        texts = self.conditioner.reward_texts(condition)
-        reward = self.rewards[self.check.reward]
+        reward, texts = self._check_scoring(condition)
         return checked_draw(
             self.generator,
             self.tokenizer,
